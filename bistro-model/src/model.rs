@@ -1,0 +1,290 @@
+//! The LLaMA-style causal language model, written for training.
+
+use candle_core::{DType, Device, Module, Result as CResult, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::ops;
+use crate::params::Params;
+
+/// A bias-free linear layer `y = x W^T` whose weight is cast to the compute dtype.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    /// Load `{prefix}.weight` of shape `[out, in]`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> CResult<Self> {
+        Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")? })
+    }
+
+    /// The weight tensor `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?;
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = w.dim(0)?;
+        }
+        y.reshape(out)
+    }
+}
+
+/// RMSNorm with a learned gain, differentiable.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Load `{prefix}.weight` of shape `[dim]`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> CResult<Self> {
+        Ok(RmsNorm { weight: vb.get(dim, "weight")?, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// Rotary tables and the causal mask shared by all layers of one forward pass.
+#[derive(Clone, Debug)]
+pub struct AttentionContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// Grouped-query causal self-attention with rotary embeddings.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Load `{prefix}.{q,k,v,o}_proj`.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> CResult<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let kv = cfg.num_key_value_heads * hd;
+        Ok(Attention {
+            q_proj: Linear::load(vb.pp("q_proj"), h, h)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, kv)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, kv)?,
+            o_proj: Linear::load(vb.pp("o_proj"), h, h)?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn repeat_kv(&self, x: Tensor) -> CResult<Tensor> {
+        let rep = self.n_heads / self.n_kv_heads;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (b, nkv, t, hd) = x.dims4()?;
+        x.unsqueeze(2)?.expand((b, nkv, rep, t, hd))?.reshape((b, nkv * rep, t, hd))
+    }
+
+    /// Attention over `x: [B, T, H]`.
+    pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> CResult<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> CResult<Tensor> {
+            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.q_proj.forward(x)?, self.n_heads)?;
+        let k = split(self.k_proj.forward(x)?, self.n_kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let k = self.repeat_kv(k)?.contiguous()?;
+        let v = self.repeat_kv(v)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let acc = ops::accum_dtype(scores.dtype());
+        let scores = scores.to_dtype(acc)?.broadcast_add(&ctx.mask.to_dtype(acc)?)?;
+        let probs = ops::softmax_last(&scores)?.to_dtype(q.dtype())?;
+        let y = probs.matmul(&v)?; // [B, nh, T, hd]
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// Load `{prefix}.{gate,up,down}_proj`.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> CResult<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let g = ops::silu(&self.gate_proj.forward(x)?)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(g * u)?)
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Load `model.layers.{i}`.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> CResult<Self> {
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    /// `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+    pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> CResult<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+}
+
+/// The causal LM (`LlamaForCausalLM` layout) over a [`Params`] set.
+///
+/// Its tensors are the parameters' variables, so `loss.backward()` yields a gradient for
+/// every parameter; updating the variables in place updates the model.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    compute_dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Build the model from a [`VarBuilder`] with Hugging Face names.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let device = vb.device().clone();
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(m.pp("layers").pp(i), cfg))
+            .collect::<CResult<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?;
+        Ok(Llama {
+            config: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            compute_dtype: DType::F32,
+            device,
+        })
+    }
+
+    /// Build the model over `params` (f32 compute).
+    pub fn new(params: &Params) -> Result<Self> {
+        Self::load(params.var_builder(), params.config())
+    }
+
+    /// Use `dtype` (F32, or BF16 on CUDA) for matmuls and activations; master weights stay f32.
+    /// RMSNorm statistics, softmax and the loss are always computed in f32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The config of this model.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Logits `[B, T, V]` (f32; f64 for an f64 model) for token ids `[B, T]` (u32).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        if t == 0 || t > self.config.max_position_embeddings {
+            return Err(ModelError::OutOfRange(format!(
+                "sequence length {t} (must be 1..={})",
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let (cos, sin) = ops::rope_tables(self.config.head_dim(), self.config.rope_theta, t, &self.device)?;
+        let mask = ops::causal_mask(t, DType::F32, &self.device)?;
+        let ctx = AttentionContext { cos, sin, mask };
+        let (b, t) = ids.dims2()?;
+        let emb = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let mut x = emb.to_dtype(self.compute_dtype)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(logits.to_dtype(ops::accum_dtype(logits.dtype()))?)
+    }
+
+    /// Sum of the token cross-entropies and the number of counted targets (see
+    /// [`ops::causal_lm_loss_sum`]); divide by a window's total count for the mean.
+    pub fn loss_sum(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+        let logits = self.forward(input_ids)?;
+        Ok(ops::causal_lm_loss_sum(&logits, labels)?)
+    }
+
+    /// Mean causal-LM cross-entropy over the counted targets (Hugging Face's loss).
+    pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let (sum, n) = self.loss_sum(input_ids, labels)?;
+        if n == 0 {
+            return Err(ModelError::EmptyBatch);
+        }
+        Ok((sum / n as f64)?)
+    }
+}

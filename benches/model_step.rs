@@ -1,0 +1,33 @@
+//! One training step (forward + backward) of the `tiny` and `small` presets on the CPU.
+//!
+//! Criterion reports throughput in elements/s, where an element is one token, so the
+//! figure is tokens/s. Batch shapes match `benches/torch_reference.py`
+//! (tiny: 8x256, small: 4x256).
+
+use bistro_model::{Llama, ModelConfig, Params};
+use candle_core::Device;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn step(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("train_step_fwd_bwd");
+    group.sample_size(10);
+    for (preset, b, t) in [("tiny", 8usize, 256usize), ("small", 4, 256)] {
+        let cfg = ModelConfig::preset(preset).expect("preset");
+        let params = Params::genesis(&cfg, 0, &dev).expect("genesis");
+        let model = Llama::new(&params).expect("model");
+        let (ids, labels) = bistro_benches::synthetic_batch(b, t, cfg.vocab_size, &dev).expect("batch");
+        group.throughput(Throughput::Elements((b * t) as u64));
+        group.bench_function(format!("{preset}_{b}x{t}"), |bench| {
+            bench.iter(|| {
+                let loss = model.loss(&ids, &labels).expect("loss");
+                let grads = loss.backward().expect("backward");
+                std::hint::black_box(grads);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, step);
+criterion_main!(benches);

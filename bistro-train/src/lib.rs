@@ -1,6 +1,17 @@
 //! # bistro-train
 //!
-//! The miner side of BISTRO as a library: [`data`] (pages, corpus, tokenizer, batches).
+//! The miner side of BISTRO as a library:
+//!
+//! * [`data`]: pages, corpus, tokenizer and batches — `(network, hotkey, window)` to token rows;
+//! * [`hparams`]: the protocol's shared hyper-parameters;
+//! * [`slices`]: index selection, the slice wire format, validation and aggregation;
+//! * [`storage`]: buckets (local directory, S3-compatible, memory) behind one API.
+//!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
 pub mod data;
+pub mod hparams;
+pub mod slices;
+pub mod storage;
+
+pub use hparams::{Aggregation, HParams, PROTOCOL_VERSION};

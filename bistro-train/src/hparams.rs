@@ -1,0 +1,246 @@
+//! The protocol's hyper-parameters: one versioned TOML file that every node of a network
+//! must share. Its hash goes into every slice's metadata.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How accepted slices are combined, coordinate by coordinate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "rule")]
+pub enum Aggregation {
+    /// The plain mean (with SGD this reproduces the original's "average the weight slices").
+    Mean,
+    /// Drop the `trim` fraction of lowest and of highest values, average the rest.
+    TrimmedMean {
+        /// Fraction trimmed from each end, in `[0, 0.5)`.
+        trim: f64,
+    },
+    /// The coordinate-wise median.
+    Median,
+}
+
+/// Every constant of the protocol (see `docs/PROTOCOL.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HParams {
+    /// Network name; part of the page-assignment key.
+    pub network: String,
+    /// Model preset name or config file.
+    pub model: String,
+    /// Seed of the genesis parameters.
+    pub genesis_seed: u64,
+    /// Dataset spec (`embedded`, a local path).
+    pub dataset: String,
+    /// Tokenizer spec (`embedded` or a `tokenizer.json` path).
+    pub tokenizer: String,
+    /// Chain blocks per window.
+    pub blocks_per_window: u64,
+    /// Pages each miner trains on per window.
+    pub pages_per_window: usize,
+    /// Rows (documents) per page.
+    pub rows_per_page: usize,
+    /// Tokens per training row.
+    pub seq_len: usize,
+    /// Slice compression: a slice holds `max(1, numel / compression)` values per tensor.
+    pub compression: usize,
+    /// Peak learning rate of the reference SGD step.
+    pub learning_rate: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_learning_rate: f64,
+    /// Windows of linear warm-up.
+    pub warmup_windows: u64,
+    /// Window at which the cosine schedule reaches `min_learning_rate`.
+    pub decay_windows: u64,
+    /// How accepted slices are combined.
+    pub aggregation: Aggregation,
+    /// Reject a slice whose implied update norm exceeds this multiple of the median norm
+    /// of the window's slices (needs at least 3 slices; 0 disables).
+    pub outlier_norm_factor: f64,
+    /// Largest slice object accepted, in bytes.
+    pub max_slice_bytes: u64,
+    /// Seconds after the first block of the next window during which uploads still count.
+    pub upload_grace_secs: u64,
+    /// Windows between two `set_weights` of a validator.
+    pub windows_per_weights: u64,
+    /// Weight of the history in the score EMA: `ema = alpha * ema + (1 - alpha) * new`.
+    pub ema_alpha: f64,
+    /// Softmax temperature of the weights.
+    pub temperature: f64,
+    /// Relative gradient error below which a slice counts as honest recomputation.
+    pub honest_tolerance: f64,
+    /// Windows after which an owner deletes its old objects.
+    pub max_history: u64,
+}
+
+impl Default for HParams {
+    /// The embedded devnet defaults: a tiny model that visibly learns on a CPU in minutes.
+    fn default() -> Self {
+        HParams {
+            network: "devnet".into(),
+            model: "tiny".into(),
+            genesis_seed: 0,
+            dataset: "embedded".into(),
+            tokenizer: "embedded".into(),
+            blocks_per_window: 2,
+            pages_per_window: 2,
+            rows_per_page: 4,
+            seq_len: 128,
+            compression: 8,
+            learning_rate: 0.5,
+            min_learning_rate: 0.05,
+            warmup_windows: 5,
+            decay_windows: 2000,
+            aggregation: Aggregation::Mean,
+            outlier_norm_factor: 10.0,
+            max_slice_bytes: 256 * 1024 * 1024,
+            upload_grace_secs: 3,
+            windows_per_weights: 2,
+            ema_alpha: 0.5,
+            temperature: 10.0,
+            honest_tolerance: 0.05,
+            max_history: 10,
+        }
+    }
+}
+
+/// Errors reading hyper-parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum HParamsError {
+    /// The file could not be read.
+    #[error("cannot read hparams file {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`HParams`].
+    #[error("invalid hparams file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("invalid hparams: {0}")]
+    Invalid(String),
+}
+
+impl HParams {
+    /// Read from a TOML file and validate.
+    pub fn from_file(path: &Path) -> Result<Self, HParamsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HParamsError::Io { path: path.into(), source })?;
+        let h: HParams = toml::from_str(&text).map_err(|e| HParamsError::Parse { path: path.into(), reason: e.to_string() })?;
+        h.validate()?;
+        Ok(h)
+    }
+
+    /// Check ranges.
+    pub fn validate(&self) -> Result<(), HParamsError> {
+        let bad = |m: &str| Err(HParamsError::Invalid(m.to_string()));
+        if self.blocks_per_window == 0 {
+            return bad("blocks_per_window must be positive");
+        }
+        if self.pages_per_window == 0 || self.rows_per_page == 0 {
+            return bad("pages_per_window and rows_per_page must be positive");
+        }
+        if self.seq_len < 2 {
+            return bad("seq_len must be at least 2");
+        }
+        if self.compression == 0 {
+            return bad("compression must be positive");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) || !(self.min_learning_rate >= 0.0) {
+            return bad("learning rates must be positive and finite");
+        }
+        if let Aggregation::TrimmedMean { trim } = self.aggregation {
+            if !(0.0..0.5).contains(&trim) {
+                return bad("trimmed_mean trim must be in [0, 0.5)");
+            }
+        }
+        if !(0.0..1.0).contains(&self.ema_alpha) {
+            return bad("ema_alpha must be in [0, 1)");
+        }
+        if self.windows_per_weights == 0 {
+            return bad("windows_per_weights must be positive");
+        }
+        Ok(())
+    }
+
+    /// Learning rate of the reference step in `window`: linear warm-up over
+    /// `warmup_windows`, then cosine decay to `min_learning_rate` at `decay_windows`.
+    pub fn learning_rate_at(&self, window: u64) -> f64 {
+        let (peak, floor) = (self.learning_rate, self.min_learning_rate.min(self.learning_rate));
+        if window < self.warmup_windows {
+            return peak * (window + 1) as f64 / self.warmup_windows as f64;
+        }
+        let span = self.decay_windows.saturating_sub(self.warmup_windows).max(1);
+        let t = ((window - self.warmup_windows) as f64 / span as f64).min(1.0);
+        floor + 0.5 * (peak - floor) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+
+    /// The window a block belongs to.
+    pub fn window_of(&self, block: u64) -> u64 {
+        block / self.blocks_per_window
+    }
+
+    /// First block of `window`.
+    pub fn first_block(&self, window: u64) -> u64 {
+        window * self.blocks_per_window
+    }
+
+    /// Hex sha256 of the canonical TOML (field order is the struct's), with the protocol version.
+    pub fn hash(&self) -> String {
+        let text = toml::to_string(self).unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(b"bistro/hparams/v");
+        h.update(PROTOCOL_VERSION.to_le_bytes());
+        h.update(text.as_bytes());
+        hex::encode(h.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_round_trips() {
+        let h = HParams::default();
+        h.validate().unwrap();
+        let t = toml::to_string(&h).unwrap();
+        assert_eq!(toml::from_str::<HParams>(&t).unwrap(), h);
+        assert_eq!(h.hash(), HParams::default().hash());
+        let mut g = h.clone();
+        g.compression = 9;
+        assert_ne!(g.hash(), h.hash());
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let h = HParams::default();
+        assert!(h.learning_rate_at(0) < h.learning_rate_at(4));
+        assert!((h.learning_rate_at(h.warmup_windows) - h.learning_rate).abs() < 1e-12);
+        assert!((h.learning_rate_at(h.decay_windows * 2) - h.min_learning_rate).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.toml");
+        std::fs::write(&p, "compression = 0\n").unwrap();
+        let e = HParams::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("h.toml"), "{e}");
+        let mut t = toml::to_string(&HParams::default()).unwrap();
+        t = t.replace("compression = 8", "compression = 0");
+        std::fs::write(&p, t).unwrap();
+        assert!(HParams::from_file(&p).unwrap_err().to_string().contains("compression"));
+    }
+}

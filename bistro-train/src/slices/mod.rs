@@ -1,0 +1,173 @@
+//! Slices: select indices, build, encode, validate and aggregate.
+//!
+//! A slice is "a subset of the model weights" after the miner's reference step; it also
+//! encodes the gradient exactly: `g[I] = (theta_w[I] - s) / eta_w`.
+
+pub mod aggregate;
+pub mod format;
+pub mod indices;
+
+use bistro_model::Params;
+use candle_core::Tensor;
+
+pub use aggregate::{Aggregate, Contribution, aggregate, update_norm};
+pub use format::{SliceExpectation, SliceMeta, decode, encode, slice_key};
+pub use indices::{SliceIndices, slice_len};
+
+/// Why a peer's slice was not accepted. Every variant is a normal outcome, logged and
+/// scored, never a crash.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// No object under the expected key.
+    #[error("missing: no slice was uploaded")]
+    Missing,
+    /// The object was modified after the window's upload deadline.
+    #[error("late: uploaded at {uploaded}, deadline {deadline}")]
+    Late {
+        /// Last-modified time of the object (RFC 3339).
+        uploaded: String,
+        /// The deadline (RFC 3339).
+        deadline: String,
+    },
+    /// The object is larger than the limit.
+    #[error("too large: {size} bytes > limit {limit}")]
+    TooLarge {
+        /// Object size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Not a valid safetensors file (truncated, huge header, bad JSON, bad offsets).
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// Metadata differs from what the window and hotkey require.
+    #[error("metadata: `{field}` is {found:?}, expected {expected:?}")]
+    Metadata {
+        /// The metadata field.
+        field: String,
+        /// Expected value.
+        expected: String,
+        /// Found value.
+        found: String,
+    },
+    /// A parameter's tensor is absent.
+    #[error("missing key `{0}`")]
+    MissingKey(String),
+    /// A tensor that is not a parameter is present.
+    #[error("unexpected key `{0}`")]
+    UnexpectedKey(String),
+    /// A tensor is not f32.
+    #[error("`{name}` has dtype {dtype}, expected F32")]
+    WrongDtype {
+        /// Tensor name.
+        name: String,
+        /// Found dtype.
+        dtype: String,
+    },
+    /// A tensor has the wrong shape or length.
+    #[error("`{name}` has shape {found:?}, expected [{expected}]")]
+    WrongShape {
+        /// Tensor name.
+        name: String,
+        /// Expected length.
+        expected: usize,
+        /// Found shape.
+        found: Vec<usize>,
+    },
+    /// A value is NaN or infinite.
+    #[error("`{name}` has a non-finite value at {index}")]
+    NonFinite {
+        /// Tensor name.
+        name: String,
+        /// Position in the slice.
+        index: usize,
+    },
+    /// The implied update norm is far above the window's median.
+    #[error("outlier: update norm {norm:.3e} > {factor} x median {median:.3e}")]
+    Outlier {
+        /// The slice's norm.
+        norm: f64,
+        /// The window's median norm.
+        median: f64,
+        /// The configured factor.
+        factor: f64,
+    },
+    /// Downloading failed after retries.
+    #[error("download failed: {0}")]
+    Download(String),
+}
+
+impl Rejection {
+    /// A short stable code for tables and reports (`missing`, `late`, `nan`, ...).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Missing => "missing",
+            Rejection::Late { .. } => "late",
+            Rejection::TooLarge { .. } => "too-large",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::Metadata { .. } => "metadata",
+            Rejection::MissingKey(_) => "missing-key",
+            Rejection::UnexpectedKey(_) => "unexpected-key",
+            Rejection::WrongDtype { .. } => "dtype",
+            Rejection::WrongShape { .. } => "shape",
+            Rejection::NonFinite { .. } => "nan",
+            Rejection::Outlier { .. } => "outlier",
+            Rejection::Download(_) => "download",
+        }
+    }
+}
+
+/// The parameter names and per-parameter lengths of slices for these indices.
+pub fn expectation(params: &Params, indices: &SliceIndices, meta: SliceMeta, max_bytes: u64) -> SliceExpectation {
+    SliceExpectation {
+        names: params.specs().iter().map(|s| s.name.clone()).collect(),
+        lengths: indices.all().iter().map(Vec::len).collect(),
+        meta,
+        max_bytes,
+    }
+}
+
+/// `theta[I]`: the current parameter values at the slice indices.
+pub fn gather_params(params: &Params, indices: &SliceIndices) -> bistro_model::Result<Vec<Vec<f32>>> {
+    (0..params.len()).map(|i| params.gather(i, indices.param(i))).collect()
+}
+
+/// `g[I]`: gradient values (canonical order) at the slice indices.
+pub fn gather_grads(grads: &[Tensor], indices: &SliceIndices) -> bistro_model::Result<Vec<Vec<f32>>> {
+    grads.iter().zip(indices.all()).map(|(g, idx)| bistro_model::params::gather_flat(g, idx)).collect()
+}
+
+/// Overwrite the parameters at the slice indices with `values`.
+pub fn scatter_params(params: &Params, indices: &SliceIndices, values: &[Vec<f32>]) -> bistro_model::Result<()> {
+    for (i, v) in values.iter().enumerate() {
+        params.scatter(i, indices.param(i), v)?;
+    }
+    Ok(())
+}
+
+/// Slice values of the reference step: `s = theta[I] - eta * g[I]` (computed in f64, stored f32).
+pub fn step_values(theta_at_i: &[Vec<f32>], grad_at_i: &[Vec<f32>], eta: f64) -> Vec<Vec<f32>> {
+    theta_at_i
+        .iter()
+        .zip(grad_at_i)
+        .map(|(t, g)| t.iter().zip(g).map(|(&a, &b)| (a as f64 - eta * b as f64) as f32).collect())
+        .collect()
+}
+
+/// The gradient a slice implies: `g[I] = (theta[I] - s) / eta` (computed in f64, stored f32).
+pub fn implied_gradient(theta_at_i: &[Vec<f32>], values: &[Vec<f32>], eta: f64) -> Vec<Vec<f32>> {
+    theta_at_i
+        .iter()
+        .zip(values)
+        .map(|(t, s)| t.iter().zip(s).map(|(&a, &b)| ((a as f64 - b as f64) / eta) as f32).collect())
+        .collect()
+}
+
+/// `Ok` when an object modified at `uploaded` meets the window's `deadline`.
+pub fn check_deadline(uploaded: chrono::DateTime<chrono::Utc>, deadline: chrono::DateTime<chrono::Utc>) -> Result<(), Rejection> {
+    if uploaded <= deadline {
+        Ok(())
+    } else {
+        Err(Rejection::Late { uploaded: uploaded.to_rfc3339(), deadline: deadline.to_rfc3339() })
+    }
+}

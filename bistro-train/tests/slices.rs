@@ -1,0 +1,220 @@
+//! Slices: index selection properties, exact encoding, aggregation invariants, and one
+//! crafted bad file for every rejection reason.
+
+use bistro_model::{ModelConfig, Params, param_specs};
+use bistro_train::hparams::Aggregation;
+use bistro_train::slices::{
+    self, Contribution, Rejection, SliceExpectation, SliceIndices, SliceMeta, aggregate, decode, encode, slice_len,
+};
+use candle_core::Device;
+use proptest::prelude::*;
+
+fn micro() -> ModelConfig {
+    ModelConfig::new(50, 16, 24, 2, 4, 2, 16, 1e-5)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    #[test]
+    fn indices_are_distinct_in_range_and_deterministic(
+        vocab in 3usize..200, hidden_heads in 1usize..4, layers in 1usize..3,
+        compression in 1usize..40, seed in any::<[u8; 32]>(), other in any::<[u8; 32]>(),
+    ) {
+        let cfg = ModelConfig::new(vocab, 8 * hidden_heads, 12, layers, hidden_heads, 1, 8, 1e-5);
+        let specs = param_specs(&cfg);
+        let a = SliceIndices::select(&specs, &seed, compression);
+        prop_assert_eq!(&a, &SliceIndices::select(&specs, &seed, compression));
+        for (s, idx) in specs.iter().zip(a.all()) {
+            prop_assert_eq!(idx.len(), slice_len(s.numel(), compression));
+            prop_assert_eq!(idx.len(), (s.numel() / compression).max(1));
+            prop_assert!(idx.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+            prop_assert!(idx.iter().all(|&i| (i as usize) < s.numel()));
+        }
+        if seed != other && compression > 2 {
+            prop_assert_ne!(a, SliceIndices::select(&specs, &other, compression));
+        }
+    }
+}
+
+#[test]
+fn index_selection_is_pinned_and_uniform() {
+    let spec = vec![bistro_model::ParamSpec { name: "w".into(), shape: vec![1000], kind: bistro_model::ParamKind::Linear }];
+    let a = SliceIndices::select(&spec, &[7u8; 32], 100);
+    // Regression pin: a change here changes every node's slices (a protocol change).
+    assert_eq!(a.param(0), &[21, 84, 276, 535, 681, 730, 737, 827, 844, 978]);
+    // Every coordinate is chosen with probability k/n: count over many seeds.
+    let mut hits = vec![0u32; 1000];
+    for s in 0..2000u32 {
+        let mut seed = [0u8; 32];
+        seed[..4].copy_from_slice(&s.to_le_bytes());
+        for &i in SliceIndices::select(&spec, &seed, 10).param(0) {
+            hits[i as usize] += 1;
+        }
+    }
+    // Expected 200 per coordinate (2000 draws of 100 of 1000); allow a wide band.
+    let (min, max) = (hits.iter().min().unwrap(), hits.iter().max().unwrap());
+    assert!(*min > 130 && *max < 270, "min {min} max {max}");
+}
+
+fn setup() -> (Params, SliceIndices, SliceExpectation) {
+    let cfg = micro();
+    let params = Params::genesis(&cfg, 3, &Device::Cpu).unwrap();
+    let idx = SliceIndices::select(params.specs(), &[1u8; 32], 4);
+    let meta = SliceMeta::new(5, "alice", 4, "hph", &cfg.hash());
+    let exp = slices::expectation(&params, &idx, meta, 1 << 20);
+    (params, idx, exp)
+}
+
+fn honest_values(params: &Params, idx: &SliceIndices, salt: f32) -> Vec<Vec<f32>> {
+    let theta = slices::gather_params(params, idx).unwrap();
+    let grads: Vec<Vec<f32>> = theta.iter().map(|t| t.iter().enumerate().map(|(j, _)| ((j as f32 + salt) * 0.37).sin() * 1e-2).collect()).collect();
+    slices::step_values(&theta, &grads, 0.5)
+}
+
+#[test]
+fn encode_decode_is_exact_and_gradient_recoverable() {
+    let (params, idx, exp) = setup();
+    let values = honest_values(&params, &idx, 0.0);
+    let bytes = encode(&exp.meta, &exp.names, &values).unwrap();
+    let back = decode(&bytes, &exp).unwrap();
+    assert_eq!(back, values);
+    let theta = slices::gather_params(&params, &idx).unwrap();
+    let g = slices::implied_gradient(&theta, &back, 0.5);
+    let expected: f32 = (0.0f32 * 0.37).sin() * 1e-2;
+    assert!((g[0][0] - expected).abs() < 1e-6);
+    let s1 = (1.0f32 * 0.37).sin() * 1e-2;
+    assert!((g[0][1] - s1).abs() / s1.abs() < 1e-4, "{} vs {s1}", g[0][1]);
+}
+
+#[test]
+fn aggregate_of_identical_honest_slices_is_the_single_update() {
+    let (params, idx, _) = setup();
+    let theta = slices::gather_params(&params, &idx).unwrap();
+    let v = honest_values(&params, &idx, 1.0);
+    for n in [1usize, 2, 3, 4, 8] {
+        let contribs: Vec<Contribution> = (0..n).map(|i| Contribution { hotkey: format!("m{i}"), values: v.clone() }).collect();
+        for rule in [Aggregation::Mean, Aggregation::Median, Aggregation::TrimmedMean { trim: 0.25 }] {
+            let out = aggregate(&theta, &contribs, &rule, 10.0);
+            assert_eq!(out.values, v, "n = {n}, rule {rule:?}");
+        }
+    }
+}
+
+#[test]
+fn arrival_order_does_not_change_the_result() {
+    let (params, idx, _) = setup();
+    let theta = slices::gather_params(&params, &idx).unwrap();
+    let mut contribs: Vec<Contribution> =
+        (0..6).map(|i| Contribution { hotkey: format!("m{i}"), values: honest_values(&params, &idx, i as f32) }).collect();
+    for rule in [Aggregation::Mean, Aggregation::Median, Aggregation::TrimmedMean { trim: 0.2 }] {
+        let a = aggregate(&theta, &contribs, &rule, 10.0);
+        contribs.reverse();
+        let b = aggregate(&theta, &contribs, &rule, 10.0);
+        contribs.swap(0, 3);
+        let c = aggregate(&theta, &contribs, &rule, 10.0);
+        let bits = |x: &Vec<Vec<f32>>| x.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.values), bits(&b.values));
+        assert_eq!(bits(&a.values), bits(&c.values));
+        assert_eq!(a.used, b.used);
+    }
+}
+
+#[test]
+fn huge_updates_are_rejected_as_outliers_and_do_not_move_the_model() {
+    let (params, idx, _) = setup();
+    let theta = slices::gather_params(&params, &idx).unwrap();
+    let honest: Vec<Contribution> =
+        (0..4).map(|i| Contribution { hotkey: format!("h{i}"), values: honest_values(&params, &idx, i as f32) }).collect();
+    let clean = aggregate(&theta, &honest, &Aggregation::Mean, 10.0);
+    let poison = Contribution { hotkey: "evil".into(), values: theta.iter().map(|t| t.iter().map(|x| x - 1e6).collect()).collect() };
+    let mut all = honest.clone();
+    all.push(poison);
+    let out = aggregate(&theta, &all, &Aggregation::Mean, 10.0);
+    assert_eq!(out.outliers.len(), 1);
+    assert_eq!(out.outliers[0].0, "evil");
+    assert_eq!(out.values, clean.values);
+}
+
+#[test]
+fn every_rejection_reason_from_a_crafted_file() {
+    let (params, idx, exp) = setup();
+    let good = honest_values(&params, &idx, 2.0);
+    let good_bytes = encode(&exp.meta, &exp.names, &good).unwrap();
+    assert!(decode(&good_bytes, &exp).is_ok());
+    let code = |bytes: &[u8]| decode(bytes, &exp).unwrap_err().code();
+
+    // Truncated safetensors.
+    assert_eq!(code(&good_bytes[..good_bytes.len() - 7]), "malformed");
+    assert_eq!(code(&good_bytes[..5]), "malformed");
+    assert_eq!(code(b""), "malformed");
+    // Huge header length.
+    let mut huge = (u64::MAX / 2).to_le_bytes().to_vec();
+    huge.extend_from_slice(&good_bytes[8..]);
+    assert_eq!(code(&huge), "malformed");
+    // Header that is not JSON.
+    let mut garbage = 8u64.to_le_bytes().to_vec();
+    garbage.extend_from_slice(b"notjson!");
+    assert_eq!(code(&garbage), "malformed");
+    // Too large.
+    let small = SliceExpectation { max_bytes: 100, ..exp.clone() };
+    assert!(matches!(decode(&good_bytes, &small), Err(Rejection::TooLarge { .. })));
+    // Another hotkey's metadata (a copied slice).
+    let other = SliceMeta { hotkey: "bob".into(), ..exp.meta.clone() };
+    let e = decode(&encode(&other, &exp.names, &good).unwrap(), &exp).unwrap_err();
+    assert!(matches!(&e, Rejection::Metadata { field, .. } if field == "hotkey"), "{e}");
+    // A stale window.
+    let stale = SliceMeta { window: 4, ..exp.meta.clone() };
+    assert!(matches!(decode(&encode(&stale, &exp.names, &good).unwrap(), &exp).unwrap_err(), Rejection::Metadata { field, .. } if field == "window"));
+    // Wrong hparams hash.
+    let hp = SliceMeta { hparams_hash: "x".into(), ..exp.meta.clone() };
+    assert_eq!(code(&encode(&hp, &exp.names, &good).unwrap()), "metadata");
+    // NaN and Inf.
+    let mut nan = good.clone();
+    nan[3][1] = f32::NAN;
+    let e = decode(&encode(&exp.meta, &exp.names, &nan).unwrap(), &exp).unwrap_err();
+    assert!(matches!(&e, Rejection::NonFinite { index: 1, .. }), "{e}");
+    let mut inf = good.clone();
+    inf[0][0] = f32::INFINITY;
+    assert_eq!(code(&encode(&exp.meta, &exp.names, &inf).unwrap()), "nan");
+    // Wrong length.
+    let mut short = good.clone();
+    short[2].pop();
+    let e = decode(&encode(&exp.meta, &exp.names, &short).unwrap(), &exp).unwrap_err();
+    assert!(matches!(&e, Rejection::WrongShape { name, .. } if name == &exp.names[2]), "{e}");
+    // Missing and unexpected keys.
+    let (mut names, mut vals) = (exp.names.clone(), good.clone());
+    names.remove(1);
+    vals.remove(1);
+    assert_eq!(code(&encode(&exp.meta, &names, &vals).unwrap()), "missing-key");
+    let (mut names, mut vals) = (exp.names.clone(), good.clone());
+    names.push("model.evil".into());
+    vals.push(vec![1.0]);
+    assert_eq!(code(&encode(&exp.meta, &names, &vals).unwrap()), "unexpected-key");
+    // Wrong dtype and a 2-D tensor.
+    let views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    drop(views);
+    let raw: Vec<Vec<u8>> = good.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let mut tv = Vec::new();
+    for (i, (n, b)) in exp.names.iter().zip(&raw).enumerate() {
+        let (dtype, shape) = if i == 0 { (safetensors::Dtype::I32, vec![good[0].len()]) } else { (safetensors::Dtype::F32, vec![good[i].len()]) };
+        tv.push((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b).unwrap()));
+    }
+    let meta_map: std::collections::HashMap<String, String> = safetensors::SafeTensors::read_metadata(&good_bytes).unwrap().1.metadata().clone().unwrap();
+    let bytes = safetensors::serialize(tv, Some(meta_map.clone())).unwrap();
+    assert_eq!(code(&bytes), "dtype");
+    let mut tv = Vec::new();
+    for (i, (n, b)) in exp.names.iter().zip(&raw).enumerate() {
+        let shape = if i == 1 && good[1].len() % 2 == 0 { vec![2, good[1].len() / 2] } else { vec![good[i].len()] };
+        tv.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b).unwrap()));
+    }
+    assert_eq!(code(&safetensors::serialize(tv, Some(meta_map)).unwrap()), "shape");
+}
+
+#[test]
+fn late_uploads_are_rejected() {
+    use chrono::{Duration, Utc};
+    let deadline = Utc::now();
+    assert!(slices::check_deadline(deadline - Duration::seconds(1), deadline).is_ok());
+    let e = slices::check_deadline(deadline + Duration::seconds(1), deadline).unwrap_err();
+    assert_eq!(e.code(), "late");
+}

@@ -1,1 +1,167 @@
-//! placeholder
+//! # bistro-chain
+//!
+//! Everything that talks to a chain goes through the [`Chain`] trait, so miners and
+//! validators run unchanged on the embedded [`devnet`] and on Bittensor. This crate knows
+//! no tensors.
+//!
+//! * [`Chain`]: blocks and block hashes, the metagraph, commitments (bucket URLs), weights;
+//! * [`devnet::Devnet`]: a local chain in a directory, safe for several processes at once;
+//! * [`wallet`]: Bittensor wallet paths and hotkey files;
+//! * [`cli::ChainArgs`]: the Bittensor-style command-line options shared by every binary.
+
+pub mod cli;
+pub mod devnet;
+pub mod wallet;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// A 32-byte block hash.
+pub type BlockHash = [u8; 32];
+
+/// Errors of chain access.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The requested block does not exist yet.
+    #[error("block {0} has not been produced yet")]
+    FutureBlock(u64),
+    /// The hotkey is not registered on the subnet.
+    #[error("hotkey {hotkey} is not registered on netuid {netuid}{hint}")]
+    NotRegistered {
+        /// The hotkey.
+        hotkey: String,
+        /// The subnet.
+        netuid: u16,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The subnet does not exist or is full.
+    #[error("netuid {netuid}: {reason}")]
+    Subnet {
+        /// The subnet.
+        netuid: u16,
+        /// Why.
+        reason: String,
+    },
+    /// Weights were rejected.
+    #[error("set_weights rejected: {0}")]
+    Weights(String),
+    /// The chain state is corrupt or unreadable.
+    #[error("chain state {path}: {reason}")]
+    State {
+        /// The state file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A wallet file problem.
+    #[error("wallet: {0}")]
+    Wallet(String),
+    /// The endpoint could not be reached or answered badly.
+    #[error("chain endpoint {endpoint}: {reason}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// A configuration value is invalid.
+    #[error("chain config: {0}")]
+    Config(String),
+    /// The operation timed out.
+    #[error("chain operation `{0}` timed out")]
+    Timeout(String),
+}
+
+/// Result alias for chain operations.
+pub type Result<T, E = ChainError> = std::result::Result<T, E>;
+
+/// One registered neuron of a subnet.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Neuron {
+    /// Position in the subnet.
+    pub uid: u16,
+    /// The hotkey (ss58 address, or a devnet name).
+    pub hotkey: String,
+    /// Stake (alpha, in the chain's smallest unit).
+    pub stake: u64,
+    /// Whether this neuron may set weights.
+    pub validator_permit: bool,
+    /// Incentive as a fraction in `[0, 1]`, where the chain provides it.
+    pub incentive: f64,
+}
+
+/// The registry of one subnet at one block.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Metagraph {
+    /// The subnet.
+    pub netuid: u16,
+    /// The block it was read at.
+    pub block: u64,
+    /// Neurons sorted by uid.
+    pub neurons: Vec<Neuron>,
+}
+
+impl Metagraph {
+    /// The uid of `hotkey`, if registered.
+    pub fn uid_of(&self, hotkey: &str) -> Option<u16> {
+        self.neurons.iter().find(|n| n.hotkey == hotkey).map(|n| n.uid)
+    }
+
+    /// The neuron with `uid`.
+    pub fn neuron(&self, uid: u16) -> Option<&Neuron> {
+        self.neurons.iter().find(|n| n.uid == uid)
+    }
+}
+
+/// What the protocol needs from a chain.
+#[async_trait]
+pub trait Chain: Send + Sync {
+    /// A short name for logs (`devnet at .bistro/devnet`, `finney`).
+    fn describe(&self) -> String;
+
+    /// The chain's nominal block time.
+    fn block_time(&self) -> Duration;
+
+    /// The newest block number.
+    async fn block_number(&self) -> Result<u64>;
+
+    /// The hash of block `number` ([`ChainError::FutureBlock`] when not produced yet).
+    async fn block_hash(&self, number: u64) -> Result<BlockHash>;
+
+    /// The registry of `netuid`.
+    async fn metagraph(&self, netuid: u16) -> Result<Metagraph>;
+
+    /// The commitment (bucket URL) of `hotkey` on `netuid`, if any.
+    async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>>;
+
+    /// Publish `data` as `hotkey`'s commitment on `netuid`.
+    async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()>;
+
+    /// Set `hotkey`'s weights on `netuid` (u16 weights per uid).
+    async fn set_weights(&self, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], version_key: u64) -> Result<()>;
+
+    /// The weights each validator uid last set: `(validator uid, [(uid, weight)])`.
+    async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>>;
+
+    /// Make sure `hotkey` is registered; the devnet registers it (with `stake`), a real
+    /// chain returns [`ChainError::NotRegistered`] with instructions.
+    async fn ensure_registered(&self, netuid: u16, hotkey: &str, stake: u64) -> Result<u16>;
+
+    /// Wait until block `number` exists (polling at a fraction of the block time), at most `timeout`.
+    async fn wait_for_block(&self, number: u64, timeout: Duration) -> Result<u64> {
+        let start = tokio::time::Instant::now();
+        let poll = (self.block_time() / 8).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        loop {
+            let b = self.block_number().await?;
+            if b >= number {
+                return Ok(b);
+            }
+            if start.elapsed() >= timeout {
+                return Err(ChainError::Timeout(format!("waiting for block {number} (at {b})")));
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The embedded local devnet: a chain whose state lives in a directory.
+//!
+//! * **Clock**: block `n` is produced at `genesis + n * block_time` (wall clock), so every
+//!   process that opens the same directory sees the same block numbers.
+//! * **Block hashes**: `sha256("bistro/devnet/block/v1" || secret || n as u64 LE)`, where
+//!   `secret` is 32 random bytes chosen when the devnet is created; a block's hash is only
+//!   served once the block exists, so nobody can use a future window's seed.
+//! * **State**: `state.json` (registrations, commitments, weights), changed under an
+//!   exclusive lock on `state.lock` and written atomically (temporary file + rename), so
+//!   several processes can share it and a killed process never leaves it half-written.
+//! * **Registration**: hotkeys register themselves (`ensure_registered`), with the stake
+//!   they ask for; stake > 0 gives a validator permit.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{BlockHash, Chain, ChainError, Metagraph, Neuron, Result};
+
+/// Most neurons a devnet subnet accepts.
+pub const MAX_NEURONS: usize = 256;
+/// Default block time of a new devnet.
+pub const DEFAULT_BLOCK_TIME: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Subnet {
+    neurons: Vec<Neuron>,
+    commitments: BTreeMap<String, String>,
+    /// Validator uid -> (block, [(uid, weight)]).
+    weights: BTreeMap<u16, (u64, Vec<(u16, u16)>)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct State {
+    version: u32,
+    genesis_unix_ms: u64,
+    block_time_ms: u64,
+    secret: String,
+    subnets: BTreeMap<u16, Subnet>,
+}
+
+/// A local devnet chain rooted at a directory.
+#[derive(Clone, Debug)]
+pub struct Devnet {
+    dir: PathBuf,
+    genesis_unix_ms: u64,
+    block_time_ms: u64,
+    secret: [u8; 32],
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn state_err(path: &Path, reason: impl std::fmt::Display) -> ChainError {
+    ChainError::State { path: path.to_path_buf(), reason: reason.to_string() }
+}
+
+fn fresh_secret() -> String {
+    // Entropy for the devnet's block hashes (not protocol randomness): time, pid, address.
+    let mut h = Sha256::new();
+    h.update(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    let local = 0u8;
+    h.update((&local as *const u8 as usize).to_le_bytes());
+    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
+        h.update(bytes);
+    }
+    hex::encode(h.finalize())
+}
+
+impl Devnet {
+    /// Open the devnet in `dir`, creating it (with `block_time`) if it does not exist.
+    /// An existing devnet keeps its own block time.
+    pub fn open(dir: &Path, block_time: Duration) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| state_err(dir, format!("cannot create directory: {e}")))?;
+        let path = dir.join("state.json");
+        if !path.exists() {
+            let _lock = Self::lock_dir(dir)?;
+            if !path.exists() {
+                let ms = block_time.as_millis().max(1) as u64;
+                let st = State { version: 1, genesis_unix_ms: now_ms(), block_time_ms: ms, secret: fresh_secret(), subnets: BTreeMap::new() };
+                write_state(&path, &st)?;
+                tracing::info!(dir = %dir.display(), block_time_ms = ms, "created a new local devnet");
+            }
+        }
+        let st = read_state(&path)?;
+        let secret: [u8; 32] = hex::decode(&st.secret)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| state_err(&path, "`secret` is not 32 hex bytes"))?;
+        if st.block_time_ms == 0 {
+            return Err(state_err(&path, "block_time_ms must be positive"));
+        }
+        Ok(Devnet { dir: dir.to_path_buf(), genesis_unix_ms: st.genesis_unix_ms, block_time_ms: st.block_time_ms, secret })
+    }
+
+    /// The directory holding the state.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+        let p = dir.join("state.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| state_err(&p, e))?;
+        f.lock().map_err(|e| state_err(&p, format!("cannot lock: {e}")))?;
+        Ok(f)
+    }
+
+    /// Apply `f` to the state under the lock and write it back atomically.
+    fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let _lock = Self::lock_dir(&self.dir)?;
+        let path = self.state_path();
+        let mut st = read_state(&path)?;
+        let out = f(&mut st)?;
+        write_state(&path, &st)?;
+        Ok(out)
+    }
+
+    fn read(&self) -> Result<State> {
+        read_state(&self.state_path())
+    }
+
+    fn current_block(&self) -> u64 {
+        now_ms().saturating_sub(self.genesis_unix_ms) / self.block_time_ms
+    }
+
+    /// The hash of block `n` without checking that it exists (tests and tools only).
+    pub fn hash_unchecked(&self, n: u64) -> BlockHash {
+        let mut h = Sha256::new();
+        h.update(b"bistro/devnet/block/v1");
+        h.update(self.secret);
+        h.update(n.to_le_bytes());
+        h.finalize().into()
+    }
+}
+
+fn read_state(path: &Path) -> Result<State> {
+    let text = std::fs::read_to_string(path).map_err(|e| state_err(path, format!("cannot read: {e}")))?;
+    let st: State = serde_json::from_str(&text).map_err(|e| {
+        state_err(path, format!("corrupt devnet state ({e}); delete the directory to start a fresh devnet"))
+    })?;
+    if st.version != 1 {
+        return Err(state_err(path, format!("unsupported devnet state version {}", st.version)));
+    }
+    Ok(st)
+}
+
+fn write_state(path: &Path, st: &State) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(st).map_err(|e| state_err(path, e))?;
+    let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| state_err(&tmp, e))?;
+        f.write_all(&bytes).map_err(|e| state_err(&tmp, e))?;
+        f.sync_all().map_err(|e| state_err(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| state_err(path, e))
+}
+
+#[async_trait]
+impl Chain for Devnet {
+    fn describe(&self) -> String {
+        format!("local devnet at {}", self.dir.display())
+    }
+
+    fn block_time(&self) -> Duration {
+        Duration::from_millis(self.block_time_ms)
+    }
+
+    async fn block_number(&self) -> Result<u64> {
+        Ok(self.current_block())
+    }
+
+    async fn block_hash(&self, number: u64) -> Result<BlockHash> {
+        if number > self.current_block() {
+            return Err(ChainError::FutureBlock(number));
+        }
+        Ok(self.hash_unchecked(number))
+    }
+
+    async fn metagraph(&self, netuid: u16) -> Result<Metagraph> {
+        let st = self.read()?;
+        let neurons = st.subnets.get(&netuid).map(|s| s.neurons.clone()).unwrap_or_default();
+        Ok(Metagraph { netuid, block: self.current_block(), neurons })
+    }
+
+    async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>> {
+        Ok(self.read()?.subnets.get(&netuid).and_then(|s| s.commitments.get(hotkey).cloned()))
+    }
+
+    async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()> {
+        self.update(|st| {
+            let s = st.subnets.entry(netuid).or_default();
+            if !s.neurons.iter().any(|n| n.hotkey == hotkey) {
+                return Err(ChainError::NotRegistered { hotkey: hotkey.into(), netuid, hint: String::new() });
+            }
+            s.commitments.insert(hotkey.to_string(), data.to_string());
+            Ok(())
+        })
+    }
+
+    async fn set_weights(&self, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], _version_key: u64) -> Result<()> {
+        if uids.len() != weights.len() {
+            return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
+        }
+        let block = self.current_block();
+        self.update(|st| {
+            let s = st.subnets.entry(netuid).or_default();
+            let me = s
+                .neurons
+                .iter()
+                .find(|n| n.hotkey == hotkey)
+                .ok_or_else(|| ChainError::NotRegistered { hotkey: hotkey.into(), netuid, hint: String::new() })?;
+            if !me.validator_permit {
+                return Err(ChainError::Weights(format!("{hotkey} has no validator permit (no stake)")));
+            }
+            if let Some(bad) = uids.iter().find(|&&u| !s.neurons.iter().any(|n| n.uid == u)) {
+                return Err(ChainError::Weights(format!("uid {bad} is not registered")));
+            }
+            let uid = me.uid;
+            s.weights.insert(uid, (block, uids.iter().copied().zip(weights.iter().copied()).collect()));
+            // Incentive: the stake-weighted mean of the normalised weights.
+            let n = s.neurons.len();
+            let mut incentive = vec![0f64; n];
+            let mut total_stake = 0f64;
+            for (vuid, (_, ws)) in &s.weights {
+                let stake = s.neurons.iter().find(|x| x.uid == *vuid).map(|x| x.stake as f64).unwrap_or(0.0);
+                let sum: f64 = ws.iter().map(|&(_, w)| w as f64).sum();
+                if sum <= 0.0 || stake <= 0.0 {
+                    continue;
+                }
+                total_stake += stake;
+                for &(u, w) in ws {
+                    if let Some(slot) = incentive.get_mut(u as usize) {
+                        *slot += stake * w as f64 / sum;
+                    }
+                }
+            }
+            for nrn in s.neurons.iter_mut() {
+                nrn.incentive = if total_stake > 0.0 { incentive[nrn.uid as usize] / total_stake } else { 0.0 };
+            }
+            Ok(())
+        })
+    }
+
+    async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>> {
+        let st = self.read()?;
+        Ok(st
+            .subnets
+            .get(&netuid)
+            .map(|s| s.weights.iter().map(|(u, (_, w))| (*u, w.clone())).collect())
+            .unwrap_or_default())
+    }
+
+    async fn ensure_registered(&self, netuid: u16, hotkey: &str, stake: u64) -> Result<u16> {
+        if hotkey.is_empty() || hotkey.len() > 128 || hotkey.contains(['/', '\\', '\0']) {
+            return Err(ChainError::Config(format!("invalid devnet hotkey name {hotkey:?}")));
+        }
+        self.update(|st| {
+            let s = st.subnets.entry(netuid).or_default();
+            if let Some(n) = s.neurons.iter_mut().find(|n| n.hotkey == hotkey) {
+                if stake > n.stake {
+                    n.stake = stake;
+                    n.validator_permit = true;
+                }
+                return Ok(n.uid);
+            }
+            if s.neurons.len() >= MAX_NEURONS {
+                return Err(ChainError::Subnet { netuid, reason: format!("full ({MAX_NEURONS} neurons)") });
+            }
+            let uid = s.neurons.len() as u16;
+            s.neurons.push(Neuron { uid, hotkey: hotkey.to_string(), stake, validator_permit: stake > 0, incentive: 0.0 });
+            tracing::info!(netuid, uid, hotkey, stake, "registered on the devnet");
+            Ok(uid)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn blocks_hashes_and_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Devnet::open(dir.path(), Duration::from_millis(50)).unwrap();
+        let b = d.block_number().await.unwrap();
+        assert!(d.block_hash(b + 1000).await.is_err());
+        let h = d.block_hash(b).await.unwrap();
+        assert_eq!(h, d.hash_unchecked(b));
+        assert_ne!(h, d.hash_unchecked(b + 1));
+        d.wait_for_block(b + 2, Duration::from_secs(5)).await.unwrap();
+        let uid = d.ensure_registered(1, "alice", 0).await.unwrap();
+        assert_eq!(uid, 0);
+        assert_eq!(d.ensure_registered(1, "alice", 0).await.unwrap(), 0);
+        assert_eq!(d.ensure_registered(1, "val", 1000).await.unwrap(), 1);
+        d.set_commitment(1, "alice", "file:///tmp/alice").await.unwrap();
+        assert_eq!(d.commitment(1, "alice").await.unwrap().as_deref(), Some("file:///tmp/alice"));
+        assert!(d.set_commitment(1, "nobody", "x").await.is_err());
+        assert!(d.set_weights(1, "alice", &[0], &[1], 0).await.is_err(), "no permit");
+        d.set_weights(1, "val", &[0, 1], &[65535, 0], 0).await.unwrap();
+        let m = d.metagraph(1).await.unwrap();
+        assert_eq!(m.neurons.len(), 2);
+        assert!((m.neuron(0).unwrap().incentive - 1.0).abs() < 1e-9);
+        assert_eq!(d.weights(1).await.unwrap(), vec![(1, vec![(0, 65535), (1, 0)])]);
+    }
+}

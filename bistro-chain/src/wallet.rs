@@ -1,0 +1,144 @@
+//! Bittensor wallets: where hotkey files live and what they hold.
+//!
+//! A hotkey file is `~/.bittensor/wallets/<name>/hotkeys/<hotkey>`, JSON with
+//! `secretPhrase`, `secretSeed`, `publicKey`, `accountId` and `ss58Address`. This module
+//! reads the public part (the ss58 address) and checks the file's permissions; it never
+//! prints or logs a secret. Signing with the key (sr25519) is the subtensor client's job.
+
+use std::path::{Path, PathBuf};
+
+use crate::{ChainError, Result};
+
+/// A wallet name and hotkey name, resolved against a wallets directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalletRef {
+    /// Directory holding wallets (default `~/.bittensor/wallets`).
+    pub root: PathBuf,
+    /// Wallet (coldkey) name.
+    pub name: String,
+    /// Hotkey name.
+    pub hotkey: String,
+}
+
+/// The public part of a hotkey file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HotkeyFile {
+    /// The path it was read from.
+    pub path: PathBuf,
+    /// Its ss58 address.
+    pub ss58_address: String,
+    secret_seed: Option<String>,
+}
+
+impl std::fmt::Debug for HotkeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotkeyFile")
+            .field("path", &self.path)
+            .field("ss58_address", &self.ss58_address)
+            .field("secret_seed", &self.secret_seed.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl HotkeyFile {
+    /// The `secretSeed` (hex) for signing; never log it.
+    pub fn secret_seed(&self) -> Option<&str> {
+        self.secret_seed.as_deref()
+    }
+}
+
+/// The default wallets directory: `$BT_WALLET_PATH`, else `~/.bittensor/wallets`.
+pub fn default_wallets_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("BT_WALLET_PATH") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".bittensor").join("wallets")
+}
+
+impl WalletRef {
+    /// A wallet in the default directory.
+    pub fn new(name: &str, hotkey: &str) -> Self {
+        WalletRef { root: default_wallets_dir(), name: name.into(), hotkey: hotkey.into() }
+    }
+
+    /// Path of the hotkey file.
+    pub fn hotkey_path(&self) -> PathBuf {
+        self.root.join(&self.name).join("hotkeys").join(&self.hotkey)
+    }
+
+    /// The devnet identity of this wallet when no hotkey file exists: `<name>-<hotkey>`.
+    pub fn devnet_hotkey(&self) -> String {
+        format!("{}-{}", self.name, self.hotkey)
+    }
+
+    /// Read the hotkey file. A file readable by group or others is refused (it holds a secret).
+    pub fn read_hotkey(&self) -> Result<HotkeyFile> {
+        read_hotkey_file(&self.hotkey_path())
+    }
+}
+
+/// Read a Bittensor hotkey file; refuse one that others can read.
+pub fn read_hotkey_file(path: &Path) -> Result<HotkeyFile> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        ChainError::Wallet(format!(
+            "cannot read hotkey file {}: {e} (create it with `btcli wallet new_hotkey`)",
+            path.display()
+        ))
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(ChainError::Wallet(format!(
+                "hotkey file {} is readable by other users (mode {:o}); run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ChainError::Wallet(format!("cannot read {}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ChainError::Wallet(format!("{} is not a Bittensor hotkey file (JSON): {e}", path.display())))?;
+    let ss58 = v
+        .get("ss58Address")
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| ChainError::Wallet(format!("{} has no `ss58Address`", path.display())))?;
+    Ok(HotkeyFile {
+        path: path.to_path_buf(),
+        ss58_address: ss58.to_string(),
+        secret_seed: v.get("secretSeed").and_then(|s| s.as_str()).map(str::to_string),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_public_part_and_refuses_open_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = WalletRef { root: dir.path().into(), name: "default".into(), hotkey: "miner".into() };
+        let e = w.read_hotkey().unwrap_err().to_string();
+        assert!(e.contains("hotkeys/miner") && e.contains("btcli"), "{e}");
+        std::fs::create_dir_all(w.hotkey_path().parent().unwrap()).unwrap();
+        std::fs::write(
+            w.hotkey_path(),
+            r#"{"secretSeed":"0x1234","ss58Address":"5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"}"#,
+        )
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(w.hotkey_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(w.read_hotkey().unwrap_err().to_string().contains("chmod 600"));
+            std::fs::set_permissions(w.hotkey_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let h = w.read_hotkey().unwrap();
+        assert_eq!(h.ss58_address, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY");
+        assert!(!format!("{h:?}").contains("0x1234"), "secrets never appear in Debug");
+        assert_eq!(h.secret_seed(), Some("0x1234"));
+    }
+}

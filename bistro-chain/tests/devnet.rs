@@ -1,0 +1,62 @@
+//! The devnet across processes: two handles (as two processes would) see the same blocks,
+//! registrations, commitments and weights; a torn or corrupt state file is a clear error.
+
+use std::time::Duration;
+
+use bistro_chain::devnet::Devnet;
+use bistro_chain::{Chain, ChainError};
+
+#[tokio::test]
+async fn two_handles_share_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Devnet::open(dir.path(), Duration::from_millis(100)).unwrap();
+    let b = Devnet::open(dir.path(), Duration::from_secs(99)).unwrap(); // keeps the existing block time
+    assert_eq!(b.block_time(), Duration::from_millis(100));
+    let n = a.wait_for_block(3, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(a.block_hash(n).await.unwrap(), b.block_hash(n).await.unwrap());
+    let nb = b.block_number().await.unwrap();
+    assert!(nb >= n && nb <= n + 2);
+    a.ensure_registered(7, "miner-1", 0).await.unwrap();
+    b.ensure_registered(7, "validator-1", 100).await.unwrap();
+    b.set_commitment(7, "miner-1", "file:///x").await.unwrap();
+    assert_eq!(a.commitment(7, "miner-1").await.unwrap().as_deref(), Some("file:///x"));
+    let m = a.metagraph(7).await.unwrap();
+    assert_eq!(m.uid_of("validator-1"), Some(1));
+    b.set_weights(7, "validator-1", &[0], &[100], 1).await.unwrap();
+    assert_eq!(a.weights(7).await.unwrap(), vec![(1, vec![(0, 100)])]);
+}
+
+#[test]
+fn concurrent_registrations_from_many_threads_get_distinct_uids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    Devnet::open(&path, Duration::from_millis(100)).unwrap();
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let p = path.clone();
+            std::thread::spawn(move || {
+                let d = Devnet::open(&p, Duration::from_millis(100)).unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(d.ensure_registered(1, &format!("hk{i}"), 0)).unwrap()
+            })
+        })
+        .collect();
+    let mut uids: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    uids.sort();
+    assert_eq!(uids, (0..16).collect::<Vec<u16>>());
+}
+
+#[tokio::test]
+async fn corrupt_state_is_a_clear_error_and_leftovers_are_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Devnet::open(dir.path(), Duration::from_millis(100)).unwrap();
+    d.ensure_registered(1, "a", 0).await.unwrap();
+    // A killed writer leaves at most a temporary file next to the state: still readable.
+    std::fs::write(dir.path().join("state.json.tmp-999999"), b"{partial").unwrap();
+    assert_eq!(d.metagraph(1).await.unwrap().neurons.len(), 1);
+    std::fs::write(dir.path().join("state.json"), b"{\"version\": 1, \"genesis").unwrap();
+    let e = Devnet::open(dir.path(), Duration::from_millis(100)).unwrap_err();
+    assert!(matches!(e, ChainError::State { .. }), "{e}");
+    assert!(e.to_string().contains("corrupt devnet state"), "{e}");
+    assert!(d.metagraph(1).await.is_err());
+}

@@ -192,6 +192,10 @@ impl Chain for Devnet {
         Ok(self.hash_unchecked(number))
     }
 
+    async fn block_time_unix_ms(&self, number: u64) -> Result<u64> {
+        Ok(self.genesis_unix_ms + number * self.block_time_ms)
+    }
+
     async fn metagraph(&self, netuid: u16) -> Result<Metagraph> {
         let st = self.read()?;
         let neurons = st.subnets.get(&netuid).map(|s| s.neurons.clone()).unwrap_or_default();

@@ -130,6 +130,10 @@ pub trait Chain: Send + Sync {
     /// The hash of block `number` ([`ChainError::FutureBlock`] when not produced yet).
     async fn block_hash(&self, number: u64) -> Result<BlockHash>;
 
+    /// When block `number` is (or will be, at the nominal block time) produced, in Unix
+    /// milliseconds. Upload deadlines are derived from it.
+    async fn block_time_unix_ms(&self, number: u64) -> Result<u64>;
+
     /// The registry of `netuid`.
     async fn metagraph(&self, netuid: u16) -> Result<Metagraph>;
 

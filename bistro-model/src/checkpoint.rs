@@ -125,9 +125,15 @@ impl MappedSafetensors {
 /// Load parameters for `config` from a safetensors file, checking every name, shape and
 /// dtype (errors name the tensor). Extra tensors are an error.
 pub fn load_safetensors(path: &Path, config: &ModelConfig, device: &Device) -> Result<Params> {
-    config.validate()?;
     let mapped = MappedSafetensors::open(path)?;
-    let st = mapped.tensors()?;
+    params_from_bytes(&mapped.mmap, path, config, device)
+}
+
+/// Like [`load_safetensors`] for a file held in memory; `origin` names it in errors.
+pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, device: &Device) -> Result<Params> {
+    config.validate()?;
+    let path = origin;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
     let specs = param_specs(config);
     let expected: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();

@@ -9,9 +9,14 @@
 //!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
+pub mod cli;
 pub mod data;
 pub mod hparams;
+pub mod miner;
 pub mod slices;
+pub mod state;
+pub mod step;
 pub mod storage;
+pub mod sync;
 
 pub use hparams::{Aggregation, HParams, PROTOCOL_VERSION};

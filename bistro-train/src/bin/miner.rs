@@ -1,0 +1,87 @@
+//! `miner`: train the shared model on this hotkey's pages every window and upload slices.
+//!
+//! With no arguments it joins the embedded local devnet with a local-directory bucket,
+//! the shipped corpus and tokenizer, and the `tiny` model.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use bistro_train::cli::{NodeArgs, init_logging, stop_on_ctrl_c};
+use bistro_train::miner::{Miner, MinerConfig, MinerEvent};
+use clap::Parser;
+
+/// BISTRO miner: computes one gradient update of the shared transformer per block window on
+/// its assigned data pages, and uploads a slice of the result to its bucket.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+fn print_event(e: &MinerEvent) {
+    match e {
+        MinerEvent::Started { uid, window, origin } => tracing::info!("miner uid {uid} ready: model at window {window} from {origin}"),
+        MinerEvent::WindowStarted { window } => tracing::info!("window {window}: training"),
+        MinerEvent::PagesLoaded { window, pages, tokens } => tracing::info!("window {window}: {pages} pages, {tokens} tokens"),
+        MinerEvent::StepDone { window, loss, tokens_per_sec } => {
+            tracing::info!("window {window}: loss {loss:.4}, {tokens_per_sec:.0} tokens/s")
+        }
+        MinerEvent::SliceUploaded { window, bytes, seconds } => {
+            tracing::info!("window {window}: slice uploaded ({:.1} KiB in {seconds:.2}s)", *bytes as f64 / 1024.0)
+        }
+        MinerEvent::UploadFailed { window, reason } => tracing::warn!("window {window}: slice not uploaded: {reason}"),
+        MinerEvent::Merged { window, accepted, rejected } => {
+            let rej: Vec<String> = rejected.iter().map(|(h, r)| format!("{h}: {r}")).collect();
+            tracing::info!(
+                "window {window}: merged {} slice(s){}",
+                accepted.len(),
+                if rej.is_empty() { String::new() } else { format!("; not accepted: {}", rej.join(", ")) }
+            )
+        }
+        MinerEvent::Skipped { window, reason } => tracing::warn!("window {window}: skipped: {reason}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let node = cli.node;
+    init_logging(node.log_format);
+    let hparams = node.hparams()?;
+    let hotkey = node.chain.hotkey("miner")?;
+    let device = node.device()?;
+    let chain = node.chain.connect().await?;
+    tracing::info!(
+        "BISTRO miner {hotkey} on {} (netuid {}), model {}, device {}",
+        chain.describe(),
+        node.chain.netuid,
+        hparams.model,
+        bistro_model::device_name(&device)
+    );
+    let cfg = MinerConfig {
+        netuid: node.chain.netuid,
+        bucket_url: node.bucket_url(&hotkey)?,
+        bucket_options: node.bucket_options(),
+        state_dir: node.state_dir("miner", &hotkey),
+        device,
+        micro_batch_rows: node.micro_batch,
+        auto_register: node.chain.is_devnet().then_some(0),
+        allow_local_buckets: node.chain.is_devnet(),
+        hotkey,
+        hparams,
+    };
+    let state_dir = cfg.state_dir.clone();
+    let mut miner = Miner::new(cfg, chain).await.context("cannot start the miner")?;
+    miner.on_event(print_event);
+    let stop = stop_on_ctrl_c();
+    let summary = miner.run(node.max_windows, Arc::clone(&stop)).await?;
+    tracing::info!(
+        "stopped: {} window(s) trained, {} slice(s) uploaded, {} window(s) merged; state saved in {}",
+        summary.windows_trained,
+        summary.slices_uploaded,
+        summary.windows_merged,
+        state_dir.display()
+    );
+    Ok(())
+}

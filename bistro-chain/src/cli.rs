@@ -70,6 +70,9 @@ impl ChainArgs {
     /// The hotkey identity: the wallet file's ss58 address when the file exists; on the
     /// devnet without a file, `<wallet.name>-<wallet.hotkey>`.
     pub fn hotkey(&self, default_hotkey: &str) -> Result<String> {
+        if !self.is_devnet() {
+            self.endpoint()?;
+        }
         let w = self.wallet(default_hotkey);
         if w.hotkey_path().exists() || !self.is_devnet() {
             return Ok(w.read_hotkey()?.ss58_address);

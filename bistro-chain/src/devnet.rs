@@ -25,7 +25,7 @@ use crate::{BlockHash, Chain, ChainError, Metagraph, Neuron, Result};
 /// Most neurons a devnet subnet accepts.
 pub const MAX_NEURONS: usize = 256;
 /// Default block time of a new devnet.
-pub const DEFAULT_BLOCK_TIME: Duration = Duration::from_secs(3);
+pub const DEFAULT_BLOCK_TIME: Duration = Duration::from_secs(4);
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Subnet {

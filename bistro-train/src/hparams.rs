@@ -88,7 +88,7 @@ impl Default for HParams {
             tokenizer: "embedded".into(),
             blocks_per_window: 2,
             pages_per_window: 2,
-            rows_per_page: 4,
+            rows_per_page: 2,
             seq_len: 128,
             compression: 8,
             learning_rate: 0.5,

@@ -240,7 +240,7 @@ impl Miner {
         }
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| MinerError::Config(format!("cannot create state dir {}: {e}", cfg.state_dir.display())))?;
-        let (params, window, origin) = bootstrap(&ctx, &cfg, &model_config).await?;
+        let (params, window, origin) = ctx.bootstrap(&cfg.hotkey, &cfg.state_dir, &model_config, &cfg.device).await?;
         Ok(Miner {
             chain,
             ctx,
@@ -327,30 +327,7 @@ impl Miner {
     }
 
     async fn publish_checkpoint_and_cleanup(&self) {
-        let every = self.cfg.hparams.max_history.div_ceil(2).max(1);
-        if self.window % every != 0 {
-            return;
-        }
-        match state::checkpoint_bytes(&self.params, self.window) {
-            Ok(bytes) => {
-                if let Err(e) = self.bucket.put(&state::checkpoint_key(self.window), Bytes::from(bytes)).await {
-                    tracing::warn!(error = %e, "cannot publish checkpoint");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot serialise checkpoint"),
-        }
-        if let Err(e) = self.bucket.cleanup(&self.cfg.hotkey, self.window, self.cfg.hparams.max_history).await {
-            tracing::warn!(error = %e, "cannot clean up old slices");
-        }
-        if let Ok(list) = self.bucket.list("checkpoint-").await {
-            for o in list {
-                if let Some(w) = state::parse_checkpoint_key(&o.key) {
-                    if w + 2 * self.cfg.hparams.max_history < self.window {
-                        let _ = self.bucket.delete(&o.key).await;
-                    }
-                }
-            }
-        }
+        crate::sync::publish_checkpoint_and_cleanup(&self.bucket, &self.cfg.hotkey, &self.params, self.window, &self.cfg.hparams).await;
     }
 
     /// Train on the current window and upload the slice. Returns whether a slice was uploaded.
@@ -477,38 +454,3 @@ impl Miner {
     }
 }
 
-/// Decide where `theta` comes from: local state, else the newest checkpoint published by
-/// the highest-stake peer, else genesis at window 0 (then the loop replays the windows).
-async fn bootstrap(ctx: &SyncContext, cfg: &MinerConfig, model_config: &ModelConfig) -> Result<(Params, u64, String), MinerError> {
-    match state::load(&cfg.state_dir, model_config, &ctx.hparams_hash, &cfg.device) {
-        Ok(Some((info, params))) => return Ok((params, info.window, format!("local state ({})", cfg.state_dir.display()))),
-        Ok(None) => {}
-        Err(e) => return Err(e.into()),
-    }
-    if let Some((params, w, who)) = newest_checkpoint(ctx, cfg, model_config).await {
-        return Ok((params, w, format!("checkpoint of window {w} from {who}")));
-    }
-    let params = Params::genesis(model_config, cfg.hparams.genesis_seed, &cfg.device)?;
-    Ok((params, 0, format!("genesis (seed {})", cfg.hparams.genesis_seed)))
-}
-
-async fn newest_checkpoint(ctx: &SyncContext, cfg: &MinerConfig, model_config: &ModelConfig) -> Option<(Params, u64, String)> {
-    let mg = ctx.chain.metagraph(ctx.netuid).await.ok()?;
-    let mut neurons = mg.neurons.clone();
-    neurons.sort_by(|a, b| b.stake.cmp(&a.stake).then(a.uid.cmp(&b.uid)));
-    for n in neurons.iter().filter(|n| n.hotkey != cfg.hotkey) {
-        let Ok(Some(url)) = ctx.chain.commitment(ctx.netuid, &n.hotkey).await else { continue };
-        let Ok(bucket) = ctx.peer_bucket(&url) else { continue };
-        let Ok(list) = bucket.list("checkpoint-").await else { continue };
-        let Some(w) = list.iter().filter_map(|o| state::parse_checkpoint_key(&o.key)).max() else { continue };
-        let limit = (model_config.num_params() as u64) * 4 + 1024 * 1024;
-        match bucket.get(&state::checkpoint_key(w), limit).await {
-            Ok(f) => match state::params_from_checkpoint(&f.bytes, model_config, &cfg.device) {
-                Ok(p) => return Some((p, w, n.hotkey.clone())),
-                Err(e) => tracing::warn!(peer = %n.hotkey, error = %e, "ignoring a bad checkpoint"),
-            },
-            Err(e) => tracing::warn!(peer = %n.hotkey, error = %e, "cannot download checkpoint"),
-        }
-    }
-    None
-}

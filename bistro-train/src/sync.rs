@@ -2,7 +2,11 @@
 //! and deadline, download every peer's slice, validate it, and merge the accepted ones.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
+
+use bistro_model::ModelConfig;
+use candle_core::Device;
 
 use bistro_chain::{BlockHash, Chain, ChainError};
 use bistro_model::Params;
@@ -21,6 +25,9 @@ pub enum SyncError {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] bistro_model::ModelError),
+    /// Local state cannot be used.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// What a node needs to find and check peers' slices.
@@ -67,7 +74,7 @@ pub struct WindowSlices {
     pub indices: SliceIndices,
     /// `theta_w[I]`.
     pub theta_at_i: Vec<Vec<f32>>,
-    /// Peers that committed a bucket, sorted by uid.
+    /// Miners (no validator permit) that committed a bucket, sorted by uid.
     pub peers: Vec<PeerSlice>,
 }
 
@@ -123,7 +130,8 @@ impl SyncContext {
         }
         let lengths: Vec<usize> = indices.all().iter().map(Vec::len).collect();
         let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
-        let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid)).map(|n| {
+        // Validators (stake and a permit) publish checkpoints, not slices.
+        let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid) && !n.validator_permit).map(|n| {
             let url = urls[&n.uid].clone();
             let expect = slices::SliceExpectation {
                 names: names.clone(),
@@ -170,5 +178,77 @@ impl SyncContext {
         }
         slices::scatter_params(params, &ws.indices, &agg.values)?;
         Ok(agg)
+    }
+}
+
+impl SyncContext {
+    /// Decide where `theta` comes from: local state in `state_dir`, else the newest
+    /// checkpoint published by the highest-stake peer, else genesis at window 0 (the window
+    /// loop then replays the windows since). Returns the parameters, their window and a
+    /// description of the origin.
+    pub async fn bootstrap(
+        &self,
+        own_hotkey: &str,
+        state_dir: &Path,
+        model_config: &ModelConfig,
+        device: &Device,
+    ) -> Result<(Params, u64, String), SyncError> {
+        if let Some((info, params)) = crate::state::load(state_dir, model_config, &self.hparams_hash, device)? {
+            return Ok((params, info.window, format!("local state ({})", state_dir.display())));
+        }
+        if let Some((params, w, who)) = self.newest_checkpoint(own_hotkey, model_config, device).await {
+            return Ok((params, w, format!("checkpoint of window {w} from {who}")));
+        }
+        let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
+        Ok((params, 0, format!("genesis (seed {})", self.hparams.genesis_seed)))
+    }
+
+    async fn newest_checkpoint(&self, own_hotkey: &str, model_config: &ModelConfig, device: &Device) -> Option<(Params, u64, String)> {
+        let mg = self.chain.metagraph(self.netuid).await.ok()?;
+        let mut neurons = mg.neurons.clone();
+        neurons.sort_by(|a, b| b.stake.cmp(&a.stake).then(a.uid.cmp(&b.uid)));
+        for n in neurons.iter().filter(|n| n.hotkey != own_hotkey) {
+            let Ok(Some(url)) = self.chain.commitment(self.netuid, &n.hotkey).await else { continue };
+            let Ok(bucket) = self.peer_bucket(&url) else { continue };
+            let Ok(list) = bucket.list("checkpoint-").await else { continue };
+            let Some(w) = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).max() else { continue };
+            let limit = (model_config.num_params() as u64) * 4 + 1024 * 1024;
+            match bucket.get(&crate::state::checkpoint_key(w), limit).await {
+                Ok(f) => match crate::state::params_from_checkpoint(&f.bytes, model_config, device) {
+                    Ok(p) => return Some((p, w, n.hotkey.clone())),
+                    Err(e) => tracing::warn!(peer = %n.hotkey, error = %e, "ignoring a bad checkpoint"),
+                },
+                Err(e) => tracing::warn!(peer = %n.hotkey, error = %e, "cannot download checkpoint"),
+            }
+        }
+        None
+    }
+}
+
+/// Every `max_history / 2` windows: publish `checkpoint-{window}.safetensors` of `params`
+/// (= `theta_window`) to `bucket`, delete this hotkey's slices older than `max_history`
+/// windows and checkpoints older than twice that. Failures are logged, never fatal.
+pub async fn publish_checkpoint_and_cleanup(bucket: &Bucket, hotkey: &str, params: &Params, window: u64, hparams: &HParams) {
+    let every = hparams.max_history.div_ceil(2).max(1);
+    if window % every != 0 {
+        return;
+    }
+    match crate::state::checkpoint_bytes(params, window) {
+        Ok(bytes) => {
+            if let Err(e) = bucket.put(&crate::state::checkpoint_key(window), bytes::Bytes::from(bytes)).await {
+                tracing::warn!(error = %e, "cannot publish checkpoint");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot serialise checkpoint"),
+    }
+    if let Err(e) = bucket.cleanup(hotkey, window, hparams.max_history).await {
+        tracing::warn!(error = %e, "cannot clean up old slices");
+    }
+    if let Ok(list) = bucket.list("checkpoint-").await {
+        for o in list {
+            if crate::state::parse_checkpoint_key(&o.key).is_some_and(|w| w + 2 * hparams.max_history < window) {
+                let _ = bucket.delete(&o.key).await;
+            }
+        }
     }
 }

@@ -1,1 +1,15 @@
-//! placeholder
+//! # bistro-validate
+//!
+//! The validator side of BISTRO, built on `bistro-train`:
+//!
+//! * [`validator::Scorer`]: recompute `g_v` on a miner's pages at `theta_w` and compare it
+//!   with the gradient its slice implies (`R = -||g_m - g_v||`, `e = ||g_m - g_v|| / ||g_v||`),
+//!   through `bistro-kernels`' gradient-difference norm;
+//! * [`score`]: the reward rule on `e`, per-uid EMAs, softmax weights, u16 quantisation;
+//! * [`validator::Validator`]: the window loop that merges, scores and sets weights.
+
+pub mod score;
+pub mod validator;
+
+pub use score::{Scoreboard, honesty_score};
+pub use validator::{ScoreRow, Scorer, Validator, ValidatorConfig, ValidatorEvent};

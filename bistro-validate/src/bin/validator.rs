@@ -1,0 +1,104 @@
+//! `validator`: recompute miners' gradients, score them, set weights.
+//!
+//! With no arguments it validates the embedded local devnet (same defaults as the miner).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use bistro_train::cli::{NodeArgs, init_logging, stop_on_ctrl_c};
+use bistro_validate::{Validator, ValidatorConfig, ValidatorEvent};
+use clap::Parser;
+
+/// BISTRO validator: downloads each miner's slice, recomputes its gradient on the same pages
+/// from the same model state, rewards R = -||g_m - g_v|| and sets weights on chain.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    node: NodeArgs,
+
+    /// Most miners recomputed per window (sampled with a seeded PRNG when there are more).
+    #[arg(long = "max-miners", default_value_t = 64)]
+    max_miners: usize,
+
+    /// Stake to register with on the devnet (gives the validator permit).
+    #[arg(long = "devnet.stake", default_value_t = 1000)]
+    devnet_stake: u64,
+}
+
+fn short(h: &str) -> String {
+    if h.chars().count() > 18 { format!("{}…", h.chars().take(17).collect::<String>()) } else { h.to_string() }
+}
+
+fn print_event(e: &ValidatorEvent) {
+    match e {
+        ValidatorEvent::Started { uid, window, origin } => tracing::info!("validator uid {uid} ready: model at window {window} from {origin}"),
+        ValidatorEvent::Merged { window, accepted, rejected } => {
+            let rej: Vec<String> = rejected.iter().map(|(h, r)| format!("{h}: {r}")).collect();
+            tracing::info!(
+                "window {window}: merged {accepted} slice(s){}",
+                if rej.is_empty() { String::new() } else { format!("; not accepted: {}", rej.join(", ")) }
+            )
+        }
+        ValidatorEvent::Scored { window, rows, seconds } => {
+            let mut t = format!("window {window} scores ({seconds:.1}s of recomputation):\n");
+            t.push_str(&format!("  {:>4}  {:<18}  {:<12}  {:>10}  {:>9}  {:>6}  {:>6}  {:>7}\n", "uid", "hotkey", "status", "R", "e", "score", "ema", "weight"));
+            for r in rows {
+                t.push_str(&format!(
+                    "  {:>4}  {:<18}  {:<12}  {:>10.3e}  {:>9.2e}  {:>6.3}  {:>6.3}  {:>7.4}\n",
+                    r.uid,
+                    short(&r.hotkey),
+                    r.status,
+                    r.r,
+                    r.e,
+                    r.score,
+                    r.ema,
+                    r.weight
+                ));
+            }
+            if rows.is_empty() {
+                t.push_str("  (no miners registered)\n");
+            }
+            eprint!("{t}");
+        }
+        ValidatorEvent::WeightsSet { window, weights } => tracing::info!("window {window}: set weights {weights:?}"),
+        ValidatorEvent::WeightsFailed { window, reason } => tracing::warn!("window {window}: set_weights failed: {reason}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let node = cli.node;
+    init_logging(node.log_format);
+    let hparams = node.hparams()?;
+    let hotkey = node.chain.hotkey("validator")?;
+    let device = node.device()?;
+    let chain = node.chain.connect().await?;
+    tracing::info!(
+        "BISTRO validator {hotkey} on {} (netuid {}), model {}, device {}",
+        chain.describe(),
+        node.chain.netuid,
+        hparams.model,
+        bistro_model::device_name(&device)
+    );
+    let cfg = ValidatorConfig {
+        netuid: node.chain.netuid,
+        bucket_url: node.bucket_url(&hotkey)?,
+        bucket_options: node.bucket_options(),
+        state_dir: node.state_dir("validator", &hotkey),
+        device,
+        micro_batch_rows: node.micro_batch,
+        auto_register: node.chain.is_devnet().then_some(cli.devnet_stake),
+        allow_local_buckets: node.chain.is_devnet(),
+        max_miners_per_window: cli.max_miners.max(1),
+        hotkey,
+        hparams,
+    };
+    let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
+    v.on_event(print_event);
+    let stop = stop_on_ctrl_c();
+    let scored = v.run(node.max_windows, Arc::clone(&stop)).await?;
+    tracing::info!("stopped after scoring {scored} window(s)");
+    Ok(())
+}

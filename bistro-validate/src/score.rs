@@ -1,0 +1,119 @@
+//! From gradient distances to weights: the reward rule, the EMA and the softmax.
+//!
+//! Honest recomputation differs from the miner's gradient only at float-noise level, while
+//! gradients of the same model on *other* pages are correlated (a copycat or a miner on the
+//! wrong pages can reach `e` of 0.3-0.6, not 1). So the per-window score is a function of
+//! the relative error `e = ||g_m - g_v|| / ||g_v||` that is flat below the honest tolerance
+//! and falls steeply above it: `score(e) = 1 / (1 + (e / tol)^8)` (1 at `e = 0`, 0.5 at
+//! `e = tol`, < 0.004 at `e = 2 tol`). A softmax over raw `R` would reward gradient scale,
+//! not honesty.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The per-window score of a relative error `e` with honest tolerance `tol`.
+pub fn honesty_score(e: f64, tol: f64) -> f64 {
+    if !e.is_finite() {
+        return 0.0;
+    }
+    1.0 / (1.0 + (e / tol.max(1e-12)).powi(8))
+}
+
+/// One uid's running score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UidScore {
+    /// The hotkey the EMA belongs to (a new hotkey on the uid resets it).
+    pub hotkey: String,
+    /// The exponential moving average of the window scores.
+    pub ema: f64,
+    /// The last window scored.
+    pub last_window: u64,
+}
+
+/// Scores of every uid, persisted across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scoreboard {
+    /// By uid.
+    pub uids: BTreeMap<u16, UidScore>,
+}
+
+impl Scoreboard {
+    /// Fold a window score into the uid's EMA: `ema = alpha * ema + (1 - alpha) * score`;
+    /// a uid whose hotkey changed starts again from 0.
+    pub fn update(&mut self, uid: u16, hotkey: &str, window: u64, score: f64, alpha: f64) -> f64 {
+        let entry = self.uids.entry(uid).or_insert_with(|| UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window });
+        if entry.hotkey != hotkey {
+            *entry = UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window };
+        }
+        entry.ema = alpha * entry.ema + (1.0 - alpha) * score;
+        entry.last_window = window;
+        entry.ema
+    }
+
+    /// Weights = softmax(temperature * ema) over scored uids, as `(uid, weight)` summing to 1.
+    pub fn weights(&self, temperature: f64) -> Vec<(u16, f64)> {
+        if self.uids.is_empty() {
+            return Vec::new();
+        }
+        let max = self.uids.values().map(|s| s.ema).fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<(u16, f64)> = self.uids.iter().map(|(&u, s)| (u, (temperature * (s.ema - max)).exp())).collect();
+        let sum: f64 = exps.iter().map(|(_, x)| x).sum();
+        exps.into_iter().map(|(u, x)| (u, x / sum)).collect()
+    }
+
+    /// Load from a JSON file (missing file: empty board).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| format!("corrupt scores file {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Save to a JSON file atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<(), String> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        bistro_model::checkpoint::write_atomic(path, &bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// Quantise weights to u16 for `set_weights`: the largest becomes 65535.
+pub fn quantize(weights: &[(u16, f64)]) -> (Vec<u16>, Vec<u16>) {
+    let max = weights.iter().map(|(_, w)| *w).fold(0.0, f64::max);
+    weights
+        .iter()
+        .map(|&(u, w)| (u, if max > 0.0 { (w / max * 65535.0).round() as u16 } else { 0 }))
+        .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_is_flat_then_steep() {
+        assert!(honesty_score(0.0, 0.05) > 0.999_999);
+        assert!(honesty_score(0.01, 0.05) > 0.999);
+        assert!((honesty_score(0.05, 0.05) - 0.5).abs() < 1e-12);
+        assert!(honesty_score(0.1, 0.05) < 0.004);
+        assert!(honesty_score(0.3, 0.05) < 1e-6);
+        assert_eq!(honesty_score(f64::NAN, 0.05), 0.0);
+    }
+
+    #[test]
+    fn ema_resets_on_a_new_hotkey_and_weights_follow() {
+        let mut b = Scoreboard::default();
+        for w in 0..10 {
+            b.update(0, "honest", w, 1.0, 0.5);
+            b.update(1, "cheat", w, 0.0, 0.5);
+        }
+        let ws = b.weights(10.0);
+        assert!(ws[0].1 > 0.9999, "{ws:?}");
+        b.update(0, "newcomer", 10, 0.0, 0.5);
+        assert_eq!(b.uids[&0].ema, 0.0);
+        let (uids, q) = quantize(&b.weights(10.0));
+        assert_eq!(uids, vec![0, 1]);
+        assert_eq!(q, vec![65535, 65535]);
+    }
+}

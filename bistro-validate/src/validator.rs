@@ -1,0 +1,418 @@
+//! The validator: recompute each miner's gradient on its pages from `theta_w`, compare with
+//! the gradient its slice implies, keep per-uid EMAs and set weights.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bistro_chain::{Chain, ChainError, Metagraph};
+use bistro_model::{Llama, ModelConfig, Params};
+use bistro_train::data::{Dataset, TextTokenizer};
+use bistro_train::hparams::{HParams, PROTOCOL_VERSION};
+use bistro_train::slices::{self, Rejection};
+use bistro_train::step;
+use bistro_train::storage::{Bucket, BucketOptions};
+use bistro_train::sync::{SyncContext, SyncError, WindowSlices};
+use candle_core::Device;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use sha2::{Digest, Sha256};
+
+use crate::score::{Scoreboard, honesty_score, quantize};
+
+/// Errors that stop a validator.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidatorError {
+    /// Configuration is wrong.
+    #[error("validator config: {0}")]
+    Config(String),
+    /// The chain refused something fatal.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] bistro_model::ModelError),
+    /// Data could not be opened.
+    #[error(transparent)]
+    Data(#[from] bistro_train::data::DataError),
+    /// Own bucket cannot be opened.
+    #[error(transparent)]
+    Storage(#[from] bistro_train::storage::StorageError),
+    /// Window sync failed.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// Recomputation failed.
+    #[error(transparent)]
+    Step(#[from] step::StepError),
+    /// The kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] bistro_kernels::KernelError),
+}
+
+/// Everything a validator needs.
+#[derive(Clone, Debug)]
+pub struct ValidatorConfig {
+    /// The network's hyper-parameters.
+    pub hparams: HParams,
+    /// The subnet.
+    pub netuid: u16,
+    /// This validator's hotkey.
+    pub hotkey: String,
+    /// Own bucket (checkpoints for late joiners).
+    pub bucket_url: String,
+    /// Credentials and transfer settings.
+    pub bucket_options: BucketOptions,
+    /// Local state (model, window, scores).
+    pub state_dir: PathBuf,
+    /// Compute device.
+    pub device: Device,
+    /// Rows per micro-batch.
+    pub micro_batch_rows: usize,
+    /// Register with this stake on a devnet.
+    pub auto_register: Option<u64>,
+    /// Accept peers' `file://` buckets (devnet only).
+    pub allow_local_buckets: bool,
+    /// Most miners recomputed per window (sampled when there are more).
+    pub max_miners_per_window: usize,
+}
+
+/// One miner's result in one window.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ScoreRow {
+    /// The miner's uid.
+    pub uid: u16,
+    /// The miner's hotkey.
+    pub hotkey: String,
+    /// `ok`, or the rejection code (`missing`, `late`, `nan`, ...).
+    pub status: String,
+    /// `R = -||g_m - g_v||`.
+    pub r: f64,
+    /// `e = ||g_m - g_v|| / ||g_v||`.
+    pub e: f64,
+    /// The window score `honesty_score(e)`.
+    pub score: f64,
+    /// The EMA after this window.
+    pub ema: f64,
+    /// The weight share after this window.
+    pub weight: f64,
+}
+
+/// What a validator reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValidatorEvent {
+    /// Ready.
+    Started {
+        /// This validator's uid.
+        uid: u16,
+        /// The window its model belongs to.
+        window: u64,
+        /// Where the model came from.
+        origin: String,
+    },
+    /// A window was merged.
+    Merged {
+        /// The window.
+        window: u64,
+        /// Accepted slices.
+        accepted: usize,
+        /// Rejected slices (hotkey, reason).
+        rejected: Vec<(String, String)>,
+    },
+    /// A window was scored.
+    Scored {
+        /// The window.
+        window: u64,
+        /// One row per evaluated miner.
+        rows: Vec<ScoreRow>,
+        /// Time spent recomputing.
+        seconds: f64,
+    },
+    /// Weights were set on chain.
+    WeightsSet {
+        /// The window.
+        window: u64,
+        /// `(uid, u16 weight)`.
+        weights: Vec<(u16, u16)>,
+    },
+    /// Setting weights failed (retried next time).
+    WeightsFailed {
+        /// The window.
+        window: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+type Listener = Arc<dyn Fn(&ValidatorEvent) + Send + Sync>;
+
+/// Recomputes gradients and scores one window. Pure: used by the validator loop and by tests.
+pub struct Scorer {
+    /// The network's hyper-parameters.
+    pub hparams: HParams,
+    /// Data.
+    pub dataset: Arc<Dataset>,
+    /// Tokenizer.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Compute device.
+    pub device: Device,
+    /// Rows per micro-batch.
+    pub micro_batch_rows: usize,
+}
+
+/// The raw result of scoring one miner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MinerResult {
+    /// uid.
+    pub uid: u16,
+    /// hotkey.
+    pub hotkey: String,
+    /// `ok` or a rejection code.
+    pub status: String,
+    /// `R = -||g_m - g_v||`.
+    pub r: f64,
+    /// `e`.
+    pub e: f64,
+}
+
+impl Scorer {
+    /// Recompute `g_v` for each `(uid, hotkey)` on its pages at `theta_w` and compare with
+    /// its slice in `ws` (a missing or rejected slice counts as `g_m = 0`).
+    pub fn score(&self, theta_w: &Params, ws: &WindowSlices, miners: &[(u16, String)], stop: &AtomicBool) -> Result<Vec<MinerResult>, ValidatorError> {
+        let h = &self.hparams;
+        let eta = h.learning_rate_at(ws.window) as f32;
+        let model = Llama::new(theta_w)?;
+        let theta_flat: Vec<f32> = ws.theta_at_i.iter().flatten().copied().collect();
+        let mut out = Vec::with_capacity(miners.len());
+        for (uid, hotkey) in miners {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let peer = ws.peers.iter().find(|p| &p.hotkey == hotkey);
+            let (status, slice_flat): (String, Vec<f32>) = match peer.map(|p| &p.outcome) {
+                Some(Ok(values)) => ("ok".into(), values.iter().flatten().copied().collect()),
+                Some(Err(r)) => (r.code().into(), theta_flat.clone()),
+                None => (Rejection::Missing.code().into(), theta_flat.clone()),
+            };
+            let pages = self.dataset.pages(&h.network, hotkey, ws.window, h.pages_per_window);
+            let batch = self.dataset.window_batch(&self.tokenizer, &pages, h.seq_len)?;
+            let grad = step::window_gradient(&model, theta_w, &batch, self.micro_batch_rows, &self.device, || !stop.load(Ordering::Relaxed))?;
+            let gv: Vec<f32> = slices::gather_grads(&grad.grads, &ws.indices)?.into_iter().flatten().collect();
+            let norms = bistro_kernels::cpu::diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
+            let e = norms.relative_errors()[0];
+            out.push(MinerResult { uid: *uid, hotkey: hotkey.clone(), status, r: -norms.sq_dist[0].sqrt(), e });
+        }
+        Ok(out)
+    }
+}
+
+/// Which miners to evaluate: all when they fit, else `max` sampled with ChaCha20 keyed by
+/// `sha256("bistro/validator-sample/v1" || seed || own hotkey)` (partial Fisher-Yates).
+pub fn sample_miners(miners: &[(u16, String)], max: usize, seed: &[u8], own_hotkey: &str) -> Vec<(u16, String)> {
+    if miners.len() <= max {
+        return miners.to_vec();
+    }
+    let mut h = Sha256::new();
+    h.update(b"bistro/validator-sample/v1");
+    h.update(seed);
+    h.update(own_hotkey.as_bytes());
+    let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
+    let mut v = miners.to_vec();
+    for i in 0..max {
+        let j = i + bistro_train::data::pages::uniform_below(&mut rng, (v.len() - i) as u64) as usize;
+        v.swap(i, j);
+    }
+    v.truncate(max);
+    v.sort();
+    v
+}
+
+/// The miners of a metagraph: registered uids without a validator permit.
+pub fn miners_of(mg: &Metagraph) -> Vec<(u16, String)> {
+    mg.neurons.iter().filter(|n| !n.validator_permit).map(|n| (n.uid, n.hotkey.clone())).collect()
+}
+
+/// A validator node.
+pub struct Validator {
+    cfg: ValidatorConfig,
+    chain: Arc<dyn Chain>,
+    ctx: SyncContext,
+    params: Params,
+    window: u64,
+    scorer: Arc<Scorer>,
+    bucket: Bucket,
+    board: Scoreboard,
+    uid: u16,
+    origin: String,
+    listeners: Vec<Listener>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Validator {
+    /// Build a validator: data, model state, scores, bucket; register (devnet) and commit the bucket.
+    pub async fn new(cfg: ValidatorConfig, chain: Arc<dyn Chain>) -> Result<Self, ValidatorError> {
+        cfg.hparams.validate().map_err(|e| ValidatorError::Config(e.to_string()))?;
+        let model_config = ModelConfig::resolve(&cfg.hparams.model)?;
+        let tokenizer = TextTokenizer::open(&cfg.hparams.tokenizer)?;
+        if tokenizer.vocab_size() > model_config.vocab_size {
+            return Err(ValidatorError::Config(format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                model_config.vocab_size
+            )));
+        }
+        let dataset = Dataset::open(&cfg.hparams.dataset, cfg.hparams.rows_per_page)?;
+        let bucket = Bucket::open(&cfg.bucket_url, &cfg.bucket_options)?;
+        let ctx = SyncContext {
+            chain: chain.clone(),
+            netuid: cfg.netuid,
+            hparams: cfg.hparams.clone(),
+            hparams_hash: cfg.hparams.hash(),
+            model_hash: model_config.hash(),
+            bucket_options: cfg.bucket_options.clone(),
+            allow_local_buckets: cfg.allow_local_buckets,
+            concurrency: 8,
+        };
+        let uid = match cfg.auto_register {
+            Some(stake) => chain.ensure_registered(cfg.netuid, &cfg.hotkey, stake).await?,
+            None => chain.metagraph(cfg.netuid).await?.uid_of(&cfg.hotkey).ok_or_else(|| ChainError::NotRegistered {
+                hotkey: cfg.hotkey.clone(),
+                netuid: cfg.netuid,
+                hint: " (register it with `btcli subnet register` and stake to it)".into(),
+            })?,
+        };
+        if chain.commitment(cfg.netuid, &cfg.hotkey).await?.as_deref() != Some(bucket.url()) {
+            chain.set_commitment(cfg.netuid, &cfg.hotkey, bucket.url()).await?;
+        }
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| ValidatorError::Config(format!("cannot create state dir {}: {e}", cfg.state_dir.display())))?;
+        let board = Scoreboard::load(&cfg.state_dir.join("scores.json")).map_err(ValidatorError::Config)?;
+        let (params, window, origin) = ctx.bootstrap(&cfg.hotkey, &cfg.state_dir, &model_config, &cfg.device).await?;
+        let scorer = Arc::new(Scorer {
+            hparams: cfg.hparams.clone(),
+            dataset: Arc::new(dataset),
+            tokenizer: Arc::new(tokenizer),
+            device: cfg.device.clone(),
+            micro_batch_rows: cfg.micro_batch_rows,
+        });
+        Ok(Validator { chain, ctx, params, window, scorer, bucket, board, uid, origin, listeners: Vec::new(), cfg })
+    }
+
+    /// Call `f` for every event.
+    pub fn on_event(&mut self, f: impl Fn(&ValidatorEvent) + Send + Sync + 'static) {
+        self.listeners.push(Arc::new(f));
+    }
+
+    fn emit(&self, e: ValidatorEvent) {
+        for l in &self.listeners {
+            l(&e);
+        }
+    }
+
+    /// The parameters held now.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The window the parameters belong to.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The scoreboard.
+    pub fn scoreboard(&self) -> &Scoreboard {
+        &self.board
+    }
+
+    /// Merge window `self.window`, score it when not far behind, and set weights on schedule.
+    /// Returns whether the window was scored.
+    async fn process_window(&mut self, current: u64, stop: &Arc<AtomicBool>) -> Result<bool, ValidatorError> {
+        let w = self.window;
+        let deadline = self.ctx.deadline_ms(w).await?;
+        while now_ms() < deadline && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis((deadline - now_ms()).min(200))).await;
+        }
+        let mut ws = self.ctx.collect(&self.params, w).await?;
+        let theta_w = self.params.deep_clone()?;
+        let agg = self.ctx.merge(&self.params, &mut ws)?;
+        self.window = w + 1;
+        let rejected = ws.peers.iter().filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string()))).collect();
+        self.emit(ValidatorEvent::Merged { window: w, accepted: agg.used.len(), rejected });
+        let info = bistro_train::state::StateInfo { window: self.window, hparams_hash: self.ctx.hparams_hash.clone(), model_hash: self.ctx.model_hash.clone() };
+        if let Err(e) = bistro_train::state::save(&self.cfg.state_dir, &self.params, &info) {
+            tracing::error!(error = %e, "cannot save local state");
+        }
+        bistro_train::sync::publish_checkpoint_and_cleanup(&self.bucket, &self.cfg.hotkey, &self.params, self.window, &self.cfg.hparams).await;
+        if current > w + 2 {
+            tracing::info!(window = w, current, "behind the chain: merged without scoring");
+            return Ok(false);
+        }
+        let mg = self.chain.metagraph(self.cfg.netuid).await?;
+        let miners = sample_miners(&miners_of(&mg), self.cfg.max_miners_per_window, &ws.seed, &self.cfg.hotkey);
+        let started = Instant::now();
+        let scorer = self.scorer.clone();
+        let flag = stop.clone();
+        let ws = Arc::new(ws);
+        let ws2 = ws.clone();
+        let results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &miners, &flag))
+            .await
+            .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
+        let h = &self.cfg.hparams;
+        let mut rows = Vec::with_capacity(results.len());
+        for r in &results {
+            let score = honesty_score(r.e, h.honest_tolerance);
+            let ema = self.board.update(r.uid, &r.hotkey, w, score, h.ema_alpha);
+            rows.push(ScoreRow { uid: r.uid, hotkey: r.hotkey.clone(), status: r.status.clone(), r: r.r, e: r.e, score, ema, weight: 0.0 });
+        }
+        // Forget uids whose hotkey left.
+        self.board.uids.retain(|uid, s| mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey && !n.validator_permit));
+        let weights = self.board.weights(h.temperature);
+        for row in &mut rows {
+            row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
+        }
+        self.emit(ValidatorEvent::Scored { window: w, rows, seconds: started.elapsed().as_secs_f64() });
+        if let Err(e) = self.board.save(&self.cfg.state_dir.join("scores.json")) {
+            tracing::error!(error = %e, "cannot save scores");
+        }
+        if (w + 1) % h.windows_per_weights == 0 && !weights.is_empty() {
+            let (uids, q) = quantize(&weights);
+            match self.chain.set_weights(self.cfg.netuid, &self.cfg.hotkey, &uids, &q, PROTOCOL_VERSION as u64).await {
+                Ok(()) => self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() }),
+                Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Run until `max_windows` windows were scored or `stop` is set.
+    pub async fn run(&mut self, max_windows: Option<u64>, stop: Arc<AtomicBool>) -> Result<u64, ValidatorError> {
+        self.emit(ValidatorEvent::Started { uid: self.uid, window: self.window, origin: self.origin.clone() });
+        let mut scored = 0u64;
+        while !stop.load(Ordering::Relaxed) && !max_windows.is_some_and(|m| scored >= m) {
+            let current = match self.chain.block_number().await {
+                Ok(b) => self.cfg.hparams.window_of(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "chain unavailable; retrying");
+                    tokio::time::sleep(self.chain.block_time()).await;
+                    continue;
+                }
+            };
+            if self.window >= current {
+                tokio::time::sleep(self.chain.block_time() / 4).await;
+                continue;
+            }
+            match self.process_window(current, &stop).await {
+                Ok(true) => scored += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(window = self.window, error = %e, "window failed; retrying");
+                    tokio::time::sleep(self.chain.block_time()).await;
+                }
+            }
+        }
+        Ok(scored)
+    }
+}

@@ -1,0 +1,184 @@
+//! One honest miner and many dishonest ones, scored by the real validator code over real
+//! buckets and a real (local) chain: the honest miner has the smallest `e` (float noise),
+//! every cheater is clearly separated, and the weights follow.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use bistro_chain::Chain;
+use bistro_chain::devnet::Devnet;
+use bistro_model::{Llama, ModelConfig, Params};
+use bistro_train::data::{Dataset, TextTokenizer};
+use bistro_train::hparams::HParams;
+use bistro_train::slices::{self, SliceIndices};
+use bistro_train::step;
+use bistro_train::storage::{Bucket, BucketOptions};
+use bistro_train::sync::SyncContext;
+use bistro_validate::score::{Scoreboard, honesty_score};
+use bistro_validate::validator::{Scorer, miners_of};
+use bytes::Bytes;
+use candle_core::Device;
+
+const STRATEGIES: [&str; 10] =
+    ["honest", "idle", "zeros", "noise", "copycat", "wrong-pages", "stale", "poison", "lazy", "nan"];
+
+struct World {
+    chain: Arc<Devnet>,
+    ctx: SyncContext,
+    params: Params,
+    dataset: Arc<Dataset>,
+    tokenizer: Arc<TextTokenizer>,
+    h: HParams,
+    _dir: tempfile::TempDir,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
+    let model_path = dir.path().join("model.toml");
+    std::fs::write(&model_path, toml::to_string(&model).unwrap()).unwrap();
+    let h = HParams {
+        model: model_path.display().to_string(),
+        seq_len: 64,
+        pages_per_window: 4,
+        rows_per_page: 2,
+        compression: 4,
+        upload_grace_secs: 3600,
+        ..HParams::default()
+    };
+    let chain = Arc::new(Devnet::open(&dir.path().join("devnet"), Duration::from_millis(100)).unwrap());
+    let ctx = SyncContext {
+        chain: chain.clone(),
+        netuid: 1,
+        hparams: h.clone(),
+        hparams_hash: h.hash(),
+        model_hash: model.hash(),
+        bucket_options: BucketOptions::default(),
+        allow_local_buckets: true,
+        concurrency: 4,
+    };
+    let params = Params::genesis(&model, 0, &Device::Cpu).unwrap();
+    World {
+        chain,
+        ctx,
+        params,
+        dataset: Arc::new(Dataset::embedded(h.rows_per_page).unwrap()),
+        tokenizer: Arc::new(TextTokenizer::embedded().unwrap()),
+        h,
+        _dir: dir,
+    }
+}
+
+impl World {
+    fn gradient(&self, hotkey: &str, window: u64, pages: usize) -> Vec<candle_core::Tensor> {
+        let p = self.dataset.pages(&self.h.network, hotkey, window, self.h.pages_per_window);
+        let batch = self.dataset.window_batch(&self.tokenizer, &p[..pages], self.h.seq_len).unwrap();
+        let model = Llama::new(&self.params).unwrap();
+        step::window_gradient(&model, &self.params, &batch, 8, &Device::Cpu, || true).unwrap().grads
+    }
+
+    /// What each strategy uploads for `window` (None: nothing).
+    fn slice_for(&self, strategy: &str, hotkey: &str, window: u64, idx: &SliceIndices, honest_values: &[Vec<f32>]) -> Option<Vec<u8>> {
+        let eta = self.h.learning_rate_at(window);
+        let theta = slices::gather_params(&self.params, idx).unwrap();
+        let names: Vec<String> = self.params.specs().iter().map(|s| s.name.clone()).collect();
+        let meta = self.ctx.meta(window, hotkey);
+        let honest_of = |hk: &str, w: u64, pages: usize| {
+            let g = slices::gather_grads(&self.gradient(hk, w, pages), idx).unwrap();
+            slices::step_values(&theta, &g, eta)
+        };
+        let values: Vec<Vec<f32>> = match strategy {
+            "honest" => honest_of(hotkey, window, self.h.pages_per_window),
+            "idle" => return None,
+            "zeros" => theta.iter().map(|t| vec![0.0; t.len()]).collect(),
+            "noise" => theta
+                .iter()
+                .enumerate()
+                .map(|(p, t)| t.iter().enumerate().map(|(j, &x)| x + 1e-3 * (((p * 7919 + j) as f32) * 0.618).sin()).collect())
+                .collect(),
+            // Re-upload the honest miner's slice under this hotkey.
+            "copycat" => honest_values.to_vec(),
+            "wrong-pages" => honest_of("someone-else", window, self.h.pages_per_window),
+            // Last window's work relabelled as this window's.
+            "stale" => honest_of(hotkey, window.saturating_sub(1), self.h.pages_per_window),
+            "poison" => theta.iter().map(|t| t.iter().map(|x| x - 1e6).collect()).collect(),
+            "lazy" => honest_of(hotkey, window, self.h.pages_per_window / 2),
+            "nan" => {
+                let mut v = honest_of(hotkey, window, self.h.pages_per_window);
+                v[0][0] = f32::NAN;
+                v
+            }
+            other => panic!("unknown strategy {other}"),
+        };
+        Some(slices::encode(&meta, &names, &values).unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
+    let w = world();
+    let mut hotkeys = BTreeMap::new();
+    for (i, s) in STRATEGIES.iter().enumerate() {
+        let hk = format!("{i:02}-{s}");
+        w.chain.ensure_registered(1, &hk, 0).await.unwrap();
+        w.chain.set_commitment(1, &hk, &format!("memory://adv-{hk}")).await.unwrap();
+        hotkeys.insert(s.to_string(), hk);
+    }
+    w.chain.ensure_registered(1, "validator", 1000).await.unwrap();
+    let scorer = Scorer { hparams: w.h.clone(), dataset: w.dataset.clone(), tokenizer: w.tokenizer.clone(), device: Device::Cpu, micro_batch_rows: 8 };
+    let mut board = Scoreboard::default();
+    let mut all_e: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let start_window = w.h.window_of(w.chain.block_number().await.unwrap()) + 1;
+    for window in start_window..start_window + 3 {
+        // The seed exists once the next window's first block does.
+        w.chain.wait_for_block(w.h.first_block(window + 1), Duration::from_secs(10)).await.unwrap();
+        let seed = w.ctx.seed(window).await.unwrap();
+        let idx = SliceIndices::select(w.params.specs(), &seed, w.h.compression);
+        let honest_values = {
+            let bytes = w.slice_for("honest", &hotkeys["honest"], window, &idx, &[]).unwrap();
+            let exp = slices::expectation(&w.params, &idx, w.ctx.meta(window, &hotkeys["honest"]), u64::MAX);
+            slices::decode(&bytes, &exp).unwrap()
+        };
+        for s in STRATEGIES {
+            let hk = &hotkeys[s];
+            if let Some(bytes) = w.slice_for(s, hk, window, &idx, &honest_values) {
+                let bucket = Bucket::open(&format!("memory://adv-{hk}"), &BucketOptions::default()).unwrap();
+                bucket.put(&slices::slice_key(window, hk), Bytes::from(bytes)).await.unwrap();
+            }
+        }
+        let ws = w.ctx.collect(&w.params, window).await.unwrap();
+        let mg = w.chain.metagraph(1).await.unwrap();
+        let results = scorer.score(&w.params, &ws, &miners_of(&mg), &AtomicBool::new(false)).unwrap();
+        assert_eq!(results.len(), STRATEGIES.len());
+        for r in &results {
+            let s = r.hotkey[3..].to_string();
+            let score = honesty_score(r.e, w.h.honest_tolerance);
+            board.update(r.uid, &r.hotkey, window, score, w.h.ema_alpha);
+            all_e.entry(s).or_default().push(r.e);
+        }
+        let status: BTreeMap<&str, &str> = results.iter().map(|r| (&r.hotkey[3..], r.status.as_str())).collect();
+        assert_eq!(status["honest"], "ok");
+        assert_eq!(status["idle"], "missing");
+        assert_eq!(status["nan"], "nan");
+    }
+    let weights = board.weights(w.h.temperature);
+    let share = |s: &str| {
+        let uid = STRATEGIES.iter().position(|x| *x == s).unwrap() as u16;
+        weights.iter().find(|(u, _)| *u == uid).map(|(_, x)| *x).unwrap_or(0.0)
+    };
+    let mut report = String::new();
+    for s in STRATEGIES {
+        report.push_str(&format!("{s:>12}: e = {:?}, weight {:.5}\n", all_e[s], share(s)));
+    }
+    eprintln!("{report}");
+    let honest_max = all_e["honest"].iter().cloned().fold(0.0, f64::max);
+    assert!(honest_max < 1e-4, "honest e should be float noise:\n{report}");
+    for s in STRATEGIES.iter().filter(|s| **s != "honest") {
+        let min_e = all_e[*s].iter().cloned().fold(f64::INFINITY, f64::min);
+        assert!(min_e > 100.0 * honest_max.max(1e-6) && min_e > 2.0 * w.h.honest_tolerance, "{s} not separated:\n{report}");
+        assert!(share(s) < 0.01, "{s} earns too much:\n{report}");
+    }
+    assert!(share("honest") > 0.95, "honest share too low:\n{report}");
+}

@@ -1,1 +1,1 @@
-//! placeholder
+//! Runnable examples of BISTRO; see the `[[example]]` targets of this package.

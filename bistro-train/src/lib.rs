@@ -20,3 +20,6 @@ pub mod storage;
 pub mod sync;
 
 pub use hparams::{Aggregation, HParams, PROTOCOL_VERSION};
+
+/// Re-export of the Candle core crate used in this crate's API.
+pub use candle_core;

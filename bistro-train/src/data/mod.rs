@@ -5,7 +5,9 @@
 
 pub mod batch;
 pub mod error;
+pub mod hub;
 pub mod pages;
+pub mod parquet;
 pub mod source;
 pub mod tokenizer;
 
@@ -61,12 +63,29 @@ impl Dataset {
         Self::new(Arc::new(MemoryShards::embedded()?), rows_per_page)
     }
 
-    /// Open a dataset spec: `embedded`, or a path to a `.jsonl`, `.jsonl.gz` or `.txt` file
-    /// or a directory of them.
+    /// Open a dataset spec: `embedded`; `hf:OWNER/NAME[@REV][:FILES]` (parquet shards from
+    /// the Hugging Face hub, see [`hub`]); or a path to `.parquet`, `.jsonl`, `.jsonl.gz` or
+    /// `.txt` files (a file or a directory of them).
     pub fn open(spec: &str, rows_per_page: usize) -> Result<Self> {
         match spec {
             "" | "embedded" => Self::embedded(rows_per_page),
-            path => Self::new(Arc::new(MemoryShards::from_path(Path::new(path))?), rows_per_page),
+            s if s.starts_with("hf:") => {
+                let hs = hub::HubSpec::parse(s)?;
+                let files = hub::fetch(&hs, None, None)?;
+                Self::new(Arc::new(parquet::ParquetShards::open(s, &files, "text")?), rows_per_page)
+            }
+            path => {
+                let p = Path::new(path);
+                let parquet_files: Vec<_> = source::list_files(p, &["parquet"])
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+                    .collect();
+                if !parquet_files.is_empty() {
+                    return Self::new(Arc::new(parquet::ParquetShards::open(path, &parquet_files, "text")?), rows_per_page);
+                }
+                Self::new(Arc::new(MemoryShards::from_path(p)?), rows_per_page)
+            }
         }
     }
 

@@ -114,6 +114,22 @@ impl NodeArgs {
         self.state_dir.clone().unwrap_or_else(|| PathBuf::from(".bistro").join(format!("{role}s")).join(hotkey))
     }
 
+    /// The settings of a node with `role` (`miner` or `validator`) and `hotkey`.
+    pub fn node_config(&self, role: &str, hotkey: String, hparams: HParams, device: Device, auto_register: Option<u64>) -> anyhow::Result<crate::node::NodeConfig> {
+        Ok(crate::node::NodeConfig {
+            netuid: self.chain.netuid,
+            bucket_url: self.bucket_url(&hotkey)?,
+            bucket_options: self.bucket_options(),
+            state_dir: self.state_dir(role, &hotkey),
+            device,
+            micro_batch_rows: self.micro_batch,
+            auto_register,
+            allow_local_buckets: self.chain.is_devnet(),
+            hotkey,
+            hparams,
+        })
+    }
+
     /// The compute device.
     pub fn device(&self) -> anyhow::Result<Device> {
         Ok(bistro_model::parse_device(&self.device)?)

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod data;
 pub mod hparams;
 pub mod miner;
+pub mod node;
 pub mod slices;
 pub mod state;
 pub mod step;

@@ -1,19 +1,18 @@
 //! The validator: recompute each miner's gradient on its pages from `theta_w`, compare with
 //! the gradient its slice implies, keep per-uid EMAs and set weights.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bistro_chain::{Chain, ChainError, Metagraph};
-use bistro_model::{Llama, ModelConfig, Params};
+use bistro_model::{Llama, Params};
 use bistro_train::data::{Dataset, TextTokenizer};
 use bistro_train::hparams::{HParams, PROTOCOL_VERSION};
+use bistro_train::node::{Node, NodeConfig, NodeError, rejected_of};
 use bistro_train::slices::{self, Rejection};
 use bistro_train::step;
-use bistro_train::storage::{Bucket, BucketOptions};
-use bistro_train::sync::{SyncContext, SyncError, WindowSlices};
+use bistro_train::sync::{SyncError, WindowSlices};
 use candle_core::Device;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -36,12 +35,12 @@ pub enum ValidatorError {
     /// Data could not be opened.
     #[error(transparent)]
     Data(#[from] bistro_train::data::DataError),
-    /// Own bucket cannot be opened.
-    #[error(transparent)]
-    Storage(#[from] bistro_train::storage::StorageError),
     /// Window sync failed.
     #[error(transparent)]
     Sync(#[from] SyncError),
+    /// Joining or merging failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
     /// Recomputation failed.
     #[error(transparent)]
     Step(#[from] step::StepError),
@@ -53,26 +52,8 @@ pub enum ValidatorError {
 /// Everything a validator needs.
 #[derive(Clone, Debug)]
 pub struct ValidatorConfig {
-    /// The network's hyper-parameters.
-    pub hparams: HParams,
-    /// The subnet.
-    pub netuid: u16,
-    /// This validator's hotkey.
-    pub hotkey: String,
-    /// Own bucket (checkpoints for late joiners).
-    pub bucket_url: String,
-    /// Credentials and transfer settings.
-    pub bucket_options: BucketOptions,
-    /// Local state (model, window, scores).
-    pub state_dir: PathBuf,
-    /// Compute device.
-    pub device: Device,
-    /// Rows per micro-batch.
-    pub micro_batch_rows: usize,
-    /// Register with this stake on a devnet.
-    pub auto_register: Option<u64>,
-    /// Accept peers' `file://` buckets (devnet only).
-    pub allow_local_buckets: bool,
+    /// The settings every node shares.
+    pub node: NodeConfig,
     /// Most miners recomputed per window (sampled when there are more).
     pub max_miners_per_window: usize,
 }
@@ -234,71 +215,26 @@ pub fn miners_of(mg: &Metagraph) -> Vec<(u16, String)> {
 
 /// A validator node.
 pub struct Validator {
-    cfg: ValidatorConfig,
-    chain: Arc<dyn Chain>,
-    ctx: SyncContext,
-    params: Params,
-    window: u64,
+    node: Node,
+    max_miners_per_window: usize,
     scorer: Arc<Scorer>,
-    bucket: Bucket,
     board: Scoreboard,
-    uid: u16,
-    origin: String,
     listeners: Vec<Listener>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Validator {
     /// Build a validator: data, model state, scores, bucket; register (devnet) and commit the bucket.
     pub async fn new(cfg: ValidatorConfig, chain: Arc<dyn Chain>) -> Result<Self, ValidatorError> {
-        cfg.hparams.validate().map_err(|e| ValidatorError::Config(e.to_string()))?;
-        let model_config = ModelConfig::resolve(&cfg.hparams.model)?;
-        let tokenizer = TextTokenizer::open(&cfg.hparams.tokenizer)?;
-        if tokenizer.vocab_size() > model_config.vocab_size {
-            return Err(ValidatorError::Config(format!(
-                "tokenizer has {} tokens but the model's vocabulary is {}",
-                tokenizer.vocab_size(),
-                model_config.vocab_size
-            )));
-        }
-        let dataset = Dataset::open(&cfg.hparams.dataset, cfg.hparams.rows_per_page)?;
-        let bucket = Bucket::open(&cfg.bucket_url, &cfg.bucket_options)?;
-        let ctx = SyncContext {
-            chain: chain.clone(),
-            netuid: cfg.netuid,
-            hparams: cfg.hparams.clone(),
-            hparams_hash: cfg.hparams.hash(),
-            model_hash: model_config.hash(),
-            bucket_options: cfg.bucket_options.clone(),
-            allow_local_buckets: cfg.allow_local_buckets,
-            concurrency: 8,
-        };
-        let uid = match cfg.auto_register {
-            Some(stake) => chain.ensure_registered(cfg.netuid, &cfg.hotkey, stake).await?,
-            None => chain.metagraph(cfg.netuid).await?.uid_of(&cfg.hotkey).ok_or_else(|| ChainError::NotRegistered {
-                hotkey: cfg.hotkey.clone(),
-                netuid: cfg.netuid,
-                hint: " (register it with `btcli subnet register` and stake to it)".into(),
-            })?,
-        };
-        if chain.commitment(cfg.netuid, &cfg.hotkey).await?.as_deref() != Some(bucket.url()) {
-            chain.set_commitment(cfg.netuid, &cfg.hotkey, bucket.url()).await?;
-        }
-        std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| ValidatorError::Config(format!("cannot create state dir {}: {e}", cfg.state_dir.display())))?;
-        let board = Scoreboard::load(&cfg.state_dir.join("scores.json")).map_err(ValidatorError::Config)?;
-        let (params, window, origin) = ctx.bootstrap(&cfg.hotkey, &cfg.state_dir, &model_config, &cfg.device).await?;
+        let node = Node::join(cfg.node, chain, " (register it with `btcli subnet register` and stake to it)").await?;
+        let board = Scoreboard::load(&node.cfg.state_dir.join("scores.json")).map_err(ValidatorError::Config)?;
         let scorer = Arc::new(Scorer {
-            hparams: cfg.hparams.clone(),
-            dataset: Arc::new(dataset),
-            tokenizer: Arc::new(tokenizer),
-            device: cfg.device.clone(),
-            micro_batch_rows: cfg.micro_batch_rows,
+            hparams: node.cfg.hparams.clone(),
+            dataset: node.dataset.clone(),
+            tokenizer: node.tokenizer.clone(),
+            device: node.cfg.device.clone(),
+            micro_batch_rows: node.cfg.micro_batch_rows,
         });
-        Ok(Validator { chain, ctx, params, window, scorer, bucket, board, uid, origin, listeners: Vec::new(), cfg })
+        Ok(Validator { node, max_miners_per_window: cfg.max_miners_per_window.max(1), scorer, board, listeners: Vec::new() })
     }
 
     /// Call `f` for every event.
@@ -314,12 +250,12 @@ impl Validator {
 
     /// The parameters held now.
     pub fn params(&self) -> &Params {
-        &self.params
+        &self.node.params
     }
 
     /// The window the parameters belong to.
     pub fn window(&self) -> u64 {
-        self.window
+        self.node.window
     }
 
     /// The scoreboard.
@@ -330,28 +266,17 @@ impl Validator {
     /// Merge window `self.window`, score it when not far behind, and set weights on schedule.
     /// Returns whether the window was scored.
     async fn process_window(&mut self, current: u64, stop: &Arc<AtomicBool>) -> Result<bool, ValidatorError> {
-        let w = self.window;
-        let deadline = self.ctx.deadline_ms(w).await?;
-        while now_ms() < deadline && !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis((deadline - now_ms()).min(200))).await;
-        }
-        let mut ws = self.ctx.collect(&self.params, w).await?;
-        let theta_w = self.params.deep_clone()?;
-        let agg = self.ctx.merge(&self.params, &mut ws)?;
-        self.window = w + 1;
-        let rejected = ws.peers.iter().filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string()))).collect();
-        self.emit(ValidatorEvent::Merged { window: w, accepted: agg.used.len(), rejected });
-        let info = bistro_train::state::StateInfo { window: self.window, hparams_hash: self.ctx.hparams_hash.clone(), model_hash: self.ctx.model_hash.clone() };
-        if let Err(e) = bistro_train::state::save(&self.cfg.state_dir, &self.params, &info) {
-            tracing::error!(error = %e, "cannot save local state");
-        }
-        bistro_train::sync::publish_checkpoint_and_cleanup(&self.bucket, &self.cfg.hotkey, &self.params, self.window, &self.cfg.hparams).await;
+        let w = self.node.window;
+        let (ws, theta_w) = self.node.merge_window(stop, true).await?;
+        let accepted = ws.peers.iter().filter(|p| p.outcome.is_ok()).count();
+        self.emit(ValidatorEvent::Merged { window: w, accepted, rejected: rejected_of(&ws) });
+        let theta_w = theta_w.ok_or_else(|| ValidatorError::Config("theta_w was not kept".into()))?;
         if current > w + 2 {
             tracing::info!(window = w, current, "behind the chain: merged without scoring");
             return Ok(false);
         }
-        let mg = self.chain.metagraph(self.cfg.netuid).await?;
-        let miners = sample_miners(&miners_of(&mg), self.cfg.max_miners_per_window, &ws.seed, &self.cfg.hotkey);
+        let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
+        let miners = sample_miners(&miners_of(&mg), self.max_miners_per_window, &ws.seed, &self.node.cfg.hotkey);
         let started = Instant::now();
         let scorer = self.scorer.clone();
         let flag = stop.clone();
@@ -360,7 +285,7 @@ impl Validator {
         let results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &miners, &flag))
             .await
             .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
-        let h = &self.cfg.hparams;
+        let h = &self.node.cfg.hparams;
         let mut rows = Vec::with_capacity(results.len());
         for r in &results {
             let score = honesty_score(r.e, h.honest_tolerance);
@@ -374,12 +299,12 @@ impl Validator {
             row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
         }
         self.emit(ValidatorEvent::Scored { window: w, rows, seconds: started.elapsed().as_secs_f64() });
-        if let Err(e) = self.board.save(&self.cfg.state_dir.join("scores.json")) {
+        if let Err(e) = self.board.save(&self.node.cfg.state_dir.join("scores.json")) {
             tracing::error!(error = %e, "cannot save scores");
         }
         if (w + 1) % h.windows_per_weights == 0 && !weights.is_empty() {
             let (uids, q) = quantize(&weights);
-            match self.chain.set_weights(self.cfg.netuid, &self.cfg.hotkey, &uids, &q, PROTOCOL_VERSION as u64).await {
+            match self.node.chain.set_weights(self.node.cfg.netuid, &self.node.cfg.hotkey, &uids, &q, PROTOCOL_VERSION as u64).await {
                 Ok(()) => self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() }),
                 Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),
             }
@@ -389,27 +314,27 @@ impl Validator {
 
     /// Run until `max_windows` windows were scored or `stop` is set.
     pub async fn run(&mut self, max_windows: Option<u64>, stop: Arc<AtomicBool>) -> Result<u64, ValidatorError> {
-        self.emit(ValidatorEvent::Started { uid: self.uid, window: self.window, origin: self.origin.clone() });
+        self.emit(ValidatorEvent::Started { uid: self.node.uid, window: self.node.window, origin: self.node.origin.clone() });
         let mut scored = 0u64;
         while !stop.load(Ordering::Relaxed) && !max_windows.is_some_and(|m| scored >= m) {
-            let current = match self.chain.block_number().await {
-                Ok(b) => self.cfg.hparams.window_of(b),
+            let current = match self.node.chain_window().await {
+                Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(error = %e, "chain unavailable; retrying");
-                    tokio::time::sleep(self.chain.block_time()).await;
+                    tokio::time::sleep(self.node.chain.block_time()).await;
                     continue;
                 }
             };
-            if self.window >= current {
-                tokio::time::sleep(self.chain.block_time() / 4).await;
+            if self.node.window >= current {
+                tokio::time::sleep(self.node.chain.block_time() / 4).await;
                 continue;
             }
             match self.process_window(current, &stop).await {
                 Ok(true) => scored += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(window = self.window, error = %e, "window failed; retrying");
-                    tokio::time::sleep(self.chain.block_time()).await;
+                    tracing::warn!(window = self.node.window, error = %e, "window failed; retrying");
+                    tokio::time::sleep(self.node.chain.block_time()).await;
                 }
             }
         }

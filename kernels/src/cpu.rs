@@ -13,13 +13,13 @@ fn sq_diff_sum(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ca.iter().zip(cb) {
         for k in 0..8 {
             let d = x[k] - y[k];
-            lanes[k] = d.mul_add(d, lanes[k]);
+            lanes[k] += d * d;
         }
     }
     let mut tail = 0f32;
     for (x, y) in ra.iter().zip(rb) {
         let d = x - y;
-        tail = d.mul_add(d, tail);
+        tail += d * d;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
 }
@@ -30,7 +30,7 @@ fn sq_sum(a: &[f32]) -> f32 {
     let (ca, ra) = a.as_chunks::<8>();
     for x in ca {
         for k in 0..8 {
-            lanes[k] = x[k].mul_add(x[k], lanes[k]);
+            lanes[k] += x[k] * x[k];
         }
     }
     let tail: f32 = ra.iter().map(|x| x * x).sum();
@@ -49,16 +49,22 @@ pub fn diff_norms(theta: &[f32], gv: &[f32], eta: f32, slices: &[&[f32]]) -> Res
     // Per block: m partial squared distances (in units of eta^2) and the g_v partial.
     let partials: Vec<(Vec<f32>, f32)> = (0..blocks)
         .into_par_iter()
-        .map(|b| {
-            let lo = b * BLOCK;
-            let hi = (lo + BLOCK).min(n);
-            let t = &theta[lo..hi];
-            let g = &gv[lo..hi];
-            // target = theta - eta * g_v, so eta * (g_m - g_v) = target - s.
-            let target: Vec<f32> = t.iter().zip(g).map(|(&x, &y)| (-eta).mul_add(y, x)).collect();
-            let per_miner = slices.iter().map(|s| sq_diff_sum(&target, &s[lo..hi])).collect();
-            (per_miner, sq_sum(g))
-        })
+        .map_init(
+            || vec![0f32; BLOCK],
+            |target, b| {
+                let lo = b * BLOCK;
+                let hi = (lo + BLOCK).min(n);
+                let t = &theta[lo..hi];
+                let g = &gv[lo..hi];
+                // target = theta - eta * g_v, so eta * (g_m - g_v) = target - s.
+                let target = &mut target[..hi - lo];
+                for ((o, &x), &y) in target.iter_mut().zip(t).zip(g) {
+                    *o = x - eta * y;
+                }
+                let per_miner = slices.iter().map(|s| sq_diff_sum(target, &s[lo..hi])).collect();
+                (per_miner, sq_sum(g))
+            },
+        )
         .collect();
     let inv = 1.0 / (eta as f64 * eta as f64);
     let mut sq_dist = vec![0f64; m];

@@ -8,7 +8,8 @@
 //! * `||g_v||^2` (for the relative error `e = ||g_m - g_v|| / ||g_v||`).
 //!
 //! It uses `eta * (g_m - g_v) = (theta - eta * g_v) - s`, so the inner loop is one
-//! subtraction and one fused multiply-add per coordinate and miner.
+//! subtraction, one multiply and one add per coordinate and miner (plain f32 arithmetic:
+//! `f32::mul_add` would call a slow software FMA on baseline x86-64).
 //!
 //! [`cpu::diff_norms`] is the default (vectorisable, multi-threaded, deterministic: fixed
 //! blocks of [`BLOCK`] coordinates summed in f32 lanes, blocks combined in f64 in order).

@@ -59,18 +59,7 @@ async fn main() -> anyhow::Result<()> {
         hparams.model,
         bistro_model::device_name(&device)
     );
-    let cfg = MinerConfig {
-        netuid: node.chain.netuid,
-        bucket_url: node.bucket_url(&hotkey)?,
-        bucket_options: node.bucket_options(),
-        state_dir: node.state_dir("miner", &hotkey),
-        device,
-        micro_batch_rows: node.micro_batch,
-        auto_register: node.chain.is_devnet().then_some(0),
-        allow_local_buckets: node.chain.is_devnet(),
-        hotkey,
-        hparams,
-    };
+    let cfg: MinerConfig = node.node_config("miner", hotkey, hparams, device, node.chain.is_devnet().then_some(0))?;
     let state_dir = cfg.state_dir.clone();
     let mut miner = Miner::new(cfg, chain).await.context("cannot start the miner")?;
     miner.on_event(print_event);

@@ -83,17 +83,8 @@ async fn main() -> anyhow::Result<()> {
         bistro_model::device_name(&device)
     );
     let cfg = ValidatorConfig {
-        netuid: node.chain.netuid,
-        bucket_url: node.bucket_url(&hotkey)?,
-        bucket_options: node.bucket_options(),
-        state_dir: node.state_dir("validator", &hotkey),
-        device,
-        micro_batch_rows: node.micro_batch,
-        auto_register: node.chain.is_devnet().then_some(cli.devnet_stake),
-        allow_local_buckets: node.chain.is_devnet(),
+        node: node.node_config("validator", hotkey, hparams, device, node.chain.is_devnet().then_some(cli.devnet_stake))?,
         max_miners_per_window: cli.max_miners.max(1),
-        hotkey,
-        hparams,
     };
     let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
     v.on_event(print_event);

@@ -14,11 +14,16 @@ pub const SECRET_KEY: &str = "bistro-test-secret";
 /// An `s3s-fs` server (a real S3 implementation that checks SigV4 signatures) serving the
 /// directory `root` on a free loopback port; a bucket is a directory under `root`.
 pub async fn start_s3s_fs(root: &Path) -> SocketAddr {
+    start_s3s_fs_at(root, "127.0.0.1:0".parse().expect("addr")).await
+}
+
+/// Like [`start_s3s_fs`] on a given address (to bring a server back on a known port).
+pub async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
     let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
     let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {

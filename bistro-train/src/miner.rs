@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bistro_chain::Chain;
+use bistro_chain::{BlockHash, Chain};
 use bistro_model::{Llama, ModelConfig, Params};
 use bytes::Bytes;
 
 use crate::node::{Node, NodeConfig, accepted_of, rejected_of};
 use crate::slices::{self, SliceIndices};
-use crate::step::{self, StepError};
+use crate::step::{self, StepError, WindowGradient};
+use crate::sync::WindowSlices;
 
 pub use crate::node::NodeError as MinerError;
 
@@ -167,11 +168,16 @@ impl Miner {
         Ok(())
     }
 
-    /// Train on the current window and upload the slice. Returns whether a slice was uploaded.
-    async fn train_and_upload(&mut self, stop: &Arc<AtomicBool>) -> Result<bool, MinerError> {
+    /// The node (data, bucket, chain, model state) this miner runs on.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Compute the gradient of the held window on this miner's pages (batching and
+    /// training run on blocking threads). `Ok(None)` when cancelled or skipped.
+    pub async fn compute_gradient(&self, stop: &Arc<AtomicBool>) -> Result<Option<WindowGradient>, MinerError> {
         let w = self.node.window;
-        let h = self.node.cfg.hparams.clone();
-        self.emit(MinerEvent::WindowStarted { window: w });
+        let h = &self.node.cfg.hparams;
         let pages = self.node.dataset.pages(&h.network, &self.node.cfg.hotkey, w, h.pages_per_window);
         let (ds, tok, seq) = (self.node.dataset.clone(), self.node.tokenizer.clone(), h.seq_len);
         let pages_for_batch = pages.clone();
@@ -185,17 +191,74 @@ impl Miner {
         let grad = tokio::task::spawn_blocking(move || step::window_gradient(&model, &params, &batch, rows, &device, || !flag.load(Ordering::Relaxed)))
             .await
             .map_err(|e| MinerError::Config(format!("training task failed: {e}")))?;
-        let grad = match grad {
-            Ok(g) => g,
-            Err(StepError::Cancelled) => return Ok(false),
+        match grad {
+            Ok(g) => {
+                self.emit(MinerEvent::StepDone { window: w, loss: g.loss, tokens_per_sec: g.tokens_per_sec() });
+                Ok(Some(g))
+            }
+            Err(StepError::Cancelled) => Ok(None),
             Err(e) => {
                 self.emit(MinerEvent::Skipped { window: w, reason: e.to_string() });
-                return Ok(false);
+                Ok(None)
             }
-        };
-        self.emit(MinerEvent::StepDone { window: w, loss: grad.loss, tokens_per_sec: grad.tokens_per_sec() });
+        }
+    }
+
+    /// The encoded slice of the held window for `seed`: `theta_w[I] - eta_w * g[I]`.
+    pub fn build_slice(&self, seed: &BlockHash, grad: &WindowGradient) -> Result<Vec<u8>, MinerError> {
+        let w = self.node.window;
+        let h = &self.node.cfg.hparams;
+        let indices = SliceIndices::select(self.node.params.specs(), seed, h.compression);
+        let theta = slices::gather_params(&self.node.params, &indices)?;
+        let g = slices::gather_grads(&grad.grads, &indices)?;
+        let values = slices::step_values(&theta, &g, h.learning_rate_at(w));
+        let names: Vec<String> = self.node.params.specs().iter().map(|s| s.name.clone()).collect();
+        slices::encode(&self.node.ctx.meta(w, &self.node.cfg.hotkey), &names, &values)
+            .map_err(|e| MinerError::Config(format!("cannot encode own slice: {e}")))
+    }
+
+    /// Upload `bytes` as this miner's slice of the held window, retrying until shortly
+    /// before `deadline_ms`. Returns whether it was stored.
+    pub async fn upload_slice(&self, bytes: Vec<u8>, deadline_ms: u64, stop: &AtomicBool) -> bool {
+        let w = self.node.window;
+        let started = Instant::now();
+        let size = bytes.len();
+        let key = slices::slice_key(w, &self.node.cfg.hotkey);
+        let body = Bytes::from(bytes);
+        loop {
+            match self.node.bucket.put(&key, body.clone()).await {
+                Ok(()) => {
+                    self.emit(MinerEvent::SliceUploaded { window: w, bytes: size, seconds: started.elapsed().as_secs_f64() });
+                    return true;
+                }
+                Err(e) if now_ms() + 500 < deadline_ms && !stop.load(Ordering::Relaxed) => {
+                    tracing::warn!(window = w, error = %e, "upload failed; retrying before the deadline");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => {
+                    self.emit(MinerEvent::UploadFailed { window: w, reason: e.to_string() });
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Collect and merge the held window now (lockstep drivers); the loop uses
+    /// the deadline-aware merge instead.
+    pub async fn merge_now(&mut self) -> Result<WindowSlices, MinerError> {
+        let w = self.node.window;
+        let (ws, _) = self.node.merge_now(false).await?;
+        self.emit(MinerEvent::Merged { window: w, accepted: accepted_of(&ws), rejected: rejected_of(&ws) });
+        Ok(ws)
+    }
+
+    /// Train on the current window and upload the slice. Returns whether a slice was uploaded.
+    async fn train_and_upload(&mut self, stop: &Arc<AtomicBool>) -> Result<bool, MinerError> {
+        let w = self.node.window;
+        self.emit(MinerEvent::WindowStarted { window: w });
+        let Some(grad) = self.compute_gradient(stop).await? else { return Ok(false) };
         // The slice seed exists once the next window's first block does.
-        let seed_block = h.first_block(w + 1);
+        let seed_block = self.node.cfg.hparams.first_block(w + 1);
         let deadline = self.node.ctx.deadline_ms(w).await?;
         let wait = Duration::from_millis(deadline.saturating_sub(now_ms())) + self.node.chain.block_time();
         if let Err(e) = self.node.chain.wait_for_block(seed_block, wait).await {
@@ -203,32 +266,8 @@ impl Miner {
             return Ok(false);
         }
         let seed = self.node.ctx.seed(w).await?;
-        let started = Instant::now();
-        let indices = SliceIndices::select(self.node.params.specs(), &seed, h.compression);
-        let theta = slices::gather_params(&self.node.params, &indices)?;
-        let g = slices::gather_grads(&grad.grads, &indices)?;
-        let values = slices::step_values(&theta, &g, h.learning_rate_at(w));
-        let names: Vec<String> = self.node.params.specs().iter().map(|s| s.name.clone()).collect();
-        let bytes = slices::encode(&self.node.ctx.meta(w, &self.node.cfg.hotkey), &names, &values)
-            .map_err(|e| MinerError::Config(format!("cannot encode own slice: {e}")))?;
-        let size = bytes.len();
-        let key = slices::slice_key(w, &self.node.cfg.hotkey);
-        loop {
-            match self.node.bucket.put(&key, Bytes::from(bytes.clone())).await {
-                Ok(()) => {
-                    self.emit(MinerEvent::SliceUploaded { window: w, bytes: size, seconds: started.elapsed().as_secs_f64() });
-                    return Ok(true);
-                }
-                Err(e) if now_ms() + 500 < deadline && !stop.load(Ordering::Relaxed) => {
-                    tracing::warn!(window = w, error = %e, "upload failed; retrying before the deadline");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-                Err(e) => {
-                    self.emit(MinerEvent::UploadFailed { window: w, reason: e.to_string() });
-                    return Ok(false);
-                }
-            }
-        }
+        let bytes = self.build_slice(&seed, &grad)?;
+        Ok(self.upload_slice(bytes, deadline, stop).await)
     }
 
     /// Run the window loop until `max_windows` windows were trained (then merge the last

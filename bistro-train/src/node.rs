@@ -183,14 +183,15 @@ impl Node {
         Ok(self.cfg.hparams.window_of(self.chain.block_number().await?))
     }
 
-    /// Wait for the deadline of the held window, collect its slices, merge them (theta
-    /// moves to the next window), save state and publish a checkpoint when due. Returns
-    /// the window's slices and `theta_w` as it was before the merge when `keep_theta`.
+    /// Wait for the deadline of the held window, collect its slices (retrying while the
+    /// chain or storage is down), merge them (theta moves to the next window), save state and
+    /// publish a checkpoint when due. Returns the window's slices, and `theta_w` as it was
+    /// before the merge when `keep_theta`.
     pub async fn merge_window(&mut self, stop: &AtomicBool, keep_theta: bool) -> Result<(WindowSlices, Option<Params>), NodeError> {
         let w = self.window;
         let deadline = self.ctx.deadline_ms(w).await?;
         sleep_until_ms(deadline, stop).await;
-        let mut ws = loop {
+        let ws = loop {
             match self.ctx.collect(&self.params, w).await {
                 Ok(ws) => break ws,
                 Err(e) => {
@@ -202,9 +203,20 @@ impl Node {
                 }
             }
         };
+        self.apply(ws, keep_theta).await
+    }
+
+    /// Collect and merge the held window now, without waiting for its deadline (for
+    /// drivers that run windows in lockstep, such as the in-process devnet).
+    pub async fn merge_now(&mut self, keep_theta: bool) -> Result<(WindowSlices, Option<Params>), NodeError> {
+        let ws = self.ctx.collect(&self.params, self.window).await?;
+        self.apply(ws, keep_theta).await
+    }
+
+    async fn apply(&mut self, mut ws: WindowSlices, keep_theta: bool) -> Result<(WindowSlices, Option<Params>), NodeError> {
         let theta_w = if keep_theta { Some(self.params.deep_clone()?) } else { None };
         self.ctx.merge(&self.params, &mut ws)?;
-        self.window = w + 1;
+        self.window = ws.window + 1;
         if let Err(e) = self.save_state() {
             tracing::error!(error = %e, "cannot save local state");
         }

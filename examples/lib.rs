@@ -1,1 +1,0 @@
-//! Runnable examples of BISTRO; see the `[[example]]` targets of this package.

@@ -1,0 +1,4 @@
+//! Runnable examples of BISTRO and the devnet harness behind `cargo run --example devnet`.
+
+pub mod devnet;
+pub mod svg;

@@ -101,19 +101,21 @@ impl ChainArgs {
             })
     }
 
-    /// Connect to the chain these options name.
-    pub async fn connect(&self) -> Result<Arc<dyn Chain>> {
+    /// Connect to the chain these options name; on a real network the hotkey file of the
+    /// wallet (with `default_hotkey` when `--wallet.hotkey` is absent) signs extrinsics.
+    pub async fn connect(&self, default_hotkey: &str) -> Result<Arc<dyn Chain>> {
         if self.is_devnet() {
             let d = Devnet::open(&self.devnet_dir, Duration::from_millis(self.devnet_block_ms.max(1)))?;
             return Ok(Arc::new(d));
         }
         let endpoint = self.endpoint()?;
-        Err(ChainError::Endpoint {
-            endpoint,
-            reason: "this build has no subtensor client yet; only the embedded devnet is available \
-                     (run without --subtensor.network)"
-                .into(),
-        })
+        let file = self.wallet(default_hotkey).read_hotkey()?;
+        let seed = file
+            .secret_seed()
+            .ok_or_else(|| ChainError::Wallet(format!("{} has no `secretSeed`", file.path.display())))?;
+        let signer = crate::subtensor::keypair_from_seed_hex(seed)?;
+        let chain = crate::subtensor::Subtensor::connect(&endpoint, Some(signer), Duration::from_secs(30)).await?;
+        Ok(Arc::new(chain))
     }
 }
 

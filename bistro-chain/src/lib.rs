@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod devnet;
+pub mod subtensor;
 pub mod wallet;
 
 use std::time::Duration;

@@ -225,12 +225,19 @@ impl Node {
     }
 }
 
-/// Hotkeys and reason codes of the slices a merge did not accept.
+/// Hotkeys and reason codes of the slices a merge did not use (invalid ones and outliers).
 pub fn rejected_of(ws: &WindowSlices) -> Vec<(String, String)> {
-    ws.peers.iter().filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string()))).collect()
+    let mut out: Vec<(String, String)> =
+        ws.peers.iter().filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string()))).collect();
+    out.extend(ws.outliers.iter().map(|(h, r)| (h.clone(), r.code().to_string())));
+    out
 }
 
-/// Hotkeys whose slices a merge accepted.
+/// Hotkeys whose slices a merge used.
 pub fn accepted_of(ws: &WindowSlices) -> Vec<String> {
-    ws.peers.iter().filter(|p| p.outcome.is_ok()).map(|p| p.hotkey.clone()).collect()
+    ws.peers
+        .iter()
+        .filter(|p| p.outcome.is_ok() && !ws.outliers.iter().any(|(h, _)| h == &p.hotkey))
+        .map(|p| p.hotkey.clone())
+        .collect()
 }

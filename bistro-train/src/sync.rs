@@ -76,6 +76,9 @@ pub struct WindowSlices {
     pub theta_at_i: Vec<Vec<f32>>,
     /// Miners (no validator permit) that committed a bucket, sorted by uid.
     pub peers: Vec<PeerSlice>,
+    /// Valid slices the merge left out as norm outliers: (hotkey, rejection). Their
+    /// values stay in `peers` so validators still score what was sent.
+    pub outliers: Vec<(String, Rejection)>,
 }
 
 impl WindowSlices {
@@ -164,18 +167,18 @@ impl SyncContext {
         });
         let mut peers: Vec<PeerSlice> = futures::stream::iter(jobs).buffer_unordered(self.concurrency.max(1)).collect().await;
         peers.sort_by_key(|p| p.uid);
-        Ok(WindowSlices { window, seed, indices, theta_at_i, peers })
+        Ok(WindowSlices { window, seed, indices, theta_at_i, peers, outliers: Vec::new() })
     }
 
     /// Merge the accepted slices into `params` (`theta_w` becomes `theta_{w+1}`); norm
-    /// outliers are marked rejected in `ws`.
+    /// outliers are listed in `ws.outliers`.
     pub fn merge(&self, params: &Params, ws: &mut WindowSlices) -> Result<Aggregate, SyncError> {
         let agg = slices::aggregate(&ws.theta_at_i, &ws.contributions(), &self.hparams.aggregation, self.hparams.outlier_norm_factor);
-        for (hotkey, norm, median) in &agg.outliers {
-            if let Some(p) = ws.peers.iter_mut().find(|p| &p.hotkey == hotkey) {
-                p.outcome = Err(Rejection::Outlier { norm: *norm, median: *median, factor: self.hparams.outlier_norm_factor });
-            }
-        }
+        ws.outliers = agg
+            .outliers
+            .iter()
+            .map(|(h, norm, median)| (h.clone(), Rejection::Outlier { norm: *norm, median: *median, factor: self.hparams.outlier_norm_factor }))
+            .collect();
         slices::scatter_params(params, &ws.indices, &agg.values)?;
         Ok(agg)
     }

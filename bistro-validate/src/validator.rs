@@ -268,7 +268,7 @@ impl Validator {
     async fn process_window(&mut self, current: u64, stop: &Arc<AtomicBool>) -> Result<bool, ValidatorError> {
         let w = self.node.window;
         let (ws, theta_w) = self.node.merge_window(stop, true).await?;
-        let accepted = ws.peers.iter().filter(|p| p.outcome.is_ok()).count();
+        let accepted = bistro_train::node::accepted_of(&ws).len();
         self.emit(ValidatorEvent::Merged { window: w, accepted, rejected: rejected_of(&ws) });
         let theta_w = theta_w.ok_or_else(|| ValidatorError::Config("theta_w was not kept".into()))?;
         if current > w + 2 {

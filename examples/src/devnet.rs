@@ -464,7 +464,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             let gi = slices::gather_grads(&g.grads, &idx)?;
             contributions.push(slices::Contribution { hotkey: node.cfg.hotkey.clone(), values: slices::step_values(&theta_ref, &gi, eta) });
         }
-        let agg = slices::aggregate(&theta_ref, &contributions, &h.aggregation, 0.0);
+        let agg = slices::aggregate(&theta_ref, &contributions, &h.aggregation, h.outlier_norm_factor);
         slices::scatter_params(&reference, &idx, &agg.values)?;
         let diff = max_abs_diff(&validators[0].0.params, &reference)?;
         tracing::info!(window = w, heldout_loss = shared_loss, reference_loss, diff, "window done");

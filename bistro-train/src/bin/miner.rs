@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     let hparams = node.hparams()?;
     let hotkey = node.chain.hotkey("miner")?;
     let device = node.device()?;
-    let chain = node.chain.connect().await?;
+    let chain = node.chain.connect("miner").await?;
     tracing::info!(
         "BISTRO miner {hotkey} on {} (netuid {}), model {}, device {}",
         chain.describe(),

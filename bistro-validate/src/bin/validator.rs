@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let hparams = node.hparams()?;
     let hotkey = node.chain.hotkey("validator")?;
     let device = node.device()?;
-    let chain = node.chain.connect().await?;
+    let chain = node.chain.connect("validator").await?;
     tracing::info!(
         "BISTRO validator {hotkey} on {} (netuid {}), model {}, device {}",
         chain.describe(),

@@ -116,6 +116,24 @@ impl Metagraph {
     }
 }
 
+fn async_stream<C: Chain + ?Sized>(chain: &C, poll: Duration) -> impl futures_core::Stream<Item = Result<u64>> + Send + '_ {
+    futures_util::stream::unfold(None::<u64>, move |last| async move {
+        loop {
+            match chain.block_number().await {
+                Ok(b) if last.is_none_or(|l| b > l) => {
+                    let next = last.map(|l| l + 1).unwrap_or(b);
+                    return Some((Ok(next), Some(next)));
+                }
+                Ok(_) => tokio::time::sleep(poll).await,
+                Err(e) => {
+                    tokio::time::sleep(poll).await;
+                    return Some((Err(e), last));
+                }
+            }
+        }
+    })
+}
+
 /// What the protocol needs from a chain.
 #[async_trait]
 pub trait Chain: Send + Sync {
@@ -153,6 +171,13 @@ pub trait Chain: Send + Sync {
     /// Make sure `hotkey` is registered; the devnet registers it (with `stake`), a real
     /// chain returns [`ChainError::NotRegistered`] with instructions.
     async fn ensure_registered(&self, netuid: u16, hotkey: &str, stake: u64) -> Result<u16>;
+
+    /// A stream of new block numbers (every block once, in order, from the current one on),
+    /// polling at a fraction of the block time. Errors are yielded and the stream goes on.
+    fn new_blocks(&self) -> std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<u64>> + Send + '_>> {
+        let poll = (self.block_time() / 4).clamp(Duration::from_millis(20), Duration::from_secs(3));
+        Box::pin(async_stream(self, poll))
+    }
 
     /// Wait until block `number` exists (polling at a fraction of the block time), at most `timeout`.
     async fn wait_for_block(&self, number: u64, timeout: Duration) -> Result<u64> {

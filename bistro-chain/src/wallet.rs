@@ -113,6 +113,35 @@ pub fn read_hotkey_file(path: &Path) -> Result<HotkeyFile> {
     })
 }
 
+/// Write a Bittensor-format hotkey file for the sr25519 key with mini-secret `seed`
+/// (`secretSeed`, `publicKey`, `accountId`, `ss58Address`; no mnemonic), readable by the
+/// owner only. Returns the ss58 address. Refuses to overwrite an existing file.
+pub fn create_hotkey_file(path: &Path, seed: [u8; 32]) -> Result<String> {
+    use std::io::Write;
+    let key = subxt_signer::sr25519::Keypair::from_secret_key(seed).map_err(|e| ChainError::Wallet(e.to_string()))?;
+    let public = key.public_key().0;
+    let ss58 = subxt::utils::AccountId32::from(public).to_string();
+    let json = serde_json::json!({
+        "secretSeed": format!("0x{}", hex::encode(seed)),
+        "publicKey": format!("0x{}", hex::encode(public)),
+        "accountId": format!("0x{}", hex::encode(public)),
+        "ss58Address": ss58,
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ChainError::Wallet(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| ChainError::Wallet(format!("cannot create hotkey file {}: {e}", path.display())))?;
+    f.write_all(json.to_string().as_bytes()).map_err(|e| ChainError::Wallet(format!("cannot write {}: {e}", path.display())))?;
+    Ok(ss58)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +169,17 @@ mod tests {
         assert_eq!(h.ss58_address, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY");
         assert!(!format!("{h:?}").contains("0x1234"), "secrets never appear in Debug");
         assert_eq!(h.secret_seed(), Some("0x1234"));
+    }
+
+    #[test]
+    fn created_files_read_back_and_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w/hotkeys/h");
+        // Alice's development mini-secret gives Alice's well-known address.
+        let seed: [u8; 32] = hex::decode("e5be9a5092b81bca64be81d212e7f2f9eba183bb7a90954f7b76361f6edb5c0a").unwrap().try_into().unwrap();
+        let ss58 = create_hotkey_file(&p, seed).unwrap();
+        assert_eq!(ss58, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY");
+        assert_eq!(read_hotkey_file(&p).unwrap().ss58_address, ss58);
+        assert!(create_hotkey_file(&p, seed).is_err(), "never overwrites a key");
     }
 }

@@ -60,3 +60,13 @@ async fn corrupt_state_is_a_clear_error_and_leftovers_are_harmless() {
     assert!(e.to_string().contains("corrupt devnet state"), "{e}");
     assert!(d.metagraph(1).await.is_err());
 }
+
+#[tokio::test]
+async fn new_blocks_streams_every_block_once_in_order() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Devnet::open(dir.path(), Duration::from_millis(50)).unwrap();
+    let blocks: Vec<u64> = d.new_blocks().take(4).map(|b| b.unwrap()).collect().await;
+    assert_eq!(blocks.len(), 4);
+    assert!(blocks.windows(2).all(|w| w[1] == w[0] + 1), "{blocks:?}");
+}

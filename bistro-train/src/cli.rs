@@ -114,6 +114,26 @@ impl NodeArgs {
         self.state_dir.clone().unwrap_or_else(|| PathBuf::from(".bistro").join(format!("{role}s")).join(hotkey))
     }
 
+    /// Everything a binary does before building its node: logging, hyper-parameters,
+    /// hotkey, device and chain connection (for `role` = `miner` or `validator`), and the
+    /// node settings with `auto_register` stake on a devnet.
+    pub async fn prepare(&self, role: &str, devnet_stake: u64) -> anyhow::Result<(crate::node::NodeConfig, std::sync::Arc<dyn bistro_chain::Chain>)> {
+        init_logging(self.log_format);
+        let hparams = self.hparams()?;
+        let hotkey = self.chain.hotkey(role)?;
+        let device = self.device()?;
+        let chain = self.chain.connect(role).await?;
+        tracing::info!(
+            "BISTRO {role} {hotkey} on {} (netuid {}), model {}, device {}",
+            chain.describe(),
+            self.chain.netuid,
+            hparams.model,
+            bistro_model::device_name(&device)
+        );
+        let cfg = self.node_config(role, hotkey, hparams, device, self.chain.is_devnet().then_some(devnet_stake))?;
+        Ok((cfg, chain))
+    }
+
     /// The settings of a node with `role` (`miner` or `validator`) and `hotkey`.
     pub fn node_config(&self, role: &str, hotkey: String, hparams: HParams, device: Device, auto_register: Option<u64>) -> anyhow::Result<crate::node::NodeConfig> {
         Ok(crate::node::NodeConfig {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use bistro_train::cli::{NodeArgs, init_logging, stop_on_ctrl_c};
+use bistro_train::cli::{NodeArgs, stop_on_ctrl_c};
 use bistro_train::miner::{Miner, MinerConfig, MinerEvent};
 use clap::Parser;
 
@@ -47,19 +47,7 @@ fn print_event(e: &MinerEvent) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let node = cli.node;
-    init_logging(node.log_format);
-    let hparams = node.hparams()?;
-    let hotkey = node.chain.hotkey("miner")?;
-    let device = node.device()?;
-    let chain = node.chain.connect("miner").await?;
-    tracing::info!(
-        "BISTRO miner {hotkey} on {} (netuid {}), model {}, device {}",
-        chain.describe(),
-        node.chain.netuid,
-        hparams.model,
-        bistro_model::device_name(&device)
-    );
-    let cfg: MinerConfig = node.node_config("miner", hotkey, hparams, device, node.chain.is_devnet().then_some(0))?;
+    let (cfg, chain): (MinerConfig, _) = node.prepare("miner", 0).await?;
     let state_dir = cfg.state_dir.clone();
     let mut miner = Miner::new(cfg, chain).await.context("cannot start the miner")?;
     miner.on_event(print_event);

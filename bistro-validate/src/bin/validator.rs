@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use bistro_train::cli::{NodeArgs, init_logging, stop_on_ctrl_c};
+use bistro_train::cli::{NodeArgs, stop_on_ctrl_c};
 use bistro_validate::{Validator, ValidatorConfig, ValidatorEvent};
 use clap::Parser;
 
@@ -70,22 +70,8 @@ fn print_event(e: &ValidatorEvent) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let node = cli.node;
-    init_logging(node.log_format);
-    let hparams = node.hparams()?;
-    let hotkey = node.chain.hotkey("validator")?;
-    let device = node.device()?;
-    let chain = node.chain.connect("validator").await?;
-    tracing::info!(
-        "BISTRO validator {hotkey} on {} (netuid {}), model {}, device {}",
-        chain.describe(),
-        node.chain.netuid,
-        hparams.model,
-        bistro_model::device_name(&device)
-    );
-    let cfg = ValidatorConfig {
-        node: node.node_config("validator", hotkey, hparams, device, node.chain.is_devnet().then_some(cli.devnet_stake))?,
-        max_miners_per_window: cli.max_miners.max(1),
-    };
+    let (node_cfg, chain) = node.prepare("validator", cli.devnet_stake).await?;
+    let cfg = ValidatorConfig { node: node_cfg, max_miners_per_window: cli.max_miners.max(1) };
     let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
     v.on_event(print_event);
     let stop = stop_on_ctrl_c();

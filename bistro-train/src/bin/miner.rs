@@ -13,7 +13,11 @@ use clap::Parser;
 /// BISTRO miner: computes one gradient update of the shared transformer per block window on
 /// its assigned data pages, and uploads a slice of the result to its bucket.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, after_help = "Examples:
+  cargo run --release --bin miner                       # join the local devnet (no accounts)
+  cargo run --release --bin miner -- --max-windows 3    # train three windows, then exit
+  miner --subtensor.network finney --netuid N --wallet.name W --wallet.hotkey H \\
+        --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml")]
 struct Cli {
     #[command(flatten)]
     node: NodeArgs,

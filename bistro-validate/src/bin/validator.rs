@@ -12,7 +12,11 @@ use clap::Parser;
 /// BISTRO validator: downloads each miner's slice, recomputes its gradient on the same pages
 /// from the same model state, rewards R = -||g_m - g_v|| and sets weights on chain.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, after_help = "Examples:
+  cargo run --bin validator                             # score the miners of the local devnet
+  cargo run --bin validator -- --max-windows 5          # score five windows, then exit
+  validator --subtensor.network finney --netuid N --wallet.name W --wallet.hotkey H \\
+            --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml")]
 struct Cli {
     #[command(flatten)]
     node: NodeArgs,

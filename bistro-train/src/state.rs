@@ -24,7 +24,8 @@ pub enum StateError {
     },
 }
 
-/// What `state.json` records next to `params.safetensors`.
+/// What `state.json` records next to the parameters (`model.safetensors` and a Hugging Face
+/// `config.json`, so a node's state directory opens in `transformers` as it is).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StateInfo {
     /// The window whose start the saved parameters are (`theta_w`).
@@ -48,11 +49,15 @@ pub fn parse_checkpoint_key(key: &str) -> Option<u64> {
     key.strip_prefix("checkpoint-")?.strip_suffix(".safetensors")?.parse().ok()
 }
 
-/// Save `params` as `theta_window` in `dir` (parameters first, then the small JSON, both atomic).
+/// Save `params` as `theta_window` in `dir` (parameters and `config.json` first, then the
+/// small JSON, each written atomically).
 pub fn save(dir: &Path, params: &Params, info: &StateInfo) -> Result<(), StateError> {
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
-    bistro_model::save_safetensors(params, &dir.join("params.safetensors"), &meta)?;
+    bistro_model::save_safetensors(params, &dir.join(bistro_model::checkpoint::WEIGHTS_FILE), &meta)?;
+    let hf = serde_json::to_vec_pretty(&params.config().to_hf_json())
+        .map_err(|e| StateError::File { path: dir.join("config.json"), reason: e.to_string() })?;
+    bistro_model::checkpoint::write_atomic(&dir.join(bistro_model::checkpoint::HF_CONFIG_FILE), &hf)?;
     let json = serde_json::to_vec_pretty(info).map_err(|e| StateError::File { path: dir.join("state.json"), reason: e.to_string() })?;
     bistro_model::checkpoint::write_atomic(&dir.join("state.json"), &json)?;
     Ok(())
@@ -73,7 +78,7 @@ pub fn load(dir: &Path, config: &ModelConfig, hparams_hash: &str, device: &Devic
             reason: "saved with other hyper-parameters or another model; move it away to start fresh".into(),
         });
     }
-    let params = bistro_model::load_safetensors(&dir.join("params.safetensors"), config, device)?;
+    let params = bistro_model::load_safetensors(&dir.join(bistro_model::checkpoint::WEIGHTS_FILE), config, device)?;
     Ok(Some((info, params)))
 }
 

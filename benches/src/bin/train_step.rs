@@ -1,0 +1,47 @@
+//! One full training step (forward, backward, AdamW) of a preset, timed per step, for the
+//! side-by-side comparison with PyTorch (`scripts/bench-vs-torch.sh`).
+//!
+//! Prints one JSON line per measured step: `{"impl":"bistro","model":..,"tokens":..,
+//! "wall_s":..,"cpu_s":..}`; the same AdamW settings as `benches/torch_reference.py`
+//! (lr 1e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1).
+
+use bistro_model::{Llama, ModelConfig, Params};
+use candle_core::Device;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (field 14 and 15 of /proc/self/stat).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str, d: &str| -> String {
+        args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())
+    };
+    let preset = get("--model", "tiny");
+    let batch: usize = get("--batch", "8").parse()?;
+    let seq: usize = get("--seq", "256").parse()?;
+    let steps: usize = get("--steps", "5").parse()?;
+    let warmup: usize = get("--warmup", "2").parse()?;
+    let cfg = ModelConfig::preset(&preset)?;
+    let dev = Device::Cpu;
+    let params = Params::genesis(&cfg, 0, &dev)?;
+    let model = Llama::new(&params)?;
+    let (ids, labels) = bistro_benches::synthetic_batch(batch, seq, cfg.vocab_size, &dev)?;
+    let mut opt = AdamW::new(params.vars().to_vec(), ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 })?;
+    for i in 0..warmup + steps {
+        let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
+        let loss = model.loss(&ids, &labels)?;
+        opt.backward_step(&loss)?;
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        if i >= warmup {
+            println!(r#"{{"impl":"bistro","model":"{preset}","tokens":{},"wall_s":{wall:.4},"cpu_s":{cpu:.3}}}"#, batch * seq);
+        }
+    }
+    Ok(())
+}

@@ -114,7 +114,11 @@ impl SyncContext {
         if local && !self.allow_local_buckets {
             return Err(Rejection::Download(format!("bucket URL `{url}` is local; only s3:// buckets are read on this network")));
         }
-        Bucket::open(url, &self.bucket_options).map_err(|e| Rejection::Download(e.to_string()))
+        // A slow or hostile peer must not stall the window: short, bounded downloads.
+        let mut opts = self.bucket_options.clone();
+        opts.transfer.attempts = opts.transfer.attempts.min(2);
+        opts.transfer.timeout = opts.transfer.timeout.min(std::time::Duration::from_secs(15));
+        Bucket::open(url, &opts).map_err(|e| Rejection::Download(e.to_string()))
     }
 
     /// Download and validate every committed peer's slice of `window` against `params` (= `theta_w`).

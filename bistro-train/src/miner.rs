@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use crate::node::{Node, NodeConfig, accepted_of, rejected_of};
 use crate::slices::{self, SliceIndices};
+use crate::data::WindowBatch;
 use crate::step::{self, StepError, WindowGradient};
 use crate::sync::WindowSlices;
 
@@ -110,6 +111,8 @@ type Listener = Arc<dyn Fn(&MinerEvent) + Send + Sync>;
 pub struct Miner {
     node: Node,
     listeners: Vec<Listener>,
+    /// The next window's batch, read and tokenised while this window merges.
+    prefetch: std::sync::Mutex<Option<(u64, tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataError>>)>>,
 }
 
 impl std::fmt::Debug for Miner {
@@ -126,7 +129,7 @@ impl Miner {
     /// Build a miner: open data, model state and bucket; register (devnet) and commit the bucket URL.
     pub async fn new(cfg: MinerConfig, chain: Arc<dyn Chain>) -> Result<Self, MinerError> {
         let node = Node::join(cfg, chain, " (register it with `btcli subnet register`)").await?;
-        Ok(Miner { node, listeners: Vec::new() })
+        Ok(Miner { node, listeners: Vec::new(), prefetch: std::sync::Mutex::new(None) })
     }
 
     /// Call `f` for every event.
@@ -179,11 +182,12 @@ impl Miner {
         let w = self.node.window;
         let h = &self.node.cfg.hparams;
         let pages = self.node.dataset.pages(&h.network, &self.node.cfg.hotkey, w, h.pages_per_window);
-        let (ds, tok, seq) = (self.node.dataset.clone(), self.node.tokenizer.clone(), h.seq_len);
-        let pages_for_batch = pages.clone();
-        let batch = tokio::task::spawn_blocking(move || ds.window_batch(&tok, &pages_for_batch, seq))
-            .await
-            .map_err(|e| MinerError::Config(format!("batch task failed: {e}")))??;
+        let prefetched = self.prefetch.lock().ok().and_then(|mut p| p.take()).filter(|(pw, _)| *pw == w);
+        let task = match prefetched {
+            Some((_, task)) => task,
+            None => self.spawn_batch(w),
+        };
+        let batch = task.await.map_err(|e| MinerError::Config(format!("batch task failed: {e}")))??;
         self.emit(MinerEvent::PagesLoaded { window: w, pages: pages.len(), tokens: batch.n_targets });
         let (model, params, device, rows) =
             (Llama::new(&self.node.params)?, self.node.params.clone(), self.node.cfg.device.clone(), self.node.cfg.micro_batch_rows);
@@ -201,6 +205,22 @@ impl Miner {
                 self.emit(MinerEvent::Skipped { window: w, reason: e.to_string() });
                 Ok(None)
             }
+        }
+    }
+
+    /// Read and tokenise the pages of `window` on a blocking thread.
+    fn spawn_batch(&self, window: u64) -> tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataError>> {
+        let h = &self.node.cfg.hparams;
+        let pages = self.node.dataset.pages(&h.network, &self.node.cfg.hotkey, window, h.pages_per_window);
+        let (ds, tok, seq) = (self.node.dataset.clone(), self.node.tokenizer.clone(), h.seq_len);
+        tokio::task::spawn_blocking(move || ds.window_batch(&tok, &pages, seq))
+    }
+
+    /// Start preparing the batch of `window` now (pages do not depend on the model), so
+    /// that reading and tokenising overlap with waiting for the merge.
+    pub fn prefetch(&self, window: u64) {
+        if let Ok(mut p) = self.prefetch.lock() {
+            *p = Some((window, self.spawn_batch(window)));
         }
     }
 
@@ -317,6 +337,8 @@ impl Miner {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            // Prepare the next window's data while this one merges.
+            self.prefetch(self.node.window + 1);
             // Merge the window just trained (its deadline is in the next window).
             match self.merge_current(&stop).await {
                 Ok(_) => summary.windows_merged += 1,

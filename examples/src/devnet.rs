@@ -220,7 +220,7 @@ impl Report {
         let reference: Vec<(f64, f64)> = self.windows.iter().map(|w| (w.window as f64, w.reference_loss)).collect();
         let bars: Vec<(String, f64)> = self.shares.iter().map(|(h, v)| (h.clone(), *v)).collect();
         crate::svg::chart(
-            &format!("held-out loss ({} , compression {})", self.model, self.compression),
+            &format!("held-out loss ({}, compression {})", self.model, self.compression),
             "window",
             &[
                 crate::svg::Series { label: "devnet", color: "#c0392b", points: shared },

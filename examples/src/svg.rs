@@ -42,7 +42,9 @@ pub fn chart(title_left: &str, x_label: &str, series: &[Series], title_right: &s
     let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x0 + pw / 2.0, y0 + ph + 34.0, esc(x_label));
     for (i, se) in series.iter().enumerate() {
         let path: Vec<String> = se.points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#, se.color, path.join(" "));
+        // Later series are dashed so that identical curves stay visible.
+        let dash = if i > 0 { r#" stroke-dasharray="6 4""# } else { "" };
+        let _ = write!(s, r#"<polyline fill="none" stroke="{}" stroke-width="2"{dash} points="{}"/>"#, se.color, path.join(" "));
         let ly = y0 + 14.0 + 16.0 * i as f64;
         let _ = write!(s, r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#, x0 + pw - 150.0, x0 + pw - 130.0, se.color, x0 + pw - 125.0, ly + 4.0, esc(se.label));
     }

@@ -207,6 +207,26 @@ impl HParams {
     }
 }
 
+/// A fast network for tests and demos: writes `model.toml` (a one-layer model over the
+/// shipped 8192-token tokenizer, 64 positions) and `hparams.toml` (64-token rows, one page of
+/// two documents per window, a 1 s upload grace, then `tweak`) into `dir`; returns both.
+pub fn write_test_network(dir: &Path, tweak: impl FnOnce(&mut HParams)) -> std::io::Result<(HParams, bistro_model::ModelConfig)> {
+    let model = bistro_model::ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
+    let invalid = |e: toml::ser::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    std::fs::write(dir.join("model.toml"), toml::to_string(&model).map_err(invalid)?)?;
+    let mut h = HParams {
+        model: dir.join("model.toml").display().to_string(),
+        seq_len: 64,
+        pages_per_window: 1,
+        rows_per_page: 2,
+        upload_grace_secs: 1,
+        ..HParams::default()
+    };
+    tweak(&mut h);
+    std::fs::write(dir.join("hparams.toml"), toml::to_string(&h).map_err(invalid)?)?;
+    Ok((h, model))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,19 +14,7 @@ use candle_core::Device;
 
 /// A fast network for tests: 1 s blocks, 2-block windows, a 1-layer model.
 fn write_config(dir: &Path) -> (HParams, ModelConfig) {
-    let model = ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
-    std::fs::write(dir.join("model.toml"), toml::to_string(&model).unwrap()).unwrap();
-    let h = HParams {
-        model: dir.join("model.toml").display().to_string(),
-        seq_len: 64,
-        pages_per_window: 1,
-        rows_per_page: 2,
-        upload_grace_secs: 1,
-        compression: 4,
-        ..HParams::default()
-    };
-    std::fs::write(dir.join("hparams.toml"), toml::to_string(&h).unwrap()).unwrap();
-    (h, model)
+    bistro_train::hparams::write_test_network(dir, |h| h.compression = 4).unwrap()
 }
 
 fn miner(dir: &Path, extra: &[&str]) -> Command {

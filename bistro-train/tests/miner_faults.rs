@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use bistro_chain::Chain;
 use bistro_chain::devnet::Devnet;
-use bistro_model::ModelConfig;
-use bistro_train::hparams::HParams;
 use bistro_train::miner::{Miner, MinerConfig, MinerEvent};
 use bistro_train::storage::{BucketOptions, TransferConfig};
 use candle_core::Device;
@@ -20,16 +18,7 @@ use candle_core::Device;
 async fn miner_carries_on_through_bucket_chain_and_peer_faults() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let model = ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
-    std::fs::write(dir.join("model.toml"), toml::to_string(&model).unwrap()).unwrap();
-    let h = HParams {
-        model: dir.join("model.toml").display().to_string(),
-        seq_len: 64,
-        pages_per_window: 1,
-        rows_per_page: 2,
-        upload_grace_secs: 1,
-        ..HParams::default()
-    };
+    let (h, _) = bistro_train::hparams::write_test_network(&dir, |_| {}).unwrap();
     let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(1000)).unwrap());
 
     // A peer that uploads garbage for the next windows.

@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bistro_model::ModelConfig;
-use bistro_train::hparams::HParams;
 
 fn miner_binary() -> Option<PathBuf> {
     let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
@@ -34,18 +32,7 @@ fn miner_and_validator_binaries_work_together() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let model = ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
-    std::fs::write(dir.join("model.toml"), toml::to_string(&model).unwrap()).unwrap();
-    let h = HParams {
-        model: dir.join("model.toml").display().to_string(),
-        seq_len: 64,
-        pages_per_window: 1,
-        rows_per_page: 2,
-        upload_grace_secs: 1,
-        windows_per_weights: 1,
-        ..HParams::default()
-    };
-    std::fs::write(dir.join("hparams.toml"), toml::to_string(&h).unwrap()).unwrap();
+    bistro_train::hparams::write_test_network(dir, |h| h.windows_per_weights = 1).unwrap();
     let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
     let mut v = spawn(&validator, dir, &["--max-windows", "3"], "validator.log");
     std::thread::sleep(Duration::from_millis(500));

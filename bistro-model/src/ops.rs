@@ -40,11 +40,9 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// SiLU `x * sigmoid(x)` composed from differentiable ops.
+/// SiLU `x * sigmoid(x)`: Candle's unary op, which has a backward pass.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    // sigmoid(x) = 1 / (1 + exp(-x))
-    let sig = (x.neg()?.exp()? + 1.0)?.recip()?;
-    x.mul(&sig)
+    x.silu()
 }
 
 /// Rotary tables `(cos, sin)`, each `[seq_len, head_dim / 2]` in f32, as Hugging Face

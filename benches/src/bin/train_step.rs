@@ -37,10 +37,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..warmup + steps {
         let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
         let loss = model.loss(&ids, &labels)?;
-        opt.backward_step(&loss)?;
+        let t_fwd = t0.elapsed().as_secs_f64();
+        let grads = loss.backward()?;
+        let t_bwd = t0.elapsed().as_secs_f64() - t_fwd;
+        opt.step(&grads)?;
         let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         if i >= warmup {
-            println!(r#"{{"impl":"bistro","model":"{preset}","tokens":{},"wall_s":{wall:.4},"cpu_s":{cpu:.3}}}"#, batch * seq);
+            println!(
+                r#"{{"impl":"bistro","model":"{preset}","tokens":{},"wall_s":{wall:.4},"cpu_s":{cpu:.3},"fwd_s":{t_fwd:.4},"bwd_s":{t_bwd:.4},"opt_s":{:.4}}}"#,
+                batch * seq,
+                wall - t_fwd - t_bwd
+            );
         }
     }
     Ok(())

@@ -34,6 +34,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fused;
 pub mod model;
 pub mod ops;
 pub mod params;

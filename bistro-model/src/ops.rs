@@ -117,6 +117,13 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
         }
     }
     let n = idx.len();
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        // Fused, multi-threaded cross-entropy with its own backward.
+        let t: Vec<u32> = idx.iter().zip(&mask).map(|(&i, &m)| if m > 0.0 { i } else { crate::fused::NO_TARGET }).collect();
+        let t = Tensor::from_vec(t, n, logits.device())?;
+        let per_row = logits.contiguous()?.apply_op2(&t, crate::fused::CrossEntropy)?;
+        return Ok((per_row.sum_all()?, count));
+    }
     let idx = Tensor::from_vec(idx, (n, 1), logits.device())?;
     let mask = Tensor::from_vec(mask, n, logits.device())?.to_dtype(logits.dtype())?;
     let logp = log_softmax_last(&logits)?;

@@ -12,7 +12,7 @@ use bistro_chain::{BlockHash, Chain};
 use bistro_model::{Llama, ModelConfig, Params};
 use bytes::Bytes;
 
-use crate::node::{Node, NodeConfig, accepted_of, rejected_of};
+use crate::node::{Listeners, Node, NodeConfig, accepted_of, now_ms, rejected_of};
 use crate::slices::{self, SliceIndices};
 use crate::data::WindowBatch;
 use crate::step::{self, StepError, WindowGradient};
@@ -105,12 +105,10 @@ pub struct MinerSummary {
     pub last_loss: Option<f64>,
 }
 
-type Listener = Arc<dyn Fn(&MinerEvent) + Send + Sync>;
-
 /// A miner node.
 pub struct Miner {
     node: Node,
-    listeners: Vec<Listener>,
+    listeners: Listeners<MinerEvent>,
     /// The next window's batch, read and tokenised while this window merges.
     prefetch: std::sync::Mutex<Option<(u64, tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataError>>)>>,
 }
@@ -121,26 +119,20 @@ impl std::fmt::Debug for Miner {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Miner {
     /// Build a miner: open data, model state and bucket; register (devnet) and commit the bucket URL.
     pub async fn new(cfg: MinerConfig, chain: Arc<dyn Chain>) -> Result<Self, MinerError> {
         let node = Node::join(cfg, chain, " (register it with `btcli subnet register`)").await?;
-        Ok(Miner { node, listeners: Vec::new(), prefetch: std::sync::Mutex::new(None) })
+        Ok(Miner { node, listeners: Listeners::default(), prefetch: std::sync::Mutex::new(None) })
     }
 
     /// Call `f` for every event.
     pub fn on_event(&mut self, f: impl Fn(&MinerEvent) + Send + Sync + 'static) {
-        self.listeners.push(Arc::new(f));
+        self.listeners.add(f);
     }
 
     fn emit(&self, e: MinerEvent) {
-        for l in &self.listeners {
-            l(&e);
-        }
+        self.listeners.emit(&e);
     }
 
     /// The parameters held now (`theta_w` for [`Miner::window`]).

@@ -93,7 +93,8 @@ pub struct Node {
     pub origin: String,
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in Unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -222,6 +223,29 @@ impl Node {
         }
         crate::sync::publish_checkpoint_and_cleanup(&self.bucket, &self.cfg.hotkey, &self.params, self.window, &self.cfg.hparams).await;
         Ok((ws, theta_w))
+    }
+}
+
+/// Callbacks that observe a node's events (`Miner::on_event`, `Validator::on_event`).
+pub struct Listeners<E>(Vec<Arc<dyn Fn(&E) + Send + Sync>>);
+
+impl<E> Default for Listeners<E> {
+    fn default() -> Self {
+        Listeners(Vec::new())
+    }
+}
+
+impl<E> Listeners<E> {
+    /// Register `f`.
+    pub fn add(&mut self, f: impl Fn(&E) + Send + Sync + 'static) {
+        self.0.push(Arc::new(f));
+    }
+
+    /// Call every listener with `e`.
+    pub fn emit(&self, e: &E) {
+        for l in &self.0 {
+            l(e);
+        }
     }
 }
 

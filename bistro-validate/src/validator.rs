@@ -9,7 +9,7 @@ use bistro_chain::{Chain, ChainError, Metagraph};
 use bistro_model::{Llama, Params};
 use bistro_train::data::{Dataset, TextTokenizer};
 use bistro_train::hparams::{HParams, PROTOCOL_VERSION};
-use bistro_train::node::{Node, NodeConfig, NodeError, rejected_of};
+use bistro_train::node::{Listeners, Node, NodeConfig, NodeError, rejected_of};
 use bistro_train::slices::{self, Rejection};
 use bistro_train::step;
 use bistro_train::sync::{SyncError, WindowSlices};
@@ -125,8 +125,6 @@ pub enum ValidatorEvent {
     },
 }
 
-type Listener = Arc<dyn Fn(&ValidatorEvent) + Send + Sync>;
-
 /// Recomputes gradients and scores one window. Pure: used by the validator loop and by tests.
 pub struct Scorer {
     /// The network's hyper-parameters.
@@ -219,7 +217,7 @@ pub struct Validator {
     max_miners_per_window: usize,
     scorer: Arc<Scorer>,
     board: Scoreboard,
-    listeners: Vec<Listener>,
+    listeners: Listeners<ValidatorEvent>,
 }
 
 impl Validator {
@@ -234,18 +232,16 @@ impl Validator {
             device: node.cfg.device.clone(),
             micro_batch_rows: node.cfg.micro_batch_rows,
         });
-        Ok(Validator { node, max_miners_per_window: cfg.max_miners_per_window.max(1), scorer, board, listeners: Vec::new() })
+        Ok(Validator { node, max_miners_per_window: cfg.max_miners_per_window.max(1), scorer, board, listeners: Listeners::default() })
     }
 
     /// Call `f` for every event.
     pub fn on_event(&mut self, f: impl Fn(&ValidatorEvent) + Send + Sync + 'static) {
-        self.listeners.push(Arc::new(f));
+        self.listeners.add(f);
     }
 
     fn emit(&self, e: ValidatorEvent) {
-        for l in &self.listeners {
-            l(&e);
-        }
+        self.listeners.emit(&e);
     }
 
     /// The parameters held now.

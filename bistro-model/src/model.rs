@@ -55,18 +55,28 @@ impl RmsNorm {
     }
 }
 
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        ops::rms_norm(x, &self.weight, self.eps)
+impl RmsNorm {
+    /// Normalise `x` with the fused op (`fused`) or the composed reference.
+    pub fn forward_with(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
+        if fused { crate::fused::rms_norm(x, &self.weight, self.eps) } else { ops::rms_norm(x, &self.weight, self.eps) }
     }
 }
 
-/// Rotary tables and the causal mask shared by all layers of one forward pass.
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        self.forward_with(x, true)
+    }
+}
+
+/// What all layers of one forward pass share: rotary tables, and whether to use the
+/// fused ops (else the composed reference, with a materialised causal mask).
 #[derive(Clone, Debug)]
 pub struct AttentionContext {
     cos: Tensor,
     sin: Tensor,
-    mask: Tensor,
+    /// The additive causal mask; only built for the composed path.
+    mask: Option<Tensor>,
+    fused: bool,
 }
 
 /// Grouped-query causal self-attention with rotary embeddings.
@@ -113,18 +123,30 @@ impl Attention {
         let split = |y: Tensor, heads: usize| -> CResult<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = split(self.k_proj.forward(x)?, self.n_kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.n_kv_heads)?;
-        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let k = self.repeat_kv(k)?.contiguous()?;
-        let v = self.repeat_kv(v)?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let acc = ops::accum_dtype(scores.dtype());
-        let scores = scores.to_dtype(acc)?.broadcast_add(&ctx.mask.to_dtype(acc)?)?;
-        let probs = ops::softmax_last(&scores)?.to_dtype(q.dtype())?;
+        let v = split(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let v = self.repeat_kv(v)?.contiguous()?;
+        let probs = match &ctx.mask {
+            None => {
+                // Fused: rotary + transpose in one pass, scale + mask + softmax in one pass.
+                let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
+                let q = crate::fused::rope_bthd(&heads(self.q_proj.forward(x)?, self.n_heads)?, &ctx.cos, &ctx.sin)?;
+                let k = crate::fused::rope_bthd(&heads(self.k_proj.forward(x)?, self.n_kv_heads)?, &ctx.cos, &ctx.sin)?;
+                let k = self.repeat_kv(k)?.contiguous()?;
+                crate::fused::causal_softmax(&q.matmul(&k.t()?)?, scale)?
+            }
+            Some(mask) => {
+                let q = split(self.q_proj.forward(x)?, self.n_heads)?;
+                let k = split(self.k_proj.forward(x)?, self.n_kv_heads)?;
+                let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
+                let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+                let k = self.repeat_kv(k)?.contiguous()?;
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let acc = ops::accum_dtype(scores.dtype());
+                let scores = scores.to_dtype(acc)?.broadcast_add(&mask.to_dtype(acc)?)?;
+                ops::softmax_last(&scores)?.to_dtype(q.dtype())?
+            }
+        };
         let y = probs.matmul(&v)?; // [B, nh, T, hd]
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h))?;
         self.o_proj.forward(&y)
@@ -151,11 +173,19 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// The MLP with the fused SwiGLU (`fused`) or the composed reference.
+    pub fn forward_with(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        let h = if fused { crate::fused::swiglu(&g, &u)? } else { (ops::silu(&g)? * u)? };
+        self.down_proj.forward(&h)
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let g = ops::silu(&self.gate_proj.forward(x)?)?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        self.forward_with(x, true)
     }
 }
 
@@ -185,8 +215,9 @@ impl DecoderLayer {
 
     /// `x + attn(norm(x))`, then `h + mlp(norm(h))`.
     pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> CResult<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx)?)?;
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+        let f = ctx.fused;
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward_with(x, f)?, ctx)?)?;
+        &h + self.mlp.forward_with(&self.post_attention_layernorm.forward_with(&h, f)?, f)?
     }
 }
 
@@ -202,6 +233,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     compute_dtype: DType,
+    fused: bool,
     device: Device,
 }
 
@@ -224,6 +256,7 @@ impl Llama {
             norm,
             lm_head,
             compute_dtype: DType::F32,
+            fused: true,
             device,
         })
     }
@@ -237,6 +270,13 @@ impl Llama {
     /// RMSNorm statistics, softmax and the loss are always computed in f32.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = dtype;
+        self
+    }
+
+    /// Use the fused ops of [`crate::fused`] (the default) or the composed reference ops
+    /// (slower; kept to check the fused ones against).
+    pub fn with_fused_ops(mut self, fused: bool) -> Self {
+        self.fused = fused;
         self
     }
 
@@ -256,8 +296,8 @@ impl Llama {
         }
         let ids = input_ids.to_dtype(DType::U32)?;
         let (cos, sin) = ops::rope_tables(self.config.head_dim(), self.config.rope_theta, t, &self.device)?;
-        let mask = ops::causal_mask(t, DType::F32, &self.device)?;
-        let ctx = AttentionContext { cos, sin, mask };
+        let mask = if self.fused { None } else { Some(ops::causal_mask(t, DType::F32, &self.device)?) };
+        let ctx = AttentionContext { cos, sin, mask, fused: self.fused };
         let (b, t) = ids.dims2()?;
         let emb = self
             .embed_tokens
@@ -267,7 +307,7 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(&x, &ctx)?;
         }
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward_with(&x, self.fused)?;
         let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(ops::accum_dtype(logits.dtype()))?)
     }
@@ -276,7 +316,11 @@ impl Llama {
     /// [`ops::causal_lm_loss_sum`]); divide by a window's total count for the mean.
     pub fn loss_sum(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
         let logits = self.forward(input_ids)?;
-        Ok(ops::causal_lm_loss_sum(&logits, labels)?)
+        if self.fused {
+            Ok(crate::fused::causal_lm_loss_sum(&logits, labels)?)
+        } else {
+            Ok(ops::causal_lm_loss_sum(&logits, labels)?)
+        }
     }
 
     /// Mean causal-LM cross-entropy over the counted targets (Hugging Face's loss).

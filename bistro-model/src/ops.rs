@@ -87,43 +87,44 @@ pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }
 
-/// Sum of the causal-LM cross-entropy and the number of counted targets.
+/// The targets of a causal LM for `labels: [B, T]`: position `t` predicts `labels[t + 1]`;
+/// the last position of each row and ignored labels (negative) get `None`. Also returns the
+/// number of counted targets. Labels at or above `vocab` are an error.
+pub fn shifted_targets(labels: &Tensor, vocab: usize) -> Result<(Vec<Option<u32>>, usize)> {
+    let (b, t) = labels.dims2()?;
+    let host = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mut out = Vec::with_capacity(b * t);
+    let mut count = 0usize;
+    for row in &host {
+        for i in 0..t {
+            let next = if i + 1 < t { row[i + 1] } else { -1 };
+            if next >= 0 && (next as usize) < vocab {
+                out.push(Some(next as u32));
+                count += 1;
+            } else if next >= 0 {
+                candle_core::bail!("label {next} is outside the vocabulary of {vocab} tokens");
+            } else {
+                out.push(None);
+            }
+        }
+    }
+    Ok((out, count))
+}
+
+/// Sum of the causal-LM cross-entropy and the number of counted targets, composed from
+/// differentiable Candle ops (the reference for the fused
+/// [`crate::fused::causal_lm_loss_sum`], which the model uses).
 ///
 /// `logits: [B, T, V]`, `labels: [B, T]` (i64, aligned with the inputs as in Hugging Face:
 /// position `t` predicts `labels[t + 1]`); labels equal to [`IGNORE_INDEX`] (or any
-/// negative value) are not counted. The sum is an f32 scalar tensor.
+/// negative value) are not counted. The sum is a scalar in the accumulation dtype.
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
-    if t < 2 {
-        let zero = Tensor::zeros((), accum_dtype(logits.dtype()), logits.device())?;
-        return Ok((zero, 0));
-    }
-    let logits = logits.narrow(1, 0, t - 1)?.to_dtype(accum_dtype(logits.dtype()))?.reshape((b * (t - 1), v))?;
-    let targets = labels.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    let targets_host = targets.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-    let mut idx = Vec::with_capacity(targets_host.len());
-    let mut mask = Vec::with_capacity(targets_host.len());
-    let mut count = 0usize;
-    for &x in &targets_host {
-        if x >= 0 && (x as usize) < v {
-            idx.push(x as u32);
-            mask.push(1f32);
-            count += 1;
-        } else if x >= 0 {
-            candle_core::bail!("label {x} is outside the vocabulary of {v} tokens");
-        } else {
-            idx.push(0);
-            mask.push(0f32);
-        }
-    }
+    let (targets, count) = shifted_targets(labels, v)?;
+    let logits = logits.to_dtype(accum_dtype(logits.dtype()))?.reshape((b * t, v))?;
+    let idx: Vec<u32> = targets.iter().map(|x| x.unwrap_or(0)).collect();
+    let mask: Vec<f32> = targets.iter().map(|x| if x.is_some() { 1.0 } else { 0.0 }).collect();
     let n = idx.len();
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-        // Fused, multi-threaded cross-entropy with its own backward.
-        let t: Vec<u32> = idx.iter().zip(&mask).map(|(&i, &m)| if m > 0.0 { i } else { crate::fused::NO_TARGET }).collect();
-        let t = Tensor::from_vec(t, n, logits.device())?;
-        let per_row = logits.contiguous()?.apply_op2(&t, crate::fused::CrossEntropy)?;
-        return Ok((per_row.sum_all()?, count));
-    }
     let idx = Tensor::from_vec(idx, (n, 1), logits.device())?;
     let mask = Tensor::from_vec(mask, n, logits.device())?.to_dtype(logits.dtype())?;
     let logp = log_softmax_last(&logits)?;

@@ -1,4 +1,5 @@
 //! One full training step (forward, backward, AdamW) of a preset, timed per step, for the
+
 //! side-by-side comparison with PyTorch (`scripts/bench-vs-torch.sh`).
 //!
 //! Prints one JSON line per measured step: `{"impl":"bistro","model":..,"tokens":..,
@@ -8,6 +9,9 @@
 use bistro_model::{Llama, ModelConfig, Params};
 use candle_core::Device;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn cpu_seconds() -> f64 {
     // utime + stime of this process, in clock ticks (field 14 and 15 of /proc/self/stat).

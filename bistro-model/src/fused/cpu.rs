@@ -1,0 +1,179 @@
+//! CPU helpers shared by the fused kernels: a float trait, a vectorisable `exp`, slices of
+//! contiguous storage, and runtime dispatch to AVX2+FMA code.
+
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+
+/// Rows handed to one rayon task at a time (enough work to amortise scheduling).
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).max(1)
+}
+
+/// The float types the CPU kernels are written for (f32 and f64).
+pub(crate) trait Real:
+    WithDType
+    + Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// `e^x`; for f32 a branch-free polynomial that vectorises (about 1 ulp).
+    fn exp_(self) -> Self;
+    /// Square root.
+    fn sqrt_(self) -> Self;
+    /// Natural logarithm.
+    fn ln_(self) -> Self;
+    /// The larger of two values (NaN-propagating is not required).
+    fn max_(self, o: Self) -> Self;
+    /// Conversion from f64.
+    fn of(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
+    #[inline(always)]
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+    #[inline(always)]
+    fn max_(self, o: Self) -> Self {
+        if self > o { self } else { o }
+    }
+    #[inline(always)]
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
+    #[inline(always)]
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+    #[inline(always)]
+    fn max_(self, o: Self) -> Self {
+        if self > o { self } else { o }
+    }
+    #[inline(always)]
+    fn of(x: f64) -> Self {
+        x
+    }
+}
+
+/// `e^x` in f32 without branches or table lookups, so loops over it vectorise: Cody-Waite
+/// range reduction `x = n ln2 + r` and Cephes' degree-6 polynomial for `e^r`. Inputs below
+/// -87.3 give about 1e-38 instead of 0 (harmless in softmax sums); NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to an integer
+    let x = x.clamp(-87.336_54, 88.376_26);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    e * scale
+}
+
+/// The contiguous elements of `s` under layout `l`, as `&[T]`.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{what}: the input must be contiguous")
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// Whether this CPU runs the AVX2+FMA versions of the kernels.
+#[inline]
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `fn $name<T: Real>(args)` that runs `$inner::<T>(args)` compiled for AVX2+FMA
+/// when the CPU has them, and the baseline build otherwise. `$inner` must be
+/// `#[inline(always)]` so that it is compiled inside the feature-enabled wrapper.
+macro_rules! simd_dispatch {
+    ($name:ident => $inner:ident ($($arg:ident : $ty:ty),* $(,)?)) => {
+        fn $name<T: $crate::fused::cpu::Real>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<T: $crate::fused::cpu::Real>($($arg: $ty),*) {
+                    $inner::<T>($($arg),*)
+                }
+                if $crate::fused::cpu::has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                    unsafe { avx2::<T>($($arg),*) };
+                    return;
+                }
+            }
+            $inner::<T>($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+}

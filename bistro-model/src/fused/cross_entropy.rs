@@ -1,0 +1,167 @@
+//! Cross-entropy over the vocabulary, per row, with its backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::cpu::{Real, simd_dispatch, slice};
+
+/// Target value meaning "no target" for [`CrossEntropyOp`].
+pub const NO_TARGET: u32 = u32::MAX;
+
+/// Per-row cross-entropy `logsumexp(logits[r]) - logits[r, target[r]]` over `[N, V]` logits
+/// and `[N]` u32 targets ([`NO_TARGET`] rows give 0 and no gradient). Rows run in parallel.
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropyOp;
+
+/// The backward op: `(logits, targets, grad [N]) -> (softmax(logits[r]) - onehot(target[r])) * grad[r]`.
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropyBackward;
+
+#[inline(always)]
+fn logsumexp<T: Real>(row: &[T]) -> T {
+    let mut max = row[0];
+    for &x in &row[1..] {
+        max = max.max_(x);
+    }
+    let mut sum = T::ZERO;
+    for &x in row {
+        sum += (x - max).exp_();
+    }
+    max + sum.ln_()
+}
+
+#[inline(always)]
+fn fwd_rows<T: Real>(logits: &[T], targets: &[u32], out: &mut [T]) {
+    let v = logits.len() / targets.len().max(1);
+    for ((row, &t), o) in logits.chunks_exact(v).zip(targets).zip(out.iter_mut()) {
+        *o = if t == NO_TARGET || t as usize >= v { T::ZERO } else { logsumexp(row) - row[t as usize] };
+    }
+}
+simd_dispatch!(fwd_rows_dispatch => fwd_rows(logits: &[T], targets: &[u32], out: &mut [T]));
+
+#[inline(always)]
+fn bwd_row<T: Real>(row: &[T], target: u32, g: T, out: &mut [T]) {
+    if target == NO_TARGET || target as usize >= row.len() {
+        for o in out.iter_mut() {
+            *o = T::ZERO;
+        }
+        return;
+    }
+    let lse = logsumexp(row);
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = (x - lse).exp_() * g;
+    }
+    out[target as usize] = out[target as usize] - g;
+}
+simd_dispatch!(bwd_row_dispatch => bwd_row(row: &[T], target: u32, g: T, out: &mut [T]));
+
+fn rows_per_chunk(v: usize) -> usize {
+    (65_536 / v.max(1)).max(1)
+}
+
+fn fwd_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; targets.len()];
+    let r = rows_per_chunk(v);
+    out.par_chunks_mut(r)
+        .zip(logits.par_chunks(r * v).zip(targets.par_chunks(r)))
+        .for_each(|(o, (l, t))| fwd_rows_dispatch(l, t, o));
+    out
+}
+
+fn bwd_cpu<T: Real>(logits: &[T], targets: &[u32], grad: &[T], v: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; logits.len()];
+    out.par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .zip(targets.par_iter().zip(grad.par_iter()))
+        .with_min_len(4)
+        .for_each(|((o, row), (&t, &g))| bwd_row_dispatch(row, t, g, o));
+    out
+}
+
+fn dims(ll: &Layout, lt: &Layout) -> Result<(usize, usize)> {
+    let (n, v) = ll.shape().dims2()?;
+    if lt.shape().dims() != [n] || v == 0 {
+        bail!("cross-entropy: targets {:?} for logits {:?}", lt.shape(), ll.shape());
+    }
+    Ok((n, v))
+}
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "bistro-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = dims(l1, l2)?;
+        let t = slice::<u32>(s2, l2, "cross-entropy")?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "cross-entropy")?, t, v)),
+            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "cross-entropy")?, t, v)),
+            d => bail!("cross-entropy: no CPU kernel for {d:?}"),
+        };
+        Ok((out, Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = dims(l1, l2)?;
+        Ok((super::cuda::cross_entropy_fwd(s1, l1, s2, l2, n, v)?, Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.detach().apply_op3_no_bwd(targets, &grad.contiguous()?, &CrossEntropyBackward)?;
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "bistro-cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_n, v) = dims(l1, l2)?;
+        if l3.shape() != l2.shape() {
+            bail!("cross-entropy backward: gradient {:?} vs targets {:?}", l3.shape(), l2.shape());
+        }
+        let t = slice::<u32>(s2, l2, "cross-entropy")?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v)),
+            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v)),
+            d => bail!("cross-entropy backward: no CPU kernel for {d:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = dims(l1, l2)?;
+        if l3.shape() != l2.shape() {
+            bail!("cross-entropy backward: gradient {:?} vs targets {:?}", l3.shape(), l2.shape());
+        }
+        super::cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3, n, v)
+    }
+}

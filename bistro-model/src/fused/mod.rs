@@ -1,0 +1,119 @@
+//! Fused ops with a backward pass, as Candle custom ops.
+//!
+//! Candle's own fused `rms_norm`, `softmax_last_dim`, `rope` and `sdpa` have no backward,
+//! so a model built from them cannot be trained. Each op here is one pass over memory in
+//! both directions, multi-threaded (rayon) and vectorised (AVX2+FMA chosen at run time) on
+//! the CPU for f32 and f64, and a CUDA kernel for f32 and bf16 under the `cuda` feature.
+//! The functions below fall back to the composed ops of [`crate::ops`] for any other
+//! device or dtype, so they are always safe to call; `tests/fused_ops.rs` checks each
+//! against its composed reference in value and gradient.
+
+mod cpu;
+mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+use candle_core::{DType, Device, Result, Tensor, bail};
+
+pub use cpu::exp_f32;
+pub use cross_entropy::{CrossEntropyBackward, CrossEntropyOp, NO_TARGET};
+pub use rms_norm::{RmsNormBackward, RmsNormOp};
+pub use rope::RopeOp;
+pub use softmax::{CausalSoftmaxBackward, CausalSoftmaxOp};
+pub use swiglu::{SwiGluBackward, SwiGluOp};
+
+use crate::ops;
+
+/// Whether the fused kernels run for tensors like `t` (CPU f32/f64; CUDA f32/bf16 when
+/// built with the `cuda` feature). Otherwise the functions here use the composed ops.
+pub fn supported(t: &Tensor) -> bool {
+    match t.device() {
+        Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
+        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(t.dtype(), DType::F32 | DType::BF16),
+        _ => false,
+    }
+}
+
+/// RMSNorm over the last dimension (see [`ops::rms_norm`]), fused.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !supported(x) {
+        return ops::rms_norm(x, weight, eps);
+    }
+    x.contiguous()?.apply_op2(&weight.to_dtype(x.dtype())?.contiguous()?, RmsNormOp { eps })
+}
+
+/// Rotary embedding of `x: [B, T, H, D]` with `(cos, sin): [T', D/2]` (from
+/// [`ops::rope_tables`]), returned transposed to `[B, H, T, D]`: the same as
+/// `ops::apply_rope(&x.transpose(1, 2)?.contiguous()?, cos, sin)`, in one pass.
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !supported(x) {
+        return ops::apply_rope(&x.transpose(1, 2)?.contiguous()?, cos, sin);
+    }
+    let table_dtype = if x.device().is_cpu() { x.dtype() } else { DType::F32 };
+    let cos = cos.to_dtype(table_dtype)?.contiguous()?;
+    let sin = sin.to_dtype(table_dtype)?.contiguous()?;
+    x.contiguous()?.apply_op3(&cos, &sin, RopeOp { backward: false })
+}
+
+/// `softmax(scale * scores)` over the last dimension of `scores: [.., Tq, Tk]` under the
+/// causal mask (query `i` sees keys `j <= i + Tk - Tq`); masked entries are 0. Statistics
+/// are computed in f32 (f64 for f64); the result has the input's dtype.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    if !(scale > 0.0 && scale.is_finite()) {
+        bail!("causal softmax: scale must be positive, got {scale}");
+    }
+    if !supported(scores) {
+        let (tq, tk) = {
+            let d = scores.dims();
+            if d.len() < 2 {
+                bail!("causal softmax: scores {:?} must be [.., Tq, Tk]", scores.shape());
+            }
+            (d[d.len() - 2], d[d.len() - 1])
+        };
+        let acc = ops::accum_dtype(scores.dtype());
+        let mask: Vec<f32> = (0..tq)
+            .flat_map(|i| (0..tk).map(move |j| if j > i + (tk - tq) { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (tq, tk), scores.device())?.to_dtype(acc)?;
+        let s = (scores.to_dtype(acc)? * scale)?.broadcast_add(&mask)?;
+        return ops::softmax_last(&s)?.to_dtype(scores.dtype());
+    }
+    scores.contiguous()?.apply_op1(CausalSoftmaxOp { scale })
+}
+
+/// SwiGLU `silu(gate) * up`, fused.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !supported(gate) || gate.dtype() != up.dtype() {
+        return ops::silu(gate)? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGluOp)
+}
+
+/// Per-row cross-entropy of `logits: [N, V]` (f32/f64) against `targets: [N]` (u32,
+/// [`NO_TARGET`] for rows that do not count); `[N]` in the logits' dtype.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let ok = supported(logits) && logits.dtype() != DType::BF16;
+    if !ok {
+        bail!("cross-entropy: no fused kernel for {:?} on {:?}", logits.dtype(), logits.device().location());
+    }
+    logits.contiguous()?.apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropyOp)
+}
+
+/// Sum of the causal-LM cross-entropy and the number of counted targets, as
+/// [`ops::causal_lm_loss_sum`] but through the fused [`cross_entropy`]: the logits are used
+/// in place (no shifted copy), the last position of each row simply has no target.
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    if !(supported(logits) && logits.dtype() != DType::BF16) {
+        return ops::causal_lm_loss_sum(logits, labels);
+    }
+    let (b, t, v) = logits.dims3()?;
+    let (targets, count) = ops::shifted_targets(labels, v)?;
+    let targets: Vec<u32> = targets.into_iter().map(|x| x.unwrap_or(NO_TARGET)).collect();
+    let targets = Tensor::from_vec(targets, b * t, logits.device())?;
+    let per_row = cross_entropy(&logits.reshape((b * t, v))?, &targets)?;
+    Ok((per_row.sum_all()?, count))
+}

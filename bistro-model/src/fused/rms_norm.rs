@@ -1,0 +1,185 @@
+//! RMSNorm `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension, with its backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::cpu::{Real, rows_per_task, simd_dispatch, slice};
+
+/// The forward op: `(x [.., D], w [D]) -> y [.., D]`; statistics in the input's float type.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormOp {
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+/// The backward op: `(x [N, D], w [D], dy [N, D]) -> [N + 1, D]`, rows `0..N` holding `dx`
+/// and row `N` holding `dw`. `dw` is summed over fixed groups of rows in a fixed order, so
+/// the result does not depend on the thread count.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormBackward {
+    /// The forward op's `eps`.
+    pub eps: f64,
+}
+
+#[inline(always)]
+fn rstd<T: Real>(x: &[T], eps: T) -> T {
+    let mut ss = T::ZERO;
+    for &v in x {
+        ss += v * v;
+    }
+    T::ONE / (ss / T::of(x.len() as f64) + eps).sqrt_()
+}
+
+#[inline(always)]
+fn fwd_rows<T: Real>(x: &[T], w: &[T], y: &mut [T], eps: T) {
+    let d = w.len();
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let r = rstd(xr, eps);
+        for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+            *yv = xv * r * wv;
+        }
+    }
+}
+simd_dispatch!(fwd_rows_dispatch => fwd_rows(x: &[T], w: &[T], y: &mut [T], eps: T));
+
+#[inline(always)]
+fn bwd_rows<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps: T) {
+    let d = w.len();
+    let inv_d = T::ONE / T::of(d as f64);
+    for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let r = rstd(xr, eps);
+        let mut c = T::ZERO;
+        for ((&xv, &g), &wv) in xr.iter().zip(dyr).zip(w) {
+            c += g * wv * xv;
+        }
+        let c = c * r * inv_d;
+        for ((((o, &xv), &g), &wv), acc) in dxr.iter_mut().zip(xr).zip(dyr).zip(w).zip(dw.iter_mut()) {
+            let xhat = xv * r;
+            *o = r * (g * wv - xhat * c);
+            *acc += g * xhat;
+        }
+    }
+}
+simd_dispatch!(bwd_rows_dispatch => bwd_rows(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps: T));
+
+fn fwd_cpu<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut y = vec![T::ZERO; x.len()];
+    let chunk = d * rows_per_task(d);
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| fwd_rows_dispatch(xc, w, yc, T::of(eps)));
+    y
+}
+
+fn bwd_cpu<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let n = x.len() / d;
+    let mut out = vec![T::ZERO; (n + 1) * d];
+    let (dx, dw) = out.split_at_mut(n * d);
+    let chunk = d * rows_per_task(d);
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .map(|(dxc, (xc, dyc))| {
+            let mut part = vec![T::ZERO; d];
+            bwd_rows_dispatch(xc, w, dyc, dxc, &mut part, T::of(eps));
+            part
+        })
+        .collect();
+    for part in partials {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    out
+}
+
+fn check_dims(lx: &Layout, lw: &Layout) -> Result<usize> {
+    let d = lw.shape().elem_count();
+    if lw.shape().rank() != 1 || lx.shape().dims().last() != Some(&d) || d == 0 {
+        bail!("rms-norm: weight {:?} does not match input {:?}", lw.shape(), lx.shape());
+    }
+    Ok(d)
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "bistro-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_dims(l1, l2)?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps)),
+            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps)),
+            d => bail!("rms-norm: no CPU kernel for {d:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = check_dims(l1, l2)?;
+        super::cuda::rms_norm_fwd(s1, l1, s2, l2, d, self.eps)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let dims = x.dims().to_vec();
+        let n = x.elem_count() / d;
+        let x2 = x.detach().reshape((n, d))?;
+        let dy2 = dy.contiguous()?.reshape((n, d))?;
+        let both = x2.apply_op3_no_bwd(&w.detach(), &dy2, &RmsNormBackward { eps: self.eps })?;
+        let dx = both.narrow(0, 0, n)?.reshape(dims)?;
+        let dw = both.narrow(0, n, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "bistro-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = check_dims(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            bail!("rms-norm backward: gradient {:?} vs input {:?}", l3.shape(), l1.shape());
+        }
+        let n = l1.shape().elem_count() / d;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?, self.eps)),
+            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?, self.eps)),
+            dt => bail!("rms-norm backward: no CPU kernel for {dt:?}"),
+        };
+        Ok((out, Shape::from((n + 1, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = check_dims(l1, l2)?;
+        super::cuda::rms_norm_bwd(s1, l1, s2, l2, s3, l3, d, self.eps)
+    }
+}

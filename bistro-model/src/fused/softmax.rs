@@ -1,0 +1,158 @@
+//! Causal softmax over attention scores: scale, causal mask and softmax in one pass, with
+//! no mask tensor.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::cpu::{Real, rows_per_task, simd_dispatch, slice};
+
+/// `p = softmax(scale * s)` over the last dimension of `s: [.., Tq, Tk]` (`Tk >= Tq`), where
+/// query `i` sees keys `j <= i + Tk - Tq` and every other entry of `p` is 0.
+#[derive(Clone, Copy, Debug)]
+pub struct CausalSoftmaxOp {
+    /// The factor applied to the scores before the softmax (`1/sqrt(head_dim)`).
+    pub scale: f64,
+}
+
+/// The backward op: `(p, dp) -> ds = scale * p * (dp - sum_j p dp)`, zero above the diagonal.
+#[derive(Clone, Copy, Debug)]
+pub struct CausalSoftmaxBackward {
+    /// The forward op's scale.
+    pub scale: f64,
+}
+
+/// Rows of one or more `[Tq, Tk]` blocks; `row0` is the index of the first row overall.
+#[inline(always)]
+fn fwd_rows<T: Real>(s: &[T], p: &mut [T], tq: usize, tk: usize, row0: usize, scale: T) {
+    for (k, (sr, pr)) in s.chunks_exact(tk).zip(p.chunks_exact_mut(tk)).enumerate() {
+        let visible = ((row0 + k) % tq) + (tk - tq) + 1;
+        let (sv, pv) = (&sr[..visible], &mut pr[..visible]);
+        let mut max = sv[0];
+        for &x in &sv[1..] {
+            max = max.max_(x);
+        }
+        let max = max * scale;
+        let mut sum = T::ZERO;
+        for (o, &x) in pv.iter_mut().zip(sv) {
+            let e = (x * scale - max).exp_();
+            *o = e;
+            sum += e;
+        }
+        let inv = T::ONE / sum;
+        for o in pv.iter_mut() {
+            *o = *o * inv;
+        }
+        for o in pr[visible..].iter_mut() {
+            *o = T::ZERO;
+        }
+    }
+}
+simd_dispatch!(fwd_rows_dispatch => fwd_rows(s: &[T], p: &mut [T], tq: usize, tk: usize, row0: usize, scale: T));
+
+#[inline(always)]
+fn bwd_rows<T: Real>(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T) {
+    for (k, ((pr, gr), dr)) in p.chunks_exact(tk).zip(dp.chunks_exact(tk)).zip(ds.chunks_exact_mut(tk)).enumerate() {
+        let visible = ((row0 + k) % tq) + (tk - tq) + 1;
+        let mut dot = T::ZERO;
+        for (&a, &b) in pr[..visible].iter().zip(&gr[..visible]) {
+            dot += a * b;
+        }
+        for ((o, &a), &b) in dr[..visible].iter_mut().zip(&pr[..visible]).zip(&gr[..visible]) {
+            *o = scale * a * (b - dot);
+        }
+        for o in dr[visible..].iter_mut() {
+            *o = T::ZERO;
+        }
+    }
+}
+simd_dispatch!(bwd_rows_dispatch => bwd_rows(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T));
+
+fn fwd_cpu<T: Real>(s: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
+    let mut p = vec![T::ZERO; s.len()];
+    let rows = rows_per_task(tk);
+    p.par_chunks_mut(rows * tk)
+        .zip(s.par_chunks(rows * tk))
+        .enumerate()
+        .for_each(|(i, (pc, sc))| fwd_rows_dispatch(sc, pc, tq, tk, i * rows, T::of(scale)));
+    p
+}
+
+fn bwd_cpu<T: Real>(p: &[T], dp: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
+    let mut ds = vec![T::ZERO; p.len()];
+    let rows = rows_per_task(tk);
+    ds.par_chunks_mut(rows * tk)
+        .zip(p.par_chunks(rows * tk).zip(dp.par_chunks(rows * tk)))
+        .enumerate()
+        .for_each(|(i, (dc, (pc, gc)))| bwd_rows_dispatch(pc, gc, dc, tq, tk, i * rows, T::of(scale)));
+    ds
+}
+
+fn dims(l: &Layout) -> Result<(usize, usize)> {
+    let d = l.shape().dims();
+    if d.len() < 2 || d[d.len() - 1] < d[d.len() - 2] || d[d.len() - 2] == 0 {
+        bail!("causal softmax: scores {:?} must be [.., Tq, Tk] with Tk >= Tq >= 1", l.shape());
+    }
+    Ok((d[d.len() - 2], d[d.len() - 1]))
+}
+
+impl CustomOp1 for CausalSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "bistro-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (tq, tk) = dims(l)?;
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s, l, "causal softmax")?, tq, tk, self.scale)),
+            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s, l, "causal softmax")?, tq, tk, self.scale)),
+            d => bail!("causal softmax: no CPU kernel for {d:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (tq, tk) = dims(l)?;
+        Ok((super::cuda::causal_softmax_fwd(s, l, tq, tk, self.scale)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
+        let ds = p.detach().apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBackward { scale: self.scale })?;
+        Ok(Some(ds))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "bistro-causal-softmax-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (tq, tk) = dims(l1)?;
+        if l1.shape() != l2.shape() {
+            bail!("causal softmax backward: gradient {:?} vs output {:?}", l2.shape(), l1.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "causal softmax")?, slice(s2, l2, "causal softmax")?, tq, tk, self.scale)),
+            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "causal softmax")?, slice(s2, l2, "causal softmax")?, tq, tk, self.scale)),
+            d => bail!("causal softmax backward: no CPU kernel for {d:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (tq, tk) = dims(l1)?;
+        if l1.shape() != l2.shape() {
+            bail!("causal softmax backward: gradient {:?} vs output {:?}", l2.shape(), l1.shape());
+        }
+        Ok((super::cuda::causal_softmax_bwd(s1, l1, s2, l2, tq, tk, self.scale)?, l1.shape().clone()))
+    }
+}

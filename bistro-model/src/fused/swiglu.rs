@@ -1,0 +1,141 @@
+//! SwiGLU `y = silu(g) * u` with its backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::cpu::{Real, simd_dispatch, slice};
+
+/// `(g, u) -> silu(g) * u`, element-wise over equal shapes.
+#[derive(Clone, Copy, Debug)]
+pub struct SwiGluOp;
+
+/// `(g, u, dy) -> [2, ..]` holding `dg` then `du`.
+#[derive(Clone, Copy, Debug)]
+pub struct SwiGluBackward;
+
+const CHUNK: usize = 16_384;
+
+#[inline(always)]
+fn fwd_chunk<T: Real>(g: &[T], u: &[T], y: &mut [T]) {
+    for ((o, &a), &b) in y.iter_mut().zip(g).zip(u) {
+        *o = a / (T::ONE + (-a).exp_()) * b;
+    }
+}
+simd_dispatch!(fwd_chunk_dispatch => fwd_chunk(g: &[T], u: &[T], y: &mut [T]));
+
+#[inline(always)]
+fn bwd_chunk<T: Real>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+    for ((((a, b), d), og), ou) in g.iter().zip(u).zip(dy).zip(dg.iter_mut()).zip(du.iter_mut()) {
+        let s = T::ONE / (T::ONE + (-*a).exp_());
+        *og = *d * *b * s * (T::ONE + *a * (T::ONE - s));
+        *ou = *d * *a * s;
+    }
+}
+simd_dispatch!(bwd_chunk_dispatch => bwd_chunk(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]));
+
+fn fwd_cpu<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut y = vec![T::ZERO; g.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(yc, (gc, uc))| fwd_chunk_dispatch(gc, uc, yc));
+    y
+}
+
+fn bwd_cpu<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let n = g.len();
+    let mut out = vec![T::ZERO; 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+        .for_each(|((dgc, duc), ((gc, uc), dyc))| bwd_chunk_dispatch(gc, uc, dyc, dgc, duc));
+    out
+}
+
+fn same(a: &Layout, b: &Layout, what: &str) -> Result<()> {
+    if a.shape() != b.shape() {
+        bail!("swiglu: {what} {:?} vs {:?}", b.shape(), a.shape());
+    }
+    Ok(())
+}
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "bistro-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        same(l1, l2, "up")?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?)),
+            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?)),
+            d => bail!("swiglu: no CPU kernel for {d:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same(l1, l2, "up")?;
+        Ok((super::cuda::swiglu_fwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.detach().apply_op3_no_bwd(&u.detach(), &dy.contiguous()?, &SwiGluBackward)?;
+        let dims = g.dims();
+        let dg = both.narrow(0, 0, 1)?.reshape(dims)?;
+        let du = both.narrow(0, 1, 1)?.reshape(dims)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "bistro-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same(l1, l2, "up")?;
+        same(l1, l3, "gradient")?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?, slice(s3, l3, "swiglu")?)),
+            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?, slice(s3, l3, "swiglu")?)),
+            d => bail!("swiglu backward: no CPU kernel for {d:?}"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        Ok((out, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same(l1, l2, "up")?;
+        same(l1, l3, "gradient")?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        Ok((super::cuda::swiglu_bwd(s1, l1, s2, l2, s3, l3)?, Shape::from(dims)))
+    }
+}

@@ -26,9 +26,14 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+impl Linear {
+    /// `x W^T` for `x: [.., in]`: one fused product ([`crate::fused::matmul`]) for
+    /// `fused`, else Candle's matmul on a transposed view (the reference).
+    pub fn forward_with(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
+        if fused && x.rank() == 2 {
+            return crate::fused::matmul(x, &w, false, true);
+        }
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -38,6 +43,12 @@ impl Module for Linear {
             *last = w.dim(0)?;
         }
         y.reshape(out)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        self.forward_with(x, true)
     }
 }
 
@@ -68,10 +79,12 @@ impl Module for RmsNorm {
     }
 }
 
-/// What all layers of one forward pass share: rotary tables, and whether to use the
-/// fused ops (else the composed reference, with a materialised causal mask).
+/// What all layers of one forward pass share: the batch geometry, rotary tables, and
+/// whether to use the fused ops (else the composed reference, with a materialised mask).
 #[derive(Clone, Debug)]
 pub struct AttentionContext {
+    batch: usize,
+    seq: usize,
     cos: Tensor,
     sin: Tensor,
     /// The additive causal mask; only built for the composed path.
@@ -117,27 +130,33 @@ impl Attention {
         x.unsqueeze(2)?.expand((b, nkv, rep, t, hd))?.reshape((b, nkv * rep, t, hd))
     }
 
-    /// Attention over `x: [B, T, H]`.
+    /// Attention over the flat residual stream `x: [B*T, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> CResult<Tensor> {
-        let (b, t, h) = x.dims3()?;
+        let (b, t, f) = (ctx.batch, ctx.seq, ctx.fused);
+        let h = x.dim(1)?;
         let split = |y: Tensor, heads: usize| -> CResult<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let v = split(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        if ctx.mask.is_none() {
+            // Fused: rotary + head split in one pass, one product node for Q K^T,
+            // scale + mask + softmax in one pass, heads merged back in one pass.
+            use crate::fused;
+            let q = fused::rope_to_heads(&self.q_proj.forward_with(x, f)?, t, self.n_heads, &ctx.cos, &ctx.sin)?;
+            let k = fused::rope_to_heads(&self.k_proj.forward_with(x, f)?, t, self.n_kv_heads, &ctx.cos, &ctx.sin)?;
+            let v = fused::split_heads(&self.v_proj.forward_with(x, f)?, t, self.n_kv_heads)?;
+            let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+            let probs = fused::causal_softmax(&fused::matmul(&q, &k, false, true)?, scale)?;
+            let y = fused::merge_heads(&fused::matmul(&probs, &v, false, false)?)?;
+            return self.o_proj.forward_with(&y, f);
+        }
+        let v = split(self.v_proj.forward_with(x, f)?, self.n_kv_heads)?;
         let v = self.repeat_kv(v)?.contiguous()?;
         let probs = match &ctx.mask {
-            None => {
-                // Fused: rotary + transpose in one pass, scale + mask + softmax in one pass.
-                let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
-                let q = crate::fused::rope_bthd(&heads(self.q_proj.forward(x)?, self.n_heads)?, &ctx.cos, &ctx.sin)?;
-                let k = crate::fused::rope_bthd(&heads(self.k_proj.forward(x)?, self.n_kv_heads)?, &ctx.cos, &ctx.sin)?;
-                let k = self.repeat_kv(k)?.contiguous()?;
-                crate::fused::causal_softmax(&q.matmul(&k.t()?)?, scale)?
-            }
+            None => unreachable!("handled above"),
             Some(mask) => {
-                let q = split(self.q_proj.forward(x)?, self.n_heads)?;
-                let k = split(self.k_proj.forward(x)?, self.n_kv_heads)?;
+                let q = split(self.q_proj.forward_with(x, f)?, self.n_heads)?;
+                let k = split(self.k_proj.forward_with(x, f)?, self.n_kv_heads)?;
                 let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
                 let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
                 let k = self.repeat_kv(k)?.contiguous()?;
@@ -148,8 +167,8 @@ impl Attention {
             }
         };
         let y = probs.matmul(&v)?; // [B, nh, T, hd]
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, h))?;
-        self.o_proj.forward(&y)
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, h))?;
+        self.o_proj.forward_with(&y, f)
     }
 }
 
@@ -176,10 +195,10 @@ impl Mlp {
 impl Mlp {
     /// The MLP with the fused SwiGLU (`fused`) or the composed reference.
     pub fn forward_with(&self, x: &Tensor, fused: bool) -> CResult<Tensor> {
-        let g = self.gate_proj.forward(x)?;
-        let u = self.up_proj.forward(x)?;
+        let g = self.gate_proj.forward_with(x, fused)?;
+        let u = self.up_proj.forward_with(x, fused)?;
         let h = if fused { crate::fused::swiglu(&g, &u)? } else { (ops::silu(&g)? * u)? };
-        self.down_proj.forward(&h)
+        self.down_proj.forward_with(&h, fused)
     }
 }
 
@@ -213,7 +232,7 @@ impl DecoderLayer {
         })
     }
 
-    /// `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+    /// `x + attn(norm(x))`, then `h + mlp(norm(h))`, over the flat stream `x: [B*T, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> CResult<Tensor> {
         let f = ctx.fused;
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward_with(x, f)?, ctx)?)?;
@@ -287,7 +306,15 @@ impl Llama {
 
     /// Logits `[B, T, V]` (f32; f64 for an f64 model) for token ids `[B, T]` (u32).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (_b, t) = input_ids.dims2()?;
+        let (b, t) = input_ids.dims2()?;
+        let logits = self.flat_logits(input_ids)?;
+        let v = logits.dim(1)?;
+        Ok(logits.reshape((b, t, v))?)
+    }
+
+    /// Logits as `[B*T, V]`: the residual stream stays flat `[B*T, H]` through the layers.
+    fn flat_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
         if t == 0 || t > self.config.max_position_embeddings {
             return Err(ModelError::OutOfRange(format!(
                 "sequence length {t} (must be 1..={})",
@@ -297,29 +324,24 @@ impl Llama {
         let ids = input_ids.to_dtype(DType::U32)?;
         let (cos, sin) = ops::rope_tables(self.config.head_dim(), self.config.rope_theta, t, &self.device)?;
         let mask = if self.fused { None } else { Some(ops::causal_mask(t, DType::F32, &self.device)?) };
-        let ctx = AttentionContext { cos, sin, mask, fused: self.fused };
-        let (b, t) = ids.dims2()?;
-        let emb = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let ctx = AttentionContext { batch: b, seq: t, cos, sin, mask, fused: self.fused };
+        let emb = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         let mut x = emb.to_dtype(self.compute_dtype)?;
         for layer in &self.layers {
             x = layer.forward(&x, &ctx)?;
         }
         let x = self.norm.forward_with(&x, self.fused)?;
-        let logits = self.lm_head.forward(&x)?;
+        let logits = self.lm_head.forward_with(&x, self.fused)?;
         Ok(logits.to_dtype(ops::accum_dtype(logits.dtype()))?)
     }
 
     /// Sum of the token cross-entropies and the number of counted targets (see
     /// [`ops::causal_lm_loss_sum`]); divide by a window's total count for the mean.
     pub fn loss_sum(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
-        let logits = self.forward(input_ids)?;
         if self.fused {
-            Ok(crate::fused::causal_lm_loss_sum(&logits, labels)?)
+            Ok(crate::fused::causal_lm_loss_sum(&self.flat_logits(input_ids)?, labels)?)
         } else {
-            Ok(ops::causal_lm_loss_sum(&logits, labels)?)
+            Ok(ops::causal_lm_loss_sum(&self.forward(input_ids)?, labels)?)
         }
     }
 

@@ -9,6 +9,7 @@
 //!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod hparams;

@@ -11,7 +11,7 @@ use candle_core::Device;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: bistro_train::alloc::MiMalloc = bistro_train::alloc::MiMalloc;
 
 fn cpu_seconds() -> f64 {
     // utime + stime of this process, in clock ticks (field 14 and 15 of /proc/self/stat).
@@ -23,6 +23,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bistro_train::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: &str| -> String {
         args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())

@@ -111,6 +111,100 @@ pub fn exp_f32(x: f32) -> f32 {
     e * scale
 }
 
+/// Lanes of the hand-split reductions below: floating-point sums and maxima are only
+/// vectorised by the compiler when written as independent accumulators.
+const LANES: usize = 8;
+
+/// The largest element of a non-empty slice.
+#[inline(always)]
+pub(crate) fn max_all<T: Real>(x: &[T]) -> T {
+    let mut acc = [x[0]; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max_(c[i]);
+        }
+    }
+    let mut m = acc[0];
+    for &a in &acc[1..] {
+        m = m.max_(a);
+    }
+    for &v in rest {
+        m = m.max_(v);
+    }
+    m
+}
+
+/// `sum(f(x))` with independent lane accumulators.
+#[inline(always)]
+pub(crate) fn sum_map<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    let mut s = T::ZERO;
+    for a in acc {
+        s += a;
+    }
+    for &v in rest {
+        s += f(v);
+    }
+    s
+}
+
+/// `sum(f(a, b))` over two slices of equal length with independent lane accumulators.
+#[inline(always)]
+pub(crate) fn sum_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::ZERO; LANES];
+    let full = n / LANES * LANES;
+    for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += f(ca[i], cb[i]);
+        }
+    }
+    let mut s = T::ZERO;
+    for v in acc {
+        s += v;
+    }
+    for i in full..n {
+        s += f(a[i], b[i]);
+    }
+    s
+}
+
+/// Writes `dst[i] = f(src[i])` and returns `sum(dst)`, with lane accumulators.
+#[inline(always)]
+pub(crate) fn map_sum<T: Real>(src: &[T], dst: &mut [T], f: impl Fn(T) -> T) -> T {
+    let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
+    let mut acc = [T::ZERO; LANES];
+    let full = n / LANES * LANES;
+    for (cs, cd) in src[..full].chunks_exact(LANES).zip(dst[..full].chunks_exact_mut(LANES)) {
+        for i in 0..LANES {
+            let v = f(cs[i]);
+            cd[i] = v;
+            acc[i] += v;
+        }
+    }
+    let mut s = T::ZERO;
+    for v in acc {
+        s += v;
+    }
+    for i in full..n {
+        let v = f(src[i]);
+        dst[i] = v;
+        s += v;
+    }
+    s
+}
+
 /// The contiguous elements of `s` under layout `l`, as `&[T]`.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, simd_dispatch, slice};
+use super::cpu::{Real, max_all, simd_dispatch, slice, sum_map};
 
 /// Target value meaning "no target" for [`CrossEntropyOp`].
 pub const NO_TARGET: u32 = u32::MAX;
@@ -14,21 +14,16 @@ pub const NO_TARGET: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug)]
 pub struct CrossEntropyOp;
 
-/// The backward op: `(logits, targets, grad [N]) -> (softmax(logits[r]) - onehot(target[r])) * grad[r]`.
+/// The backward op: `(logits, targets, [grad; loss] as [2, N]) -> (softmax(logits[r]) -
+/// onehot(target[r])) * grad[r]`. The forward's loss gives `logsumexp = loss + logits[target]`,
+/// so the backward reads each row twice instead of three times.
 #[derive(Clone, Copy, Debug)]
 pub struct CrossEntropyBackward;
 
 #[inline(always)]
 fn logsumexp<T: Real>(row: &[T]) -> T {
-    let mut max = row[0];
-    for &x in &row[1..] {
-        max = max.max_(x);
-    }
-    let mut sum = T::ZERO;
-    for &x in row {
-        sum += (x - max).exp_();
-    }
-    max + sum.ln_()
+    let max = max_all(row);
+    max + sum_map(row, |x| (x - max).exp_()).ln_()
 }
 
 #[inline(always)]
@@ -41,20 +36,20 @@ fn fwd_rows<T: Real>(logits: &[T], targets: &[u32], out: &mut [T]) {
 simd_dispatch!(fwd_rows_dispatch => fwd_rows(logits: &[T], targets: &[u32], out: &mut [T]));
 
 #[inline(always)]
-fn bwd_row<T: Real>(row: &[T], target: u32, g: T, out: &mut [T]) {
+fn bwd_row<T: Real>(row: &[T], target: u32, g: T, loss: T, out: &mut [T]) {
     if target == NO_TARGET || target as usize >= row.len() {
         for o in out.iter_mut() {
             *o = T::ZERO;
         }
         return;
     }
-    let lse = logsumexp(row);
+    let lse = loss + row[target as usize];
     for (o, &x) in out.iter_mut().zip(row) {
         *o = (x - lse).exp_() * g;
     }
     out[target as usize] = out[target as usize] - g;
 }
-simd_dispatch!(bwd_row_dispatch => bwd_row(row: &[T], target: u32, g: T, out: &mut [T]));
+simd_dispatch!(bwd_row_dispatch => bwd_row(row: &[T], target: u32, g: T, loss: T, out: &mut [T]));
 
 fn rows_per_chunk(v: usize) -> usize {
     (65_536 / v.max(1)).max(1)
@@ -69,13 +64,15 @@ fn fwd_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
     out
 }
 
-fn bwd_cpu<T: Real>(logits: &[T], targets: &[u32], grad: &[T], v: usize) -> Vec<T> {
+fn bwd_cpu<T: Real>(logits: &[T], targets: &[u32], grad_loss: &[T], v: usize) -> Vec<T> {
+    let n = targets.len();
+    let (grad, loss) = grad_loss.split_at(n);
     let mut out = vec![T::ZERO; logits.len()];
     out.par_chunks_mut(v)
         .zip(logits.par_chunks(v))
-        .zip(targets.par_iter().zip(grad.par_iter()))
+        .zip(targets.par_iter().zip(grad.par_iter().zip(loss.par_iter())))
         .with_min_len(4)
-        .for_each(|((o, row), (&t, &g))| bwd_row_dispatch(row, t, g, o));
+        .for_each(|((o, row), (&t, (&g, &l)))| bwd_row_dispatch(row, t, g, l, o));
     out
 }
 
@@ -115,8 +112,9 @@ impl CustomOp2 for CrossEntropyOp {
         Ok((super::cuda::cross_entropy_fwd(s1, l1, s2, l2, n, v)?, Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.detach().apply_op3_no_bwd(targets, &grad.contiguous()?, &CrossEntropyBackward)?;
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_loss = Tensor::stack(&[&grad.to_dtype(loss.dtype())?, &loss.detach()], 0)?;
+        let g = logits.detach().apply_op3_no_bwd(targets, &grad_loss, &CrossEntropyBackward)?;
         Ok((Some(g), None))
     }
 }
@@ -136,8 +134,8 @@ impl CustomOp3 for CrossEntropyBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_n, v) = dims(l1, l2)?;
-        if l3.shape() != l2.shape() {
-            bail!("cross-entropy backward: gradient {:?} vs targets {:?}", l3.shape(), l2.shape());
+        if l3.shape().dims() != [2, l2.shape().elem_count()] {
+            bail!("cross-entropy backward: gradient and loss {:?} vs targets {:?}", l3.shape(), l2.shape());
         }
         let t = slice::<u32>(s2, l2, "cross-entropy")?;
         let out = match s1.dtype() {
@@ -159,8 +157,8 @@ impl CustomOp3 for CrossEntropyBackward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = dims(l1, l2)?;
-        if l3.shape() != l2.shape() {
-            bail!("cross-entropy backward: gradient {:?} vs targets {:?}", l3.shape(), l2.shape());
+        if l3.shape().dims() != [2, l2.shape().elem_count()] {
+            bail!("cross-entropy backward: gradient and loss {:?} vs targets {:?}", l3.shape(), l2.shape());
         }
         super::cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3, n, v)
     }

@@ -12,6 +12,7 @@ mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod matmul;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -21,8 +22,9 @@ use candle_core::{DType, Device, Result, Tensor, bail};
 
 pub use cpu::exp_f32;
 pub use cross_entropy::{CrossEntropyBackward, CrossEntropyOp, NO_TARGET};
+pub use matmul::{MatMulOp, matmul};
 pub use rms_norm::{RmsNormBackward, RmsNormOp};
-pub use rope::RopeOp;
+pub use rope::{HeadLayout, HeadsOp, RopeOp};
 pub use softmax::{CausalSoftmaxBackward, CausalSoftmaxOp};
 pub use swiglu::{SwiGluBackward, SwiGluOp};
 
@@ -50,13 +52,55 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// [`ops::rope_tables`]), returned transposed to `[B, H, T, D]`: the same as
 /// `ops::apply_rope(&x.transpose(1, 2)?.contiguous()?, cos, sin)`, in one pass.
 pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_b, t, h, _d) = x.dims4()?;
+    rope_op(x, HeadLayout { seq: t, heads: h, flat: false }, cos, sin)
+}
+
+/// Rotary embedding of the flat token-major `x: [B*T, H*D]` (a projection's output) into
+/// head-major `[B, H, T, D]`, in one pass.
+pub fn rope_to_heads(x: &Tensor, seq: usize, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_op(x, HeadLayout { seq, heads, flat: true }, cos, sin)
+}
+
+fn rope_op(x: &Tensor, layout: HeadLayout, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !supported(x) {
-        return ops::apply_rope(&x.transpose(1, 2)?.contiguous()?, cos, sin);
+        return ops::apply_rope(&split_heads_composed(x, layout)?, cos, sin);
     }
     let table_dtype = if x.device().is_cpu() { x.dtype() } else { DType::F32 };
     let cos = cos.to_dtype(table_dtype)?.contiguous()?;
     let sin = sin.to_dtype(table_dtype)?.contiguous()?;
-    x.contiguous()?.apply_op3(&cos, &sin, RopeOp { backward: false })
+    x.contiguous()?.apply_op3(&cos, &sin, RopeOp { layout, backward: false })
+}
+
+fn split_heads_composed(x: &Tensor, l: HeadLayout) -> Result<Tensor> {
+    let x = if l.flat {
+        let (bt, hd) = x.dims2()?;
+        if l.seq == 0 || l.heads == 0 || bt % l.seq != 0 || hd % l.heads != 0 {
+            bail!("heads: {:?} does not split into {} positions x {} heads", x.shape(), l.seq, l.heads);
+        }
+        x.reshape((bt / l.seq, l.seq, l.heads, hd / l.heads))?
+    } else {
+        x.clone()
+    };
+    x.transpose(1, 2)?.contiguous()
+}
+
+/// The flat token-major `x: [B*T, H*D]` as head-major `[B, H, T, D]`.
+pub fn split_heads(x: &Tensor, seq: usize, heads: usize) -> Result<Tensor> {
+    let layout = HeadLayout { seq, heads, flat: true };
+    if !supported(x) {
+        return split_heads_composed(x, layout);
+    }
+    x.contiguous()?.apply_op1(HeadsOp { layout, merge: false })
+}
+
+/// Head-major `y: [B, H, T, D]` as the flat token-major `[B*T, H*D]`.
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = y.dims4()?;
+    if !supported(y) {
+        return y.transpose(1, 2)?.contiguous()?.reshape((b * t, h * d));
+    }
+    y.contiguous()?.apply_op1(HeadsOp { layout: HeadLayout { seq: t, heads: h, flat: true }, merge: true })
 }
 
 /// `softmax(scale * scores)` over the last dimension of `scores: [.., Tq, Tk]` under the
@@ -106,14 +150,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Sum of the causal-LM cross-entropy and the number of counted targets, as
 /// [`ops::causal_lm_loss_sum`] but through the fused [`cross_entropy`]: the logits are used
 /// in place (no shifted copy), the last position of each row simply has no target.
+/// `logits` is `[B, T, V]` or flat `[B*T, V]`.
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
-    if !(supported(logits) && logits.dtype() != DType::BF16) {
-        return ops::causal_lm_loss_sum(logits, labels);
+    let (b, t) = labels.dims2()?;
+    let v = *logits.dims().last().unwrap_or(&0);
+    if logits.elem_count() != b * t * v || logits.rank() < 2 {
+        bail!("loss: logits {:?} do not match labels {:?}", logits.shape(), labels.shape());
     }
-    let (b, t, v) = logits.dims3()?;
+    if !(supported(logits) && logits.dtype() != DType::BF16) {
+        return ops::causal_lm_loss_sum(&logits.reshape((b, t, v))?, labels);
+    }
     let (targets, count) = ops::shifted_targets(labels, v)?;
     let targets: Vec<u32> = targets.into_iter().map(|x| x.unwrap_or(NO_TARGET)).collect();
     let targets = Tensor::from_vec(targets, b * t, logits.device())?;
-    let per_row = cross_entropy(&logits.reshape((b * t, v))?, &targets)?;
+    let flat = if logits.rank() == 2 { logits.clone() } else { logits.reshape((b * t, v))? };
+    let per_row = cross_entropy(&flat, &targets)?;
     Ok((per_row.sum_all()?, count))
 }

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, rows_per_task, simd_dispatch, slice};
+use super::cpu::{Real, rows_per_task, simd_dispatch, slice, sum_map};
 
 /// The forward op: `(x [.., D], w [D]) -> y [.., D]`; statistics in the input's float type.
 #[derive(Clone, Copy, Debug)]
@@ -24,10 +24,7 @@ pub struct RmsNormBackward {
 
 #[inline(always)]
 fn rstd<T: Real>(x: &[T], eps: T) -> T {
-    let mut ss = T::ZERO;
-    for &v in x {
-        ss += v * v;
-    }
+    let ss = sum_map(x, |v| v * v);
     T::ONE / (ss / T::of(x.len() as f64) + eps).sqrt_()
 }
 
@@ -49,17 +46,34 @@ fn bwd_rows<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps
     let inv_d = T::ONE / T::of(d as f64);
     for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
         let r = rstd(xr, eps);
-        let mut c = T::ZERO;
-        for ((&xv, &g), &wv) in xr.iter().zip(dyr).zip(w) {
-            c += g * wv * xv;
-        }
-        let c = c * r * inv_d;
+        // sum(dy * w * x), as two passes of lane-split sums (w * x first, then the dot).
+        let c = dot3(dyr, w, xr) * r * inv_d;
         for ((((o, &xv), &g), &wv), acc) in dxr.iter_mut().zip(xr).zip(dyr).zip(w).zip(dw.iter_mut()) {
             let xhat = xv * r;
             *o = r * (g * wv - xhat * c);
             *acc += g * xhat;
         }
     }
+}
+/// `sum(a * b * c)` with lane accumulators.
+#[inline(always)]
+fn dot3<T: Real>(a: &[T], b: &[T], c: &[T]) -> T {
+    let n = a.len();
+    let mut acc = [T::ZERO; 8];
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        for l in 0..8 {
+            acc[l] += a[i + l] * b[i + l] * c[i + l];
+        }
+    }
+    let mut s = T::ZERO;
+    for v in acc {
+        s += v;
+    }
+    for i in full..n {
+        s += a[i] * b[i] * c[i];
+    }
+    s
 }
 simd_dispatch!(bwd_rows_dispatch => bwd_rows(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps: T));
 

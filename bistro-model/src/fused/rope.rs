@@ -1,19 +1,67 @@
-//! Rotary position embedding ("rotate half", as in Hugging Face's Llama) fused with the
-//! `[B, T, H, D] -> [B, H, T, D]` transpose that attention needs anyway.
+//! Moving attention heads between the token-major layout `[B, T, H, D]` (what a linear
+//! layer produces, also seen flat as `[B*T, H*D]`) and the head-major layout `[B, H, T, D]`
+//! (what batched attention products need), optionally applying the rotary embedding
+//! ("rotate half", as Hugging Face's Llama) on the way. One pass, one graph node.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{Real, simd_dispatch, slice};
 
-/// Rotary embedding of `x: [B, T, H, D]` with tables `cos, sin: [T', D/2]` (`T' >= T`),
-/// written as `[B, H, T, D]`. With `backward` set it applies the inverse rotation to a
-/// gradient `[B, H, T, D]` and writes `[B, T, H, D]`.
+/// The geometry shared by [`RopeOp`] and [`HeadsOp`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadLayout {
+    /// Sequence length `T`.
+    pub seq: usize,
+    /// Number of heads `H`.
+    pub heads: usize,
+    /// The token-major side is flat `[B*T, H*D]` (else `[B, T, H, D]`).
+    pub flat: bool,
+}
+
+impl HeadLayout {
+    /// `[B, T, H, D]` from a token-major shape.
+    fn from_token_major(&self, s: &Shape) -> Result<[usize; 4]> {
+        match *s.dims() {
+            [bt, hd] if self.flat && self.seq > 0 && self.heads > 0 && bt % self.seq == 0 && hd % self.heads == 0 => {
+                Ok([bt / self.seq, self.seq, self.heads, hd / self.heads])
+            }
+            [b, t, h, d] if !self.flat && t == self.seq && h == self.heads => Ok([b, t, h, d]),
+            _ => bail!("heads: token-major shape {s:?} does not fit {self:?}"),
+        }
+    }
+
+    /// `[B, T, H, D]` from a head-major shape `[B, H, T, D]`.
+    fn from_head_major(&self, s: &Shape) -> Result<[usize; 4]> {
+        match *s.dims() {
+            [b, h, t, d] if t == self.seq && h == self.heads => Ok([b, t, h, d]),
+            _ => bail!("heads: head-major shape {s:?} does not fit {self:?}"),
+        }
+    }
+
+    fn token_major_shape(&self, [b, t, h, d]: [usize; 4]) -> Shape {
+        if self.flat { Shape::from((b * t, h * d)) } else { Shape::from((b, t, h, d)) }
+    }
+}
+
+/// Rotary embedding: token-major in, head-major out; with `backward` set, the inverse
+/// rotation of a head-major gradient, token-major out. Tables `cos, sin: [T', D/2]`, `T' >= T`.
 #[derive(Clone, Copy, Debug)]
 pub struct RopeOp {
-    /// Apply the transposed (inverse) rotation and the inverse transpose.
+    /// The token-major geometry.
+    pub layout: HeadLayout,
+    /// Apply the inverse rotation, head-major to token-major.
     pub backward: bool,
+}
+
+/// Token-major to head-major (`merge == false`) or back, a plain transposing copy.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadsOp {
+    /// The token-major geometry.
+    pub layout: HeadLayout,
+    /// Head-major to token-major.
+    pub merge: bool,
 }
 
 /// Rotates one head vector: `sign = 1` for the forward rotation, `-1` for its inverse.
@@ -29,60 +77,76 @@ fn rotate<T: Real>(src: &[T], dst: &mut [T], cos: &[T], sin: &[T], sign: T) {
     }
 }
 
-/// One `(b, h)` plane of the forward direction: reads `x[b, :, h, :]`, writes `y[b, h]`.
+/// One `(b, h)` plane, token-major to head-major: reads `x[b, :, h, :]`, writes `y[b, h]`.
 #[inline(always)]
-fn fwd_plane<T: Real>(x: &[T], y: &mut [T], cos: &[T], sin: &[T], hd: usize, heads: usize, h: usize) {
+fn to_heads_plane<T: Real>(x: &[T], y: &mut [T], cos: &[T], sin: &[T], hd: usize, heads: usize, h: usize) {
     let half = hd / 2;
     for (t, yv) in y.chunks_exact_mut(hd).enumerate() {
         let src = &x[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-        rotate(src, yv, &cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half], T::ONE);
+        if cos.is_empty() {
+            yv.copy_from_slice(src);
+        } else {
+            rotate(src, yv, &cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half], T::ONE);
+        }
     }
 }
-simd_dispatch!(fwd_plane_dispatch => fwd_plane(x: &[T], y: &mut [T], cos: &[T], sin: &[T], hd: usize, heads: usize, h: usize));
+simd_dispatch!(to_heads_dispatch => to_heads_plane(x: &[T], y: &mut [T], cos: &[T], sin: &[T], hd: usize, heads: usize, h: usize));
 
-/// One `(b, t)` row of the backward direction: reads `g[b, :, t, :]`, writes `dx[b, t]`.
+/// One `(b, t)` row, head-major to token-major: reads `g[b, :, t, :]`, writes `dx[b, t]`.
 #[inline(always)]
-fn bwd_row<T: Real>(g: &[T], dx: &mut [T], cos: &[T], sin: &[T], hd: usize, seq: usize, t: usize) {
+fn to_tokens_row<T: Real>(g: &[T], dx: &mut [T], cos: &[T], sin: &[T], hd: usize, seq: usize, t: usize) {
     for (h, out) in dx.chunks_exact_mut(hd).enumerate() {
         let src = &g[(h * seq + t) * hd..(h * seq + t + 1) * hd];
-        rotate(src, out, cos, sin, -T::ONE);
+        if cos.is_empty() {
+            out.copy_from_slice(src);
+        } else {
+            rotate(src, out, cos, sin, -T::ONE);
+        }
     }
 }
-simd_dispatch!(bwd_row_dispatch => bwd_row(g: &[T], dx: &mut [T], cos: &[T], sin: &[T], hd: usize, seq: usize, t: usize));
+simd_dispatch!(to_tokens_dispatch => to_tokens_row(g: &[T], dx: &mut [T], cos: &[T], sin: &[T], hd: usize, seq: usize, t: usize));
 
-fn run<T: Real>(x: &[T], cos: &[T], sin: &[T], dims: [usize; 4], backward: bool) -> Vec<T> {
+/// Token-major `x` (`[B, T, H, D]` in memory) to head-major, rotating when tables are given.
+fn to_heads<T: Real>(x: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
-    if !backward {
-        let [_b, t, h, d] = dims;
-        let per_batch = t * h * d;
-        y.par_chunks_mut(t * d).enumerate().for_each(|(bh, plane)| {
-            let (bi, hi) = (bh / h, bh % h);
-            let xb = &x[bi * per_batch..(bi + 1) * per_batch];
-            fwd_plane_dispatch(xb, plane, cos, sin, d, h, hi);
-        });
-    } else {
-        let [_b, h, t, d] = dims;
-        let half = d / 2;
-        let per_batch = h * t * d;
-        y.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
-            let (bi, ti) = (bt / t, bt % t);
-            let gb = &x[bi * per_batch..(bi + 1) * per_batch];
-            bwd_row_dispatch(gb, row, &cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half], d, t, ti);
-        });
-    }
+    let per_batch = t * h * d;
+    y.par_chunks_mut(t * d).enumerate().for_each(|(bh, plane)| {
+        let (bi, hi) = (bh / h, bh % h);
+        to_heads_dispatch(&x[bi * per_batch..(bi + 1) * per_batch], plane, cos, sin, d, h, hi);
+    });
     y
 }
 
+/// Head-major `g` to token-major, applying the inverse rotation when tables are given.
+fn to_tokens<T: Real>(g: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -> Vec<T> {
+    let mut y = vec![T::ZERO; g.len()];
+    let half = d / 2;
+    let per_batch = h * t * d;
+    y.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
+        let (bi, ti) = (bt / t, bt % t);
+        let (c, s) = if cos.is_empty() { (cos, sin) } else { (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half]) };
+        to_tokens_dispatch(&g[bi * per_batch..(bi + 1) * per_batch], row, c, s, d, t, ti);
+    });
+    y
+}
+
+fn check_tables(lc: &Layout, ls: &Layout, [_b, t, _h, d]: [usize; 4]) -> Result<()> {
+    let (tc, half) = lc.shape().dims2()?;
+    if lc.shape() != ls.shape() || d % 2 != 0 || half * 2 != d || tc < t {
+        bail!("rope: tables {:?}/{:?} do not fit heads of size {d} over {t} positions", lc.shape(), ls.shape());
+    }
+    Ok(())
+}
+
 impl RopeOp {
-    /// Checks shapes; returns the input dims and the output shape.
-    fn dims(&self, lx: &Layout, lc: &Layout, ls: &Layout) -> Result<([usize; 4], Shape)> {
-        let (a, b, c, d) = lx.shape().dims4()?;
-        let seq = if self.backward { c } else { b };
-        let (tc, half) = lc.shape().dims2()?;
-        if lc.shape() != ls.shape() || d % 2 != 0 || half * 2 != d || tc < seq {
-            bail!("rope: tables {:?}/{:?} do not fit input {:?}", lc.shape(), ls.shape(), lx.shape());
+    fn geometry(&self, l: &Layout) -> Result<([usize; 4], Shape)> {
+        if self.backward {
+            let dims = self.layout.from_head_major(l.shape())?;
+            Ok((dims, self.layout.token_major_shape(dims)))
+        } else {
+            let [b, t, h, d] = self.layout.from_token_major(l.shape())?;
+            Ok(([b, t, h, d], Shape::from((b, h, t, d))))
         }
-        Ok(([a, b, c, d], Shape::from((a, c, b, d))))
     }
 }
 
@@ -100,10 +164,14 @@ impl CustomOp3 for RopeOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (dims, out_shape) = self.dims(l1, l2, l3)?;
+        let (dims, out_shape) = self.geometry(l1)?;
+        check_tables(l2, l3, dims)?;
+        fn go<T: Real>(x: &[T], c: &[T], s: &[T], dims: [usize; 4], backward: bool) -> Vec<T> {
+            if backward { to_tokens(x, c, s, dims) } else { to_heads(x, c, s, dims) }
+        }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(run(slice::<f32>(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?, dims, self.backward)),
-            DType::F64 => CpuStorage::F64(run(slice::<f64>(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?, dims, self.backward)),
+            DType::F32 => CpuStorage::F32(go(slice::<f32>(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?, dims, self.backward)),
+            DType::F64 => CpuStorage::F64(go(slice::<f64>(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?, dims, self.backward)),
             d => bail!("rope: no CPU kernel for {d:?}"),
         };
         Ok((out, out_shape))
@@ -119,14 +187,55 @@ impl CustomOp3 for RopeOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (dims, out_shape) = self.dims(l1, l2, l3)?;
-        let out = super::cuda::rope(s1, l1, s2, l2, s3, l3, dims, self.backward)?;
-        Ok((out, out_shape))
+        let (dims, out_shape) = self.geometry(l1)?;
+        check_tables(l2, l3, dims)?;
+        Ok((super::cuda::heads(s1, l1, Some((s2, l2, s3, l3)), dims, self.backward)?, out_shape))
     }
 
     fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = RopeOp { backward: !self.backward };
-        let dx = dy.contiguous()?.apply_op3_no_bwd(&cos.detach(), &sin.detach(), &op)?;
-        Ok((Some(dx), None, None))
+        let op = RopeOp { backward: !self.backward, ..*self };
+        Ok((Some(dy.contiguous()?.apply_op3_no_bwd(&cos.detach(), &sin.detach(), &op)?), None, None))
+    }
+}
+
+impl HeadsOp {
+    fn geometry(&self, l: &Layout) -> Result<([usize; 4], Shape)> {
+        if self.merge {
+            let dims = self.layout.from_head_major(l.shape())?;
+            Ok((dims, self.layout.token_major_shape(dims)))
+        } else {
+            let [b, t, h, d] = self.layout.from_token_major(l.shape())?;
+            Ok(([b, t, h, d], Shape::from((b, h, t, d))))
+        }
+    }
+}
+
+impl CustomOp1 for HeadsOp {
+    fn name(&self) -> &'static str {
+        if self.merge { "bistro-merge-heads" } else { "bistro-split-heads" }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (dims, out_shape) = self.geometry(l)?;
+        fn go<T: Real>(x: &[T], dims: [usize; 4], merge: bool) -> Vec<T> {
+            if merge { to_tokens(x, &[], &[], dims) } else { to_heads(x, &[], &[], dims) }
+        }
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(go(slice::<f32>(s, l, "heads")?, dims, self.merge)),
+            DType::F64 => CpuStorage::F64(go(slice::<f64>(s, l, "heads")?, dims, self.merge)),
+            d => bail!("heads: no CPU kernel for {d:?}"),
+        };
+        Ok((out, out_shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (dims, out_shape) = self.geometry(l)?;
+        Ok((super::cuda::heads(s, l, None, dims, self.merge)?, out_shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let op = HeadsOp { merge: !self.merge, ..*self };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, rows_per_task, simd_dispatch, slice};
+use super::cpu::{Real, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2};
 
 /// `p = softmax(scale * s)` over the last dimension of `s: [.., Tq, Tk]` (`Tk >= Tq`), where
 /// query `i` sees keys `j <= i + Tk - Tq` and every other entry of `p` is 0.
@@ -28,17 +28,8 @@ fn fwd_rows<T: Real>(s: &[T], p: &mut [T], tq: usize, tk: usize, row0: usize, sc
     for (k, (sr, pr)) in s.chunks_exact(tk).zip(p.chunks_exact_mut(tk)).enumerate() {
         let visible = ((row0 + k) % tq) + (tk - tq) + 1;
         let (sv, pv) = (&sr[..visible], &mut pr[..visible]);
-        let mut max = sv[0];
-        for &x in &sv[1..] {
-            max = max.max_(x);
-        }
-        let max = max * scale;
-        let mut sum = T::ZERO;
-        for (o, &x) in pv.iter_mut().zip(sv) {
-            let e = (x * scale - max).exp_();
-            *o = e;
-            sum += e;
-        }
+        let max = max_all(sv) * scale;
+        let sum = map_sum(sv, pv, |x| (x * scale - max).exp_());
         let inv = T::ONE / sum;
         for o in pv.iter_mut() {
             *o = *o * inv;
@@ -54,10 +45,7 @@ simd_dispatch!(fwd_rows_dispatch => fwd_rows(s: &[T], p: &mut [T], tq: usize, tk
 fn bwd_rows<T: Real>(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T) {
     for (k, ((pr, gr), dr)) in p.chunks_exact(tk).zip(dp.chunks_exact(tk)).zip(ds.chunks_exact_mut(tk)).enumerate() {
         let visible = ((row0 + k) % tq) + (tk - tq) + 1;
-        let mut dot = T::ZERO;
-        for (&a, &b) in pr[..visible].iter().zip(&gr[..visible]) {
-            dot += a * b;
-        }
+        let dot = sum_map2(&pr[..visible], &gr[..visible], |a, b| a * b);
         for ((o, &a), &b) in dr[..visible].iter_mut().zip(&pr[..visible]).zip(&gr[..visible]) {
             *o = scale * a * (b - dot);
         }

@@ -47,8 +47,12 @@ fn print_event(e: &MinerEvent) {
     }
 }
 
+#[global_allocator]
+static ALLOC: bistro_train::alloc::MiMalloc = bistro_train::alloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    bistro_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let node = cli.node;
     let (cfg, chain): (MinerConfig, _) = node.prepare("miner", 0).await?;

@@ -70,8 +70,12 @@ fn print_event(e: &ValidatorEvent) {
     }
 }
 
+#[global_allocator]
+static ALLOC: bistro_train::alloc::MiMalloc = bistro_train::alloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    bistro_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let node = cli.node;
     let (node_cfg, chain) = node.prepare("validator", cli.devnet_stake).await?;

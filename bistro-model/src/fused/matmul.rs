@@ -1,0 +1,154 @@
+//! Batched matrix products with optional transposes, as one op with a backward pass.
+//!
+//! `C = op(A) op(B)` where `op` transposes the last two dimensions or not. Through Candle
+//! ops a product with a transposed weight costs a transpose node, two reshape nodes and a
+//! matmul node, and every node costs a zero-filled buffer and an addition in the backward
+//! pass; this op is one node. On the CPU, batched products (attention) run one gemm per
+//! batch entry in parallel, where Candle runs them one after another.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::cpu::slice;
+
+/// `C = op(A) op(B)`: `A: [.., M, K]` (`[.., K, M]` when `ta`), `B: [.., K, N]` (`[.., N,
+/// K]` when `tb`) with the same leading (batch) dimensions, `C: [.., M, N]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatMulOp {
+    /// Use the transpose of the last two dimensions of `A`.
+    pub ta: bool,
+    /// Use the transpose of the last two dimensions of `B`.
+    pub tb: bool,
+}
+
+/// The shape of one product: `batch` products of `[m, k] x [k, n]`.
+#[derive(Clone, Copy, Debug)]
+struct Bmnk {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl MatMulOp {
+    fn dims(&self, la: &Layout, lb: &Layout) -> Result<(Bmnk, Shape)> {
+        let (da, db) = (la.shape().dims(), lb.shape().dims());
+        let r = da.len();
+        if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] {
+            bail!("matmul: shapes {:?} and {:?} do not batch together", la.shape(), lb.shape());
+        }
+        let (m, k) = if self.ta { (da[r - 1], da[r - 2]) } else { (da[r - 2], da[r - 1]) };
+        let (k2, n) = if self.tb { (db[r - 1], db[r - 2]) } else { (db[r - 2], db[r - 1]) };
+        if k != k2 {
+            bail!("matmul: inner dimensions differ: {:?} x {:?} ({self:?})", la.shape(), lb.shape());
+        }
+        let batch = da[..r - 2].iter().product();
+        let mut out = da[..r - 2].to_vec();
+        out.extend([m, n]);
+        Ok((Bmnk { batch, m, n, k }, Shape::from(out)))
+    }
+
+    /// Row and column strides of the logical `op(A)` `[m, k]` and `op(B)` `[k, n]`.
+    fn strides(&self, d: Bmnk) -> ((isize, isize), (isize, isize)) {
+        let a = if self.ta { (1, d.m as isize) } else { (d.k as isize, 1) };
+        let b = if self.tb { (1, d.k as isize) } else { (d.n as isize, 1) };
+        (a, b)
+    }
+}
+
+fn cpu_run<T: candle_core::WithDType>(a: &[T], b: &[T], d: Bmnk, ((ars, acs), (brs, bcs)): ((isize, isize), (isize, isize))) -> Vec<T> {
+    let (mk, kn, mn) = (d.m * d.k, d.k * d.n, d.m * d.n);
+    let mut c = vec![T::zero(); d.batch * mn];
+    if mn == 0 {
+        return c;
+    }
+    let threads = rayon::current_num_threads();
+    let one = |a: &[T], b: &[T], c: &mut [T], par: gemm::Parallelism| {
+        // SAFETY: `a`, `b` and `c` hold one [m,k], [k,n] and [m,n] matrix each under the
+        // strides given (checked by `dims`), and `c` is not read (read_dst = false).
+        unsafe {
+            gemm::gemm(
+                d.m, d.n, d.k,
+                c.as_mut_ptr(), 1, d.n as isize, false,
+                a.as_ptr(), acs, ars,
+                b.as_ptr(), bcs, brs,
+                T::zero(), T::one(), false, false, false, par,
+            )
+        }
+    };
+    if d.batch >= 2 * threads && threads > 1 {
+        c.par_chunks_mut(mn).enumerate().for_each(|(i, ci)| one(&a[i * mk..(i + 1) * mk], &b[i * kn..(i + 1) * kn], ci, gemm::Parallelism::None));
+    } else {
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        for (i, ci) in c.chunks_mut(mn).enumerate() {
+            one(&a[i * mk..(i + 1) * mk], &b[i * kn..(i + 1) * kn], ci, par);
+        }
+    }
+    c
+}
+
+impl CustomOp2 for MatMulOp {
+    fn name(&self) -> &'static str {
+        "bistro-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (d, shape) = self.dims(l1, l2)?;
+        let st = self.strides(d);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(cpu_run(slice::<f32>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st)),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(cpu_run(slice::<f64>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st)),
+            _ => bail!("matmul: no CPU kernel for {:?} x {:?}", s1.dtype(), s2.dtype()),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (d, shape) = self.dims(l1, l2)?;
+        let ((ars, acs), (brs, bcs)) = self.strides(d);
+        // Candle's cuBLAS path takes the transposes as strides of rank-3 layouts.
+        let la = Layout::new(Shape::from((d.batch, d.m, d.k)), vec![d.m * d.k, ars as usize, acs as usize], l1.start_offset());
+        let lb = Layout::new(Shape::from((d.batch, d.k, d.n)), vec![d.k * d.n, brs as usize, bcs as usize], l2.start_offset());
+        if !l1.is_contiguous() || !l2.is_contiguous() {
+            bail!("matmul: inputs must be contiguous");
+        }
+        Ok((s1.matmul(s2, (d.batch, d.m, d.n, d.k), &la, &lb)?, shape))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _c: &Tensor, dc: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b, dc) = (a.detach(), b.detach(), dc.contiguous()?);
+        let mm = |x: &Tensor, y: &Tensor, ta: bool, tb: bool| x.apply_op2_no_bwd(y, &MatMulOp { ta, tb });
+        let da = match (self.ta, self.tb) {
+            (false, false) => mm(&dc, &b, false, true)?,
+            (false, true) => mm(&dc, &b, false, false)?,
+            (true, false) => mm(&b, &dc, false, true)?,
+            (true, true) => mm(&b, &dc, true, true)?,
+        };
+        let db = match (self.ta, self.tb) {
+            (false, false) => mm(&a, &dc, true, false)?,
+            (true, false) => mm(&a, &dc, false, false)?,
+            (false, true) => mm(&dc, &a, true, false)?,
+            (true, true) => mm(&dc, &a, true, true)?,
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `op(a) op(b)` through [`MatMulOp`] where it has a kernel (CPU f32/f64, CUDA), else
+/// Candle's `matmul` on transposed views.
+pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    let fused = super::supported(a) && a.dtype() == b.dtype() && (a.device().is_cuda() || a.dtype() != DType::BF16);
+    if !fused {
+        let t = |x: &Tensor, yes: bool| if yes { x.transpose(candle_core::D::Minus2, candle_core::D::Minus1) } else { Ok(x.clone()) };
+        return t(a, ta)?.matmul(&t(b, tb)?);
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, MatMulOp { ta, tb })
+}

@@ -37,6 +37,7 @@ pub mod error;
 pub mod fused;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod params;
 
 pub use checkpoint::{load_checkpoint, load_safetensors, save_checkpoint_dir, save_safetensors};

@@ -8,7 +8,8 @@
 
 use bistro_model::{Llama, ModelConfig, Params};
 use candle_core::Device;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use bistro_model::optim::AdamW;
+use candle_nn::{Optimizer, ParamsAdamW};
 
 #[global_allocator]
 static ALLOC: bistro_train::alloc::MiMalloc = bistro_train::alloc::MiMalloc;

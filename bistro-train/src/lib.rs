@@ -9,12 +9,12 @@
 //!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
-pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod hparams;
 pub mod miner;
 pub mod node;
+pub mod process;
 pub mod slices;
 pub mod state;
 pub mod step;

@@ -12,7 +12,7 @@ use bistro_model::optim::AdamW;
 use candle_nn::{Optimizer, ParamsAdamW};
 
 #[global_allocator]
-static ALLOC: bistro_train::alloc::MiMalloc = bistro_train::alloc::MiMalloc;
+static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn cpu_seconds() -> f64 {
     // utime + stime of this process, in clock ticks (field 14 and 15 of /proc/self/stat).
@@ -24,7 +24,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    bistro_train::alloc::keep_freed_memory();
+    bistro_train::process::tune();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: &str| -> String {
         args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())

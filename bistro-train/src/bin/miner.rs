@@ -48,11 +48,14 @@ fn print_event(e: &MinerEvent) {
 }
 
 #[global_allocator]
-static ALLOC: bistro_train::alloc::MiMalloc = bistro_train::alloc::MiMalloc;
+static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    bistro_train::alloc::keep_freed_memory();
+fn main() -> anyhow::Result<()> {
+    bistro_train::process::tune();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let node = cli.node;
     let (cfg, chain): (MinerConfig, _) = node.prepare("miner", 0).await?;

@@ -216,3 +216,50 @@ fn model_with_fused_ops_matches_model_without() {
         }
     }
 }
+
+#[test]
+fn matmul_op_matches_candle_matmul_for_every_transpose() {
+    let t = |x: &Tensor, yes: bool| if yes { x.transpose(D::Minus2, D::Minus1).unwrap() } else { x.clone() };
+    for (i, (batch, m, k, n)) in [(vec![], 1, 1, 1), (vec![], 7, 5, 3), (vec![2, 3], 9, 17, 4), (vec![5], 33, 8, 65)].into_iter().enumerate() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let mut sa = batch.clone();
+            sa.extend(if ta { [k, m] } else { [m, k] });
+            let mut sb = batch.clone();
+            sb.extend(if tb { [n, k] } else { [k, n] });
+            check(
+                &format!("matmul {batch:?} {m}x{k}x{n} ta={ta} tb={tb}"),
+                &[rand_t(&sa, 60 + i as u64, 1.0), rand_t(&sb, 70 + i as u64, 1.0)],
+                &|x| fused::matmul(&x[0], &x[1], ta, tb).unwrap(),
+                &|x| t(&x[0], ta).matmul(&t(&x[1], tb)).unwrap(),
+                2e-6,
+            );
+        }
+    }
+    assert!(fused::matmul(&rand_t(&[2, 3], 1, 1.0), &rand_t(&[4, 5], 2, 1.0), false, false).is_err(), "inner dimensions must agree");
+}
+
+#[test]
+fn head_split_merge_and_flat_rope_match_composed() {
+    for (i, (b, t, h, d)) in [(1, 1, 1, 2), (2, 5, 3, 8), (3, 9, 4, 64)].into_iter().enumerate() {
+        let x = rand_t(&[b * t, h * d], 80 + i as u64, 1.0);
+        let composed_split = |x: &Tensor| x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        check(&format!("split_heads {:?}", (b, t, h, d)), &[x.clone()], &|v| fused::split_heads(&v[0], t, h).unwrap(), &|v| composed_split(&v[0]), 1e-7);
+        let y = rand_t(&[b, h, t, d], 90 + i as u64, 1.0);
+        check(
+            &format!("merge_heads {:?}", (b, t, h, d)),
+            &[y],
+            &|v| fused::merge_heads(&v[0]).unwrap(),
+            &|v| v[0].transpose(1, 2).unwrap().contiguous().unwrap().reshape((b * t, h * d)).unwrap(),
+            1e-7,
+        );
+        let (cos, sin) = ops::rope_tables(d, 10_000.0, t, &Device::Cpu).unwrap();
+        check(
+            &format!("rope_to_heads {:?}", (b, t, h, d)),
+            &[x],
+            &|v| fused::rope_to_heads(&v[0], t, h, &cos, &sin).unwrap(),
+            &|v| ops::apply_rope(&composed_split(&v[0]), &cos.to_dtype(v[0].dtype()).unwrap(), &sin.to_dtype(v[0].dtype()).unwrap()).unwrap(),
+            1e-6,
+        );
+    }
+    assert!(fused::split_heads(&rand_t(&[10, 6], 1, 1.0), 3, 2).is_err(), "10 rows do not split into sequences of 3");
+}

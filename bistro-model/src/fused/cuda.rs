@@ -90,8 +90,11 @@ fn suffix(d: DType) -> Result<&'static str> {
     }
 }
 
-fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(name, MODULE, ptx()?)
+/// Loads kernel `$name` of the module (Candle does not export the function type).
+macro_rules! func {
+    ($dev:expr, $name:expr) => {
+        $dev.get_or_load_custom_func(&$name, MODULE, ptx()?)?
+    };
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -113,7 +116,7 @@ pub fn rms_norm_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout
     let (x, w) = (input(s1, l1)?, input(s2, l2)?);
     let n = l1.shape().elem_count();
     let mut y = Out::alloc(dev, s1.dtype(), n)?;
-    let f = func(dev, &format!("rms_fwd_{}", suffix(s1.dtype())?))?;
+    let f = func!(dev, format!("rms_fwd_{}", suffix(s1.dtype())?));
     let (di, epsf) = (int(d, "row length")?, eps as f32);
     let mut b = f.builder();
     push_in(&mut b, &x);
@@ -147,7 +150,7 @@ pub fn rms_norm_bwd(
     let mut rstd = unsafe { dev.alloc::<f32>(rows.max(1))? };
     let (di, ri, epsf) = (int(d, "row length")?, int(rows, "rows")?, eps as f32);
     {
-        let f = func(dev, &format!("rms_bwd_dx_{sfx}"))?;
+        let f = func!(dev, format!("rms_bwd_dx_{sfx}"));
         let mut b = f.builder();
         push_in(&mut b, &x);
         push_in(&mut b, &w);
@@ -166,7 +169,7 @@ pub fn rms_norm_bwd(
     let (ci, chi) = (int(chunks, "chunks")?, int(chunk, "chunk")?);
     let cols = (d.div_ceil(BLOCK as usize)) as u32;
     {
-        let f = func(dev, &format!("rms_bwd_dw_partial_{sfx}"))?;
+        let f = func!(dev, format!("rms_bwd_dw_partial_{sfx}"));
         let mut b = f.builder();
         push_in(&mut b, &x);
         push_in(&mut b, &dy);
@@ -180,7 +183,7 @@ pub fn rms_norm_bwd(
         unsafe { b.launch(cfg) }.w()?;
     }
     {
-        let f = func(dev, &format!("rms_bwd_dw_final_{sfx}"))?;
+        let f = func!(dev, format!("rms_bwd_dw_final_{sfx}"));
         let mut b = f.builder();
         b.arg(&partial);
         push_out(&mut b, &mut out);
@@ -207,7 +210,7 @@ pub fn heads(
     let x = input(s, l)?;
     let n = l.shape().elem_count();
     let mut y = Out::alloc(dev, s.dtype(), n)?;
-    let f = func(dev, &format!("heads_{}", suffix(s.dtype())?))?;
+    let f = func!(dev, format!("heads_{}", suffix(s.dtype())?));
     let (cos, sin) = match tables {
         Some((sc, lc, ss, ls)) => {
             if sc.dtype() != DType::F32 || ss.dtype() != DType::F32 {
@@ -247,7 +250,7 @@ pub fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, tq: usize, tk: usize, sca
     let x = input(s, l)?;
     let n = l.shape().elem_count();
     let mut y = Out::alloc(dev, s.dtype(), n)?;
-    let f = func(dev, &format!("softmax_fwd_{}", suffix(s.dtype())?))?;
+    let f = func!(dev, format!("softmax_fwd_{}", suffix(s.dtype())?));
     let (qi, ki, sc) = (int(tq, "Tq")?, int(tk, "Tk")?, scale as f32);
     let mut b = f.builder();
     push_in(&mut b, &x);
@@ -266,7 +269,7 @@ pub fn causal_softmax_bwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &
     let (p, dp) = (input(s1, l1)?, input(s2, l2)?);
     let n = l1.shape().elem_count();
     let mut y = Out::alloc(dev, s1.dtype(), n)?;
-    let f = func(dev, &format!("softmax_bwd_{}", suffix(s1.dtype())?))?;
+    let f = func!(dev, format!("softmax_bwd_{}", suffix(s1.dtype())?));
     let (qi, ki, sc) = (int(tq, "Tq")?, int(tk, "Tk")?, scale as f32);
     let mut b = f.builder();
     push_in(&mut b, &p);
@@ -286,7 +289,7 @@ pub fn swiglu_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) 
     let (g, u) = (input(s1, l1)?, input(s2, l2)?);
     let n = l1.shape().elem_count();
     let mut y = Out::alloc(dev, s1.dtype(), n)?;
-    let f = func(dev, &format!("swiglu_fwd_{}", suffix(s1.dtype())?))?;
+    let f = func!(dev, format!("swiglu_fwd_{}", suffix(s1.dtype())?));
     let nn = n as u64;
     let mut b = f.builder();
     push_in(&mut b, &g);
@@ -304,7 +307,7 @@ pub fn swiglu_bwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, 
     let (g, u, dy) = (input(s1, l1)?, input(s2, l2)?, input(s3, l3)?);
     let n = l1.shape().elem_count();
     let mut y = Out::alloc(dev, s1.dtype(), 2 * n)?;
-    let f = func(dev, &format!("swiglu_bwd_{}", suffix(s1.dtype())?))?;
+    let f = func!(dev, format!("swiglu_bwd_{}", suffix(s1.dtype())?));
     let nn = n as u64;
     let mut b = f.builder();
     push_in(&mut b, &g);
@@ -325,7 +328,7 @@ pub fn cross_entropy_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &L
     let dev = s1.device();
     let (x, t) = (input(s1, l1)?, input(s2, l2)?);
     let mut y = Out::alloc(dev, DType::F32, n)?;
-    let f = func(dev, "ce_fwd_f32")?;
+    let f = func!(dev, "ce_fwd_f32");
     let vi = int(v, "vocabulary")?;
     let mut b = f.builder();
     push_in(&mut b, &x);
@@ -355,7 +358,7 @@ pub fn cross_entropy_bwd(
     let dev = s1.device();
     let (x, t, gl) = (input(s1, l1)?, input(s2, l2)?, input(s3, l3)?);
     let mut y = Out::alloc(dev, DType::F32, n * v)?;
-    let f = func(dev, "ce_bwd_f32")?;
+    let f = func!(dev, "ce_bwd_f32");
     let (ni, vi) = (int(n, "rows")?, int(v, "vocabulary")?);
     let mut b = f.builder();
     push_in(&mut b, &x);

@@ -2,7 +2,6 @@
 // f32 and bf16 (as raw 16-bit words, so no CUDA headers are needed); statistics in f32.
 
 typedef unsigned short bf16_t;
-typedef unsigned long long size_t;
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }

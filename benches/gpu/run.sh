@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one run (under 8 minutes on one H100/H200), for a machine with the
+# NVIDIA driver and PyTorch but no cargo and no internet.
+#
+# Build here (no GPU needed):
+#   bash scripts/cuda-build.sh cargo build --release -p bistro-benches --features cuda --bin gpu_bench
+#   mkdir -p benches/gpu/bin && cp $CARGO_TARGET_DIR/release/gpu_bench benches/gpu/bin/
+# Run there (from the repository root):
+#   bash benches/gpu/run.sh            # writes $OUT (default benches/gpu/out)/report.{json,md}
+#
+# It measures, in the same run: BISTRO's bf16 training step (125m, 1b: tokens/s, MFU, device
+# memory), the gradient-difference-norm kernel against a device-to-device copy, validator
+# throughput (1b miners per 24 s window), and PyTorch's step on the same configs and batches.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BIN="${GPU_BENCH_BIN:-benches/gpu/bin/gpu_bench}"
+TORCH_PY="${TORCH_PY:-/opt/torch/.venv/bin/python}"
+OUT="${OUT:-benches/gpu/out}"
+SEQ="${SEQ:-2048}"; B125="${B125:-16}"; B1B="${B1B:-4}"
+mkdir -p "$OUT"
+RAW="$OUT/raw.jsonl"; : > "$RAW"
+
+# The libraries a carried binary needs come from the PyTorch venv's CUDA 13 wheels.
+CU13_LIB="$("$TORCH_PY" - <<'PY'
+import os, nvidia
+for p in nvidia.__path__:
+    d = os.path.join(p, "cu13", "lib")
+    if os.path.exists(os.path.join(d, "libcublas.so.13")):
+        print(d); break
+PY
+)"
+[ -n "$CU13_LIB" ] && export LD_LIBRARY_PATH="$CU13_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+NVRTC_VER="$("$TORCH_PY" -c 'import importlib.metadata as m; print(m.version("nvidia-cuda-nvrtc"))' 2>/dev/null || echo unknown)"
+case "$NVRTC_VER" in 13.0.*) ;; *) echo "warning: nvrtc $NVRTC_VER: run-time PTX may be newer than the driver accepts" >&2 ;; esac
+
+GPU="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+case "$GPU" in
+  *H100*PCIe*) PEAK=756 ;;
+  *H100*|*H200*) PEAK=989.4 ;;
+  *A100*) PEAK=312 ;;
+  *) PEAK="${PEAK_TFLOPS:-989.4}" ;;
+esac
+echo "{\"what\":\"machine\",\"gpu\":\"$GPU\",\"peak_bf16_tflops\":$PEAK,\"nvrtc\":\"$NVRTC_VER\"}" >> "$RAW"
+
+echo "== bistro (gpu_bench)"
+if ldd "$BIN" | grep 'not found'; then echo "unresolved libraries (see above)" >&2; fi
+timeout 300 "$BIN" --peak-tflops "$PEAK" --seq "$SEQ" --batch-125m "$B125" --batch-1b "$B1B" --steps 5 2>&1 | tee -a "$RAW.log" | grep '^{' >> "$RAW"
+echo "== torch (same configs and batches, bf16 autocast, f32 master weights)"
+for m in "125m $B125" "1b $B1B"; do
+  set -- $m
+  timeout 120 "$TORCH_PY" benches/torch_reference.py --device cuda --dtype bf16 --model "$1" --batch "$2" --seq "$SEQ" --steps 5 --warmup 2 2>&1 | tee -a "$RAW.log" | grep '^{' >> "$RAW"
+done
+
+python3 - "$RAW" "$OUT" "$PEAK" "$SEQ" <<'PY'
+import json, statistics, sys
+raw, out, peak, seq = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+rows = [json.loads(l) for l in open(raw) if l.startswith("{")]
+def flops_per_token(m):
+    cfg = {"125m": (32000, 768, 2048, 12), "1b": (32000, 2048, 8192, 16)}[m]
+    v, h, i, l = cfg
+    n = l * (4 * h * h + 3 * h * i + 2 * h) + h + v * h  # layers + final norm + lm_head
+    return 6 * n + 12 * l * h * seq
+report = {"rows": rows, "summary": {}}
+md = ["# BISTRO GPU benchmark", ""]
+mach = [r for r in rows if r.get("what") == "machine"]
+if mach:
+    md += [f"GPU: {mach[0]['gpu']} (bf16 peak {mach[0]['peak_bf16_tflops']} TFLOPS), NVRTC {mach[0]['nvrtc']}", ""]
+md += ["| model | batch x seq | bistro tok/s | MFU | torch tok/s | torch MFU | ratio | bistro mem GB | torch peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+for m in ["125m", "1b"]:
+    b = [r for r in rows if r.get("what") == "train_step" and r.get("model") == m]
+    t = [r for r in rows if r.get("impl", "").startswith("torch") and r.get("model") == m]
+    if not b:
+        md.append(f"| {m} | | (no result) | | | | | | |"); continue
+    b = b[0]
+    tt = statistics.median(r["tokens"] / r["wall_s"] for r in t) if t else float("nan")
+    tm = tt * flops_per_token(m) / (peak * 1e12)
+    ratio = b["tokens_per_s"] / tt if t else float("nan")
+    report["summary"][m] = {"bistro_tok_s": b["tokens_per_s"], "mfu": b["mfu"], "torch_tok_s": tt, "torch_mfu": tm, "ratio": ratio}
+    md.append(f"| {m} | {b['batch']}x{b['seq']} | {b['tokens_per_s']:.0f} | {b['mfu']:.1%} | {tt:.0f} | {tm:.1%} | {ratio:.2f} | {b['device_mem_in_use_gb']:.1f} | {t[0].get('peak_mem_gb', float('nan')) if t else float('nan')} |")
+for r in rows:
+    if r.get("what") == "diff_norm":
+        md += ["", f"Gradient-difference norm, {r['miners']} miners x {r['params']} params: kernel reads {r['kernel_read_gb_per_s']} GB/s, device-to-device copy {r['d2d_copy_gb_per_s']} GB/s (read + write), ratio {r['ratio']:.2f}."]
+    if r.get("what") == "validator":
+        md += ["", f"Validator: one 1b miner costs {r['recompute_s']:.3f} s (forward+backward on its batch) + {r['norm_s']*1e3:.2f} ms (norm): {r['miners_per_24s_window']:.1f} miners per 24 s window."]
+json.dump(report, open(f"{out}/report.json", "w"), indent=1)
+open(f"{out}/report.md", "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+PY

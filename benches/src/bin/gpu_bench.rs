@@ -1,0 +1,153 @@
+//! The GPU benchmark (`benches/gpu/run.sh` runs it on a machine with no cargo): training
+//! step tokens/s and MFU of `125m` and `1b` in bf16 (f32 master weights, AdamW), device
+//! memory in use around the `1b` step, the gradient-difference-norm kernel's bandwidth next
+//! to a device-to-device copy of the same bytes, and validator throughput (`1b` miners
+//! scored per 24 s window). Prints one JSON object per measurement.
+//!
+//! Build (on any machine, no GPU needed): `bash scripts/cuda-build.sh cargo build --release
+//! -p bistro-benches --features cuda --bin gpu_bench`.
+
+#[global_allocator]
+static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    bistro_train::process::tune();
+    eprintln!("gpu_bench was built without the `cuda` feature; rebuild with --features cuda (see benches/gpu/run.sh)");
+    std::process::exit(2);
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bistro_train::process::tune();
+    gpu::main()
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::time::Instant;
+
+    use bistro_kernels::cuda::CudaDiffNorm;
+    use bistro_model::optim::AdamW;
+    use bistro_model::{Llama, ModelConfig, Params};
+    use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+    use candle_core::{DType, Device};
+    use candle_nn::{Optimizer, ParamsAdamW};
+
+    fn arg(name: &str, default: &str) -> String {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    }
+
+    fn used_bytes() -> u64 {
+        mem_get_info().map(|(free, total)| (total - free) as u64).unwrap_or(0)
+    }
+
+    /// Model FLOPs per token (PaLM, appendix B): 6 N (N without the embedding table) plus
+    /// 12 L H T for the attention products.
+    fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
+        let n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size;
+        6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq) as f64
+    }
+
+    fn train(dev: &Device, preset: &str, batch: usize, seq: usize, steps: usize, peak_tflops: f64) -> Result<f64, Box<dyn std::error::Error>> {
+        let cfg = ModelConfig::preset(preset)?;
+        let params = Params::genesis(&cfg, 0, dev)?;
+        let model = Llama::new(&params)?.with_compute_dtype(DType::BF16);
+        let (ids, labels) = bistro_benches::synthetic_batch(batch, seq, cfg.vocab_size, dev)?;
+        let mut opt = AdamW::new(params.vars().to_vec(), ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 })?;
+        let base = used_bytes();
+        let mut peak = 0u64;
+        let mut times = Vec::new();
+        let mut fwd_bwd = Vec::new();
+        for i in 0..steps + 2 {
+            dev.synchronize()?;
+            let t0 = Instant::now();
+            let loss = model.loss(&ids, &labels)?;
+            dev.synchronize()?;
+            peak = peak.max(used_bytes());
+            let grads = loss.backward()?;
+            dev.synchronize()?;
+            peak = peak.max(used_bytes());
+            let t_fb = t0.elapsed().as_secs_f64();
+            opt.step(&grads)?;
+            drop(grads);
+            dev.synchronize()?;
+            if i >= 2 {
+                times.push(t0.elapsed().as_secs_f64());
+                fwd_bwd.push(t_fb);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        fwd_bwd.sort_by(f64::total_cmp);
+        let (wall, fb) = (times[times.len() / 2], fwd_bwd[fwd_bwd.len() / 2]);
+        let tokens = (batch * seq) as f64;
+        let mfu = tokens / wall * flops_per_token(&cfg, seq) / (peak_tflops * 1e12);
+        println!(
+            r#"{{"what":"train_step","impl":"bistro","model":"{preset}","dtype":"bf16","batch":{batch},"seq":{seq},"step_s":{wall:.4},"tokens_per_s":{:.0},"mfu":{mfu:.4},"fwd_bwd_s":{fb:.4},"device_mem_in_use_gb":{:.2},"device_mem_before_gb":{:.2}}}"#,
+            tokens / wall,
+            peak as f64 / 1e9,
+            base as f64 / 1e9
+        );
+        Ok(fb)
+    }
+
+    fn diff_norm(miners: usize, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+        let k = CudaDiffNorm::new(0)?;
+        let theta: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+        let gv: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-4).collect();
+        let slices: Vec<Vec<f32>> = (0..miners).map(|m| (0..n).map(|i| ((i + m) % 83) as f32 * 1e-3).collect()).collect();
+        let refs: Vec<&[f32]> = slices.iter().map(|s| s.as_slice()).collect();
+        let inputs = k.upload(&theta, &gv, &refs)?;
+        let stream = k.context().default_stream();
+        let reps = 20;
+        k.run(&inputs, 0.01)?;
+        stream.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            k.run(&inputs, 0.01)?;
+        }
+        stream.synchronize()?;
+        let t_kernel = t0.elapsed().as_secs_f64() / reps as f64;
+        let bytes = ((miners + 2) * n * 4) as f64;
+        // A device-to-device copy of the same number of bytes, same run.
+        let src = stream.alloc_zeros::<f32>((miners + 2) * n)?;
+        let mut dst = stream.alloc_zeros::<f32>((miners + 2) * n)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        stream.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            stream.memcpy_dtod(&src, &mut dst)?;
+        }
+        stream.synchronize()?;
+        let t_copy = t0.elapsed().as_secs_f64() / reps as f64;
+        // A copy reads and writes every byte; the kernel only reads.
+        let (kernel_gbs, copy_gbs) = (bytes / t_kernel / 1e9, 2.0 * bytes / t_copy / 1e9);
+        println!(
+            r#"{{"what":"diff_norm","miners":{miners},"params":{n},"kernel_s":{t_kernel:.5},"kernel_read_gb_per_s":{kernel_gbs:.0},"d2d_copy_gb_per_s":{copy_gbs:.0},"ratio":{:.3}}}"#,
+            kernel_gbs / copy_gbs
+        );
+        Ok(t_kernel / miners as f64)
+    }
+
+    pub fn main() -> Result<(), Box<dyn std::error::Error>> {
+        let dev = Device::new_cuda(0)?;
+        let peak: f64 = arg("--peak-tflops", "989.4").parse()?;
+        let steps: usize = arg("--steps", "5").parse()?;
+        let seq: usize = arg("--seq", "2048").parse()?;
+        let b125: usize = arg("--batch-125m", "16").parse()?;
+        let b1b: usize = arg("--batch-1b", "4").parse()?;
+        train(&dev, "125m", b125, seq, steps, peak)?;
+        let fb_1b = train(&dev, "1b", b1b, seq, steps, peak)?;
+        let n_1b = ModelConfig::preset("1b")?.num_params();
+        // The validator scores a miner by one forward+backward on its pages and one pass of
+        // the difference norm over its slice (here the whole parameter vector, the worst case).
+        let per_miner_norm = diff_norm(8, n_1b)?;
+        let per_miner = fb_1b + per_miner_norm;
+        println!(
+            r#"{{"what":"validator","model":"1b","batch":{b1b},"seq":{seq},"recompute_s":{fb_1b:.4},"norm_s":{per_miner_norm:.5},"miners_per_24s_window":{:.1}}}"#,
+            24.0 / per_miner
+        );
+        Ok(())
+    }
+}

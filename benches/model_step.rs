@@ -1,4 +1,5 @@
-//! One training step (forward + backward) of the `tiny` and `small` presets on the CPU.
+//! One training step (forward + backward) of the `tiny` and `small` presets on the CPU,
+//! with the fused ops (the default) and with the composed reference ops.
 //!
 //! Criterion reports throughput in elements/s, where an element is one token, so the
 //! figure is tokens/s. Batch shapes match `benches/torch_reference.py`
@@ -8,23 +9,29 @@ use bistro_model::{Llama, ModelConfig, Params};
 use candle_core::Device;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
+#[global_allocator]
+static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
+
 fn step(c: &mut Criterion) {
+    bistro_train::process::tune();
     let dev = Device::Cpu;
     let mut group = c.benchmark_group("train_step_fwd_bwd");
     group.sample_size(10);
     for (preset, b, t) in [("tiny", 8usize, 256usize), ("small", 4, 256)] {
         let cfg = ModelConfig::preset(preset).expect("preset");
         let params = Params::genesis(&cfg, 0, &dev).expect("genesis");
-        let model = Llama::new(&params).expect("model");
         let (ids, labels) = bistro_benches::synthetic_batch(b, t, cfg.vocab_size, &dev).expect("batch");
         group.throughput(Throughput::Elements((b * t) as u64));
-        group.bench_function(format!("{preset}_{b}x{t}"), |bench| {
-            bench.iter(|| {
-                let loss = model.loss(&ids, &labels).expect("loss");
-                let grads = loss.backward().expect("backward");
-                std::hint::black_box(grads);
-            })
-        });
+        for (kind, fused) in [("fused", true), ("composed", false)] {
+            let model = Llama::new(&params).expect("model").with_fused_ops(fused);
+            group.bench_function(format!("{preset}_{b}x{t}_{kind}"), |bench| {
+                bench.iter(|| {
+                    let loss = model.loss(&ids, &labels).expect("loss");
+                    let grads = loss.backward().expect("backward");
+                    std::hint::black_box(grads);
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use crate::{BLOCK, DiffNorms, KernelError, check};
 
 /// Sum of squares of `a - b` in 8 f32 lanes (the compiler vectorises this loop).
-#[inline(always)]
+#[inline]
 fn sq_diff_sum(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
@@ -24,7 +24,7 @@ fn sq_diff_sum(a: &[f32], b: &[f32]) -> f32 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
 }
 
-#[inline(always)]
+#[inline]
 fn sq_sum(a: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
@@ -35,35 +35,6 @@ fn sq_sum(a: &[f32]) -> f32 {
     }
     let tail: f32 = ra.iter().map(|x| x * x).sum();
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
-}
-
-/// One block: `target = theta - eta g_v` (so `eta (g_m - g_v) = target - s`), then each
-/// miner's squared distance and `|g_v|^2`.
-#[inline(always)]
-fn block(target: &mut [f32], t: &[f32], g: &[f32], slices: &[&[f32]], lo: usize, eta: f32) -> (Vec<f32>, f32) {
-    let hi = lo + target.len();
-    for ((o, &x), &y) in target.iter_mut().zip(t).zip(g) {
-        *o = x - eta * y;
-    }
-    let per_miner = slices.iter().map(|s| sq_diff_sum(target, &s[lo..hi])).collect();
-    (per_miner, sq_sum(g))
-}
-
-/// [`block`] compiled for AVX2+FMA when the CPU has them (checked once), else the baseline.
-fn block_dispatch(target: &mut [f32], t: &[f32], g: &[f32], slices: &[&[f32]], lo: usize, eta: f32) -> (Vec<f32>, f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(target: &mut [f32], t: &[f32], g: &[f32], slices: &[&[f32]], lo: usize, eta: f32) -> (Vec<f32>, f32) {
-            block(target, t, g, slices, lo, eta)
-        }
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { avx2(target, t, g, slices, lo, eta) };
-        }
-    }
-    block(target, t, g, slices, lo, eta)
 }
 
 /// `||g_m - g_v||^2` for every miner's slice and `||g_v||^2`, where
@@ -83,7 +54,15 @@ pub fn diff_norms(theta: &[f32], gv: &[f32], eta: f32, slices: &[&[f32]]) -> Res
             |target, b| {
                 let lo = b * BLOCK;
                 let hi = (lo + BLOCK).min(n);
-                block_dispatch(&mut target[..hi - lo], &theta[lo..hi], &gv[lo..hi], slices, lo, eta)
+                let t = &theta[lo..hi];
+                let g = &gv[lo..hi];
+                // target = theta - eta * g_v, so eta * (g_m - g_v) = target - s.
+                let target = &mut target[..hi - lo];
+                for ((o, &x), &y) in target.iter_mut().zip(t).zip(g) {
+                    *o = x - eta * y;
+                }
+                let per_miner = slices.iter().map(|s| sq_diff_sum(target, &s[lo..hi])).collect();
+                (per_miner, sq_sum(g))
             },
         )
         .collect();

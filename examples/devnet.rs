@@ -47,8 +47,15 @@ struct Cli {
     plot: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[global_allocator]
+static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    bistro_train::process::tune();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     bistro_train::cli::init_logging(bistro_train::cli::LogFormat::Pretty);
     let mut adversaries = Vec::new();

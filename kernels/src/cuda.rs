@@ -4,16 +4,15 @@
 //! only, and the PTX targets whatever the loaded NVRTC emits (`compute_90` is requested,
 //! which driver 580 accepts). The reduction is deterministic: each thread block reduces a
 //! fixed chunk of coordinates with a fixed-shape shared-memory tree (f32), and the host sums
-//! the per-chunk partials in chunk order in f64 — the same order the CPU path uses
-//! ([`crate::BLOCK`] coordinates per chunk), so the two differ only by f32 rounding inside
-//! a chunk.
+//! the per-chunk partials in chunk order in f64 ([`crate::CUDA_BLOCK`] coordinates per
+//! chunk), so the CPU and GPU results differ only by f32 rounding inside chunks.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
-use crate::{BLOCK, DiffNorms, KernelError, check};
+use crate::{CUDA_BLOCK as BLOCK, DiffNorms, KernelError, check};
 
 const THREADS: u32 = 256;
 

@@ -34,7 +34,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq: usize = get("--seq", "256").parse()?;
     let steps: usize = get("--steps", "5").parse()?;
     let warmup: usize = get("--warmup", "2").parse()?;
-    let cfg = ModelConfig::preset(&preset)?;
+    let mut cfg = ModelConfig::preset(&preset)?;
+    // `--layers N` keeps the preset's shapes with N layers (to measure memory per layer).
+    if let Some(layers) = args.iter().position(|a| a == "--layers").and_then(|i| args.get(i + 1)) {
+        cfg.num_hidden_layers = layers.parse()?;
+    }
     let dev = Device::Cpu;
     let params = Params::genesis(&cfg, 0, &dev)?;
     let model = Llama::new(&params)?;

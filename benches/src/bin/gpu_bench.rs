@@ -132,6 +132,8 @@ mod gpu {
 
     pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dev = Device::new_cuda(0)?;
+        // `mem_get_info` reads the context current on this thread.
+        dev.as_cuda_device()?.cuda_stream().context().bind_to_thread()?;
         let peak: f64 = arg("--peak-tflops", "989.4").parse()?;
         let steps: usize = arg("--steps", "5").parse()?;
         let seq: usize = arg("--seq", "2048").parse()?;

@@ -13,7 +13,9 @@ fn prep(c: &mut Criterion) {
         let p = ds.pages("devnet", "bench", 1, pages);
         let n = ds.window_batch(&tok, &p, 256).expect("batch").n_targets;
         group.throughput(Throughput::Elements(n as u64));
-        group.bench_function(format!("{pages}_pages_seq256"), |b| b.iter(|| ds.window_batch(&tok, &p, 256).expect("batch")));
+        group.bench_function(format!("{pages}_pages_seq256"), |b| {
+            b.iter(|| ds.window_batch(&tok, &p, 256).expect("batch"))
+        });
     }
     group.finish();
 }

@@ -20,7 +20,8 @@ fn kernels(c: &mut Criterion) {
 
     let theta: Vec<f32> = (0..N).map(|i| (i as f32 * 1e-3).sin() * 0.02).collect();
     let gv: Vec<f32> = (0..N).map(|i| (i as f32 * 7e-3).cos() * 1e-3).collect();
-    let slices: Vec<Vec<f32>> = (0..64).map(|k| theta.iter().zip(&gv).map(|(t, g)| t - 0.5 * g + k as f32 * 1e-7).collect()).collect();
+    let slices: Vec<Vec<f32>> =
+        (0..64).map(|k| theta.iter().zip(&gv).map(|(t, g)| t - 0.5 * g + k as f32 * 1e-7).collect()).collect();
     let mut g = c.benchmark_group("grad_diff_norm_cpu_1b");
     g.sample_size(10);
     for m in [1usize, 8, 64] {

@@ -50,7 +50,10 @@ fn bench_config(c: &mut Criterion, preset: &str) {
     }
     g.bench_function("decode_validate", |b| b.iter(|| slices::decode(&bytes, &exp).expect("decode")));
     let contributions: Vec<Contribution> = (0..8)
-        .map(|i| Contribution { hotkey: format!("m{i}"), values: values.iter().map(|v| v.iter().map(|x| x + i as f32 * 1e-6).collect()).collect() })
+        .map(|i| Contribution {
+            hotkey: format!("m{i}"),
+            values: values.iter().map(|v| v.iter().map(|x| x + i as f32 * 1e-6).collect()).collect(),
+        })
         .collect();
     g.throughput(Throughput::Bytes(8 * bytes.len() as u64));
     g.bench_function("aggregate_apply_8", |b| {

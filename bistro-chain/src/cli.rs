@@ -88,17 +88,15 @@ impl ChainArgs {
         if self.network.starts_with("ws://") || self.network.starts_with("wss://") {
             return Ok(self.network.clone());
         }
-        NETWORKS
-            .iter()
-            .find(|(n, _)| *n == self.network && *n != "devnet")
-            .map(|(_, e)| e.to_string())
-            .ok_or_else(|| {
+        NETWORKS.iter().find(|(n, _)| *n == self.network && *n != "devnet").map(|(_, e)| e.to_string()).ok_or_else(
+            || {
                 ChainError::Config(format!(
                     "unknown network `{}` (use one of {}, or a ws:// or wss:// URL)",
                     self.network,
                     NETWORKS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                 ))
-            })
+            },
+        )
     }
 
     /// Connect to the chain these options name; on a real network the hotkey file of the
@@ -132,7 +130,17 @@ mod tests {
 
     #[test]
     fn bittensor_style_flags_parse() {
-        let c = Cli::parse_from(["x", "--wallet.name", "w", "--wallet.hotkey", "h", "--netuid", "3", "--subtensor.network", "test"]);
+        let c = Cli::parse_from([
+            "x",
+            "--wallet.name",
+            "w",
+            "--wallet.hotkey",
+            "h",
+            "--netuid",
+            "3",
+            "--subtensor.network",
+            "test",
+        ]);
         assert_eq!(c.chain.netuid, 3);
         assert_eq!(c.chain.wallet("d").hotkey, "h");
         assert_eq!(c.chain.endpoint().unwrap(), "wss://test.finney.opentensor.ai:443");

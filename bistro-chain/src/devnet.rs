@@ -84,7 +84,13 @@ impl Devnet {
             let _lock = Self::lock_dir(dir)?;
             if !path.exists() {
                 let ms = block_time.as_millis().max(1) as u64;
-                let st = State { version: 1, genesis_unix_ms: now_ms(), block_time_ms: ms, secret: fresh_secret(), subnets: BTreeMap::new() };
+                let st = State {
+                    version: 1,
+                    genesis_unix_ms: now_ms(),
+                    block_time_ms: ms,
+                    secret: fresh_secret(),
+                    subnets: BTreeMap::new(),
+                };
                 write_state(&path, &st)?;
                 tracing::info!(dir = %dir.display(), block_time_ms = ms, "created a new local devnet");
             }
@@ -97,7 +103,12 @@ impl Devnet {
         if st.block_time_ms == 0 {
             return Err(state_err(&path, "block_time_ms must be positive"));
         }
-        Ok(Devnet { dir: dir.to_path_buf(), genesis_unix_ms: st.genesis_unix_ms, block_time_ms: st.block_time_ms, secret })
+        Ok(Devnet {
+            dir: dir.to_path_buf(),
+            genesis_unix_ms: st.genesis_unix_ms,
+            block_time_ms: st.block_time_ms,
+            secret,
+        })
     }
 
     /// The directory holding the state.
@@ -217,18 +228,25 @@ impl Chain for Devnet {
         })
     }
 
-    async fn set_weights(&self, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], _version_key: u64) -> Result<()> {
+    async fn set_weights(
+        &self,
+        netuid: u16,
+        hotkey: &str,
+        uids: &[u16],
+        weights: &[u16],
+        _version_key: u64,
+    ) -> Result<()> {
         if uids.len() != weights.len() {
             return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
         }
         let block = self.current_block();
         self.update(|st| {
             let s = st.subnets.entry(netuid).or_default();
-            let me = s
-                .neurons
-                .iter()
-                .find(|n| n.hotkey == hotkey)
-                .ok_or_else(|| ChainError::NotRegistered { hotkey: hotkey.into(), netuid, hint: String::new() })?;
+            let me = s.neurons.iter().find(|n| n.hotkey == hotkey).ok_or_else(|| ChainError::NotRegistered {
+                hotkey: hotkey.into(),
+                netuid,
+                hint: String::new(),
+            })?;
             if !me.validator_permit {
                 return Err(ChainError::Weights(format!("{hotkey} has no validator permit (no stake)")));
             }
@@ -287,7 +305,13 @@ impl Chain for Devnet {
                 return Err(ChainError::Subnet { netuid, reason: format!("full ({MAX_NEURONS} neurons)") });
             }
             let uid = s.neurons.len() as u16;
-            s.neurons.push(Neuron { uid, hotkey: hotkey.to_string(), stake, validator_permit: stake > 0, incentive: 0.0 });
+            s.neurons.push(Neuron {
+                uid,
+                hotkey: hotkey.to_string(),
+                stake,
+                validator_permit: stake > 0,
+                incentive: 0.0,
+            });
             tracing::info!(netuid, uid, hotkey, stake, "registered on the devnet");
             Ok(uid)
         })

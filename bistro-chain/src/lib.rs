@@ -116,7 +116,10 @@ impl Metagraph {
     }
 }
 
-fn async_stream<C: Chain + ?Sized>(chain: &C, poll: Duration) -> impl futures_core::Stream<Item = Result<u64>> + Send + '_ {
+fn async_stream<C: Chain + ?Sized>(
+    chain: &C,
+    poll: Duration,
+) -> impl futures_core::Stream<Item = Result<u64>> + Send + '_ {
     futures_util::stream::unfold(None::<u64>, move |last| async move {
         loop {
             match chain.block_number().await {
@@ -163,7 +166,14 @@ pub trait Chain: Send + Sync {
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()>;
 
     /// Set `hotkey`'s weights on `netuid` (u16 weights per uid).
-    async fn set_weights(&self, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], version_key: u64) -> Result<()>;
+    async fn set_weights(
+        &self,
+        netuid: u16,
+        hotkey: &str,
+        uids: &[u16],
+        weights: &[u16],
+        version_key: u64,
+    ) -> Result<()>;
 
     /// The weights each validator uid last set: `(validator uid, [(uid, weight)])`.
     async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>>;

@@ -34,7 +34,9 @@ pub struct Subtensor {
     timeout: Duration,
 }
 
-type ConnectFuture = std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, String>> + Send>>;
+type ConnectFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, String>> + Send>,
+>;
 
 /// How to (re)connect: to a URL, or through a ready client (tests).
 #[derive(Clone)]
@@ -70,7 +72,8 @@ pub fn account_id(ss58: &str) -> Result<AccountId32> {
 
 /// A signer from a Bittensor hotkey file's `secretSeed` (hex, with or without `0x`).
 pub fn keypair_from_seed_hex(seed_hex: &str) -> Result<Keypair> {
-    let bytes = hex::decode(seed_hex.trim_start_matches("0x")).map_err(|_| ChainError::Wallet("secretSeed is not hex".into()))?;
+    let bytes = hex::decode(seed_hex.trim_start_matches("0x"))
+        .map_err(|_| ChainError::Wallet("secretSeed is not hex".into()))?;
     let seed: [u8; 32] = bytes.try_into().map_err(|_| ChainError::Wallet("secretSeed must be 32 bytes".into()))?;
     Keypair::from_secret_key(seed).map_err(|e| ChainError::Wallet(format!("bad secretSeed: {e}")))
 }
@@ -80,7 +83,10 @@ pub fn raw_data(bytes: &[u8]) -> Result<Value> {
     if bytes.len() > 128 {
         return Err(ChainError::Config(format!("commitment of {} bytes is over the 128-byte Raw limit", bytes.len())));
     }
-    Ok(Value::variant(format!("Raw{}", bytes.len()), subxt::ext::scale_value::Composite::unnamed([Value::from_bytes(bytes)])))
+    Ok(Value::variant(
+        format!("Raw{}", bytes.len()),
+        subxt::ext::scale_value::Composite::unnamed([Value::from_bytes(bytes)]),
+    ))
 }
 
 /// The bytes of the first `Raw<N>` field of a decoded `Registration`/`CommitmentInfo` value.
@@ -129,7 +135,12 @@ impl Subtensor {
     }
 
     /// Use a ready client (an in-process mock in tests).
-    pub fn from_client(name: &str, client: OnlineClient<SubstrateConfig>, signer: Option<Keypair>, timeout: Duration) -> Self {
+    pub fn from_client(
+        name: &str,
+        client: OnlineClient<SubstrateConfig>,
+        signer: Option<Keypair>,
+        timeout: Duration,
+    ) -> Self {
         Subtensor {
             endpoint: name.to_string(),
             client: Mutex::new(Some(client.clone())),
@@ -251,7 +262,11 @@ impl Chain for Subtensor {
         let ts: u64 = self
             .with_client("block timestamp", |c| async move {
                 let at = c.at_block(known).await.map_err(|e| e.to_string())?;
-                let v = at.storage().fetch(dynamic::storage::<(), u64>("Timestamp", "Now"), ()).await.map_err(|e| e.to_string())?;
+                let v = at
+                    .storage()
+                    .fetch(dynamic::storage::<(), u64>("Timestamp", "Now"), ())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 v.decode().map_err(|e| e.to_string())
             })
             .await?;
@@ -263,26 +278,45 @@ impl Chain for Subtensor {
             let at = c.at_current_block().await.map_err(|e| e.to_string())?;
             let block = at.block_number();
             let st = at.storage();
-            let n: u16 = match st.try_fetch(dynamic::storage::<(u16,), u16>("SubtensorModule", "SubnetworkN"), (netuid,)).await.map_err(|e| e.to_string())? {
+            let n: u16 = match st
+                .try_fetch(dynamic::storage::<(u16,), u16>("SubtensorModule", "SubnetworkN"), (netuid,))
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some(v) => v.decode().map_err(|e| e.to_string())?,
                 None => 0,
             };
-            let permits: Vec<bool> = match st.try_fetch(dynamic::storage::<(u16,), Vec<bool>>("SubtensorModule", "ValidatorPermit"), (netuid,)).await.map_err(|e| e.to_string())? {
+            let permits: Vec<bool> = match st
+                .try_fetch(dynamic::storage::<(u16,), Vec<bool>>("SubtensorModule", "ValidatorPermit"), (netuid,))
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some(v) => v.decode().map_err(|e| e.to_string())?,
                 None => Vec::new(),
             };
-            let incentive: Vec<u16> = match st.try_fetch(dynamic::storage::<(u16,), Vec<u16>>("SubtensorModule", "Incentive"), (netuid,)).await.map_err(|e| e.to_string())? {
+            let incentive: Vec<u16> = match st
+                .try_fetch(dynamic::storage::<(u16,), Vec<u16>>("SubtensorModule", "Incentive"), (netuid,))
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some(v) => v.decode().map_err(|e| e.to_string())?,
                 None => Vec::new(),
             };
             let mut neurons = Vec::with_capacity(n as usize);
             for uid in 0..n {
-                let Some(key) = st.try_fetch(dynamic::storage::<(u16, u16), [u8; 32]>("SubtensorModule", "Keys"), (netuid, uid)).await.map_err(|e| e.to_string())? else {
+                let Some(key) = st
+                    .try_fetch(dynamic::storage::<(u16, u16), [u8; 32]>("SubtensorModule", "Keys"), (netuid, uid))
+                    .await
+                    .map_err(|e| e.to_string())?
+                else {
                     continue;
                 };
                 let key: [u8; 32] = key.decode().map_err(|e| e.to_string())?;
                 let stake: u64 = match st
-                    .try_fetch(dynamic::storage::<([u8; 32], u16), u64>("SubtensorModule", "TotalHotkeyAlpha"), (key, netuid))
+                    .try_fetch(
+                        dynamic::storage::<([u8; 32], u16), u64>("SubtensorModule", "TotalHotkeyAlpha"),
+                        (key, netuid),
+                    )
                     .await
                     .map_err(|e| e.to_string())?
                 {
@@ -320,7 +354,14 @@ impl Chain for Subtensor {
         self.submit("set_commitment", hotkey, set_commitment_call(netuid, data)?).await
     }
 
-    async fn set_weights(&self, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], version_key: u64) -> Result<()> {
+    async fn set_weights(
+        &self,
+        netuid: u16,
+        hotkey: &str,
+        uids: &[u16],
+        weights: &[u16],
+        version_key: u64,
+    ) -> Result<()> {
         if uids.len() != weights.len() {
             return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
         }
@@ -329,7 +370,10 @@ impl Chain for Subtensor {
                 let at = c.at_current_block().await.map_err(|e| e.to_string())?;
                 match at
                     .storage()
-                    .try_fetch(dynamic::storage::<(u16,), bool>("SubtensorModule", "CommitRevealWeightsEnabled"), (netuid,))
+                    .try_fetch(
+                        dynamic::storage::<(u16,), bool>("SubtensorModule", "CommitRevealWeightsEnabled"),
+                        (netuid,),
+                    )
                     .await
                     .map_err(|e| e.to_string())?
                 {
@@ -368,7 +412,12 @@ impl Chain for Subtensor {
         let uid: Option<u16> = self
             .with_client("registration", |c| async move {
                 let at = c.at_current_block().await.map_err(|e| e.to_string())?;
-                match at.storage().try_fetch(dynamic::storage::<(u16, [u8; 32]), u16>("SubtensorModule", "Uids"), (netuid, who.0)).await.map_err(|e| e.to_string())? {
+                match at
+                    .storage()
+                    .try_fetch(dynamic::storage::<(u16, [u8; 32]), u16>("SubtensorModule", "Uids"), (netuid, who.0))
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
                     Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 }
@@ -383,7 +432,12 @@ impl Chain for Subtensor {
 }
 
 /// The `SubtensorModule.set_weights(netuid, dests, weights, version_key)` call.
-pub fn set_weights_call(netuid: u16, uids: &[u16], weights: &[u16], version_key: u64) -> subxt::tx::DynamicPayload<Vec<Value>> {
+pub fn set_weights_call(
+    netuid: u16,
+    uids: &[u16],
+    weights: &[u16],
+    version_key: u64,
+) -> subxt::tx::DynamicPayload<Vec<Value>> {
     dynamic::transaction(
         "SubtensorModule",
         "set_weights",

@@ -99,7 +99,8 @@ pub fn read_hotkey_file(path: &Path) -> Result<HotkeyFile> {
             )));
         }
     }
-    let text = std::fs::read_to_string(path).map_err(|e| ChainError::Wallet(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ChainError::Wallet(format!("cannot read {}: {e}", path.display())))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ChainError::Wallet(format!("{} is not a Bittensor hotkey file (JSON): {e}", path.display())))?;
     let ss58 = v
@@ -128,7 +129,8 @@ pub fn create_hotkey_file(path: &Path, seed: [u8; 32]) -> Result<String> {
         "ss58Address": ss58,
     });
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ChainError::Wallet(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ChainError::Wallet(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -137,8 +139,11 @@ pub fn create_hotkey_file(path: &Path, seed: [u8; 32]) -> Result<String> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(|e| ChainError::Wallet(format!("cannot create hotkey file {}: {e}", path.display())))?;
-    f.write_all(json.to_string().as_bytes()).map_err(|e| ChainError::Wallet(format!("cannot write {}: {e}", path.display())))?;
+    let mut f = opts
+        .open(path)
+        .map_err(|e| ChainError::Wallet(format!("cannot create hotkey file {}: {e}", path.display())))?;
+    f.write_all(json.to_string().as_bytes())
+        .map_err(|e| ChainError::Wallet(format!("cannot write {}: {e}", path.display())))?;
     Ok(ss58)
 }
 
@@ -176,7 +181,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w/hotkeys/h");
         // Alice's development mini-secret gives Alice's well-known address.
-        let seed: [u8; 32] = hex::decode("e5be9a5092b81bca64be81d212e7f2f9eba183bb7a90954f7b76361f6edb5c0a").unwrap().try_into().unwrap();
+        let seed: [u8; 32] = hex::decode("e5be9a5092b81bca64be81d212e7f2f9eba183bb7a90954f7b76361f6edb5c0a")
+            .unwrap()
+            .try_into()
+            .unwrap();
         let ss58 = create_hotkey_file(&p, seed).unwrap();
         assert_eq!(ss58, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY");
         assert_eq!(read_hotkey_file(&p).unwrap().ss58_address, ss58);

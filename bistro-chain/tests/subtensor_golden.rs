@@ -80,7 +80,9 @@ async fn mock_client(storage: Storage) -> OnlineClient<SubstrateConfig> {
         .method_handler("chain_getBlockHash", move |params| {
             let (g1, h1) = (g1.clone(), h1.clone());
             async move {
-                let n = params.and_then(|p| serde_json::from_str::<Vec<Json>>(p.get()).ok()).and_then(|v| v.first().and_then(|x| x.as_u64()));
+                let n = params
+                    .and_then(|p| serde_json::from_str::<Vec<Json>>(p.get()).ok())
+                    .and_then(|v| v.first().and_then(|x| x.as_u64()));
                 J(match n {
                     Some(0) => g1,
                     Some(n) if n < number => format!("0x{}", hex::encode(sha_block(n))),
@@ -162,28 +164,52 @@ async fn storage_keys_values_and_call_data_equal_the_recording() {
         let got = match (pallet, entry) {
             ("SubtensorModule", "Tempo" | "NetworksAdded" | "BlocksSinceLastStep") => {
                 let p = k["params"][0].as_u64().unwrap() as u16;
-                at.storage().entry(dynamic::storage::<(u16,), dynamic::Value>(pallet, entry)).unwrap().fetch_key((p,)).unwrap()
+                at.storage()
+                    .entry(dynamic::storage::<(u16,), dynamic::Value>(pallet, entry))
+                    .unwrap()
+                    .fetch_key((p,))
+                    .unwrap()
             }
             ("SubtensorModule", "Keys" | "Bonds") => {
                 let (a, b) = (k["params"][0].as_u64().unwrap() as u16, k["params"][1].as_u64().unwrap() as u16);
-                at.storage().entry(dynamic::storage::<(u16, u16), dynamic::Value>(pallet, entry)).unwrap().fetch_key((a, b)).unwrap()
+                at.storage()
+                    .entry(dynamic::storage::<(u16, u16), dynamic::Value>(pallet, entry))
+                    .unwrap()
+                    .fetch_key((a, b))
+                    .unwrap()
             }
             ("System", "Account") => {
                 let who = subtensor::account_id(k["params"][0].as_str().unwrap()).unwrap();
-                at.storage().entry(dynamic::storage::<([u8; 32],), dynamic::Value>(pallet, entry)).unwrap().fetch_key((who.0,)).unwrap()
+                at.storage()
+                    .entry(dynamic::storage::<([u8; 32],), dynamic::Value>(pallet, entry))
+                    .unwrap()
+                    .fetch_key((who.0,))
+                    .unwrap()
             }
-            ("System", "Events") | ("Timestamp", "Now") => {
-                at.storage().entry(dynamic::storage::<(), dynamic::Value>(pallet, entry)).unwrap().fetch_key(()).unwrap()
-            }
+            ("System", "Events") | ("Timestamp", "Now") => at
+                .storage()
+                .entry(dynamic::storage::<(), dynamic::Value>(pallet, entry))
+                .unwrap()
+                .fetch_key(())
+                .unwrap(),
             _ => continue,
         };
         assert_eq!(format!("0x{}", hex::encode(got)), want, "{pallet}.{entry}");
     }
     // Values, decoded.
-    let tempo = at.storage().fetch(dynamic::storage::<(u16,), u16>("SubtensorModule", "Tempo"), (1,)).await.unwrap().decode().unwrap();
+    let tempo = at
+        .storage()
+        .fetch(dynamic::storage::<(u16,), u16>("SubtensorModule", "Tempo"), (1,))
+        .await
+        .unwrap()
+        .decode()
+        .unwrap();
     assert_eq!(tempo, 100);
     let now = at.storage().fetch(dynamic::storage::<(), u64>("Timestamp", "Now"), ()).await.unwrap().decode().unwrap();
-    let want_now = g["storage_values"].as_array().unwrap().iter().find(|v| v["storage_function"] == "Now").unwrap()["decoded"].as_u64().unwrap();
+    let want_now =
+        g["storage_values"].as_array().unwrap().iter().find(|v| v["storage_function"] == "Now").unwrap()["decoded"]
+            .as_u64()
+            .unwrap();
     assert_eq!(now, want_now);
     // set_weights call data, byte for byte.
     let golden_call = g["calls"].as_array().unwrap().iter().find(|c| c["function"] == "set_weights").unwrap();
@@ -206,7 +232,10 @@ async fn signer_payload_equals_the_recording_and_a_wallet_file_signs_it() {
             dynamic::Value::u128(12345),
         ],
     );
-    assert_eq!(format!("0x{}", hex::encode(at.transactions().call_data(&call).unwrap())), sp["call_data_hex"].as_str().unwrap());
+    assert_eq!(
+        format!("0x{}", hex::encode(at.transactions().call_data(&call).unwrap())),
+        sp["call_data_hex"].as_str().unwrap()
+    );
     let params = subxt::config::DefaultExtrinsicParamsBuilder::<SubstrateConfig>::new().immortal().nonce(7).build();
     let signable = at.transactions().create_v4_signable_offline(&call, params).unwrap();
     let payload = signable.signer_payload().unwrap();
@@ -215,7 +244,12 @@ async fn signer_payload_equals_the_recording_and_a_wallet_file_signs_it() {
     // A Bittensor hotkey file holding Alice's seed: its key is Alice's and its signature verifies.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("alice");
-    std::fs::write(&path, json!({"secretSeed": ALICE_SEED, "ss58Address": ALICE, "publicKey": g["ss58"][0]["public_key_hex"]}).to_string()).unwrap();
+    std::fs::write(
+        &path,
+        json!({"secretSeed": ALICE_SEED, "ss58Address": ALICE, "publicKey": g["ss58"][0]["public_key_hex"]})
+            .to_string(),
+    )
+    .unwrap();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -242,36 +276,64 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
         match entry {
             "SubnetworkN" | "ValidatorPermit" | "Incentive" | "CommitRevealWeightsEnabled" => {
                 let n = u16::from_le_bytes([parts[0], parts[1]]);
-                at.storage().entry(dynamic::storage::<(u16,), dynamic::Value>("SubtensorModule", entry)).unwrap().fetch_key((n,)).unwrap()
+                at.storage()
+                    .entry(dynamic::storage::<(u16,), dynamic::Value>("SubtensorModule", entry))
+                    .unwrap()
+                    .fetch_key((n,))
+                    .unwrap()
             }
             _ => unreachable!(),
         }
     };
     let alice = subtensor::account_id(ALICE).unwrap();
     let bob = subtensor::account_id(BOB).unwrap();
-    let mut s = storage.lock().unwrap();
-    s.insert(key("SubnetworkN", 1u16.to_le_bytes().to_vec()), 2u16.to_le_bytes().to_vec());
-    s.insert(key("ValidatorPermit", 1u16.to_le_bytes().to_vec()), vec![0x08, 1, 0]);
-    s.insert(key("Incentive", 1u16.to_le_bytes().to_vec()), [vec![0x08], 0u16.to_le_bytes().to_vec(), 65535u16.to_le_bytes().to_vec()].concat());
-    s.insert(key("CommitRevealWeightsEnabled", 1u16.to_le_bytes().to_vec()), vec![1]);
-    for (uid, who) in [(0u16, &alice), (1, &bob)] {
-        let k = at.storage().entry(dynamic::storage::<(u16, u16), dynamic::Value>("SubtensorModule", "Keys")).unwrap().fetch_key((1, uid)).unwrap();
-        s.insert(k, who.0.to_vec());
-        let k = at.storage().entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("SubtensorModule", "Uids")).unwrap().fetch_key((1, who.0)).unwrap();
-        s.insert(k, uid.to_le_bytes().to_vec());
-    }
-    let k = at.storage().entry(dynamic::storage::<([u8; 32], u16), dynamic::Value>("SubtensorModule", "TotalHotkeyAlpha")).unwrap().fetch_key((alice.0, 1)).unwrap();
-    s.insert(k, 5_000_000_000u64.to_le_bytes().to_vec());
-    // Bob's commitment: Registration { deposit, block, info: { fields: [Raw(url)] } }.
     let url = "s3://bistro-bob/miner?endpoint=https://r2.example.com";
-    let mut reg = 0u64.to_le_bytes().to_vec();
-    reg.extend(60u32.to_le_bytes());
-    reg.extend(compact(1));
-    reg.push(url.len() as u8 + 1);
-    reg.extend(url.as_bytes());
-    let k = at.storage().entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf")).unwrap().fetch_key((1, bob.0)).unwrap();
-    s.insert(k, reg);
-    drop(s);
+    {
+        let mut s = storage.lock().unwrap();
+        s.insert(key("SubnetworkN", 1u16.to_le_bytes().to_vec()), 2u16.to_le_bytes().to_vec());
+        s.insert(key("ValidatorPermit", 1u16.to_le_bytes().to_vec()), vec![0x08, 1, 0]);
+        s.insert(
+            key("Incentive", 1u16.to_le_bytes().to_vec()),
+            [vec![0x08], 0u16.to_le_bytes().to_vec(), 65535u16.to_le_bytes().to_vec()].concat(),
+        );
+        s.insert(key("CommitRevealWeightsEnabled", 1u16.to_le_bytes().to_vec()), vec![1]);
+        for (uid, who) in [(0u16, &alice), (1, &bob)] {
+            let k = at
+                .storage()
+                .entry(dynamic::storage::<(u16, u16), dynamic::Value>("SubtensorModule", "Keys"))
+                .unwrap()
+                .fetch_key((1, uid))
+                .unwrap();
+            s.insert(k, who.0.to_vec());
+            let k = at
+                .storage()
+                .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("SubtensorModule", "Uids"))
+                .unwrap()
+                .fetch_key((1, who.0))
+                .unwrap();
+            s.insert(k, uid.to_le_bytes().to_vec());
+        }
+        let k = at
+            .storage()
+            .entry(dynamic::storage::<([u8; 32], u16), dynamic::Value>("SubtensorModule", "TotalHotkeyAlpha"))
+            .unwrap()
+            .fetch_key((alice.0, 1))
+            .unwrap();
+        s.insert(k, 5_000_000_000u64.to_le_bytes().to_vec());
+        // Bob's commitment: Registration { deposit, block, info: { fields: [Raw(url)] } }.
+        let mut reg = 0u64.to_le_bytes().to_vec();
+        reg.extend(60u32.to_le_bytes());
+        reg.extend(compact(1));
+        reg.push(url.len() as u8 + 1);
+        reg.extend(url.as_bytes());
+        let k = at
+            .storage()
+            .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf"))
+            .unwrap()
+            .fetch_key((1, bob.0))
+            .unwrap();
+        s.insert(k, reg);
+    }
 
     let chain = Subtensor::from_client("golden mock", client.clone(), None, Duration::from_secs(10));
     assert_eq!(chain.block_number().await.unwrap(), 67);

@@ -43,11 +43,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Serialise named f32 tensors (in the given order) to safetensors bytes with `metadata`.
-pub fn to_safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], metadata: BTreeMap<String, String>) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
+pub fn to_safetensors_bytes(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -106,18 +107,14 @@ impl MappedSafetensors {
 
     /// Parse the header (validates offsets and lengths).
     pub fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap).map_err(|e| ModelError::BadCheckpoint {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })
+        SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| ModelError::BadCheckpoint { path: self.path.clone(), reason: e.to_string() })
     }
 
     /// The `__metadata__` map of the file (empty when absent).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap).map_err(|e| ModelError::BadCheckpoint {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| ModelError::BadCheckpoint { path: self.path.clone(), reason: e.to_string() })?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 }
@@ -133,7 +130,8 @@ pub fn load_safetensors(path: &Path, config: &ModelConfig, device: &Device) -> R
 pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, device: &Device) -> Result<Params> {
     config.validate()?;
     let path = origin;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
     let specs = param_specs(config);
     let expected: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
@@ -143,10 +141,9 @@ pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, devi
     }
     let mut tensors = Vec::with_capacity(specs.len());
     for s in &specs {
-        let view = st.tensor(&s.name).map_err(|_| ModelError::MissingTensor {
-            path: path.to_path_buf(),
-            name: s.name.clone(),
-        })?;
+        let view = st
+            .tensor(&s.name)
+            .map_err(|_| ModelError::MissingTensor { path: path.to_path_buf(), name: s.name.clone() })?;
         if view.dtype() != Dtype::F32 {
             return Err(ModelError::DtypeMismatch {
                 path: path.to_path_buf(),

@@ -95,22 +95,23 @@ impl TryFrom<RawConfig> for ModelConfig {
         if r.attention_bias == Some(true) || r.mlp_bias == Some(true) {
             return Err("attention_bias / mlp_bias are not supported: BISTRO's model has no biases".into());
         }
-        if let Some(act) = &r.hidden_act {
-            if act != "silu" && act != "swiglu" {
-                return Err(format!("hidden_act `{act}` is not supported (only silu)"));
-            }
+        if let Some(act) = &r.hidden_act
+            && act != "silu"
+            && act != "swiglu"
+        {
+            return Err(format!("hidden_act `{act}` is not supported (only silu)"));
         }
-        if let Some(scaling) = &r.rope_scaling {
-            if !scaling.is_null() {
-                return Err("rope_scaling is not supported".into());
-            }
+        if let Some(scaling) = &r.rope_scaling
+            && !scaling.is_null()
+        {
+            return Err("rope_scaling is not supported".into());
         }
         let rope_from_params = match &r.rope_parameters {
             Some(p) => {
-                if let Some(t) = &p.rope_type {
-                    if t != "default" {
-                        return Err(format!("rope_type `{t}` is not supported (only default)"));
-                    }
+                if let Some(t) = &p.rope_type
+                    && t != "default"
+                {
+                    return Err(format!("rope_type `{t}` is not supported (only default)"));
                 }
                 p.rope_theta
             }
@@ -130,12 +131,10 @@ impl TryFrom<RawConfig> for ModelConfig {
             bos_token_id: single_token(r.bos_token_id, "bos_token_id")?,
             eos_token_id: single_token(r.eos_token_id, "eos_token_id")?,
         };
-        if let Some(hd) = r.head_dim {
-            if cfg.num_attention_heads == 0 || hd * cfg.num_attention_heads != cfg.hidden_size {
-                return Err(format!(
-                    "head_dim {hd} must equal hidden_size / num_attention_heads"
-                ));
-            }
+        if let Some(hd) = r.head_dim
+            && (cfg.num_attention_heads == 0 || hd * cfg.num_attention_heads != cfg.hidden_size)
+        {
+            return Err(format!("head_dim {hd} must equal hidden_size / num_attention_heads"));
         }
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -160,10 +159,7 @@ impl ModelConfig {
             "125m" => Self::new(32000, 768, 2048, 12, 12, 12, 2048, 1e-5),
             "1b" => Self::new(32000, 2048, 8192, 16, 8, 8, 2048, 1e-6),
             _ => {
-                return Err(ModelError::UnknownPreset {
-                    name: name.to_string(),
-                    known: PRESETS.join(", "),
-                });
+                return Err(ModelError::UnknownPreset { name: name.to_string(), known: PRESETS.join(", ") });
             }
         };
         Ok(c)
@@ -212,27 +208,20 @@ impl ModelConfig {
 
     /// Read a config from a `.toml` or `.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
         let parsed = if path.extension().is_some_and(|e| e == "toml") {
             toml::from_str::<ModelConfig>(&text).map_err(|e| e.to_string())
         } else {
             serde_json::from_str::<ModelConfig>(&text).map_err(|e| e.to_string())
         };
-        parsed.map_err(|reason| ModelError::ConfigParse {
-            path: path.to_path_buf(),
-            reason,
-        })
+        parsed.map_err(|reason| ModelError::ConfigParse { path: path.to_path_buf(), reason })
     }
 
     /// Parse a Hugging Face `config.json` (or our JSON form) from a string.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| ModelError::ConfigParse {
-            path: "<string>".into(),
-            reason: e.to_string(),
-        })
+        serde_json::from_str(text)
+            .map_err(|e| ModelError::ConfigParse { path: "<string>".into(), reason: e.to_string() })
     }
 
     /// Check that the shape is consistent.
@@ -248,19 +237,19 @@ impl ModelConfig {
         {
             return bad("every size must be positive".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!(
                 "num_attention_heads {} is not divisible by num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
@@ -373,7 +362,8 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_rejected_with_reason() {
-        let j = r#"{"vocab_size":10,"hidden_size":9,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#;
+        let j =
+            r#"{"vocab_size":10,"hidden_size":9,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#;
         let e = ModelConfig::from_json_str(j).unwrap_err().to_string();
         assert!(e.contains("not divisible"), "{e}");
         let j = r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"tie_word_embeddings":true}"#;

@@ -23,10 +23,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 })?;
                 cuda_device(n).map_err(|reason| ModelError::Device { spec: spec.into(), reason })
             } else {
-                Err(ModelError::Device {
-                    spec: spec.into(),
-                    reason: "expected auto, cpu, cuda or cuda:N".into(),
-                })
+                Err(ModelError::Device { spec: spec.into(), reason: "expected auto, cpu, cuda or cuda:N".into() })
             }
         }
     }

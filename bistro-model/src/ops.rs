@@ -49,9 +49,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// computes them: `inv_freq[i] = 1 / theta^(2i / head_dim)` in f32.
 pub fn rope_tables(head_dim: usize, theta: f64, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
     let mut cos = Vec::with_capacity(seq_len * half);
     let mut sin = Vec::with_capacity(seq_len * half);
     for p in 0..seq_len {
@@ -61,10 +59,7 @@ pub fn rope_tables(head_dim: usize, theta: f64, seq_len: usize, device: &Device)
             sin.push(a.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (seq_len, half), device)?,
-        Tensor::from_vec(sin, (seq_len, half), device)?,
-    ))
+    Ok((Tensor::from_vec(cos, (seq_len, half), device)?, Tensor::from_vec(sin, (seq_len, half), device)?))
 }
 
 /// Apply rotary embeddings, Hugging Face's "rotate half" layout, to `x: [B, H, T, D]`
@@ -81,9 +76,8 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }
 

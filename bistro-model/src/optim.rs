@@ -144,7 +144,10 @@ mod tests {
             ours.step(&loss(&a).backward().unwrap()).unwrap();
             theirs.step(&loss(&b).backward().unwrap()).unwrap();
         }
-        let (x, y) = (a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (x, y) = (
+            a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "parameters differ by {worst}");
         assert!(x.iter().zip(&init).any(|(p, q)| p != q), "the parameters moved");

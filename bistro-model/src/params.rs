@@ -51,11 +51,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let kv = cfg.num_key_value_heads * cfg.head_dim();
     let i = cfg.intermediate_size;
     let spec = |name: String, shape: Vec<usize>, kind| ParamSpec { name, shape, kind };
-    let mut v = vec![spec(
-        "model.embed_tokens.weight".into(),
-        vec![cfg.vocab_size, h],
-        ParamKind::Embedding,
-    )];
+    let mut v = vec![spec("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], ParamKind::Embedding)];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         v.push(spec(format!("{p}.self_attn.q_proj.weight"), vec![h, h], ParamKind::Linear));
@@ -100,16 +96,14 @@ pub fn genesis_values(spec: &ParamSpec, seed: u64, initializer_range: f64) -> Ve
     h.update(spec.name.as_bytes());
     let key: [u8; 32] = h.finalize().into();
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(GENESIS_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, dst)| {
-            let mut rng = ChaCha20Rng::from_seed(key);
-            rng.set_stream(chunk as u64);
-            for x in dst.iter_mut() {
-                let u = ((rng.next_u32() >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0);
-                *x = (2.0 * u - 1.0) * a;
-            }
-        });
+    out.par_chunks_mut(GENESIS_CHUNK).enumerate().for_each(|(chunk, dst)| {
+        let mut rng = ChaCha20Rng::from_seed(key);
+        rng.set_stream(chunk as u64);
+        for x in dst.iter_mut() {
+            let u = ((rng.next_u32() >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0);
+            *x = (2.0 * u - 1.0) * a;
+        }
+    });
     out
 }
 
@@ -144,11 +138,7 @@ impl Params {
     pub fn from_tensors(config: &ModelConfig, tensors: Vec<Tensor>, device: &Device) -> Result<Self> {
         let specs = param_specs(config);
         if tensors.len() != specs.len() {
-            return Err(ModelError::OutOfRange(format!(
-                "expected {} tensors, got {}",
-                specs.len(),
-                tensors.len()
-            )));
+            return Err(ModelError::OutOfRange(format!("expected {} tensors, got {}", specs.len(), tensors.len())));
         }
         let mut vars = Vec::with_capacity(specs.len());
         for (s, t) in specs.iter().zip(tensors) {
@@ -164,13 +154,7 @@ impl Params {
             vars.push(Var::from_tensor(&t)?);
         }
         let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Ok(Params {
-            config: config.clone(),
-            specs,
-            vars,
-            index,
-            device: device.clone(),
-        })
+        Ok(Params { config: config.clone(), specs, vars, index, device: device.clone() })
     }
 
     /// The config these parameters belong to.
@@ -221,12 +205,8 @@ impl Params {
     /// A [`VarBuilder`] over these parameters, with Hugging Face names. Tensors it hands out
     /// are the variables themselves, so gradients flow back to them.
     pub fn var_builder(&self) -> VarBuilder<'static> {
-        let map: HashMap<String, Tensor> = self
-            .specs
-            .iter()
-            .zip(&self.vars)
-            .map(|(s, v)| (s.name.clone(), v.as_tensor().clone()))
-            .collect();
+        let map: HashMap<String, Tensor> =
+            self.specs.iter().zip(&self.vars).map(|(s, v)| (s.name.clone(), v.as_tensor().clone())).collect();
         VarBuilder::from_tensors(map, DType::F32, &self.device)
     }
 
@@ -247,15 +227,13 @@ impl Params {
     }
 
     fn check_indices(&self, param: usize, indices: &[u32]) -> Result<usize> {
-        let spec = self.specs.get(param).ok_or_else(|| {
-            ModelError::OutOfRange(format!("parameter {param} of {}", self.specs.len()))
-        })?;
+        let spec = self
+            .specs
+            .get(param)
+            .ok_or_else(|| ModelError::OutOfRange(format!("parameter {param} of {}", self.specs.len())))?;
         let n = spec.numel();
         if let Some(bad) = indices.iter().find(|&&i| i as usize >= n) {
-            return Err(ModelError::OutOfRange(format!(
-                "flat index {bad} in `{}` with {n} elements",
-                spec.name
-            )));
+            return Err(ModelError::OutOfRange(format!("flat index {bad} in `{}` with {n} elements", spec.name)));
         }
         Ok(n)
     }
@@ -272,11 +250,7 @@ impl Params {
     pub fn scatter(&self, param: usize, indices: &[u32], values: &[f32]) -> Result<()> {
         self.check_indices(param, indices)?;
         if indices.len() != values.len() {
-            return Err(ModelError::OutOfRange(format!(
-                "{} indices but {} values",
-                indices.len(),
-                values.len()
-            )));
+            return Err(ModelError::OutOfRange(format!("{} indices but {} values", indices.len(), values.len())));
         }
         if indices.is_empty() {
             return Ok(());

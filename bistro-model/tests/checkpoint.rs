@@ -4,7 +4,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use bistro_model::checkpoint::{load_checkpoint, load_safetensors, save_checkpoint_dir, save_safetensors, to_safetensors_bytes};
+use bistro_model::checkpoint::{
+    load_checkpoint, load_safetensors, save_checkpoint_dir, save_safetensors, to_safetensors_bytes,
+};
 use bistro_model::{Llama, ModelConfig, ModelError, Params};
 use candle_core::{DType, Device};
 
@@ -28,7 +30,8 @@ fn save_load_round_trip_is_bit_exact() {
     let r = load_safetensors(&weights, &cfg, &Device::Cpu).unwrap();
     assert!(same_bits(&p, &r));
     // The directory's config.json is a Hugging Face LlamaForCausalLM config.
-    let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(hf["architectures"][0], "LlamaForCausalLM");
     assert_eq!(ModelConfig::from_file(&dir.path().join("config.json")).unwrap(), cfg);
 }
@@ -53,7 +56,8 @@ fn candle_transformers_opens_our_checkpoint() {
     let cfg = common::micro_gqa();
     let p = Params::genesis(&cfg, 5, &Device::Cpu).unwrap();
     let weights = save_checkpoint_dir(&p, dir.path()).unwrap();
-    let hf: reference::LlamaConfig = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let hf: reference::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     let rcfg = hf.into_config(false);
     let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap() };
     let theirs = reference::Llama::load(vb, &rcfg).unwrap();
@@ -68,7 +72,8 @@ fn candle_transformers_opens_our_checkpoint() {
 
 fn write_custom(path: &std::path::Path, cfg: &ModelConfig, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
     let p = Params::genesis(cfg, 1, &Device::Cpu).unwrap();
-    let mut tensors: Vec<_> = p.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), s.shape.clone(), p.to_vec(i).unwrap())).collect();
+    let mut tensors: Vec<_> =
+        p.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), s.shape.clone(), p.to_vec(i).unwrap())).collect();
     edit(&mut tensors);
     std::fs::write(path, to_safetensors_bytes(&tensors, BTreeMap::new()).unwrap()).unwrap();
 }
@@ -79,15 +84,24 @@ fn missing_wrong_shape_and_extra_tensors_are_named() {
     let cfg = common::micro_gqa();
     let f = dir.path().join("x.safetensors");
 
-    write_custom(&f, &cfg, |t| { t.remove(3); });
+    write_custom(&f, &cfg, |t| {
+        t.remove(3);
+    });
     let e = load_safetensors(&f, &cfg, &Device::Cpu).unwrap_err();
-    assert!(matches!(&e, ModelError::MissingTensor { name, .. } if name == "model.layers.0.self_attn.v_proj.weight"), "{e}");
+    assert!(
+        matches!(&e, ModelError::MissingTensor { name, .. } if name == "model.layers.0.self_attn.v_proj.weight"),
+        "{e}"
+    );
 
-    write_custom(&f, &cfg, |t| { t[1].1 = vec![16, 64]; });
+    write_custom(&f, &cfg, |t| {
+        t[1].1 = vec![16, 64];
+    });
     let e = load_safetensors(&f, &cfg, &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("model.layers.0.self_attn.q_proj.weight") && e.to_string().contains("shape"), "{e}");
 
-    write_custom(&f, &cfg, |t| { t.push(("model.rotary.inv_freq".into(), vec![2], vec![0.0, 1.0])); });
+    write_custom(&f, &cfg, |t| {
+        t.push(("model.rotary.inv_freq".into(), vec![2], vec![0.0, 1.0]));
+    });
     let e = load_safetensors(&f, &cfg, &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("model.rotary.inv_freq"), "{e}");
 }
@@ -106,13 +120,20 @@ fn wrong_dtype_and_corrupt_files_give_clear_errors() {
     let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, view) in st.tensors() {
         if name == "model.norm.weight" {
-            let half: Vec<u8> = view.data().chunks(4).flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()).collect();
+            let half: Vec<u8> = view
+                .data()
+                .chunks(4)
+                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .collect();
             owned.push((name, safetensors::Dtype::F16, view.shape().to_vec(), half));
         } else {
             owned.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
         }
     }
-    let views: Vec<_> = owned.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     let g = dir.path().join("f16.safetensors");
     std::fs::write(&g, safetensors::serialize(views, None).unwrap()).unwrap();
     let e = load_safetensors(&g, &cfg, &Device::Cpu).unwrap_err();

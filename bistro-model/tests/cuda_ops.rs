@@ -41,7 +41,8 @@ fn rand_t(shape: &[usize], seed: u64, scale: f32) -> Tensor {
 
 /// Value and input gradients of `sum(f(inputs) * r)` on `dev` in `dtype`, back in f32 on the CPU.
 fn run(dev: &Device, dtype: DType, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> Vec<Tensor> {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap()).collect();
+    let vars: Vec<Var> =
+        inputs.iter().map(|t| Var::from_tensor(&t.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap()).collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts);
     let r = rand_t(out.dims(), 7, 1.0).to_device(dev).unwrap().to_dtype(out.dtype()).unwrap();
@@ -77,7 +78,13 @@ fn compare(what: &str, dev: &Device, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) ->
 fn gpu_kernels_match_the_cpu_kernels() {
     let Some(dev) = gpu() else { return };
     let (b, t, h, d) = (2, 37, 3, 64);
-    compare("rms_norm", &dev, &[rand_t(&[b * t, 300], 1, 2.0), rand_t(&[300], 2, 1.0)], &|x| fused::rms_norm(&x[0], &x[1], 1e-5).unwrap(), true);
+    compare(
+        "rms_norm",
+        &dev,
+        &[rand_t(&[b * t, 300], 1, 2.0), rand_t(&[300], 2, 1.0)],
+        &|x| fused::rms_norm(&x[0], &x[1], 1e-5).unwrap(),
+        true,
+    );
     let (cos, sin) = ops::rope_tables(d, 10_000.0, t + 3, &Device::Cpu).unwrap();
     let (cos_d, sin_d) = (cos.to_device(&dev).unwrap(), sin.to_device(&dev).unwrap());
     compare(
@@ -90,11 +97,36 @@ fn gpu_kernels_match_the_cpu_kernels() {
         },
         true,
     );
-    compare("split/merge heads", &dev, &[rand_t(&[b * t, h * d], 4, 1.0)], &|x| fused::merge_heads(&fused::split_heads(&x[0], t, h).unwrap()).unwrap(), true);
-    compare("causal_softmax", &dev, &[rand_t(&[b, h, t, t], 5, 4.0)], &|x| fused::causal_softmax(&x[0], 0.125).unwrap(), true);
-    compare("swiglu", &dev, &[rand_t(&[b * t, 333], 6, 4.0), rand_t(&[b * t, 333], 8, 1.0)], &|x| fused::swiglu(&x[0], &x[1]).unwrap(), true);
-    compare("matmul nt", &dev, &[rand_t(&[b, h, t, d], 9, 1.0), rand_t(&[b, h, t, d], 10, 1.0)], &|x| fused::matmul(&x[0], &x[1], false, true).unwrap(), true);
-    let targets: Vec<u32> = (0..b * t).map(|i| if i % 5 == 0 { fused::NO_TARGET } else { (i * 97 % 1000) as u32 }).collect();
+    compare(
+        "split/merge heads",
+        &dev,
+        &[rand_t(&[b * t, h * d], 4, 1.0)],
+        &|x| fused::merge_heads(&fused::split_heads(&x[0], t, h).unwrap()).unwrap(),
+        true,
+    );
+    compare(
+        "causal_softmax",
+        &dev,
+        &[rand_t(&[b, h, t, t], 5, 4.0)],
+        &|x| fused::causal_softmax(&x[0], 0.125).unwrap(),
+        true,
+    );
+    compare(
+        "swiglu",
+        &dev,
+        &[rand_t(&[b * t, 333], 6, 4.0), rand_t(&[b * t, 333], 8, 1.0)],
+        &|x| fused::swiglu(&x[0], &x[1]).unwrap(),
+        true,
+    );
+    compare(
+        "matmul nt",
+        &dev,
+        &[rand_t(&[b, h, t, d], 9, 1.0), rand_t(&[b, h, t, d], 10, 1.0)],
+        &|x| fused::matmul(&x[0], &x[1], false, true).unwrap(),
+        true,
+    );
+    let targets: Vec<u32> =
+        (0..b * t).map(|i| if i % 5 == 0 { fused::NO_TARGET } else { (i * 97 % 1000) as u32 }).collect();
     let tt = Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap();
     let tt_d = tt.to_device(&dev).unwrap();
     compare(

@@ -47,7 +47,13 @@ fn value_and_grads(inputs: &[Tensor], dtype: DType, f: &dyn Fn(&[Tensor]) -> Ten
 }
 
 /// The fused op in f64 matches the composed op in f64 to `1e-12`, and in f32 to `tol32`.
-fn check(what: &str, inputs: &[Tensor], fused: &dyn Fn(&[Tensor]) -> Tensor, composed: &dyn Fn(&[Tensor]) -> Tensor, tol32: f64) {
+fn check(
+    what: &str,
+    inputs: &[Tensor],
+    fused: &dyn Fn(&[Tensor]) -> Tensor,
+    composed: &dyn Fn(&[Tensor]) -> Tensor,
+    tol32: f64,
+) {
     let (ref_out, ref_g) = value_and_grads(inputs, DType::F64, composed);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, tol32)] {
         let (out, g) = value_and_grads(inputs, dtype, fused);
@@ -78,14 +84,23 @@ fn rms_norm_matches_composed() {
 
 #[test]
 fn rope_matches_composed() {
-    for (i, (b, t, h, d, extra)) in [(1, 1, 1, 2, 0), (2, 5, 3, 8, 3), (1, 17, 2, 66, 1), (3, 9, 4, 64, 0)].into_iter().enumerate() {
+    for (i, (b, t, h, d, extra)) in
+        [(1, 1, 1, 2, 0), (2, 5, 3, 8, 3), (1, 17, 2, 66, 1), (3, 9, 4, 64, 0)].into_iter().enumerate()
+    {
         let x = rand_t(&[b, t, h, d], i as u64 + 7, 1.5);
         let (cos, sin) = ops::rope_tables(d, 10_000.0, t + extra, &Device::Cpu).unwrap();
         check(
             &format!("rope {:?}", (b, t, h, d)),
             &[x],
             &|v| fused::rope_bthd(&v[0], &cos, &sin).unwrap(),
-            &|v| ops::apply_rope(&v[0].transpose(1, 2).unwrap().contiguous().unwrap(), &cos.to_dtype(v[0].dtype()).unwrap(), &sin.to_dtype(v[0].dtype()).unwrap()).unwrap(),
+            &|v| {
+                ops::apply_rope(
+                    &v[0].transpose(1, 2).unwrap().contiguous().unwrap(),
+                    &cos.to_dtype(v[0].dtype()).unwrap(),
+                    &sin.to_dtype(v[0].dtype()).unwrap(),
+                )
+                .unwrap()
+            },
             1e-6,
         );
     }
@@ -95,14 +110,18 @@ fn rope_matches_composed() {
 fn composed_causal_softmax(s: &Tensor, scale: f64) -> Tensor {
     let d = s.dims();
     let (tq, tk) = (d[d.len() - 2], d[d.len() - 1]);
-    let mask: Vec<f64> = (0..tq).flat_map(|i| (0..tk).map(move |j| if j > i + tk - tq { f64::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f64> =
+        (0..tq).flat_map(|i| (0..tk).map(move |j| if j > i + tk - tq { f64::NEG_INFINITY } else { 0.0 })).collect();
     let mask = Tensor::from_vec(mask, (tq, tk), &Device::Cpu).unwrap().to_dtype(s.dtype()).unwrap();
     ops::softmax_last(&(s * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap()
 }
 
 #[test]
 fn causal_softmax_matches_composed() {
-    for (i, shape) in [vec![1, 1], vec![2, 3, 5, 5], vec![7, 7], vec![2, 1, 3, 9], vec![1, 2, 130, 130], vec![3, 1, 1]].into_iter().enumerate() {
+    for (i, shape) in [vec![1, 1], vec![2, 3, 5, 5], vec![7, 7], vec![2, 1, 3, 9], vec![1, 2, 130, 130], vec![3, 1, 1]]
+        .into_iter()
+        .enumerate()
+    {
         let s = rand_t(&shape, i as u64 + 11, 6.0);
         let scale = 0.125 + i as f64 * 0.1;
         check(
@@ -136,9 +155,15 @@ fn swiglu_matches_composed() {
 fn cross_entropy_matches_composed() {
     for (i, (n, v)) in [(1, 1), (1, 3), (5, 17), (33, 1000), (4, 8192), (3, 70_001)].into_iter().enumerate() {
         let logits = rand_t(&[n, v], i as u64 + 41, 8.0);
-        let targets: Vec<u32> = (0..n).map(|r| if r % 4 == 3 { NO_TARGET } else { ((r * 7919 + i) % v) as u32 }).collect();
+        let targets: Vec<u32> =
+            (0..n).map(|r| if r % 4 == 3 { NO_TARGET } else { ((r * 7919 + i) % v) as u32 }).collect();
         let tt = Tensor::from_vec(targets.clone(), n, &Device::Cpu).unwrap();
-        let idx = Tensor::from_vec(targets.iter().map(|&t| if t == NO_TARGET { 0 } else { t }).collect::<Vec<u32>>(), (n, 1), &Device::Cpu).unwrap();
+        let idx = Tensor::from_vec(
+            targets.iter().map(|&t| if t == NO_TARGET { 0 } else { t }).collect::<Vec<u32>>(),
+            (n, 1),
+            &Device::Cpu,
+        )
+        .unwrap();
         let mask: Vec<f64> = targets.iter().map(|&t| if t == NO_TARGET { 0.0 } else { 1.0 }).collect();
         let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
         check(
@@ -167,16 +192,26 @@ fn causal_lm_loss_fused_equals_composed() {
         &|x| ops::causal_lm_loss_sum(&x[0], &labels).unwrap().0,
         2e-6,
     );
-    assert_eq!(fused::causal_lm_loss_sum(&rand_t(&[b, t, v], 5, 4.0), &labels).unwrap().1, ops::causal_lm_loss_sum(&rand_t(&[b, t, v], 5, 4.0), &labels).unwrap().1);
+    assert_eq!(
+        fused::causal_lm_loss_sum(&rand_t(&[b, t, v], 5, 4.0), &labels).unwrap().1,
+        ops::causal_lm_loss_sum(&rand_t(&[b, t, v], 5, 4.0), &labels).unwrap().1
+    );
     let bad = Tensor::from_vec(vec![0i64, v as i64], (1, 2), &Device::Cpu).unwrap();
-    assert!(fused::causal_lm_loss_sum(&rand_t(&[1, 2, v], 1, 1.0), &bad).is_err(), "a label outside the vocabulary is an error");
+    assert!(
+        fused::causal_lm_loss_sum(&rand_t(&[1, 2, v], 1, 1.0), &bad).is_err(),
+        "a label outside the vocabulary is an error"
+    );
 }
 
 #[test]
 fn exp_polynomial_is_used_within_tolerance_at_extremes() {
     // Very negative scores (masked-like) and large spreads stay finite and normalised.
     let s = Tensor::from_vec(vec![-1e4f32, 0.0, 80.0, -80.0, 1e4, 3.0], (1, 6), &Device::Cpu).unwrap();
-    let p = fused::causal_softmax(&s.reshape((1, 1, 6)).unwrap().broadcast_as((1, 6, 6)).unwrap().contiguous().unwrap(), 1.0).unwrap();
+    let p = fused::causal_softmax(
+        &s.reshape((1, 1, 6)).unwrap().broadcast_as((1, 6, 6)).unwrap().contiguous().unwrap(),
+        1.0,
+    )
+    .unwrap();
     let rows = p.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for r in rows {
         assert!((r - 1.0).abs() < 1e-6, "row sums to {r}");
@@ -220,7 +255,9 @@ fn model_with_fused_ops_matches_model_without() {
 #[test]
 fn matmul_op_matches_candle_matmul_for_every_transpose() {
     let t = |x: &Tensor, yes: bool| if yes { x.transpose(D::Minus2, D::Minus1).unwrap() } else { x.clone() };
-    for (i, (batch, m, k, n)) in [(vec![], 1, 1, 1), (vec![], 7, 5, 3), (vec![2, 3], 9, 17, 4), (vec![5], 33, 8, 65)].into_iter().enumerate() {
+    for (i, (batch, m, k, n)) in
+        [(vec![], 1, 1, 1), (vec![], 7, 5, 3), (vec![2, 3], 9, 17, 4), (vec![5], 33, 8, 65)].into_iter().enumerate()
+    {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let mut sa = batch.clone();
             sa.extend(if ta { [k, m] } else { [m, k] });
@@ -235,15 +272,25 @@ fn matmul_op_matches_candle_matmul_for_every_transpose() {
             );
         }
     }
-    assert!(fused::matmul(&rand_t(&[2, 3], 1, 1.0), &rand_t(&[4, 5], 2, 1.0), false, false).is_err(), "inner dimensions must agree");
+    assert!(
+        fused::matmul(&rand_t(&[2, 3], 1, 1.0), &rand_t(&[4, 5], 2, 1.0), false, false).is_err(),
+        "inner dimensions must agree"
+    );
 }
 
 #[test]
 fn head_split_merge_and_flat_rope_match_composed() {
     for (i, (b, t, h, d)) in [(1, 1, 1, 2), (2, 5, 3, 8), (3, 9, 4, 64)].into_iter().enumerate() {
         let x = rand_t(&[b * t, h * d], 80 + i as u64, 1.0);
-        let composed_split = |x: &Tensor| x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-        check(&format!("split_heads {:?}", (b, t, h, d)), &[x.clone()], &|v| fused::split_heads(&v[0], t, h).unwrap(), &|v| composed_split(&v[0]), 1e-7);
+        let composed_split =
+            |x: &Tensor| x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        check(
+            &format!("split_heads {:?}", (b, t, h, d)),
+            std::slice::from_ref(&x),
+            &|v| fused::split_heads(&v[0], t, h).unwrap(),
+            &|v| composed_split(&v[0]),
+            1e-7,
+        );
         let y = rand_t(&[b, h, t, d], 90 + i as u64, 1.0);
         check(
             &format!("merge_heads {:?}", (b, t, h, d)),
@@ -257,7 +304,14 @@ fn head_split_merge_and_flat_rope_match_composed() {
             &format!("rope_to_heads {:?}", (b, t, h, d)),
             &[x],
             &|v| fused::rope_to_heads(&v[0], t, h, &cos, &sin).unwrap(),
-            &|v| ops::apply_rope(&composed_split(&v[0]), &cos.to_dtype(v[0].dtype()).unwrap(), &sin.to_dtype(v[0].dtype()).unwrap()).unwrap(),
+            &|v| {
+                ops::apply_rope(
+                    &composed_split(&v[0]),
+                    &cos.to_dtype(v[0].dtype()).unwrap(),
+                    &sin.to_dtype(v[0].dtype()).unwrap(),
+                )
+                .unwrap()
+            },
             1e-6,
         );
     }

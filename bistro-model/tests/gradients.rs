@@ -68,7 +68,12 @@ fn gradients_match_central_finite_differences_in_f64() {
     for (i, s) in params.specs().iter().enumerate() {
         let t = params.vars()[i].as_tensor();
         let new = if s.kind == ParamKind::Norm {
-            Tensor::from_vec((0..s.numel()).map(|j| 0.8 + 0.05 * (j % 7) as f32).collect::<Vec<_>>(), s.numel(), &Device::Cpu).unwrap()
+            Tensor::from_vec(
+                (0..s.numel()).map(|j| 0.8 + 0.05 * (j % 7) as f32).collect::<Vec<_>>(),
+                s.numel(),
+                &Device::Cpu,
+            )
+            .unwrap()
         } else {
             (t * 20.0).unwrap()
         };
@@ -110,7 +115,20 @@ fn gradients_match_central_finite_differences_in_f64() {
         kinds.insert(s.name.rsplit('.').nth(1).unwrap().to_string());
     }
     assert!(checked > 50);
-    for k in ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"] {
+    for k in [
+        "embed_tokens",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+        "lm_head",
+    ] {
         assert!(kinds.contains(k), "tensor kind {k} not checked");
     }
 }

@@ -96,7 +96,9 @@ impl NodeArgs {
         match &self.bucket {
             Some(b) if b.contains("://") => Ok(b.clone()),
             Some(dir) => Ok(format!("file://{}", std::path::absolute(dir)?.display())),
-            None => Ok(format!("file://{}", std::path::absolute(PathBuf::from(".bistro/buckets").join(hotkey))?.display())),
+            None => {
+                Ok(format!("file://{}", std::path::absolute(PathBuf::from(".bistro/buckets").join(hotkey))?.display()))
+            }
         }
     }
 
@@ -117,7 +119,11 @@ impl NodeArgs {
     /// Everything a binary does before building its node: logging, hyper-parameters,
     /// hotkey, device and chain connection (for `role` = `miner` or `validator`), and the
     /// node settings with `auto_register` stake on a devnet.
-    pub async fn prepare(&self, role: &str, devnet_stake: u64) -> anyhow::Result<(crate::node::NodeConfig, std::sync::Arc<dyn bistro_chain::Chain>)> {
+    pub async fn prepare(
+        &self,
+        role: &str,
+        devnet_stake: u64,
+    ) -> anyhow::Result<(crate::node::NodeConfig, std::sync::Arc<dyn bistro_chain::Chain>)> {
         init_logging(self.log_format);
         let hparams = self.hparams()?;
         let hotkey = self.chain.hotkey(role)?;
@@ -135,7 +141,14 @@ impl NodeArgs {
     }
 
     /// The settings of a node with `role` (`miner` or `validator`) and `hotkey`.
-    pub fn node_config(&self, role: &str, hotkey: String, hparams: HParams, device: Device, auto_register: Option<u64>) -> anyhow::Result<crate::node::NodeConfig> {
+    pub fn node_config(
+        &self,
+        role: &str,
+        hotkey: String,
+        hparams: HParams,
+        device: Device,
+        auto_register: Option<u64>,
+    ) -> anyhow::Result<crate::node::NodeConfig> {
         Ok(crate::node::NodeConfig {
             netuid: self.chain.netuid,
             bucket_url: self.bucket_url(&hotkey)?,

@@ -137,7 +137,8 @@ impl HParams {
     /// Read from a TOML file and validate.
     pub fn from_file(path: &Path) -> Result<Self, HParamsError> {
         let text = std::fs::read_to_string(path).map_err(|source| HParamsError::Io { path: path.into(), source })?;
-        let h: HParams = toml::from_str(&text).map_err(|e| HParamsError::Parse { path: path.into(), reason: e.to_string() })?;
+        let h: HParams =
+            toml::from_str(&text).map_err(|e| HParamsError::Parse { path: path.into(), reason: e.to_string() })?;
         h.validate()?;
         Ok(h)
     }
@@ -157,13 +158,14 @@ impl HParams {
         if self.compression == 0 {
             return bad("compression must be positive");
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) || !(self.min_learning_rate >= 0.0) {
+        let rates_ok = self.learning_rate > 0.0 && self.learning_rate.is_finite() && self.min_learning_rate >= 0.0;
+        if !rates_ok {
             return bad("learning rates must be positive and finite");
         }
-        if let Aggregation::TrimmedMean { trim } = self.aggregation {
-            if !(0.0..0.5).contains(&trim) {
-                return bad("trimmed_mean trim must be in [0, 0.5)");
-            }
+        if let Aggregation::TrimmedMean { trim } = self.aggregation
+            && !(0.0..0.5).contains(&trim)
+        {
+            return bad("trimmed_mean trim must be in [0, 0.5)");
         }
         if !(0.0..1.0).contains(&self.ema_alpha) {
             return bad("ema_alpha must be in [0, 1)");
@@ -210,7 +212,10 @@ impl HParams {
 /// A fast network for tests and demos: writes `model.toml` (a one-layer model over the
 /// shipped 8192-token tokenizer, 64 positions) and `hparams.toml` (64-token rows, one page of
 /// two documents per window, a 1 s upload grace, then `tweak`) into `dir`; returns both.
-pub fn write_test_network(dir: &Path, tweak: impl FnOnce(&mut HParams)) -> std::io::Result<(HParams, bistro_model::ModelConfig)> {
+pub fn write_test_network(
+    dir: &Path,
+    tweak: impl FnOnce(&mut HParams),
+) -> std::io::Result<(HParams, bistro_model::ModelConfig)> {
     let model = bistro_model::ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
     let invalid = |e: toml::ser::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
     std::fs::write(dir.join("model.toml"), toml::to_string(&model).map_err(invalid)?)?;

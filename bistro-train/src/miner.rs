@@ -12,9 +12,9 @@ use bistro_chain::{BlockHash, Chain};
 use bistro_model::{Llama, ModelConfig, Params};
 use bytes::Bytes;
 
+use crate::data::WindowBatch;
 use crate::node::{Listeners, Node, NodeConfig, accepted_of, now_ms, rejected_of};
 use crate::slices::{self, SliceIndices};
-use crate::data::WindowBatch;
 use crate::step::{self, StepError, WindowGradient};
 use crate::sync::WindowSlices;
 
@@ -105,17 +105,24 @@ pub struct MinerSummary {
     pub last_loss: Option<f64>,
 }
 
+/// A batch being read and tokenised in the background.
+type Prefetch = tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataError>>;
+
 /// A miner node.
 pub struct Miner {
     node: Node,
     listeners: Listeners<MinerEvent>,
     /// The next window's batch, read and tokenised while this window merges.
-    prefetch: std::sync::Mutex<Option<(u64, tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataError>>)>>,
+    prefetch: std::sync::Mutex<Option<(u64, Prefetch)>>,
 }
 
 impl std::fmt::Debug for Miner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Miner").field("hotkey", &self.node.cfg.hotkey).field("uid", &self.node.uid).field("window", &self.node.window).finish()
+        f.debug_struct("Miner")
+            .field("hotkey", &self.node.cfg.hotkey)
+            .field("uid", &self.node.uid)
+            .field("window", &self.node.window)
+            .finish()
     }
 }
 
@@ -181,12 +188,18 @@ impl Miner {
         };
         let batch = task.await.map_err(|e| MinerError::Config(format!("batch task failed: {e}")))??;
         self.emit(MinerEvent::PagesLoaded { window: w, pages: pages.len(), tokens: batch.n_targets });
-        let (model, params, device, rows) =
-            (Llama::new(&self.node.params)?, self.node.params.clone(), self.node.cfg.device.clone(), self.node.cfg.micro_batch_rows);
+        let (model, params, device, rows) = (
+            Llama::new(&self.node.params)?,
+            self.node.params.clone(),
+            self.node.cfg.device.clone(),
+            self.node.cfg.micro_batch_rows,
+        );
         let flag = stop.clone();
-        let grad = tokio::task::spawn_blocking(move || step::window_gradient(&model, &params, &batch, rows, &device, || !flag.load(Ordering::Relaxed)))
-            .await
-            .map_err(|e| MinerError::Config(format!("training task failed: {e}")))?;
+        let grad = tokio::task::spawn_blocking(move || {
+            step::window_gradient(&model, &params, &batch, rows, &device, || !flag.load(Ordering::Relaxed))
+        })
+        .await
+        .map_err(|e| MinerError::Config(format!("training task failed: {e}")))?;
         match grad {
             Ok(g) => {
                 self.emit(MinerEvent::StepDone { window: w, loss: g.loss, tokens_per_sec: g.tokens_per_sec() });
@@ -240,7 +253,11 @@ impl Miner {
         loop {
             match self.node.bucket.put(&key, body.clone()).await {
                 Ok(()) => {
-                    self.emit(MinerEvent::SliceUploaded { window: w, bytes: size, seconds: started.elapsed().as_secs_f64() });
+                    self.emit(MinerEvent::SliceUploaded {
+                        window: w,
+                        bytes: size,
+                        seconds: started.elapsed().as_secs_f64(),
+                    });
                     return true;
                 }
                 Err(e) if now_ms() + 500 < deadline_ms && !stop.load(Ordering::Relaxed) => {
@@ -285,7 +302,11 @@ impl Miner {
     /// Run the window loop until `max_windows` windows were trained (then merge the last
     /// one and return) or `stop` is set. State is saved after every merge.
     pub async fn run(&mut self, max_windows: Option<u64>, stop: Arc<AtomicBool>) -> Result<MinerSummary, MinerError> {
-        self.emit(MinerEvent::Started { uid: self.node.uid, window: self.node.window, origin: self.node.origin.clone() });
+        self.emit(MinerEvent::Started {
+            uid: self.node.uid,
+            window: self.node.window,
+            origin: self.node.origin.clone(),
+        });
         let mut summary = MinerSummary::default();
         while !stop.load(Ordering::Relaxed) {
             if max_windows.is_some_and(|m| summary.windows_trained >= m) {
@@ -343,4 +364,3 @@ impl Miner {
         Ok(summary)
     }
 }
-

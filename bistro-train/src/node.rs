@@ -145,11 +145,13 @@ impl Node {
         };
         let uid = match cfg.auto_register {
             Some(stake) => chain.ensure_registered(cfg.netuid, &cfg.hotkey, stake).await?,
-            None => chain.metagraph(cfg.netuid).await?.uid_of(&cfg.hotkey).ok_or_else(|| ChainError::NotRegistered {
-                hotkey: cfg.hotkey.clone(),
-                netuid: cfg.netuid,
-                hint: register_hint.to_string(),
-            })?,
+            None => {
+                chain.metagraph(cfg.netuid).await?.uid_of(&cfg.hotkey).ok_or_else(|| ChainError::NotRegistered {
+                    hotkey: cfg.hotkey.clone(),
+                    netuid: cfg.netuid,
+                    hint: register_hint.to_string(),
+                })?
+            }
         };
         if chain.commitment(cfg.netuid, &cfg.hotkey).await?.as_deref() != Some(bucket.url()) {
             chain.set_commitment(cfg.netuid, &cfg.hotkey, bucket.url()).await?;
@@ -175,7 +177,11 @@ impl Node {
 
     /// Save `theta_w` and its window to the state directory.
     pub fn save_state(&self) -> Result<(), state::StateError> {
-        let info = StateInfo { window: self.window, hparams_hash: self.ctx.hparams_hash.clone(), model_hash: self.ctx.model_hash.clone() };
+        let info = StateInfo {
+            window: self.window,
+            hparams_hash: self.ctx.hparams_hash.clone(),
+            model_hash: self.ctx.model_hash.clone(),
+        };
         state::save(&self.cfg.state_dir, &self.params, &info)
     }
 
@@ -188,7 +194,11 @@ impl Node {
     /// chain or storage is down), merge them (theta moves to the next window), save state and
     /// publish a checkpoint when due. Returns the window's slices, and `theta_w` as it was
     /// before the merge when `keep_theta`.
-    pub async fn merge_window(&mut self, stop: &AtomicBool, keep_theta: bool) -> Result<(WindowSlices, Option<Params>), NodeError> {
+    pub async fn merge_window(
+        &mut self,
+        stop: &AtomicBool,
+        keep_theta: bool,
+    ) -> Result<(WindowSlices, Option<Params>), NodeError> {
         let w = self.window;
         let deadline = self.ctx.deadline_ms(w).await?;
         sleep_until_ms(deadline, stop).await;
@@ -214,20 +224,34 @@ impl Node {
         self.apply(ws, keep_theta).await
     }
 
-    async fn apply(&mut self, mut ws: WindowSlices, keep_theta: bool) -> Result<(WindowSlices, Option<Params>), NodeError> {
+    async fn apply(
+        &mut self,
+        mut ws: WindowSlices,
+        keep_theta: bool,
+    ) -> Result<(WindowSlices, Option<Params>), NodeError> {
         let theta_w = if keep_theta { Some(self.params.deep_clone()?) } else { None };
         self.ctx.merge(&self.params, &mut ws)?;
         self.window = ws.window + 1;
         if let Err(e) = self.save_state() {
             tracing::error!(error = %e, "cannot save local state");
         }
-        crate::sync::publish_checkpoint_and_cleanup(&self.bucket, &self.cfg.hotkey, &self.params, self.window, &self.cfg.hparams).await;
+        crate::sync::publish_checkpoint_and_cleanup(
+            &self.bucket,
+            &self.cfg.hotkey,
+            &self.params,
+            self.window,
+            &self.cfg.hparams,
+        )
+        .await;
         Ok((ws, theta_w))
     }
 }
 
+/// One event callback.
+pub type Listener<E> = Arc<dyn Fn(&E) + Send + Sync>;
+
 /// Callbacks that observe a node's events (`Miner::on_event`, `Validator::on_event`).
-pub struct Listeners<E>(Vec<Arc<dyn Fn(&E) + Send + Sync>>);
+pub struct Listeners<E>(Vec<Listener<E>>);
 
 impl<E> Default for Listeners<E> {
     fn default() -> Self {
@@ -251,8 +275,11 @@ impl<E> Listeners<E> {
 
 /// Hotkeys and reason codes of the slices a merge did not use (invalid ones and outliers).
 pub fn rejected_of(ws: &WindowSlices) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> =
-        ws.peers.iter().filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string()))).collect();
+    let mut out: Vec<(String, String)> = ws
+        .peers
+        .iter()
+        .filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string())))
+        .collect();
     out.extend(ws.outliers.iter().map(|(h, r)| (h.clone(), r.code().to_string())));
     out
 }

@@ -58,20 +58,28 @@ pub fn save(dir: &Path, params: &Params, info: &StateInfo) -> Result<(), StateEr
     let hf = serde_json::to_vec_pretty(&params.config().to_hf_json())
         .map_err(|e| StateError::File { path: dir.join("config.json"), reason: e.to_string() })?;
     bistro_model::checkpoint::write_atomic(&dir.join(bistro_model::checkpoint::HF_CONFIG_FILE), &hf)?;
-    let json = serde_json::to_vec_pretty(info).map_err(|e| StateError::File { path: dir.join("state.json"), reason: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(info)
+        .map_err(|e| StateError::File { path: dir.join("state.json"), reason: e.to_string() })?;
     bistro_model::checkpoint::write_atomic(&dir.join("state.json"), &json)?;
     Ok(())
 }
 
 /// Load the state in `dir` if it exists and matches `hparams_hash` and `config`.
 /// `Ok(None)` when there is no state; an error when it exists but cannot be used.
-pub fn load(dir: &Path, config: &ModelConfig, hparams_hash: &str, device: &Device) -> Result<Option<(StateInfo, Params)>, StateError> {
+pub fn load(
+    dir: &Path,
+    config: &ModelConfig,
+    hparams_hash: &str,
+    device: &Device,
+) -> Result<Option<(StateInfo, Params)>, StateError> {
     let json_path = dir.join("state.json");
     if !json_path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&json_path).map_err(|e| StateError::File { path: json_path.clone(), reason: e.to_string() })?;
-    let info: StateInfo = serde_json::from_str(&text).map_err(|e| StateError::File { path: json_path.clone(), reason: format!("corrupt: {e}") })?;
+    let text = std::fs::read_to_string(&json_path)
+        .map_err(|e| StateError::File { path: json_path.clone(), reason: e.to_string() })?;
+    let info: StateInfo = serde_json::from_str(&text)
+        .map_err(|e| StateError::File { path: json_path.clone(), reason: format!("corrupt: {e}") })?;
     if info.hparams_hash != hparams_hash || info.model_hash != config.hash() {
         return Err(StateError::File {
             path: json_path,

@@ -88,5 +88,11 @@ pub fn window_gradient(
         });
     }
     let grads = acc.ok_or(StepError::Empty)?;
-    Ok(WindowGradient { grads, loss: loss_sum / total, n_targets: batch.n_targets, rows: batch.rows, seconds: start.elapsed().as_secs_f64() })
+    Ok(WindowGradient {
+        grads,
+        loss: loss_sum / total,
+        n_targets: batch.n_targets,
+        rows: batch.rows,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }

@@ -174,7 +174,8 @@ impl Bucket {
         let (store, prefix): (Arc<dyn ObjectStore>, ObjPath) = match parsed.scheme() {
             "file" => {
                 let path = parsed.to_file_path().map_err(|_| invalid("not an absolute file path".into()))?;
-                std::fs::create_dir_all(&path).map_err(|e| invalid(format!("cannot create {}: {e}", path.display())))?;
+                std::fs::create_dir_all(&path)
+                    .map_err(|e| invalid(format!("cannot create {}: {e}", path.display())))?;
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|e| invalid(e.to_string()))?;
                 (Arc::new(fs), ObjPath::default())
             }
@@ -185,7 +186,8 @@ impl Bucket {
                 (mem, ObjPath::from(parsed.path().trim_matches('/')))
             }
             "s3" => {
-                let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| invalid("missing bucket name".into()))?;
+                let bucket =
+                    parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| invalid("missing bucket name".into()))?;
                 let q: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
                 let region = q.get("region").cloned().unwrap_or_else(|| "us-east-1".into());
                 let key_id = opts
@@ -204,11 +206,7 @@ impl Bucket {
                     .with_region(region)
                     .with_access_key_id(key_id)
                     .with_secret_access_key(secret)
-                    .with_retry(RetryConfig {
-                        max_retries: 1,
-                        retry_timeout: t.timeout,
-                        backoff: Default::default(),
-                    })
+                    .with_retry(RetryConfig { max_retries: 1, retry_timeout: t.timeout, backoff: Default::default() })
                     .with_client_options(
                         ClientOptions::new()
                             .with_timeout(t.timeout)
@@ -234,22 +232,24 @@ impl Bucket {
     }
 
     fn path(&self, key: &str) -> ObjPath {
-        if self.prefix.as_ref().is_empty() {
-            ObjPath::from(key)
-        } else {
-            self.prefix.clone().join(key)
-        }
+        if self.prefix.as_ref().is_empty() { ObjPath::from(key) } else { self.prefix.clone().join(key) }
     }
 
     fn classify(&self, op: &'static str, key: &str, attempts: u32, e: object_store::Error) -> StorageError {
         match e {
-            object_store::Error::NotFound { .. } => StorageError::NotFound { bucket: self.url.clone(), key: key.into() },
-            object_store::Error::Unauthenticated { source, .. } | object_store::Error::PermissionDenied { source, .. } => {
+            object_store::Error::NotFound { .. } => {
+                StorageError::NotFound { bucket: self.url.clone(), key: key.into() }
+            }
+            object_store::Error::Unauthenticated { source, .. }
+            | object_store::Error::PermissionDenied { source, .. } => {
                 StorageError::Auth { bucket: self.url.clone(), key: key.into(), reason: source.to_string() }
             }
             other => {
                 let text = other.to_string();
-                if text.contains("SignatureDoesNotMatch") || text.contains("InvalidAccessKeyId") || text.contains("AccessDenied") {
+                if text.contains("SignatureDoesNotMatch")
+                    || text.contains("InvalidAccessKeyId")
+                    || text.contains("AccessDenied")
+                {
                     StorageError::Auth { bucket: self.url.clone(), key: key.into(), reason: text }
                 } else {
                     StorageError::Failed { bucket: self.url.clone(), op, key: key.into(), attempts, reason: text }
@@ -280,7 +280,12 @@ impl Bucket {
             };
             match outcome {
                 Ok(v) => return Ok(v),
-                Err(e @ (StorageError::NotFound { .. } | StorageError::Auth { .. } | StorageError::TooLarge { .. } | StorageError::InvalidUrl { .. })) => {
+                Err(
+                    e @ (StorageError::NotFound { .. }
+                    | StorageError::Auth { .. }
+                    | StorageError::TooLarge { .. }
+                    | StorageError::InvalidUrl { .. }),
+                ) => {
                     return Err(e);
                 }
                 Err(e) => {
@@ -294,9 +299,17 @@ impl Bucket {
             }
         }
         Err(match last {
-            Some(StorageError::Failed { bucket, op, key, reason, .. }) => StorageError::Failed { bucket, op, key, attempts, reason },
+            Some(StorageError::Failed { bucket, op, key, reason, .. }) => {
+                StorageError::Failed { bucket, op, key, attempts, reason }
+            }
             Some(e) => e,
-            None => StorageError::Failed { bucket: self.url.clone(), op, key: key.into(), attempts, reason: "no attempt".into() },
+            None => StorageError::Failed {
+                bucket: self.url.clone(),
+                op,
+                key: key.into(),
+                attempts,
+                reason: "no attempt".into(),
+            },
         })
     }
 
@@ -312,7 +325,10 @@ impl Bucket {
                     w.put(bytes);
                     w.finish().await.map_err(|e| self.classify("put", key, 1, e))?;
                 } else {
-                    self.store.put(&path, PutPayload::from(bytes)).await.map_err(|e| self.classify("put", key, 1, e))?;
+                    self.store
+                        .put(&path, PutPayload::from(bytes))
+                        .await
+                        .map_err(|e| self.classify("put", key, 1, e))?;
                 }
                 Ok(())
             }
@@ -340,7 +356,8 @@ impl Bucket {
             let path = path.clone();
             async move {
                 let r = self.store.get(&path).await.map_err(|e| self.classify("get", key, 1, e))?;
-                let too_large = |size| StorageError::TooLarge { bucket: self.url.clone(), key: key.into(), size, limit: max_bytes };
+                let too_large =
+                    |size| StorageError::TooLarge { bucket: self.url.clone(), key: key.into(), size, limit: max_bytes };
                 if r.meta.size > max_bytes {
                     return Err(too_large(r.meta.size));
                 }
@@ -377,7 +394,11 @@ impl Bucket {
                     .into_iter()
                     .filter_map(|m| {
                         let key = m.location.as_ref().strip_prefix(&strip).unwrap_or(m.location.as_ref()).to_string();
-                        key.starts_with(prefix).then_some(ObjectInfo { key, size: m.size, last_modified: m.last_modified })
+                        key.starts_with(prefix).then_some(ObjectInfo {
+                            key,
+                            size: m.size,
+                            last_modified: m.last_modified,
+                        })
                     })
                     .collect();
                 out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -407,7 +428,9 @@ impl Bucket {
     pub async fn cleanup(&self, hotkey: &str, current_window: u64, max_history: u64) -> Result<usize> {
         let mut deleted = 0;
         for obj in self.list("slice-").await? {
-            let Some(rest) = obj.key.strip_prefix("slice-").and_then(|r| r.strip_suffix(".safetensors")) else { continue };
+            let Some(rest) = obj.key.strip_prefix("slice-").and_then(|r| r.strip_suffix(".safetensors")) else {
+                continue;
+            };
             let Some((w, hk)) = rest.split_once('-') else { continue };
             let Ok(w) = w.parse::<u64>() else { continue };
             if hk == hotkey && w + max_history < current_window {

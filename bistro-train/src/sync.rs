@@ -86,7 +86,9 @@ impl WindowSlices {
     pub fn contributions(&self) -> Vec<Contribution> {
         self.peers
             .iter()
-            .filter_map(|p| p.outcome.as_ref().ok().map(|v| Contribution { hotkey: p.hotkey.clone(), values: v.clone() }))
+            .filter_map(|p| {
+                p.outcome.as_ref().ok().map(|v| Contribution { hotkey: p.hotkey.clone(), values: v.clone() })
+            })
             .collect()
     }
 }
@@ -112,7 +114,9 @@ impl SyncContext {
     pub fn peer_bucket(&self, url: &str) -> Result<Bucket, Rejection> {
         let local = url.starts_with("file://") || url.starts_with("memory://") || !url.contains("://");
         if local && !self.allow_local_buckets {
-            return Err(Rejection::Download(format!("bucket URL `{url}` is local; only s3:// buckets are read on this network")));
+            return Err(Rejection::Download(format!(
+                "bucket URL `{url}` is local; only s3:// buckets are read on this network"
+            )));
         }
         // A slow or hostile peer must not stall the window: short, bounded downloads.
         let mut opts = self.bucket_options.clone();
@@ -169,7 +173,8 @@ impl SyncContext {
                 PeerSlice { uid, hotkey, outcome }
             }
         });
-        let mut peers: Vec<PeerSlice> = futures::stream::iter(jobs).buffer_unordered(self.concurrency.max(1)).collect().await;
+        let mut peers: Vec<PeerSlice> =
+            futures::stream::iter(jobs).buffer_unordered(self.concurrency.max(1)).collect().await;
         peers.sort_by_key(|p| p.uid);
         Ok(WindowSlices { window, seed, indices, theta_at_i, peers, outliers: Vec::new() })
     }
@@ -177,11 +182,21 @@ impl SyncContext {
     /// Merge the accepted slices into `params` (`theta_w` becomes `theta_{w+1}`); norm
     /// outliers are listed in `ws.outliers`.
     pub fn merge(&self, params: &Params, ws: &mut WindowSlices) -> Result<Aggregate, SyncError> {
-        let agg = slices::aggregate(&ws.theta_at_i, &ws.contributions(), &self.hparams.aggregation, self.hparams.outlier_norm_factor);
+        let agg = slices::aggregate(
+            &ws.theta_at_i,
+            &ws.contributions(),
+            &self.hparams.aggregation,
+            self.hparams.outlier_norm_factor,
+        );
         ws.outliers = agg
             .outliers
             .iter()
-            .map(|(h, norm, median)| (h.clone(), Rejection::Outlier { norm: *norm, median: *median, factor: self.hparams.outlier_norm_factor }))
+            .map(|(h, norm, median)| {
+                (
+                    h.clone(),
+                    Rejection::Outlier { norm: *norm, median: *median, factor: self.hparams.outlier_norm_factor },
+                )
+            })
             .collect();
         slices::scatter_params(params, &ws.indices, &agg.values)?;
         Ok(agg)
@@ -210,7 +225,12 @@ impl SyncContext {
         Ok((params, 0, format!("genesis (seed {})", self.hparams.genesis_seed)))
     }
 
-    async fn newest_checkpoint(&self, own_hotkey: &str, model_config: &ModelConfig, device: &Device) -> Option<(Params, u64, String)> {
+    async fn newest_checkpoint(
+        &self,
+        own_hotkey: &str,
+        model_config: &ModelConfig,
+        device: &Device,
+    ) -> Option<(Params, u64, String)> {
         let mg = self.chain.metagraph(self.netuid).await.ok()?;
         let mut neurons = mg.neurons.clone();
         neurons.sort_by(|a, b| b.stake.cmp(&a.stake).then(a.uid.cmp(&b.uid)));
@@ -218,7 +238,9 @@ impl SyncContext {
             let Ok(Some(url)) = self.chain.commitment(self.netuid, &n.hotkey).await else { continue };
             let Ok(bucket) = self.peer_bucket(&url) else { continue };
             let Ok(list) = bucket.list("checkpoint-").await else { continue };
-            let Some(w) = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).max() else { continue };
+            let Some(w) = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).max() else {
+                continue;
+            };
             let limit = (model_config.num_params() as u64) * 4 + 1024 * 1024;
             match bucket.get(&crate::state::checkpoint_key(w), limit).await {
                 Ok(f) => match crate::state::params_from_checkpoint(&f.bytes, model_config, device) {
@@ -235,9 +257,15 @@ impl SyncContext {
 /// Every `max_history / 2` windows: publish `checkpoint-{window}.safetensors` of `params`
 /// (= `theta_window`) to `bucket`, delete this hotkey's slices older than `max_history`
 /// windows and checkpoints older than twice that. Failures are logged, never fatal.
-pub async fn publish_checkpoint_and_cleanup(bucket: &Bucket, hotkey: &str, params: &Params, window: u64, hparams: &HParams) {
+pub async fn publish_checkpoint_and_cleanup(
+    bucket: &Bucket,
+    hotkey: &str,
+    params: &Params,
+    window: u64,
+    hparams: &HParams,
+) {
     let every = hparams.max_history.div_ceil(2).max(1);
-    if window % every != 0 {
+    if !window.is_multiple_of(every) {
         return;
     }
     match crate::state::checkpoint_bytes(params, window) {

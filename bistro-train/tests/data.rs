@@ -30,7 +30,11 @@ fn local_jsonl_and_text_files_work_through_the_same_code() {
     let dir = tempfile::tempdir().unwrap();
     let rows: Vec<String> = (0..30).map(|i| format!("{{\"text\": \"row number {i} of the test shard\"}}")).collect();
     std::fs::write(dir.path().join("a.jsonl"), rows.join("\n")).unwrap();
-    std::fs::write(dir.path().join("b.txt"), (0..12).map(|i| format!("paragraph {i}\nstill {i}")).collect::<Vec<_>>().join("\n\n")).unwrap();
+    std::fs::write(
+        dir.path().join("b.txt"),
+        (0..12).map(|i| format!("paragraph {i}\nstill {i}")).collect::<Vec<_>>().join("\n\n"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("ignored.bin"), [0u8, 1, 2]).unwrap();
     let ds = Dataset::open(dir.path().to_str().unwrap(), 5).unwrap();
     assert_eq!(ds.shards().len(), 2);

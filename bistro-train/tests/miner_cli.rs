@@ -59,7 +59,8 @@ fn miner_trains_uploads_valid_slices_and_resumes_after_a_kill() {
         let values = slices::decode(&bytes, &exp).unwrap_or_else(|e| panic!("{key}: {e}"));
         assert_eq!(values.len(), params.len());
     }
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state/state.json")).unwrap()).unwrap();
     let saved_window = state["window"].as_u64().unwrap();
     assert!(saved_window >= 2);
 
@@ -87,7 +88,11 @@ fn bad_configuration_is_a_clear_error() {
 
     let out = miner(dir, &["--subtensor.network", "nowhere"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown network"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown network"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     std::fs::write(dir.join("hparams.toml"), "compression = \"lots\"").unwrap();
     let start = Instant::now();

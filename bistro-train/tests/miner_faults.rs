@@ -43,7 +43,12 @@ async fn miner_carries_on_through_bucket_chain_and_peer_faults() {
         bucket_options: BucketOptions {
             access_key_id: Some(support::ACCESS_KEY.into()),
             secret_access_key: Some(support::SECRET_KEY.into()),
-            transfer: TransferConfig { attempts: 2, backoff: Duration::from_millis(50), timeout: Duration::from_secs(5), ..Default::default() },
+            transfer: TransferConfig {
+                attempts: 2,
+                backoff: Duration::from_millis(50),
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
         },
         state_dir: dir.join("state"),
         device: Device::Cpu,

@@ -12,12 +12,21 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 
 fn rows(n: usize, salt: &str) -> Vec<String> {
-    (0..n).map(|i| format!("{salt} document {i}: the {} hacker {} a kludge.", ["quick", "lazy", "wizardly"][i % 3], i * 7)).collect()
+    (0..n)
+        .map(|i| {
+            format!("{salt} document {i}: the {} hacker {} a kludge.", ["quick", "lazy", "wizardly"][i % 3], i * 7)
+        })
+        .collect()
 }
 
 /// Write `texts` as a parquet file with a `text` column, in row groups of `group` rows.
 fn write_parquet(path: &Path, texts: &[String], group: usize) {
-    let schema = Arc::new(parquet::schema::parser::parse_message_type("message schema { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED INT64 id; }").unwrap());
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED INT64 id; }",
+        )
+        .unwrap(),
+    );
     let file = std::fs::File::create(path).unwrap();
     let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
     let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
@@ -45,7 +54,11 @@ fn parquet_and_jsonl_give_identical_batches() {
     write_parquet(&dir.path().join("b.parquet"), &b, 7);
     let pq = Dataset::open(dir.path().to_str().unwrap(), 3).unwrap();
     assert_eq!(pq.shards().iter().map(|s| s.rows).collect::<Vec<_>>(), vec![37, 23]);
-    let mem = Dataset::new(Arc::new(MemoryShards::new("same rows", vec![("a".into(), a.clone()), ("b".into(), b.clone())])), 3).unwrap();
+    let mem = Dataset::new(
+        Arc::new(MemoryShards::new("same rows", vec![("a".into(), a.clone()), ("b".into(), b.clone())])),
+        3,
+    )
+    .unwrap();
     let tok = TextTokenizer::embedded().unwrap();
     for w in 0..5 {
         let pages = pq.pages("devnet", "hk", w, 4);
@@ -67,7 +80,7 @@ fn corrupt_or_wrong_parquet_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.parquet");
     std::fs::write(&bad, b"PAR1 this is not parquet PAR1").unwrap();
-    let e = ParquetShards::open("t", &[bad.clone()], "text").unwrap_err().to_string();
+    let e = ParquetShards::open("t", std::slice::from_ref(&bad), "text").unwrap_err().to_string();
     assert!(e.contains("bad.parquet"), "{e}");
     let good = dir.path().join("good.parquet");
     write_parquet(&good, &rows(5, "x"), 5);
@@ -143,9 +156,15 @@ fn start_hub(content: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) 
             let head = if !ok {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
             } else if ranged {
-                format!("HTTP/1.1 206 Partial Content\r\nContent-Length: 1\r\nContent-Range: bytes 0-0/{}\r\nX-Repo-Commit: {COMMIT}\r\nETag: {etag}\r\nConnection: close\r\n\r\n", content.len())
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: 1\r\nContent-Range: bytes 0-0/{}\r\nX-Repo-Commit: {COMMIT}\r\nETag: {etag}\r\nConnection: close\r\n\r\n",
+                    content.len()
+                )
             } else {
-                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Repo-Commit: {COMMIT}\r\nETag: {etag}\r\nConnection: close\r\n\r\n", content.len())
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Repo-Commit: {COMMIT}\r\nETag: {etag}\r\nConnection: close\r\n\r\n",
+                    content.len()
+                )
             };
             let _ = stream.write_all(head.as_bytes());
             if ok {

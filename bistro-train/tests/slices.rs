@@ -38,7 +38,8 @@ proptest! {
 
 #[test]
 fn index_selection_is_pinned_and_uniform() {
-    let spec = vec![bistro_model::ParamSpec { name: "w".into(), shape: vec![1000], kind: bistro_model::ParamKind::Linear }];
+    let spec =
+        vec![bistro_model::ParamSpec { name: "w".into(), shape: vec![1000], kind: bistro_model::ParamKind::Linear }];
     let a = SliceIndices::select(&spec, &[7u8; 32], 100);
     // Regression pin: a change here changes every node's slices (a protocol change).
     assert_eq!(a.param(0), &[21, 84, 276, 535, 681, 730, 737, 827, 844, 978]);
@@ -67,7 +68,10 @@ fn setup() -> (Params, SliceIndices, SliceExpectation) {
 
 fn honest_values(params: &Params, idx: &SliceIndices, salt: f32) -> Vec<Vec<f32>> {
     let theta = slices::gather_params(params, idx).unwrap();
-    let grads: Vec<Vec<f32>> = theta.iter().map(|t| t.iter().enumerate().map(|(j, _)| ((j as f32 + salt) * 0.37).sin() * 1e-2).collect()).collect();
+    let grads: Vec<Vec<f32>> = theta
+        .iter()
+        .map(|t| t.iter().enumerate().map(|(j, _)| ((j as f32 + salt) * 0.37).sin() * 1e-2).collect())
+        .collect();
     slices::step_values(&theta, &grads, 0.5)
 }
 
@@ -92,7 +96,8 @@ fn aggregate_of_identical_honest_slices_is_the_single_update() {
     let theta = slices::gather_params(&params, &idx).unwrap();
     let v = honest_values(&params, &idx, 1.0);
     for n in [1usize, 2, 3, 4, 8] {
-        let contribs: Vec<Contribution> = (0..n).map(|i| Contribution { hotkey: format!("m{i}"), values: v.clone() }).collect();
+        let contribs: Vec<Contribution> =
+            (0..n).map(|i| Contribution { hotkey: format!("m{i}"), values: v.clone() }).collect();
         for rule in [Aggregation::Mean, Aggregation::Median, Aggregation::TrimmedMean { trim: 0.25 }] {
             let out = aggregate(&theta, &contribs, &rule, 10.0);
             assert_eq!(out.values, v, "n = {n}, rule {rule:?}");
@@ -104,8 +109,9 @@ fn aggregate_of_identical_honest_slices_is_the_single_update() {
 fn arrival_order_does_not_change_the_result() {
     let (params, idx, _) = setup();
     let theta = slices::gather_params(&params, &idx).unwrap();
-    let mut contribs: Vec<Contribution> =
-        (0..6).map(|i| Contribution { hotkey: format!("m{i}"), values: honest_values(&params, &idx, i as f32) }).collect();
+    let mut contribs: Vec<Contribution> = (0..6)
+        .map(|i| Contribution { hotkey: format!("m{i}"), values: honest_values(&params, &idx, i as f32) })
+        .collect();
     for rule in [Aggregation::Mean, Aggregation::Median, Aggregation::TrimmedMean { trim: 0.2 }] {
         let a = aggregate(&theta, &contribs, &rule, 10.0);
         contribs.reverse();
@@ -123,10 +129,14 @@ fn arrival_order_does_not_change_the_result() {
 fn huge_updates_are_rejected_as_outliers_and_do_not_move_the_model() {
     let (params, idx, _) = setup();
     let theta = slices::gather_params(&params, &idx).unwrap();
-    let honest: Vec<Contribution> =
-        (0..4).map(|i| Contribution { hotkey: format!("h{i}"), values: honest_values(&params, &idx, i as f32) }).collect();
+    let honest: Vec<Contribution> = (0..4)
+        .map(|i| Contribution { hotkey: format!("h{i}"), values: honest_values(&params, &idx, i as f32) })
+        .collect();
     let clean = aggregate(&theta, &honest, &Aggregation::Mean, 10.0);
-    let poison = Contribution { hotkey: "evil".into(), values: theta.iter().map(|t| t.iter().map(|x| x - 1e6).collect()).collect() };
+    let poison = Contribution {
+        hotkey: "evil".into(),
+        values: theta.iter().map(|t| t.iter().map(|x| x - 1e6).collect()).collect(),
+    };
     let mut all = honest.clone();
     all.push(poison);
     let out = aggregate(&theta, &all, &Aggregation::Mean, 10.0);
@@ -164,7 +174,9 @@ fn every_rejection_reason_from_a_crafted_file() {
     assert!(matches!(&e, Rejection::Metadata { field, .. } if field == "hotkey"), "{e}");
     // A stale window.
     let stale = SliceMeta { window: 4, ..exp.meta.clone() };
-    assert!(matches!(decode(&encode(&stale, &exp.names, &good).unwrap(), &exp).unwrap_err(), Rejection::Metadata { field, .. } if field == "window"));
+    assert!(
+        matches!(decode(&encode(&stale, &exp.names, &good).unwrap(), &exp).unwrap_err(), Rejection::Metadata { field, .. } if field == "window")
+    );
     // Wrong hparams hash.
     let hp = SliceMeta { hparams_hash: "x".into(), ..exp.meta.clone() };
     assert_eq!(code(&encode(&hp, &exp.names, &good).unwrap()), "metadata");
@@ -196,15 +208,21 @@ fn every_rejection_reason_from_a_crafted_file() {
     let raw: Vec<Vec<u8>> = good.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let mut tv = Vec::new();
     for (i, (n, b)) in exp.names.iter().zip(&raw).enumerate() {
-        let (dtype, shape) = if i == 0 { (safetensors::Dtype::I32, vec![good[0].len()]) } else { (safetensors::Dtype::F32, vec![good[i].len()]) };
+        let (dtype, shape) = if i == 0 {
+            (safetensors::Dtype::I32, vec![good[0].len()])
+        } else {
+            (safetensors::Dtype::F32, vec![good[i].len()])
+        };
         tv.push((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b).unwrap()));
     }
-    let meta_map: std::collections::HashMap<String, String> = safetensors::SafeTensors::read_metadata(&good_bytes).unwrap().1.metadata().clone().unwrap();
+    let meta_map: std::collections::HashMap<String, String> =
+        safetensors::SafeTensors::read_metadata(&good_bytes).unwrap().1.metadata().clone().unwrap();
     let bytes = safetensors::serialize(tv, Some(meta_map.clone())).unwrap();
     assert_eq!(code(&bytes), "dtype");
     let mut tv = Vec::new();
     for (i, (n, b)) in exp.names.iter().zip(&raw).enumerate() {
-        let shape = if i == 1 && good[1].len() % 2 == 0 { vec![2, good[1].len() / 2] } else { vec![good[i].len()] };
+        let shape =
+            if i == 1 && good[1].len().is_multiple_of(2) { vec![2, good[1].len() / 2] } else { vec![good[i].len()] };
         tv.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b).unwrap()));
     }
     assert_eq!(code(&safetensors::serialize(tv, Some(meta_map)).unwrap()), "shape");

@@ -10,7 +10,12 @@ use bistro_train::storage::{Bucket, BucketOptions, StorageError, TransferConfig}
 use bytes::Bytes;
 
 fn fast_transfer() -> TransferConfig {
-    TransferConfig { attempts: 3, backoff: Duration::from_millis(20), timeout: Duration::from_secs(20), ..Default::default() }
+    TransferConfig {
+        attempts: 3,
+        backoff: Duration::from_millis(20),
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
 }
 
 fn s3_opts(key: &str, secret: &str) -> BucketOptions {
@@ -115,7 +120,12 @@ async fn s3_server_dying_mid_download_retries_then_fails_clearly() {
 #[tokio::test]
 async fn unreachable_endpoint_fails_within_the_timeout() {
     let opts = BucketOptions {
-        transfer: TransferConfig { attempts: 2, backoff: Duration::from_millis(10), timeout: Duration::from_secs(3), ..Default::default() },
+        transfer: TransferConfig {
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+            timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
         ..s3_opts("k", "s")
     };
     // Port 9 on loopback: nothing listens there.

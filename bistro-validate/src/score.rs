@@ -42,7 +42,11 @@ impl Scoreboard {
     /// Fold a window score into the uid's EMA: `ema = alpha * ema + (1 - alpha) * score`;
     /// a uid whose hotkey changed starts again from 0.
     pub fn update(&mut self, uid: u16, hotkey: &str, window: u64, score: f64, alpha: f64) -> f64 {
-        let entry = self.uids.entry(uid).or_insert_with(|| UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window });
+        let entry = self.uids.entry(uid).or_insert_with(|| UidScore {
+            hotkey: hotkey.to_string(),
+            ema: 0.0,
+            last_window: window,
+        });
         if entry.hotkey != hotkey {
             *entry = UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window };
         }
@@ -81,10 +85,7 @@ impl Scoreboard {
 /// Quantise weights to u16 for `set_weights`: the largest becomes 65535.
 pub fn quantize(weights: &[(u16, f64)]) -> (Vec<u16>, Vec<u16>) {
     let max = weights.iter().map(|(_, w)| *w).fold(0.0, f64::max);
-    weights
-        .iter()
-        .map(|&(u, w)| (u, if max > 0.0 { (w / max * 65535.0).round() as u16 } else { 0 }))
-        .unzip()
+    weights.iter().map(|&(u, w)| (u, if max > 0.0 { (w / max * 65535.0).round() as u16 } else { 0 })).unzip()
 }
 
 #[cfg(test)]

@@ -157,7 +157,13 @@ pub struct MinerResult {
 impl Scorer {
     /// Recompute `g_v` for each `(uid, hotkey)` on its pages at `theta_w` and compare with
     /// its slice in `ws` (a missing or rejected slice counts as `g_m = 0`).
-    pub fn score(&self, theta_w: &Params, ws: &WindowSlices, miners: &[(u16, String)], stop: &AtomicBool) -> Result<Vec<MinerResult>, ValidatorError> {
+    pub fn score(
+        &self,
+        theta_w: &Params,
+        ws: &WindowSlices,
+        miners: &[(u16, String)],
+        stop: &AtomicBool,
+    ) -> Result<Vec<MinerResult>, ValidatorError> {
         let h = &self.hparams;
         let eta = h.learning_rate_at(ws.window) as f32;
         let model = Llama::new(theta_w)?;
@@ -175,7 +181,9 @@ impl Scorer {
             };
             let pages = self.dataset.pages(&h.network, hotkey, ws.window, h.pages_per_window);
             let batch = self.dataset.window_batch(&self.tokenizer, &pages, h.seq_len)?;
-            let grad = step::window_gradient(&model, theta_w, &batch, self.micro_batch_rows, &self.device, || !stop.load(Ordering::Relaxed))?;
+            let grad = step::window_gradient(&model, theta_w, &batch, self.micro_batch_rows, &self.device, || {
+                !stop.load(Ordering::Relaxed)
+            })?;
             let gv: Vec<f32> = slices::gather_grads(&grad.grads, &ws.indices)?.into_iter().flatten().collect();
             let norms = bistro_kernels::cpu::diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
             let e = norms.relative_errors()[0];
@@ -232,7 +240,13 @@ impl Validator {
             device: node.cfg.device.clone(),
             micro_batch_rows: node.cfg.micro_batch_rows,
         });
-        Ok(Validator { node, max_miners_per_window: cfg.max_miners_per_window.max(1), scorer, board, listeners: Listeners::default() })
+        Ok(Validator {
+            node,
+            max_miners_per_window: cfg.max_miners_per_window.max(1),
+            scorer,
+            board,
+            listeners: Listeners::default(),
+        })
     }
 
     /// Call `f` for every event.
@@ -286,7 +300,16 @@ impl Validator {
         for r in &results {
             let score = honesty_score(r.e, h.honest_tolerance);
             let ema = self.board.update(r.uid, &r.hotkey, w, score, h.ema_alpha);
-            rows.push(ScoreRow { uid: r.uid, hotkey: r.hotkey.clone(), status: r.status.clone(), r: r.r, e: r.e, score, ema, weight: 0.0 });
+            rows.push(ScoreRow {
+                uid: r.uid,
+                hotkey: r.hotkey.clone(),
+                status: r.status.clone(),
+                r: r.r,
+                e: r.e,
+                score,
+                ema,
+                weight: 0.0,
+            });
         }
         // Forget uids whose hotkey left.
         self.board.uids.retain(|uid, s| mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey && !n.validator_permit));
@@ -298,10 +321,17 @@ impl Validator {
         if let Err(e) = self.board.save(&self.node.cfg.state_dir.join("scores.json")) {
             tracing::error!(error = %e, "cannot save scores");
         }
-        if (w + 1) % h.windows_per_weights == 0 && !weights.is_empty() {
+        if (w + 1).is_multiple_of(h.windows_per_weights) && !weights.is_empty() {
             let (uids, q) = quantize(&weights);
-            match self.node.chain.set_weights(self.node.cfg.netuid, &self.node.cfg.hotkey, &uids, &q, PROTOCOL_VERSION as u64).await {
-                Ok(()) => self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() }),
+            match self
+                .node
+                .chain
+                .set_weights(self.node.cfg.netuid, &self.node.cfg.hotkey, &uids, &q, PROTOCOL_VERSION as u64)
+                .await
+            {
+                Ok(()) => {
+                    self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() })
+                }
                 Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),
             }
         }
@@ -310,9 +340,13 @@ impl Validator {
 
     /// Run until `max_windows` windows were scored or `stop` is set.
     pub async fn run(&mut self, max_windows: Option<u64>, stop: Arc<AtomicBool>) -> Result<u64, ValidatorError> {
-        self.emit(ValidatorEvent::Started { uid: self.node.uid, window: self.node.window, origin: self.node.origin.clone() });
+        self.emit(ValidatorEvent::Started {
+            uid: self.node.uid,
+            window: self.node.window,
+            origin: self.node.origin.clone(),
+        });
         let mut scored = 0u64;
-        while !stop.load(Ordering::Relaxed) && !max_windows.is_some_and(|m| scored >= m) {
+        while !stop.load(Ordering::Relaxed) && max_windows.is_none_or(|m| scored < m) {
             let current = match self.node.chain_window().await {
                 Ok(w) => w,
                 Err(e) => {

@@ -80,7 +80,14 @@ impl World {
     }
 
     /// What each strategy uploads for `window` (None: nothing).
-    fn slice_for(&self, strategy: &str, hotkey: &str, window: u64, idx: &SliceIndices, honest_values: &[Vec<f32>]) -> Option<Vec<u8>> {
+    fn slice_for(
+        &self,
+        strategy: &str,
+        hotkey: &str,
+        window: u64,
+        idx: &SliceIndices,
+        honest_values: &[Vec<f32>],
+    ) -> Option<Vec<u8>> {
         let eta = self.h.learning_rate_at(window);
         let theta = slices::gather_params(&self.params, idx).unwrap();
         let names: Vec<String> = self.params.specs().iter().map(|s| s.name.clone()).collect();
@@ -96,7 +103,9 @@ impl World {
             "noise" => theta
                 .iter()
                 .enumerate()
-                .map(|(p, t)| t.iter().enumerate().map(|(j, &x)| x + 1e-3 * (((p * 7919 + j) as f32) * 0.618).sin()).collect())
+                .map(|(p, t)| {
+                    t.iter().enumerate().map(|(j, &x)| x + 1e-3 * (((p * 7919 + j) as f32) * 0.618).sin()).collect()
+                })
                 .collect(),
             // Re-upload the honest miner's slice under this hotkey.
             "copycat" => honest_values.to_vec(),
@@ -127,7 +136,13 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
         hotkeys.insert(s.to_string(), hk);
     }
     w.chain.ensure_registered(1, "validator", 1000).await.unwrap();
-    let scorer = Scorer { hparams: w.h.clone(), dataset: w.dataset.clone(), tokenizer: w.tokenizer.clone(), device: Device::Cpu, micro_batch_rows: 8 };
+    let scorer = Scorer {
+        hparams: w.h.clone(),
+        dataset: w.dataset.clone(),
+        tokenizer: w.tokenizer.clone(),
+        device: Device::Cpu,
+        micro_batch_rows: 8,
+    };
     let mut board = Scoreboard::default();
     let mut all_e: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let start_window = w.h.window_of(w.chain.block_number().await.unwrap()) + 1;
@@ -177,7 +192,10 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
     assert!(honest_max < 1e-4, "honest e should be float noise:\n{report}");
     for s in STRATEGIES.iter().filter(|s| **s != "honest") {
         let min_e = all_e[*s].iter().cloned().fold(f64::INFINITY, f64::min);
-        assert!(min_e > 100.0 * honest_max.max(1e-6) && min_e > 2.0 * w.h.honest_tolerance, "{s} not separated:\n{report}");
+        assert!(
+            min_e > 100.0 * honest_max.max(1e-6) && min_e > 2.0 * w.h.honest_tolerance,
+            "{s} not separated:\n{report}"
+        );
         assert!(share(s) < 0.01, "{s} earns too much:\n{report}");
     }
     assert!(share("honest") > 0.95, "honest share too low:\n{report}");

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 fn miner_binary() -> Option<PathBuf> {
     let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
     let miner = validator.with_file_name(format!("miner{}", std::env::consts::EXE_SUFFIX));
@@ -51,8 +50,10 @@ fn miner_and_validator_binaries_work_together() {
     let _ = (m1.wait(), m2.wait());
     let vlog = std::fs::read_to_string(dir.join("validator.log")).unwrap();
     assert!(status.success(), "validator failed:\n{vlog}");
-    let scores: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(".bistro/validators/default-validator/scores.json")).unwrap()).unwrap();
+    let scores: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(".bistro/validators/default-validator/scores.json")).unwrap(),
+    )
+    .unwrap();
     let uids = scores["uids"].as_object().unwrap();
     let hotkeys: Vec<&str> = uids.values().map(|s| s["hotkey"].as_str().unwrap()).collect();
     assert!(hotkeys.contains(&"default-m1") && hotkeys.contains(&"default-m2"), "{scores}\n{vlog}");
@@ -61,6 +62,7 @@ fn miner_and_validator_binaries_work_together() {
         assert!(s["ema"].as_f64().unwrap() > 0.4, "{scores}\n{vlog}");
     }
     assert!(vlog.contains("set weights"), "{vlog}");
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("devnet/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("devnet/state.json")).unwrap()).unwrap();
     assert!(!state["subnets"]["1"]["weights"].as_object().unwrap().is_empty(), "no weights on chain: {state}");
 }

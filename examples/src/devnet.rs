@@ -88,10 +88,9 @@ impl Strategy {
 impl std::str::FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        std::iter::once(Strategy::Honest)
-            .chain(Strategy::CHEATS)
-            .find(|x| x.name() == s)
-            .ok_or_else(|| format!("unknown strategy `{s}` (known: honest, {})", Strategy::CHEATS.map(|c| c.name()).join(", ")))
+        std::iter::once(Strategy::Honest).chain(Strategy::CHEATS).find(|x| x.name() == s).ok_or_else(|| {
+            format!("unknown strategy `{s}` (known: honest, {})", Strategy::CHEATS.map(|c| c.name()).join(", "))
+        })
     }
 }
 
@@ -197,18 +196,35 @@ pub struct Report {
 impl Report {
     /// A readable summary table.
     pub fn summary(&self) -> String {
-        let mut s = format!("devnet: model {}, compression {}, {} windows\n", self.model, self.compression, self.windows.len());
+        let mut s =
+            format!("devnet: model {}, compression {}, {} windows\n", self.model, self.compression, self.windows.len());
         s.push_str("window  held-out loss  reference loss  max |shared - reference|\n");
         for w in &self.windows {
-            s.push_str(&format!("{:>6}  {:>13.4}  {:>14.4}  {:>24.3e}\n", w.window, w.heldout_loss, w.reference_loss, w.max_abs_diff_vs_reference));
+            s.push_str(&format!(
+                "{:>6}  {:>13.4}  {:>14.4}  {:>24.3e}\n",
+                w.window, w.heldout_loss, w.reference_loss, w.max_abs_diff_vs_reference
+            ));
         }
         s.push_str(&format!("final  {:>13.4}  {:>14.4}\n\n", self.final_heldout_loss, self.final_reference_loss));
         s.push_str("miner                 strategy      mean e      last status   weight share\n");
         for (hk, share) in &self.shares {
-            let es: Vec<f64> = self.windows.iter().flat_map(|w| w.miners.iter().filter(|m| &m.hotkey == hk).map(|m| m.e)).collect();
+            let es: Vec<f64> =
+                self.windows.iter().flat_map(|w| w.miners.iter().filter(|m| &m.hotkey == hk).map(|m| m.e)).collect();
             let mean_e = es.iter().sum::<f64>() / es.len().max(1) as f64;
-            let status = self.windows.last().and_then(|w| w.miners.iter().find(|m| &m.hotkey == hk)).map(|m| m.status.clone()).unwrap_or_default();
-            s.push_str(&format!("{:<20}  {:<12}  {:>9.3e}  {:<12}  {:>12.5}\n", hk, self.strategies[hk].name(), mean_e, status, share));
+            let status = self
+                .windows
+                .last()
+                .and_then(|w| w.miners.iter().find(|m| &m.hotkey == hk))
+                .map(|m| m.status.clone())
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "{:<20}  {:<12}  {:>9.3e}  {:<12}  {:>12.5}\n",
+                hk,
+                self.strategies[hk].name(),
+                mean_e,
+                status,
+                share
+            ));
         }
         s.push_str(&format!("all nodes hold bit-identical parameters: {}\n", self.all_nodes_identical));
         s
@@ -316,7 +332,8 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     let dyn_chain: Arc<dyn Chain> = chain.clone();
     let mut strategies = BTreeMap::new();
     let mut slots = Vec::new();
-    let plan: Vec<Strategy> = std::iter::repeat_n(Strategy::Honest, opts.miners).chain(opts.adversaries.iter().copied()).collect();
+    let plan: Vec<Strategy> =
+        std::iter::repeat_n(Strategy::Honest, opts.miners).chain(opts.adversaries.iter().copied()).collect();
     for (i, s) in plan.iter().enumerate() {
         let hotkey = format!("m{i:02}-{}", s.name());
         let cfg: MinerConfig = node_config(opts, &h, &hotkey, "miner", 0)?;
@@ -328,7 +345,13 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     for v in 0..opts.validators {
         let hotkey = format!("validator-{v}");
         let node = Node::join(node_config(opts, &h, &hotkey, "validator", 1000)?, dyn_chain.clone(), "").await?;
-        let scorer = Scorer { hparams: h.clone(), dataset: node.dataset.clone(), tokenizer: node.tokenizer.clone(), device: Device::Cpu, micro_batch_rows: 8 };
+        let scorer = Scorer {
+            hparams: h.clone(),
+            dataset: node.dataset.clone(),
+            tokenizer: node.tokenizer.clone(),
+            device: Device::Cpu,
+            micro_batch_rows: 8,
+        };
         validators.push((node, scorer, Scoreboard::default()));
     }
     let model_config = ModelConfig::resolve(&h.model)?;
@@ -346,7 +369,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             let node = slot.miner.node();
             let own_pages = node.dataset.pages(&h.network, &node.cfg.hotkey, w, h.pages_per_window);
             let g = match slot.strategy {
-                Strategy::Honest | Strategy::Copycat | Strategy::Noise | Strategy::Early => slot.miner.compute_gradient(&stop).await?,
+                Strategy::Honest | Strategy::Copycat | Strategy::Noise | Strategy::Early => {
+                    slot.miner.compute_gradient(&stop).await?
+                }
                 Strategy::Idle | Strategy::Zeros | Strategy::Poison => None,
                 Strategy::WrongPages => {
                     let other = node.dataset.pages(&h.network, "someone-else", w, h.pages_per_window);
@@ -373,7 +398,8 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             let meta = node.ctx.meta(w, &node.cfg.hotkey);
             let idx = SliceIndices::select(node.params.specs(), &seed, h.compression);
             let theta = slices::gather_params(&node.params, &idx)?;
-            let encode = |values: &[Vec<f32>]| slices::encode(&meta, &names, values).map_err(|e| anyhow::anyhow!("{e}"));
+            let encode =
+                |values: &[Vec<f32>]| slices::encode(&meta, &names, values).map_err(|e| anyhow::anyhow!("{e}"));
             let bytes = match (slot.strategy, g) {
                 (Strategy::Honest, Some(g)) => {
                     let b = slot.miner.build_slice(&seed, g)?;
@@ -385,7 +411,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 }
                 (Strategy::Idle, _) => None,
                 (Strategy::Zeros, _) => Some(encode(&theta.iter().map(|t| vec![0.0; t.len()]).collect::<Vec<_>>())?),
-                (Strategy::Poison, _) => Some(encode(&theta.iter().map(|t| t.iter().map(|x| x + 1e4).collect()).collect::<Vec<_>>())?),
+                (Strategy::Poison, _) => {
+                    Some(encode(&theta.iter().map(|t| t.iter().map(|x| x + 1e4).collect()).collect::<Vec<_>>())?)
+                }
                 (Strategy::Noise, Some(g)) => {
                     // The honest update's scale, in random directions.
                     let gi = slices::gather_grads(&g.grads, &idx)?;
@@ -414,7 +442,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                     None => None,
                 },
                 (Strategy::Early, Some(g)) => Some(slot.miner.build_slice(&guessed_seed, g)?),
-                (Strategy::Stale | Strategy::WrongPages | Strategy::Lazy, Some(g)) => Some(slot.miner.build_slice(&seed, g)?),
+                (Strategy::Stale | Strategy::WrongPages | Strategy::Lazy, Some(g)) => {
+                    Some(slot.miner.build_slice(&seed, g)?)
+                }
                 (_, None) => None,
             };
             if let Some(b) = bytes {
@@ -444,7 +474,15 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 for r in results {
                     let weight = weights.iter().find(|(u, _)| *u == r.uid).map(|(_, x)| *x).unwrap_or(0.0);
                     let strategy = strategies.get(&r.hotkey).copied().unwrap_or(Strategy::Honest);
-                    rows.push(MinerRow { uid: r.uid, hotkey: r.hotkey, strategy, status: r.status, r: r.r, e: r.e, weight });
+                    rows.push(MinerRow {
+                        uid: r.uid,
+                        hotkey: r.hotkey,
+                        strategy,
+                        status: r.status,
+                        r: r.r,
+                        e: r.e,
+                        weight,
+                    });
                 }
             }
         }
@@ -462,13 +500,24 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             let pages = node.dataset.pages(&h.network, &node.cfg.hotkey, w, h.pages_per_window);
             let g = gradient_on(&reference, node, &pages)?;
             let gi = slices::gather_grads(&g.grads, &idx)?;
-            contributions.push(slices::Contribution { hotkey: node.cfg.hotkey.clone(), values: slices::step_values(&theta_ref, &gi, eta) });
+            contributions.push(slices::Contribution {
+                hotkey: node.cfg.hotkey.clone(),
+                values: slices::step_values(&theta_ref, &gi, eta),
+            });
         }
         let agg = slices::aggregate(&theta_ref, &contributions, &h.aggregation, h.outlier_norm_factor);
         slices::scatter_params(&reference, &idx, &agg.values)?;
         let diff = max_abs_diff(&validators[0].0.params, &reference)?;
         tracing::info!(window = w, heldout_loss = shared_loss, reference_loss, diff, "window done");
-        reports.push(WindowReport { window: w, heldout_loss: shared_loss, reference_loss, max_abs_diff_vs_reference: diff, miners: rows, accepted, rejected });
+        reports.push(WindowReport {
+            window: w,
+            heldout_loss: shared_loss,
+            reference_loss,
+            max_abs_diff_vs_reference: diff,
+            miners: rows,
+            accepted,
+            rejected,
+        });
     }
     let v0 = &validators[0].0.params;
     let mut identical = true;

@@ -33,7 +33,12 @@ async fn honest_network_learns_and_matches_the_reference() {
     eprintln!("{}", r.summary());
     assert!(r.all_nodes_identical, "nodes diverged");
     for w in &r.windows {
-        assert!(w.max_abs_diff_vs_reference <= 1e-6, "window {}: shared model differs from the reference by {}", w.window, w.max_abs_diff_vs_reference);
+        assert!(
+            w.max_abs_diff_vs_reference <= 1e-6,
+            "window {}: shared model differs from the reference by {}",
+            w.window,
+            w.max_abs_diff_vs_reference
+        );
         assert_eq!(w.accepted.len(), 3, "window {}: {:?}", w.window, w.rejected);
     }
     let first = r.windows[0].heldout_loss;
@@ -60,7 +65,12 @@ async fn cheaters_earn_nothing_and_poison_never_lands() {
     }
     for w in &r.windows {
         let poison = w.rejected.iter().find(|(h, _)| h.ends_with("poison"));
-        assert!(matches!(poison, Some((_, reason)) if reason == "outlier"), "window {}: poison not rejected: {:?}", w.window, w.rejected);
+        assert!(
+            matches!(poison, Some((_, reason)) if reason == "outlier"),
+            "window {}: poison not rejected: {:?}",
+            w.window,
+            w.rejected
+        );
         assert!(!w.accepted.iter().any(|h| h.ends_with("poison")));
     }
     // Poison never moves the model beyond an honest update: every step stays small.

@@ -124,7 +124,9 @@ mod tests {
 
     #[test]
     fn matches_the_f64_reference_on_many_sizes() {
-        for (n, m) in [(1, 1), (7, 3), (8, 2), (BLOCK - 1, 4), (BLOCK, 1), (BLOCK + 3, 5), (3 * BLOCK + 17, 8), (100_003, 2)] {
+        for (n, m) in
+            [(1, 1), (7, 3), (8, 2), (BLOCK - 1, 4), (BLOCK, 1), (BLOCK + 3, 5), (3 * BLOCK + 17, 8), (100_003, 2)]
+        {
             let (t, g, s) = data(n, m, n as u64);
             let refs: Vec<&[f32]> = s.iter().map(Vec::as_slice).collect();
             let fast = diff_norms(&t, &g, 0.5, &refs).unwrap();

@@ -62,7 +62,8 @@ fn err(e: impl std::fmt::Display) -> KernelError {
 
 /// The kernel's PTX as NVRTC compiles it (needs libnvrtc, no GPU).
 pub fn ptx() -> Result<String, KernelError> {
-    let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() }).map_err(err)?;
+    let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() })
+        .map_err(err)?;
     Ok(ptx.to_src())
 }
 
@@ -85,7 +86,8 @@ pub struct DeviceInputs {
 impl CudaDiffNorm {
     /// Compile the kernel with NVRTC and load it on device `ordinal`.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
-        let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() }).map_err(err)?;
+        let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() })
+            .map_err(err)?;
         let ctx = CudaContext::new(ordinal).map_err(err)?;
         let module = ctx.load_module(ptx).map_err(err)?;
         let func = module.load_function("bistro_diff_norms").map_err(err)?;
@@ -122,10 +124,19 @@ impl CudaDiffNorm {
         }
         let blocks = n.div_ceil(BLOCK);
         let mut partials = self.stream.alloc_zeros::<f32>(blocks * (m + 1)).map_err(err)?;
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: THREADS * 4 };
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: THREADS * 4 };
         let (n64, m32, chunk) = (n as u64, m as u32, BLOCK as u32);
         let mut launch = self.stream.launch_builder(&self.func);
-        launch.arg(&inputs.theta).arg(&inputs.gv).arg(&inputs.slices).arg(&eta).arg(&n64).arg(&m32).arg(&chunk).arg(&mut partials);
+        launch
+            .arg(&inputs.theta)
+            .arg(&inputs.gv)
+            .arg(&inputs.slices)
+            .arg(&eta)
+            .arg(&n64)
+            .arg(&m32)
+            .arg(&chunk)
+            .arg(&mut partials);
         // SAFETY: the argument list matches the kernel's signature; every buffer holds the
         // lengths the kernel indexes (n, m * n, blocks * (m + 1)).
         unsafe { launch.launch(cfg) }.map_err(err)?;

@@ -58,7 +58,15 @@ impl DiffNorms {
         let gv = self.gv_sq.sqrt();
         self.sq_dist
             .iter()
-            .map(|&d| if gv > 0.0 { d.sqrt() / gv } else if d == 0.0 { 0.0 } else { f64::INFINITY })
+            .map(|&d| {
+                if gv > 0.0 {
+                    d.sqrt() / gv
+                } else if d == 0.0 {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            })
             .collect()
     }
 }

@@ -15,7 +15,9 @@ fn data(n: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
     };
     let theta: Vec<f32> = (0..n).map(|_| next() * 0.1).collect();
     let gv: Vec<f32> = (0..n).map(|_| next() * 0.01).collect();
-    let slices = (0..m).map(|k| theta.iter().zip(&gv).map(|(&t, &g)| t - 0.5 * (g + next() * 0.01 * (k + 1) as f32)).collect()).collect();
+    let slices = (0..m)
+        .map(|k| theta.iter().zip(&gv).map(|(&t, &g)| t - 0.5 * (g + next() * 0.01 * (k + 1) as f32)).collect())
+        .collect();
     (theta, gv, slices)
 }
 

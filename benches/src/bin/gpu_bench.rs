@@ -36,7 +36,11 @@ mod gpu {
 
     fn arg(name: &str, default: &str) -> String {
         let args: Vec<String> = std::env::args().collect();
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
     }
 
     fn used_bytes() -> u64 {
@@ -50,12 +54,22 @@ mod gpu {
         6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq) as f64
     }
 
-    fn train(dev: &Device, preset: &str, batch: usize, seq: usize, steps: usize, peak_tflops: f64) -> Result<f64, Box<dyn std::error::Error>> {
+    fn train(
+        dev: &Device,
+        preset: &str,
+        batch: usize,
+        seq: usize,
+        steps: usize,
+        peak_tflops: f64,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
         let cfg = ModelConfig::preset(preset)?;
         let params = Params::genesis(&cfg, 0, dev)?;
         let model = Llama::new(&params)?.with_compute_dtype(DType::BF16);
         let (ids, labels) = bistro_benches::synthetic_batch(batch, seq, cfg.vocab_size, dev)?;
-        let mut opt = AdamW::new(params.vars().to_vec(), ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 })?;
+        let mut opt = AdamW::new(
+            params.vars().to_vec(),
+            ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
+        )?;
         let base = used_bytes();
         let mut peak = 0u64;
         let mut times = Vec::new();
@@ -96,7 +110,8 @@ mod gpu {
         let k = CudaDiffNorm::new(0)?;
         let theta: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
         let gv: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-4).collect();
-        let slices: Vec<Vec<f32>> = (0..miners).map(|m| (0..n).map(|i| ((i + m) % 83) as f32 * 1e-3).collect()).collect();
+        let slices: Vec<Vec<f32>> =
+            (0..miners).map(|m| (0..n).map(|i| ((i + m) % 83) as f32 * 1e-3).collect()).collect();
         let refs: Vec<&[f32]> = slices.iter().map(|s| s.as_slice()).collect();
         let inputs = k.upload(&theta, &gv, &refs)?;
         let stream = k.context().default_stream();

@@ -6,9 +6,9 @@
 //! "wall_s":..,"cpu_s":..}`; the same AdamW settings as `benches/torch_reference.py`
 //! (lr 1e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1).
 
+use bistro_model::optim::AdamW;
 use bistro_model::{Llama, ModelConfig, Params};
 use candle_core::Device;
-use bistro_model::optim::AdamW;
 use candle_nn::{Optimizer, ParamsAdamW};
 
 #[global_allocator]
@@ -19,7 +19,8 @@ fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 =
+        f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -43,7 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let params = Params::genesis(&cfg, 0, &dev)?;
     let model = Llama::new(&params)?;
     let (ids, labels) = bistro_benches::synthetic_batch(batch, seq, cfg.vocab_size, &dev)?;
-    let mut opt = AdamW::new(params.vars().to_vec(), ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 })?;
+    let mut opt = AdamW::new(
+        params.vars().to_vec(),
+        ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
+    )?;
     for i in 0..warmup + steps {
         let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
         let loss = model.loss(&ids, &labels)?;

@@ -105,7 +105,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     e * scale
@@ -207,9 +207,7 @@ pub(crate) fn map_sum<T: Real>(src: &[T], dst: &mut [T], f: impl Fn(T) -> T) -> 
 
 /// The contiguous elements of `s` under layout `l`, as `&[T]`.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{what}: the input must be contiguous")
-    };
+    let Some((start, end)) = l.contiguous_offsets() else { bail!("{what}: the input must be contiguous") };
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
 }
 

@@ -47,7 +47,7 @@ fn bwd_row<T: Real>(row: &[T], target: u32, g: T, loss: T, out: &mut [T]) {
     for (o, &x) in out.iter_mut().zip(row) {
         *o = (x - lse).exp_() * g;
     }
-    out[target as usize] = out[target as usize] - g;
+    out[target as usize] -= g;
 }
 simd_dispatch!(bwd_row_dispatch => bwd_row(row: &[T], target: u32, g: T, loss: T, out: &mut [T]));
 
@@ -112,7 +112,13 @@ impl CustomOp2 for CrossEntropyOp {
         Ok((super::cuda::cross_entropy_fwd(s1, l1, s2, l2, n, v)?, Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        loss: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad_loss = Tensor::stack(&[&grad.to_dtype(loss.dtype())?, &loss.detach()], 0)?;
         let g = logits.detach().apply_op3_no_bwd(targets, &grad_loss, &CrossEntropyBackward)?;
         Ok((Some(g), None))
@@ -139,8 +145,12 @@ impl CustomOp3 for CrossEntropyBackward {
         }
         let t = slice::<u32>(s2, l2, "cross-entropy")?;
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v)),
-            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v)),
+            DType::F32 => {
+                CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v))
+            }
+            DType::F64 => {
+                CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v))
+            }
             d => bail!("cross-entropy backward: no CPU kernel for {d:?}"),
         };
         Ok((out, l1.shape().clone()))

@@ -4,9 +4,9 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
-use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, bail};
 use half::bf16;
 
@@ -19,9 +19,12 @@ const BLOCK: u32 = 256;
 pub fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     let r = PTX.get_or_init(|| {
-        compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_80"), use_fast_math: Some(false), ..Default::default() })
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the fused kernels: {e}"))
+        compile_ptx_with_opts(
+            SOURCE,
+            CompileOptions { arch: Some("compute_80"), use_fast_math: Some(false), ..Default::default() },
+        )
+        .map(|p| p.to_src())
+        .map_err(|e| format!("NVRTC could not compile the fused kernels: {e}"))
     });
     r.as_deref().map_err(|e| candle_core::Error::Msg(e.clone()))
 }
@@ -107,11 +110,19 @@ fn elems_cfg(n: usize) -> LaunchConfig {
 }
 
 fn int(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("fused op: {what} {x} is too large for the CUDA kernels")))
+    i32::try_from(x)
+        .map_err(|_| candle_core::Error::Msg(format!("fused op: {what} {x} is too large for the CUDA kernels")))
 }
 
 /// RMSNorm forward.
-pub fn rms_norm_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, d: usize, eps: f64) -> Result<(CudaStorage, Shape)> {
+pub fn rms_norm_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    d: usize,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device();
     let (x, w) = (input(s1, l1)?, input(s2, l2)?);
     let n = l1.shape().elem_count();
@@ -264,7 +275,15 @@ pub fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, tq: usize, tk: usize, sca
 }
 
 /// Causal softmax backward.
-pub fn causal_softmax_bwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, tq: usize, tk: usize, scale: f64) -> Result<CudaStorage> {
+pub fn causal_softmax_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    tq: usize,
+    tk: usize,
+    scale: f64,
+) -> Result<CudaStorage> {
     let dev = s1.device();
     let (p, dp) = (input(s1, l1)?, input(s2, l2)?);
     let n = l1.shape().elem_count();
@@ -302,7 +321,14 @@ pub fn swiglu_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) 
 }
 
 /// SwiGLU backward: `[2, ..]` with `dg` then `du`.
-pub fn swiglu_bwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<CudaStorage> {
+pub fn swiglu_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<CudaStorage> {
     let dev = s1.device();
     let (g, u, dy) = (input(s1, l1)?, input(s2, l2)?, input(s3, l3)?);
     let n = l1.shape().elem_count();
@@ -321,7 +347,14 @@ pub fn swiglu_bwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, 
 }
 
 /// Cross-entropy forward (f32 logits).
-pub fn cross_entropy_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, n: usize, v: usize) -> Result<CudaStorage> {
+pub fn cross_entropy_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    n: usize,
+    v: usize,
+) -> Result<CudaStorage> {
     if s1.dtype() != DType::F32 {
         bail!("cross-entropy: CUDA logits must be f32");
     }

@@ -57,7 +57,12 @@ impl MatMulOp {
     }
 }
 
-fn cpu_run<T: candle_core::WithDType>(a: &[T], b: &[T], d: Bmnk, ((ars, acs), (brs, bcs)): ((isize, isize), (isize, isize))) -> Vec<T> {
+fn cpu_run<T: candle_core::WithDType>(
+    a: &[T],
+    b: &[T],
+    d: Bmnk,
+    ((ars, acs), (brs, bcs)): ((isize, isize), (isize, isize)),
+) -> Vec<T> {
     let (mk, kn, mn) = (d.m * d.k, d.k * d.n, d.m * d.n);
     let mut c = vec![T::zero(); d.batch * mn];
     if mn == 0 {
@@ -69,16 +74,32 @@ fn cpu_run<T: candle_core::WithDType>(a: &[T], b: &[T], d: Bmnk, ((ars, acs), (b
         // strides given (checked by `dims`), and `c` is not read (read_dst = false).
         unsafe {
             gemm::gemm(
-                d.m, d.n, d.k,
-                c.as_mut_ptr(), 1, d.n as isize, false,
-                a.as_ptr(), acs, ars,
-                b.as_ptr(), bcs, brs,
-                T::zero(), T::one(), false, false, false, par,
+                d.m,
+                d.n,
+                d.k,
+                c.as_mut_ptr(),
+                1,
+                d.n as isize,
+                false,
+                a.as_ptr(),
+                acs,
+                ars,
+                b.as_ptr(),
+                bcs,
+                brs,
+                T::zero(),
+                T::one(),
+                false,
+                false,
+                false,
+                par,
             )
         }
     };
     if d.batch >= 2 * threads && threads > 1 {
-        c.par_chunks_mut(mn).enumerate().for_each(|(i, ci)| one(&a[i * mk..(i + 1) * mk], &b[i * kn..(i + 1) * kn], ci, gemm::Parallelism::None));
+        c.par_chunks_mut(mn)
+            .enumerate()
+            .for_each(|(i, ci)| one(&a[i * mk..(i + 1) * mk], &b[i * kn..(i + 1) * kn], ci, gemm::Parallelism::None));
     } else {
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         for (i, ci) in c.chunks_mut(mn).enumerate() {
@@ -97,8 +118,12 @@ impl CustomOp2 for MatMulOp {
         let (d, shape) = self.dims(l1, l2)?;
         let st = self.strides(d);
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(cpu_run(slice::<f32>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st)),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(cpu_run(slice::<f64>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st)),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(cpu_run(slice::<f32>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(cpu_run(slice::<f64>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st))
+            }
             _ => bail!("matmul: no CPU kernel for {:?} x {:?}", s1.dtype(), s2.dtype()),
         };
         Ok((out, shape))
@@ -115,8 +140,16 @@ impl CustomOp2 for MatMulOp {
         let (d, shape) = self.dims(l1, l2)?;
         let ((ars, acs), (brs, bcs)) = self.strides(d);
         // Candle's cuBLAS path takes the transposes as strides of rank-3 layouts.
-        let la = Layout::new(Shape::from((d.batch, d.m, d.k)), vec![d.m * d.k, ars as usize, acs as usize], l1.start_offset());
-        let lb = Layout::new(Shape::from((d.batch, d.k, d.n)), vec![d.k * d.n, brs as usize, bcs as usize], l2.start_offset());
+        let la = Layout::new(
+            Shape::from((d.batch, d.m, d.k)),
+            vec![d.m * d.k, ars as usize, acs as usize],
+            l1.start_offset(),
+        );
+        let lb = Layout::new(
+            Shape::from((d.batch, d.k, d.n)),
+            vec![d.k * d.n, brs as usize, bcs as usize],
+            l2.start_offset(),
+        );
         if !l1.is_contiguous() || !l2.is_contiguous() {
             bail!("matmul: inputs must be contiguous");
         }
@@ -147,7 +180,9 @@ impl CustomOp2 for MatMulOp {
 pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     let fused = super::supported(a) && a.dtype() == b.dtype() && (a.device().is_cuda() || a.dtype() != DType::BF16);
     if !fused {
-        let t = |x: &Tensor, yes: bool| if yes { x.transpose(candle_core::D::Minus2, candle_core::D::Minus1) } else { Ok(x.clone()) };
+        let t = |x: &Tensor, yes: bool| {
+            if yes { x.transpose(candle_core::D::Minus2, candle_core::D::Minus1) } else { Ok(x.clone()) }
+        };
         return t(a, ta)?.matmul(&t(b, tb)?);
     }
     a.contiguous()?.apply_op2(&b.contiguous()?, MatMulOp { ta, tb })

@@ -21,9 +21,9 @@ mod swiglu;
 use candle_core::{DType, Device, Result, Tensor, bail};
 
 pub use cpu::exp_f32;
+pub use cross_entropy::{CrossEntropyBackward, CrossEntropyOp, NO_TARGET};
 #[cfg(feature = "cuda")]
 pub use cuda::{SOURCE as CUDA_SOURCE, ptx as cuda_ptx};
-pub use cross_entropy::{CrossEntropyBackward, CrossEntropyOp, NO_TARGET};
 pub use matmul::{MatMulOp, matmul};
 pub use rms_norm::{RmsNormBackward, RmsNormOp};
 pub use rope::{HeadLayout, HeadsOp, RopeOp};

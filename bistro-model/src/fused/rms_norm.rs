@@ -124,8 +124,12 @@ impl CustomOp2 for RmsNormOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         check_dims(l1, l2)?;
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps)),
-            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps)),
+            DType::F32 => {
+                CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps))
+            }
+            DType::F64 => {
+                CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps))
+            }
             d => bail!("rms-norm: no CPU kernel for {d:?}"),
         };
         Ok((out, l1.shape().clone()))
@@ -176,8 +180,18 @@ impl CustomOp3 for RmsNormBackward {
         }
         let n = l1.shape().elem_count() / d;
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?, self.eps)),
-            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?, self.eps)),
+            DType::F32 => CpuStorage::F32(bwd_cpu(
+                slice::<f32>(s1, l1, "rms-norm")?,
+                slice(s2, l2, "rms-norm")?,
+                slice(s3, l3, "rms-norm")?,
+                self.eps,
+            )),
+            DType::F64 => CpuStorage::F64(bwd_cpu(
+                slice::<f64>(s1, l1, "rms-norm")?,
+                slice(s2, l2, "rms-norm")?,
+                slice(s3, l3, "rms-norm")?,
+                self.eps,
+            )),
             dt => bail!("rms-norm backward: no CPU kernel for {dt:?}"),
         };
         Ok((out, Shape::from((n + 1, d))))

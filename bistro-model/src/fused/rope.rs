@@ -22,7 +22,7 @@ pub struct HeadLayout {
 
 impl HeadLayout {
     /// `[B, T, H, D]` from a token-major shape.
-    fn from_token_major(&self, s: &Shape) -> Result<[usize; 4]> {
+    fn token_major_dims(&self, s: &Shape) -> Result<[usize; 4]> {
         match *s.dims() {
             [bt, hd] if self.flat && self.seq > 0 && self.heads > 0 && bt % self.seq == 0 && hd % self.heads == 0 => {
                 Ok([bt / self.seq, self.seq, self.heads, hd / self.heads])
@@ -33,7 +33,7 @@ impl HeadLayout {
     }
 
     /// `[B, T, H, D]` from a head-major shape `[B, H, T, D]`.
-    fn from_head_major(&self, s: &Shape) -> Result<[usize; 4]> {
+    fn head_major_dims(&self, s: &Shape) -> Result<[usize; 4]> {
         match *s.dims() {
             [b, h, t, d] if t == self.seq && h == self.heads => Ok([b, t, h, d]),
             _ => bail!("heads: head-major shape {s:?} does not fit {self:?}"),
@@ -124,7 +124,11 @@ fn to_tokens<T: Real>(g: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) 
     let per_batch = h * t * d;
     y.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
         let (bi, ti) = (bt / t, bt % t);
-        let (c, s) = if cos.is_empty() { (cos, sin) } else { (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half]) };
+        let (c, s) = if cos.is_empty() {
+            (cos, sin)
+        } else {
+            (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half])
+        };
         to_tokens_dispatch(&g[bi * per_batch..(bi + 1) * per_batch], row, c, s, d, t, ti);
     });
     y
@@ -141,10 +145,10 @@ fn check_tables(lc: &Layout, ls: &Layout, [_b, t, _h, d]: [usize; 4]) -> Result<
 impl RopeOp {
     fn geometry(&self, l: &Layout) -> Result<([usize; 4], Shape)> {
         if self.backward {
-            let dims = self.layout.from_head_major(l.shape())?;
+            let dims = self.layout.head_major_dims(l.shape())?;
             Ok((dims, self.layout.token_major_shape(dims)))
         } else {
-            let [b, t, h, d] = self.layout.from_token_major(l.shape())?;
+            let [b, t, h, d] = self.layout.token_major_dims(l.shape())?;
             Ok(([b, t, h, d], Shape::from((b, h, t, d))))
         }
     }
@@ -170,8 +174,20 @@ impl CustomOp3 for RopeOp {
             if backward { to_tokens(x, c, s, dims) } else { to_heads(x, c, s, dims) }
         }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(go(slice::<f32>(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?, dims, self.backward)),
-            DType::F64 => CpuStorage::F64(go(slice::<f64>(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?, dims, self.backward)),
+            DType::F32 => CpuStorage::F32(go(
+                slice::<f32>(s1, l1, "rope")?,
+                slice(s2, l2, "rope")?,
+                slice(s3, l3, "rope")?,
+                dims,
+                self.backward,
+            )),
+            DType::F64 => CpuStorage::F64(go(
+                slice::<f64>(s1, l1, "rope")?,
+                slice(s2, l2, "rope")?,
+                slice(s3, l3, "rope")?,
+                dims,
+                self.backward,
+            )),
             d => bail!("rope: no CPU kernel for {d:?}"),
         };
         Ok((out, out_shape))
@@ -192,7 +208,14 @@ impl CustomOp3 for RopeOp {
         Ok((super::cuda::heads(s1, l1, Some((s2, l2, s3, l3)), dims, self.backward)?, out_shape))
     }
 
-    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = RopeOp { backward: !self.backward, ..*self };
         Ok((Some(dy.contiguous()?.apply_op3_no_bwd(&cos.detach(), &sin.detach(), &op)?), None, None))
     }
@@ -201,10 +224,10 @@ impl CustomOp3 for RopeOp {
 impl HeadsOp {
     fn geometry(&self, l: &Layout) -> Result<([usize; 4], Shape)> {
         if self.merge {
-            let dims = self.layout.from_head_major(l.shape())?;
+            let dims = self.layout.head_major_dims(l.shape())?;
             Ok((dims, self.layout.token_major_shape(dims)))
         } else {
-            let [b, t, h, d] = self.layout.from_token_major(l.shape())?;
+            let [b, t, h, d] = self.layout.token_major_dims(l.shape())?;
             Ok(([b, t, h, d], Shape::from((b, h, t, d))))
         }
     }

@@ -32,7 +32,7 @@ fn fwd_rows<T: Real>(s: &[T], p: &mut [T], tq: usize, tk: usize, row0: usize, sc
         let sum = map_sum(sv, pv, |x| (x * scale - max).exp_());
         let inv = T::ONE / sum;
         for o in pv.iter_mut() {
-            *o = *o * inv;
+            *o *= inv;
         }
         for o in pr[visible..].iter_mut() {
             *o = T::ZERO;
@@ -122,8 +122,20 @@ impl CustomOp2 for CausalSoftmaxBackward {
             bail!("causal softmax backward: gradient {:?} vs output {:?}", l2.shape(), l1.shape());
         }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "causal softmax")?, slice(s2, l2, "causal softmax")?, tq, tk, self.scale)),
-            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "causal softmax")?, slice(s2, l2, "causal softmax")?, tq, tk, self.scale)),
+            DType::F32 => CpuStorage::F32(bwd_cpu(
+                slice::<f32>(s1, l1, "causal softmax")?,
+                slice(s2, l2, "causal softmax")?,
+                tq,
+                tk,
+                self.scale,
+            )),
+            DType::F64 => CpuStorage::F64(bwd_cpu(
+                slice::<f64>(s1, l1, "causal softmax")?,
+                slice(s2, l2, "causal softmax")?,
+                tq,
+                tk,
+                self.scale,
+            )),
             d => bail!("causal softmax backward: no CPU kernel for {d:?}"),
         };
         Ok((out, l1.shape().clone()))

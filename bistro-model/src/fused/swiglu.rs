@@ -113,8 +113,16 @@ impl CustomOp3 for SwiGluBackward {
         same(l1, l2, "up")?;
         same(l1, l3, "gradient")?;
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?, slice(s3, l3, "swiglu")?)),
-            DType::F64 => CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?, slice(s3, l3, "swiglu")?)),
+            DType::F32 => CpuStorage::F32(bwd_cpu(
+                slice::<f32>(s1, l1, "swiglu")?,
+                slice(s2, l2, "swiglu")?,
+                slice(s3, l3, "swiglu")?,
+            )),
+            DType::F64 => CpuStorage::F64(bwd_cpu(
+                slice::<f64>(s1, l1, "swiglu")?,
+                slice(s2, l2, "swiglu")?,
+                slice(s3, l3, "swiglu")?,
+            )),
             d => bail!("swiglu backward: no CPU kernel for {d:?}"),
         };
         let mut dims = vec![2];

@@ -13,11 +13,14 @@ use clap::Parser;
 /// BISTRO miner: computes one gradient update of the shared transformer per block window on
 /// its assigned data pages, and uploads a slice of the result to its bucket.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Examples:
+#[command(
+    version,
+    after_help = "Examples:
   cargo run --release --bin miner                       # join the local devnet (no accounts)
   cargo run --release --bin miner -- --max-windows 3    # train three windows, then exit
   miner --subtensor.network finney --netuid N --wallet.name W --wallet.hotkey H \\
-        --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml")]
+        --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml"
+)]
 struct Cli {
     #[command(flatten)]
     node: NodeArgs,
@@ -25,9 +28,13 @@ struct Cli {
 
 fn print_event(e: &MinerEvent) {
     match e {
-        MinerEvent::Started { uid, window, origin } => tracing::info!("miner uid {uid} ready: model at window {window} from {origin}"),
+        MinerEvent::Started { uid, window, origin } => {
+            tracing::info!("miner uid {uid} ready: model at window {window} from {origin}")
+        }
         MinerEvent::WindowStarted { window } => tracing::info!("window {window}: training"),
-        MinerEvent::PagesLoaded { window, pages, tokens } => tracing::info!("window {window}: {pages} pages, {tokens} tokens"),
+        MinerEvent::PagesLoaded { window, pages, tokens } => {
+            tracing::info!("window {window}: {pages} pages, {tokens} tokens")
+        }
         MinerEvent::StepDone { window, loss, tokens_per_sec } => {
             tracing::info!("window {window}: loss {loss:.4}, {tokens_per_sec:.0} tokens/s")
         }

@@ -109,9 +109,8 @@ mod tests {
         assert_eq!(&b.input_ids[8..12], &[0, 6, 0, 0]);
         assert_eq!(&b.labels[8..12], &[0, 6, 0, -100]);
         // Count targets the way the loss does: label positions 1.. of each row, not ignored.
-        let counted: usize = (0..b.rows)
-            .map(|r| b.labels[r * 4 + 1..(r + 1) * 4].iter().filter(|&&l| l >= 0).count())
-            .sum();
+        let counted: usize =
+            (0..b.rows).map(|r| b.labels[r * 4 + 1..(r + 1) * 4].iter().filter(|&&l| l >= 0).count()).sum();
         assert_eq!(counted, b.n_targets);
     }
 

@@ -33,9 +33,13 @@ pub struct HubSpec {
 impl HubSpec {
     /// Parse `hf:OWNER/NAME[@REVISION][:FILE,...]`.
     pub fn parse(spec: &str) -> Result<Self> {
-        let rest = spec.strip_prefix("hf:").ok_or_else(|| DataError::Invalid(format!("`{spec}` is not an hf: dataset spec")))?;
+        let rest = spec
+            .strip_prefix("hf:")
+            .ok_or_else(|| DataError::Invalid(format!("`{spec}` is not an hf: dataset spec")))?;
         let (repo_rev, files) = match rest.split_once(':') {
-            Some((r, f)) => (r, f.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>()),
+            Some((r, f)) => {
+                (r, f.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>())
+            }
             None => (rest, Vec::new()),
         };
         let (repo, revision) = match repo_rev.split_once('@') {
@@ -69,7 +73,9 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn offline() -> bool {
-    ["HF_HUB_OFFLINE", "BISTRO_OFFLINE"].iter().any(|v| std::env::var(v).is_ok_and(|x| x == "1" || x.eq_ignore_ascii_case("true")))
+    ["HF_HUB_OFFLINE", "BISTRO_OFFLINE"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|x| x == "1" || x.eq_ignore_ascii_case("true")))
 }
 
 /// Local paths of the spec's files: from the cache when present, else downloaded
@@ -101,7 +107,10 @@ pub fn fetch(spec: &HubSpec, cache: Option<PathBuf>, endpoint: Option<String>) -
         }
         let Some(client) = api.as_ref() else { unreachable!("api was just built") };
         tracing::info!(repo = %spec.repo, file, "downloading dataset shard");
-        let p = client.repo(repo.clone()).get(file).map_err(|e| DataError::Invalid(format!("cannot download {}/{file}: {e}", spec.repo)))?;
+        let p = client
+            .repo(repo.clone())
+            .get(file)
+            .map_err(|e| DataError::Invalid(format!("cannot download {}/{file}: {e}", spec.repo)))?;
         out.push(p);
     }
     Ok(out)

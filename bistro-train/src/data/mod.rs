@@ -82,7 +82,10 @@ impl Dataset {
                     .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
                     .collect();
                 if !parquet_files.is_empty() {
-                    return Self::new(Arc::new(parquet::ParquetShards::open(path, &parquet_files, "text")?), rows_per_page);
+                    return Self::new(
+                        Arc::new(parquet::ParquetShards::open(path, &parquet_files, "text")?),
+                        rows_per_page,
+                    );
                 }
                 Self::new(Arc::new(MemoryShards::from_path(p)?), rows_per_page)
             }

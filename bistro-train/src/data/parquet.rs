@@ -44,7 +44,13 @@ impl ParquetShards {
             });
             row_groups.push(groups);
         }
-        Ok(ParquetShards { description: description.into(), infos, files: files.to_vec(), row_groups, column: column.to_string() })
+        Ok(ParquetShards {
+            description: description.into(),
+            infos,
+            files: files.to_vec(),
+            row_groups,
+            column: column.to_string(),
+        })
     }
 }
 

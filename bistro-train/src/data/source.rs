@@ -125,20 +125,18 @@ pub(crate) fn list_files(path: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(DataError::EmptyCorpus(format!(
-            "{} (no {} files)",
-            path.display(),
-            exts.join("/")
-        )));
+        return Err(DataError::EmptyCorpus(format!("{} (no {} files)", path.display(), exts.join("/"))));
     }
     Ok(files)
 }
 
 fn gunzip(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .map_err(|e| DataError::Parse { path: path.to_path_buf(), line: None, reason: format!("bad gzip data: {e}") })?;
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| DataError::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        reason: format!("bad gzip data: {e}"),
+    })?;
     Ok(out)
 }
 
@@ -177,13 +175,7 @@ fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
 
 fn parse_text(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
     let text = utf8(path, bytes)?;
-    Ok(text
-        .replace("\r\n", "\n")
-        .split("\n\n")
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(str::to_string)
-        .collect())
+    Ok(text.replace("\r\n", "\n").split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(str::to_string).collect())
 }
 
 #[cfg(test)]

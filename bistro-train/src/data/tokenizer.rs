@@ -39,11 +39,7 @@ impl TextTokenizer {
 
     /// `embedded`, or a path to a `tokenizer.json`.
     pub fn open(spec: &str) -> Result<Self> {
-        if spec == "embedded" || spec.is_empty() {
-            Self::embedded()
-        } else {
-            Self::from_file(Path::new(spec))
-        }
+        if spec == "embedded" || spec.is_empty() { Self::embedded() } else { Self::from_file(Path::new(spec)) }
     }
 
     /// Load a Hugging Face `tokenizer.json`.
@@ -63,13 +59,10 @@ impl TextTokenizer {
 
     /// Wrap a tokenizer, finding its EOS token among [`EOS_CANDIDATES`].
     pub fn new(inner: Tokenizer, name: &str) -> Result<Self> {
-        let eos_id = EOS_CANDIDATES
-            .iter()
-            .find_map(|t| inner.token_to_id(t))
-            .ok_or_else(|| DataError::Tokenizer {
-                source_name: name.to_string(),
-                reason: format!("no end-of-text token (looked for {})", EOS_CANDIDATES.join(", ")),
-            })?;
+        let eos_id = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t)).ok_or_else(|| DataError::Tokenizer {
+            source_name: name.to_string(),
+            reason: format!("no end-of-text token (looked for {})", EOS_CANDIDATES.join(", ")),
+        })?;
         Ok(TextTokenizer { inner, eos_id, source_name: name.to_string() })
     }
 

@@ -55,7 +55,12 @@ fn median(sorted: &[f64]) -> f64 {
 /// With `outlier_factor > 0` and at least 3 contributions, a slice whose update norm is
 /// above `outlier_factor` times the median norm is left out (reported in `outliers`).
 /// With no contribution left, the values are unchanged.
-pub fn aggregate(theta_at_i: &[Vec<f32>], contributions: &[Contribution], rule: &Aggregation, outlier_factor: f64) -> Aggregate {
+pub fn aggregate(
+    theta_at_i: &[Vec<f32>],
+    contributions: &[Contribution],
+    rule: &Aggregation,
+    outlier_factor: f64,
+) -> Aggregate {
     let mut sorted: Vec<&Contribution> = contributions.iter().collect();
     sorted.sort_by(|a, b| a.hotkey.cmp(&b.hotkey));
     sorted.dedup_by(|a, b| a.hotkey == b.hotkey);

@@ -127,11 +127,8 @@ pub fn decode(bytes: &[u8], expect: &SliceExpectation) -> Result<Vec<Vec<f32>>, 
         if view.shape() != [len] {
             return Err(Rejection::WrongShape { name: name.clone(), expected: len, found: view.shape().to_vec() });
         }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Rejection::NonFinite { name: name.clone(), index: i });
         }

@@ -164,7 +164,10 @@ pub fn implied_gradient(theta_at_i: &[Vec<f32>], values: &[Vec<f32>], eta: f64) 
 }
 
 /// `Ok` when an object modified at `uploaded` meets the window's `deadline`.
-pub fn check_deadline(uploaded: chrono::DateTime<chrono::Utc>, deadline: chrono::DateTime<chrono::Utc>) -> Result<(), Rejection> {
+pub fn check_deadline(
+    uploaded: chrono::DateTime<chrono::Utc>,
+    deadline: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Rejection> {
     if uploaded <= deadline {
         Ok(())
     } else {

@@ -12,11 +12,14 @@ use clap::Parser;
 /// BISTRO validator: downloads each miner's slice, recomputes its gradient on the same pages
 /// from the same model state, rewards R = -||g_m - g_v|| and sets weights on chain.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Examples:
+#[command(
+    version,
+    after_help = "Examples:
   cargo run --bin validator                             # score the miners of the local devnet
   cargo run --bin validator -- --max-windows 5          # score five windows, then exit
   validator --subtensor.network finney --netuid N --wallet.name W --wallet.hotkey H \\
-            --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml")]
+            --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml"
+)]
 struct Cli {
     #[command(flatten)]
     node: NodeArgs,
@@ -36,7 +39,9 @@ fn short(h: &str) -> String {
 
 fn print_event(e: &ValidatorEvent) {
     match e {
-        ValidatorEvent::Started { uid, window, origin } => tracing::info!("validator uid {uid} ready: model at window {window} from {origin}"),
+        ValidatorEvent::Started { uid, window, origin } => {
+            tracing::info!("validator uid {uid} ready: model at window {window} from {origin}")
+        }
         ValidatorEvent::Merged { window, accepted, rejected } => {
             let rej: Vec<String> = rejected.iter().map(|(h, r)| format!("{h}: {r}")).collect();
             tracing::info!(
@@ -46,7 +51,10 @@ fn print_event(e: &ValidatorEvent) {
         }
         ValidatorEvent::Scored { window, rows, seconds } => {
             let mut t = format!("window {window} scores ({seconds:.1}s of recomputation):\n");
-            t.push_str(&format!("  {:>4}  {:<18}  {:<12}  {:>10}  {:>9}  {:>6}  {:>6}  {:>7}\n", "uid", "hotkey", "status", "R", "e", "score", "ema", "weight"));
+            t.push_str(&format!(
+                "  {:>4}  {:<18}  {:<12}  {:>10}  {:>9}  {:>6}  {:>6}  {:>7}\n",
+                "uid", "hotkey", "status", "R", "e", "score", "ema", "weight"
+            ));
             for r in rows {
                 t.push_str(&format!(
                     "  {:>4}  {:<18}  {:<12}  {:>10.3e}  {:>9.2e}  {:>6.3}  {:>6.3}  {:>7.4}\n",
@@ -66,7 +74,9 @@ fn print_event(e: &ValidatorEvent) {
             eprint!("{t}");
         }
         ValidatorEvent::WeightsSet { window, weights } => tracing::info!("window {window}: set weights {weights:?}"),
-        ValidatorEvent::WeightsFailed { window, reason } => tracing::warn!("window {window}: set_weights failed: {reason}"),
+        ValidatorEvent::WeightsFailed { window, reason } => {
+            tracing::warn!("window {window}: set_weights failed: {reason}")
+        }
     }
 }
 

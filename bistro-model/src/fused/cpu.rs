@@ -249,6 +249,25 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// `CpuStorage::F32(body)` or `CpuStorage::F64(body)` with `$t` the matching float type,
+/// by `$dtype`; any other dtype is an error naming the op.
+macro_rules! for_float {
+    ($dtype:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                candle_core::CpuStorage::F32($body)
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                candle_core::CpuStorage::F64($body)
+            }
+            d => candle_core::bail!("{}: no CPU kernel for {d:?}", $what),
+        }
+    };
+}
+pub(crate) use for_float;
+
 #[cfg(test)]
 mod tests {
     use super::exp_f32;

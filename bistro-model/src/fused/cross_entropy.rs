@@ -1,10 +1,10 @@
 //! Cross-entropy over the vocabulary, per row, with its backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, max_all, simd_dispatch, slice, sum_map};
+use super::cpu::{Real, for_float, max_all, simd_dispatch, slice, sum_map};
 
 /// Target value meaning "no target" for [`CrossEntropyOp`].
 pub const NO_TARGET: u32 = u32::MAX;
@@ -92,11 +92,7 @@ impl CustomOp2 for CrossEntropyOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, v) = dims(l1, l2)?;
         let t = slice::<u32>(s2, l2, "cross-entropy")?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "cross-entropy")?, t, v)),
-            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "cross-entropy")?, t, v)),
-            d => bail!("cross-entropy: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s1.dtype(), "cross-entropy", |T| fwd_cpu(slice::<T>(s1, l1, "cross-entropy")?, t, v));
         Ok((out, Shape::from(n)))
     }
 
@@ -144,15 +140,12 @@ impl CustomOp3 for CrossEntropyBackward {
             bail!("cross-entropy backward: gradient and loss {:?} vs targets {:?}", l3.shape(), l2.shape());
         }
         let t = slice::<u32>(s2, l2, "cross-entropy")?;
-        let out = match s1.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(bwd_cpu(slice::<f32>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v))
-            }
-            DType::F64 => {
-                CpuStorage::F64(bwd_cpu(slice::<f64>(s1, l1, "cross-entropy")?, t, slice(s3, l3, "cross-entropy")?, v))
-            }
-            d => bail!("cross-entropy backward: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s1.dtype(), "cross-entropy backward", |T| bwd_cpu(
+            slice::<T>(s1, l1, "cross-entropy")?,
+            t,
+            slice(s3, l3, "cross-entropy")?,
+            v
+        ));
         Ok((out, l1.shape().clone()))
     }
 

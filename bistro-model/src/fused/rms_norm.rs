@@ -1,10 +1,10 @@
 //! RMSNorm `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension, with its backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, rows_per_task, simd_dispatch, slice, sum_map};
+use super::cpu::{Real, for_float, rows_per_task, simd_dispatch, slice, sum_map};
 
 /// The forward op: `(x [.., D], w [D]) -> y [.., D]`; statistics in the input's float type.
 #[derive(Clone, Copy, Debug)]
@@ -123,15 +123,11 @@ impl CustomOp2 for RmsNormOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         check_dims(l1, l2)?;
-        let out = match s1.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps))
-            }
-            DType::F64 => {
-                CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, self.eps))
-            }
-            d => bail!("rms-norm: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s1.dtype(), "rms-norm", |T| fwd_cpu(
+            slice::<T>(s1, l1, "rms-norm")?,
+            slice(s2, l2, "rms-norm")?,
+            self.eps
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -179,21 +175,12 @@ impl CustomOp3 for RmsNormBackward {
             bail!("rms-norm backward: gradient {:?} vs input {:?}", l3.shape(), l1.shape());
         }
         let n = l1.shape().elem_count() / d;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(
-                slice::<f32>(s1, l1, "rms-norm")?,
-                slice(s2, l2, "rms-norm")?,
-                slice(s3, l3, "rms-norm")?,
-                self.eps,
-            )),
-            DType::F64 => CpuStorage::F64(bwd_cpu(
-                slice::<f64>(s1, l1, "rms-norm")?,
-                slice(s2, l2, "rms-norm")?,
-                slice(s3, l3, "rms-norm")?,
-                self.eps,
-            )),
-            dt => bail!("rms-norm backward: no CPU kernel for {dt:?}"),
-        };
+        let out = for_float!(s1.dtype(), "rms-norm backward", |T| bwd_cpu(
+            slice::<T>(s1, l1, "rms-norm")?,
+            slice(s2, l2, "rms-norm")?,
+            slice(s3, l3, "rms-norm")?,
+            self.eps,
+        ));
         Ok((out, Shape::from((n + 1, d))))
     }
 

@@ -4,10 +4,10 @@
 //! ("rotate half", as Hugging Face's Llama) on the way. One pass, one graph node.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, simd_dispatch, slice};
+use super::cpu::{Real, for_float, simd_dispatch, slice};
 
 /// The geometry shared by [`RopeOp`] and [`HeadsOp`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,23 +173,13 @@ impl CustomOp3 for RopeOp {
         fn go<T: Real>(x: &[T], c: &[T], s: &[T], dims: [usize; 4], backward: bool) -> Vec<T> {
             if backward { to_tokens(x, c, s, dims) } else { to_heads(x, c, s, dims) }
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(go(
-                slice::<f32>(s1, l1, "rope")?,
-                slice(s2, l2, "rope")?,
-                slice(s3, l3, "rope")?,
-                dims,
-                self.backward,
-            )),
-            DType::F64 => CpuStorage::F64(go(
-                slice::<f64>(s1, l1, "rope")?,
-                slice(s2, l2, "rope")?,
-                slice(s3, l3, "rope")?,
-                dims,
-                self.backward,
-            )),
-            d => bail!("rope: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s1.dtype(), "rope", |T| go(
+            slice::<T>(s1, l1, "rope")?,
+            slice(s2, l2, "rope")?,
+            slice(s3, l3, "rope")?,
+            dims,
+            self.backward,
+        ));
         Ok((out, out_shape))
     }
 
@@ -243,11 +233,7 @@ impl CustomOp1 for HeadsOp {
         fn go<T: Real>(x: &[T], dims: [usize; 4], merge: bool) -> Vec<T> {
             if merge { to_tokens(x, &[], &[], dims) } else { to_heads(x, &[], &[], dims) }
         }
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(go(slice::<f32>(s, l, "heads")?, dims, self.merge)),
-            DType::F64 => CpuStorage::F64(go(slice::<f64>(s, l, "heads")?, dims, self.merge)),
-            d => bail!("heads: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s.dtype(), "heads", |T| go(slice::<T>(s, l, "heads")?, dims, self.merge));
         Ok((out, out_shape))
     }
 

@@ -2,10 +2,10 @@
 //! no mask tensor.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2};
+use super::cpu::{Real, for_float, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2};
 
 /// `p = softmax(scale * s)` over the last dimension of `s: [.., Tq, Tk]` (`Tk >= Tq`), where
 /// query `i` sees keys `j <= i + Tk - Tq` and every other entry of `p` is 0.
@@ -91,11 +91,12 @@ impl CustomOp1 for CausalSoftmaxOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (tq, tk) = dims(l)?;
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s, l, "causal softmax")?, tq, tk, self.scale)),
-            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s, l, "causal softmax")?, tq, tk, self.scale)),
-            d => bail!("causal softmax: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s.dtype(), "causal softmax", |T| fwd_cpu(
+            slice::<T>(s, l, "causal softmax")?,
+            tq,
+            tk,
+            self.scale
+        ));
         Ok((out, l.shape().clone()))
     }
 
@@ -121,23 +122,13 @@ impl CustomOp2 for CausalSoftmaxBackward {
         if l1.shape() != l2.shape() {
             bail!("causal softmax backward: gradient {:?} vs output {:?}", l2.shape(), l1.shape());
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(
-                slice::<f32>(s1, l1, "causal softmax")?,
-                slice(s2, l2, "causal softmax")?,
-                tq,
-                tk,
-                self.scale,
-            )),
-            DType::F64 => CpuStorage::F64(bwd_cpu(
-                slice::<f64>(s1, l1, "causal softmax")?,
-                slice(s2, l2, "causal softmax")?,
-                tq,
-                tk,
-                self.scale,
-            )),
-            d => bail!("causal softmax backward: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s1.dtype(), "causal softmax backward", |T| bwd_cpu(
+            slice::<T>(s1, l1, "causal softmax")?,
+            slice(s2, l2, "causal softmax")?,
+            tq,
+            tk,
+            self.scale,
+        ));
         Ok((out, l1.shape().clone()))
     }
 

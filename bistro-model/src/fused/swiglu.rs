@@ -1,10 +1,10 @@
 //! SwiGLU `y = silu(g) * u` with its backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, simd_dispatch, slice};
+use super::cpu::{Real, for_float, simd_dispatch, slice};
 
 /// `(g, u) -> silu(g) * u`, element-wise over equal shapes.
 #[derive(Clone, Copy, Debug)]
@@ -67,11 +67,8 @@ impl CustomOp2 for SwiGluOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same(l1, l2, "up")?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(fwd_cpu(slice::<f32>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?)),
-            DType::F64 => CpuStorage::F64(fwd_cpu(slice::<f64>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?)),
-            d => bail!("swiglu: no CPU kernel for {d:?}"),
-        };
+        let out =
+            for_float!(s1.dtype(), "swiglu", |T| fwd_cpu(slice::<T>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?));
         Ok((out, l1.shape().clone()))
     }
 
@@ -112,19 +109,11 @@ impl CustomOp3 for SwiGluBackward {
     ) -> Result<(CpuStorage, Shape)> {
         same(l1, l2, "up")?;
         same(l1, l3, "gradient")?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(bwd_cpu(
-                slice::<f32>(s1, l1, "swiglu")?,
-                slice(s2, l2, "swiglu")?,
-                slice(s3, l3, "swiglu")?,
-            )),
-            DType::F64 => CpuStorage::F64(bwd_cpu(
-                slice::<f64>(s1, l1, "swiglu")?,
-                slice(s2, l2, "swiglu")?,
-                slice(s3, l3, "swiglu")?,
-            )),
-            d => bail!("swiglu backward: no CPU kernel for {d:?}"),
-        };
+        let out = for_float!(s1.dtype(), "swiglu backward", |T| bwd_cpu(
+            slice::<T>(s1, l1, "swiglu")?,
+            slice(s2, l2, "swiglu")?,
+            slice(s3, l3, "swiglu")?,
+        ));
         let mut dims = vec![2];
         dims.extend_from_slice(l1.shape().dims());
         Ok((out, Shape::from(dims)))

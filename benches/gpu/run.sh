@@ -2,9 +2,8 @@
 # The GPU benchmark in one run (under 8 minutes on one H100/H200), for a machine with the
 # NVIDIA driver and PyTorch but no cargo and no internet.
 #
-# Build here (no GPU needed):
-#   bash scripts/cuda-build.sh cargo build --release -p bistro-benches --features cuda --bin gpu_bench
-#   mkdir -p benches/gpu/bin && cp $CARGO_TARGET_DIR/release/gpu_bench benches/gpu/bin/
+# Build here (no GPU needed): `bash benches/gpu/build.sh` puts gpu_bench and the CUDA test
+# binaries (fused ops vs the CPU kernels, the norm kernel) into benches/gpu/bin/.
 # Run there (from the repository root):
 #   bash benches/gpu/run.sh            # writes $OUT (default benches/gpu/out)/report.{json,md}
 #
@@ -42,6 +41,14 @@ case "$GPU" in
 esac
 echo "{\"what\":\"machine\",\"gpu\":\"$GPU\",\"peak_bf16_tflops\":$PEAK,\"nvrtc\":\"$NVRTC_VER\"}" >> "$RAW"
 
+echo "== correctness first: the CUDA kernels against the CPU kernels"
+for t in benches/gpu/bin/test-*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  if timeout 120 "$t" --nocapture --test-threads 1 >> "$RAW.log" 2>&1; then ok=true; else ok=false; fi
+  echo "{\"what\":\"test\",\"name\":\"$name\",\"passed\":$ok}" | tee -a "$RAW"
+done
+
 echo "== bistro (gpu_bench)"
 if ldd "$BIN" | grep 'not found'; then echo "unresolved libraries (see above)" >&2; fi
 timeout 300 "$BIN" --peak-tflops "$PEAK" --seq "$SEQ" --batch-125m "$B125" --batch-1b "$B1B" --steps 5 2>&1 | tee -a "$RAW.log" | grep '^{' >> "$RAW"
@@ -62,6 +69,9 @@ def flops_per_token(m):
     return 6 * n + 12 * l * h * seq
 report = {"rows": rows, "summary": {}}
 md = ["# BISTRO GPU benchmark", ""]
+tests = [r for r in rows if r.get("what") == "test"]
+if tests:
+    md += ["CUDA kernel tests: " + ", ".join(f"{t['name']} {'passed' if t['passed'] else 'FAILED'}" for t in tests), ""]
 mach = [r for r in rows if r.get("what") == "machine"]
 if mach:
     md += [f"GPU: {mach[0]['gpu']} (bf16 peak {mach[0]['peak_bf16_tflops']} TFLOPS), NVRTC {mach[0]['nvrtc']}", ""]

@@ -11,12 +11,13 @@ cp "$CARGO_TARGET_DIR/release/gpu_bench" benches/gpu/bin/
 bash scripts/cuda-build.sh cargo test --release --features cuda -p bistro-model --test cuda_ops -p bistro-kernels --test cuda \
     --no-run --message-format=json \
   | python3 -c '
-import json, shutil, sys
+import json, os, shutil, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        dst = "benches/gpu/bin/test-" + m["package_id"].split("#")[-1].split("@")[0].split("/")[-1] + "-" + m["target"]["name"]
+        crate_dir = os.path.basename(os.path.dirname(m["manifest_path"]))
+        dst = "benches/gpu/bin/test-" + crate_dir + "-" + m["target"]["name"]
         shutil.copy(m["executable"], dst); print("copied", dst)
 '
 ls -la benches/gpu/bin

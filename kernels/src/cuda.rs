@@ -89,7 +89,12 @@ impl CudaDiffNorm {
         let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() })
             .map_err(err)?;
         let ctx = CudaContext::new(ordinal).map_err(err)?;
-        let module = ctx.load_module(ptx).map_err(err)?;
+        let src = ptx.to_src();
+        let src = match crate::ptx::driver_version() {
+            Some(v) => crate::ptx::ptx_for_driver(&src, v).into_owned(),
+            None => src,
+        };
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(err)?;
         let func = module.load_function("bistro_diff_norms").map_err(err)?;
         let stream = ctx.default_stream();
         Ok(CudaDiffNorm { ctx, stream, func })

@@ -4,23 +4,113 @@
 //! to a device-to-device copy of the same bytes, and validator throughput (`1b` miners
 //! scored per 24 s window). Prints one JSON object per measurement.
 //!
-//! Build (on any machine, no GPU needed): `bash scripts/cuda-build.sh cargo build --release
-//! -p bistro-benches --features cuda --bin gpu_bench`.
+//! Build (on any machine, no GPU needed): `bash benches/gpu/build.sh`. `--cpu-smoke` runs the
+//! step measurement on the CPU with `tiny` (any build), to check the harness itself.
+
+use std::time::Instant;
+
+use bistro_model::optim::AdamW;
+use bistro_model::{Llama, ModelConfig, Params};
+use candle_core::{DType, Device};
+use candle_nn::{Optimizer, ParamsAdamW};
 
 #[global_allocator]
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
-#[cfg(not(feature = "cuda"))]
-fn main() {
-    bistro_train::process::tune();
-    eprintln!("gpu_bench was built without the `cuda` feature; rebuild with --features cuda (see benches/gpu/run.sh)");
-    std::process::exit(2);
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Model FLOPs per token (PaLM, appendix B): 6 N (N without the embedding table) plus
+/// 12 L H T for the attention products.
+fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
+    let n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size;
+    6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq) as f64
 }
 
-#[cfg(feature = "cuda")]
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// What one training-step measurement needs.
+struct Run<'a> {
+    dev: &'a Device,
+    preset: &'a str,
+    dtype: DType,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    peak_tflops: f64,
+    /// Device memory in use, in bytes (0 where unknown).
+    mem: &'a dyn Fn() -> u64,
+}
+
+/// Times `steps` full steps (after 2 warm-up steps), prints one JSON line, and returns the
+/// median forward+backward time.
+fn train(r: &Run) -> BoxResult<f64> {
+    let cfg = ModelConfig::preset(r.preset)?;
+    let params = Params::genesis(&cfg, 0, r.dev)?;
+    let model = Llama::new(&params)?.with_compute_dtype(r.dtype);
+    let (ids, labels) = bistro_benches::synthetic_batch(r.batch, r.seq, cfg.vocab_size, r.dev)?;
+    let mut opt = AdamW::new(
+        params.vars().to_vec(),
+        ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
+    )?;
+    let base = (r.mem)();
+    let (mut peak, mut times, mut fwd_bwd) = (0u64, Vec::new(), Vec::new());
+    for i in 0..r.steps + 2 {
+        r.dev.synchronize()?;
+        let t0 = Instant::now();
+        let loss = model.loss(&ids, &labels)?;
+        r.dev.synchronize()?;
+        peak = peak.max((r.mem)());
+        let grads = loss.backward()?;
+        r.dev.synchronize()?;
+        peak = peak.max((r.mem)());
+        let t_fb = t0.elapsed().as_secs_f64();
+        opt.step(&grads)?;
+        drop(grads);
+        r.dev.synchronize()?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+            fwd_bwd.push(t_fb);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    fwd_bwd.sort_by(f64::total_cmp);
+    let (wall, fb) = (times[times.len() / 2], fwd_bwd[fwd_bwd.len() / 2]);
+    let tokens = (r.batch * r.seq) as f64;
+    let mfu = tokens / wall * flops_per_token(&cfg, r.seq) / (r.peak_tflops * 1e12);
+    println!(
+        r#"{{"what":"train_step","impl":"bistro","model":"{}","dtype":"{:?}","batch":{},"seq":{},"step_s":{wall:.4},"tokens_per_s":{:.0},"mfu":{mfu:.4},"fwd_bwd_s":{fb:.4},"device_mem_in_use_gb":{:.2},"device_mem_before_gb":{:.2}}}"#,
+        r.preset,
+        r.dtype,
+        r.batch,
+        r.seq,
+        tokens / wall,
+        peak as f64 / 1e9,
+        base as f64 / 1e9
+    );
+    Ok(fb)
+}
+
+fn main() -> BoxResult<()> {
     bistro_train::process::tune();
-    gpu::main()
+    if std::env::args().any(|a| a == "--cpu-smoke") {
+        let run = Run {
+            dev: &Device::Cpu,
+            preset: "tiny",
+            dtype: DType::F32,
+            batch: 2,
+            seq: 32,
+            steps: 1,
+            peak_tflops: 1.0,
+            mem: &|| 0,
+        };
+        train(&run)?;
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    return gpu::main();
+    #[cfg(not(feature = "cuda"))]
+    {
+        eprintln!("gpu_bench was built without the `cuda` feature; build it with benches/gpu/build.sh");
+        std::process::exit(2);
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -28,12 +118,13 @@ mod gpu {
     use std::time::Instant;
 
     use bistro_kernels::cuda::CudaDiffNorm;
-    use bistro_model::optim::AdamW;
-    use bistro_model::{Llama, ModelConfig, Params};
+    use bistro_model::ModelConfig;
     use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
     use candle_core::{DType, Device};
-    use candle_nn::{Optimizer, ParamsAdamW};
 
+    use super::{BoxResult, Run, train};
+
+    /// The value after flag `name`, or `default`.
     fn arg(name: &str, default: &str) -> String {
         let args: Vec<String> = std::env::args().collect();
         args.iter()
@@ -47,66 +138,9 @@ mod gpu {
         mem_get_info().map(|(free, total)| (total - free) as u64).unwrap_or(0)
     }
 
-    /// Model FLOPs per token (PaLM, appendix B): 6 N (N without the embedding table) plus
-    /// 12 L H T for the attention products.
-    fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
-        let n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size;
-        6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq) as f64
-    }
-
-    fn train(
-        dev: &Device,
-        preset: &str,
-        batch: usize,
-        seq: usize,
-        steps: usize,
-        peak_tflops: f64,
-    ) -> Result<f64, Box<dyn std::error::Error>> {
-        let cfg = ModelConfig::preset(preset)?;
-        let params = Params::genesis(&cfg, 0, dev)?;
-        let model = Llama::new(&params)?.with_compute_dtype(DType::BF16);
-        let (ids, labels) = bistro_benches::synthetic_batch(batch, seq, cfg.vocab_size, dev)?;
-        let mut opt = AdamW::new(
-            params.vars().to_vec(),
-            ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
-        )?;
-        let base = used_bytes();
-        let mut peak = 0u64;
-        let mut times = Vec::new();
-        let mut fwd_bwd = Vec::new();
-        for i in 0..steps + 2 {
-            dev.synchronize()?;
-            let t0 = Instant::now();
-            let loss = model.loss(&ids, &labels)?;
-            dev.synchronize()?;
-            peak = peak.max(used_bytes());
-            let grads = loss.backward()?;
-            dev.synchronize()?;
-            peak = peak.max(used_bytes());
-            let t_fb = t0.elapsed().as_secs_f64();
-            opt.step(&grads)?;
-            drop(grads);
-            dev.synchronize()?;
-            if i >= 2 {
-                times.push(t0.elapsed().as_secs_f64());
-                fwd_bwd.push(t_fb);
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        fwd_bwd.sort_by(f64::total_cmp);
-        let (wall, fb) = (times[times.len() / 2], fwd_bwd[fwd_bwd.len() / 2]);
-        let tokens = (batch * seq) as f64;
-        let mfu = tokens / wall * flops_per_token(&cfg, seq) / (peak_tflops * 1e12);
-        println!(
-            r#"{{"what":"train_step","impl":"bistro","model":"{preset}","dtype":"bf16","batch":{batch},"seq":{seq},"step_s":{wall:.4},"tokens_per_s":{:.0},"mfu":{mfu:.4},"fwd_bwd_s":{fb:.4},"device_mem_in_use_gb":{:.2},"device_mem_before_gb":{:.2}}}"#,
-            tokens / wall,
-            peak as f64 / 1e9,
-            base as f64 / 1e9
-        );
-        Ok(fb)
-    }
-
-    fn diff_norm(miners: usize, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    /// The norm kernel over `miners` slices of `n` values, and a device-to-device copy of
+    /// the same bytes; returns the kernel time per miner.
+    fn diff_norm(miners: usize, n: usize) -> BoxResult<f64> {
         let k = CudaDiffNorm::new(0)?;
         let theta: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
         let gv: Vec<f32> = (0..n).map(|i| (i % 89) as f32 * 1e-4).collect();
@@ -125,7 +159,6 @@ mod gpu {
         stream.synchronize()?;
         let t_kernel = t0.elapsed().as_secs_f64() / reps as f64;
         let bytes = ((miners + 2) * n * 4) as f64;
-        // A device-to-device copy of the same number of bytes, same run.
         let src = stream.alloc_zeros::<f32>((miners + 2) * n)?;
         let mut dst = stream.alloc_zeros::<f32>((miners + 2) * n)?;
         stream.memcpy_dtod(&src, &mut dst)?;
@@ -145,17 +178,20 @@ mod gpu {
         Ok(t_kernel / miners as f64)
     }
 
-    pub fn main() -> Result<(), Box<dyn std::error::Error>> {
+    pub fn main() -> BoxResult<()> {
         let dev = Device::new_cuda(0)?;
         // `mem_get_info` reads the context current on this thread.
         dev.as_cuda_device()?.cuda_stream().context().bind_to_thread()?;
-        let peak: f64 = arg("--peak-tflops", "989.4").parse()?;
+        let peak_tflops: f64 = arg("--peak-tflops", "989.4").parse()?;
         let steps: usize = arg("--steps", "5").parse()?;
         let seq: usize = arg("--seq", "2048").parse()?;
         let b125: usize = arg("--batch-125m", "16").parse()?;
         let b1b: usize = arg("--batch-1b", "4").parse()?;
-        train(&dev, "125m", b125, seq, steps, peak)?;
-        let fb_1b = train(&dev, "1b", b1b, seq, steps, peak)?;
+        let mem = || used_bytes();
+        let run =
+            |preset, batch| Run { dev: &dev, preset, dtype: DType::BF16, batch, seq, steps, peak_tflops, mem: &mem };
+        train(&run("125m", b125))?;
+        let fb_1b = train(&run("1b", b1b))?;
         let n_1b = ModelConfig::preset("1b")?.num_params();
         // The validator scores a miner by one forward+backward on its pages and one pass of
         // the difference norm over its slice (here the whole parameter vector, the worst case).

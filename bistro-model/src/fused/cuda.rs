@@ -93,10 +93,25 @@ fn suffix(d: DType) -> Result<&'static str> {
     }
 }
 
+/// The PTX as the loaded driver accepts it: NVRTC's `.version` lowered when the NVRTC on
+/// the library path is newer than the driver (see `bistro_kernels::ptx`).
+fn ptx_for_driver() -> Result<&'static str> {
+    static PTX: OnceLock<String> = OnceLock::new();
+    if let Some(p) = PTX.get() {
+        return Ok(p);
+    }
+    let src = ptx()?;
+    let fitted = match bistro_kernels::ptx::driver_version() {
+        Some(v) => bistro_kernels::ptx::ptx_for_driver(src, v).into_owned(),
+        None => src.to_string(),
+    };
+    Ok(PTX.get_or_init(|| fitted))
+}
+
 /// Loads kernel `$name` of the module (Candle does not export the function type).
 macro_rules! func {
     ($dev:expr, $name:expr) => {
-        $dev.get_or_load_custom_func(&$name, MODULE, ptx()?)?
+        $dev.get_or_load_custom_func(&$name, MODULE, ptx_for_driver()?)?
     };
 }
 

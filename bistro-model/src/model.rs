@@ -138,7 +138,7 @@ impl Attention {
             y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if ctx.mask.is_none() {
+        let Some(mask) = &ctx.mask else {
             // Fused: rotary + head split in one pass, one product node for Q K^T,
             // scale + mask + softmax in one pass, heads merged back in one pass.
             use crate::fused;
@@ -149,23 +149,17 @@ impl Attention {
             let probs = fused::causal_softmax(&fused::matmul(&q, &k, false, true)?, scale)?;
             let y = fused::merge_heads(&fused::matmul(&probs, &v, false, false)?)?;
             return self.o_proj.forward_with(&y, f);
-        }
+        };
+        // The composed reference: explicit transposes, RoPE, additive mask, softmax.
         let v = split(self.v_proj.forward_with(x, f)?, self.n_kv_heads)?;
         let v = self.repeat_kv(v)?.contiguous()?;
-        let probs = match &ctx.mask {
-            None => unreachable!("handled above"),
-            Some(mask) => {
-                let q = split(self.q_proj.forward_with(x, f)?, self.n_heads)?;
-                let k = split(self.k_proj.forward_with(x, f)?, self.n_kv_heads)?;
-                let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-                let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
-                let k = self.repeat_kv(k)?.contiguous()?;
-                let scores = (q.matmul(&k.t()?)? * scale)?;
-                let acc = ops::accum_dtype(scores.dtype());
-                let scores = scores.to_dtype(acc)?.broadcast_add(&mask.to_dtype(acc)?)?;
-                ops::softmax_last(&scores)?.to_dtype(q.dtype())?
-            }
-        };
+        let q = ops::apply_rope(&split(self.q_proj.forward_with(x, f)?, self.n_heads)?, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope(&split(self.k_proj.forward_with(x, f)?, self.n_kv_heads)?, &ctx.cos, &ctx.sin)?;
+        let k = self.repeat_kv(k)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let acc = ops::accum_dtype(scores.dtype());
+        let scores = scores.to_dtype(acc)?.broadcast_add(&mask.to_dtype(acc)?)?;
+        let probs = ops::softmax_last(&scores)?.to_dtype(q.dtype())?;
         let y = probs.matmul(&v)?; // [B, nh, T, hd]
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, h))?;
         self.o_proj.forward_with(&y, f)

@@ -13,8 +13,16 @@ use bistro_chain::{Chain, devnet::Devnet};
 use bistro_train::miner::{Miner, MinerConfig, MinerEvent};
 use bistro_train::{HParams, storage::BucketOptions};
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+// Optional: the allocator and runtime settings the `miner` binary uses.
+#[global_allocator]
+static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bistro_train::process::tune(); // before any thread starts
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let chain: Arc<dyn Chain> = Arc::new(Devnet::open(".bistro/devnet".as_ref(), Duration::from_secs(4))?);
     let bucket = std::path::absolute(".bistro/buckets/embedded-miner")?;
     let cfg = MinerConfig {

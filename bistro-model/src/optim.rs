@@ -2,9 +2,10 @@
 //!
 //! The same update as `candle_nn::AdamW` (decoupled weight decay, bias-corrected moments):
 //! `theta <- theta (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)`. Candle's version costs
-//! about a dozen tensor ops and allocations per parameter; on the CPU this one reads the
-//! parameter, gradient and moments once and updates them in place. On other devices (or
-//! dtypes) it delegates to `candle_nn::AdamW`.
+//! about a dozen tensor ops and allocations per parameter; this one reads the parameter,
+//! gradient and moments once and updates them in place: multi-threaded on the CPU, one
+//! kernel per parameter on CUDA (feature `cuda`). Other devices or dtypes delegate to
+//! `candle_nn::AdamW`.
 
 use std::sync::Mutex;
 
@@ -12,12 +13,31 @@ use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Var, backprop::
 use candle_nn::{Optimizer, ParamsAdamW};
 use rayon::prelude::*;
 
+/// The moments of one variable.
+enum Moments {
+    /// First and second moments in host memory.
+    Cpu(Vec<f32>, Vec<f32>),
+    /// First then second moments in one device buffer.
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>),
+}
+
+impl std::fmt::Debug for Moments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Moments::Cpu(m, _) => write!(f, "Moments::Cpu({} values)", m.len()),
+            #[cfg(feature = "cuda")]
+            Moments::Cuda(mv) => write!(f, "Moments::Cuda({} values)", mv.len() / 2),
+        }
+    }
+}
+
 /// AdamW over a set of variables; see the module docs.
 #[derive(Debug)]
 pub struct AdamW {
     vars: Vec<Var>,
-    /// First and second moments per variable (CPU path).
-    moments: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The moments of each variable (fused paths).
+    moments: Vec<Moments>,
     params: ParamsAdamW,
     step_t: usize,
     /// Candle's AdamW when not every variable is a CPU f32 tensor.
@@ -26,7 +46,7 @@ pub struct AdamW {
 
 /// The in-place update of one parameter from its gradient.
 struct Update<'a> {
-    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    moments: Mutex<&'a mut Moments>,
     lr: f32,
     decay: f32,
     beta1: f32,
@@ -43,6 +63,28 @@ impl InplaceOp2 for Update<'_> {
         "bistro-adamw"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let mut guard = self.moments.lock().map_err(|_| candle_core::Error::Msg("adamw: poisoned state".into()))?;
+        let Moments::Cuda(mv) = &mut **guard else { bail!("adamw: moments are not on the device") };
+        let s = crate::fused::cuda::AdamScalars {
+            lr: self.lr,
+            decay: self.decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            scale_m: self.scale_m,
+            scale_v: self.scale_v,
+            eps: self.eps,
+        };
+        crate::fused::cuda::adamw_step(s1, l1, s2, l2, mv, s)
+    }
+
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             bail!("adamw: parameter and gradient must be contiguous");
@@ -50,7 +92,8 @@ impl InplaceOp2 for Update<'_> {
         let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (s1, s2) else { bail!("adamw: f32 only") };
         let (theta, grad) = (&mut theta[a..b], &grad[c..d]);
         let mut guard = self.moments.lock().map_err(|_| candle_core::Error::Msg("adamw: poisoned state".into()))?;
-        let (m, v) = &mut *guard;
+        #[allow(irrefutable_let_patterns)]
+        let Moments::Cpu(m, v) = &mut **guard else { bail!("adamw: moments are not in host memory") };
         if grad.len() != theta.len() || m.len() != theta.len() || v.len() != theta.len() {
             bail!("adamw: sizes differ");
         }
@@ -79,13 +122,22 @@ impl Optimizer for AdamW {
 
     fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
         let vars: Vec<Var> = vars.into_iter().filter(|v| v.dtype().is_float()).collect();
-        let fused = vars.iter().all(|v| v.device().is_cpu() && v.dtype() == DType::F32);
-        if !fused {
-            let fallback = candle_nn::AdamW::new(vars.clone(), params.clone())?;
-            return Ok(AdamW { vars, moments: Vec::new(), params, step_t: 0, fallback: Some(fallback) });
+        let f32_on = |cpu: bool| vars.iter().all(|v| v.device().is_cpu() == cpu && v.dtype() == DType::F32);
+        if f32_on(true) {
+            let moments =
+                vars.iter().map(|v| Moments::Cpu(vec![0f32; v.elem_count()], vec![0f32; v.elem_count()])).collect();
+            return Ok(AdamW { vars, moments, params, step_t: 0, fallback: None });
         }
-        let moments = vars.iter().map(|v| (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()])).collect();
-        Ok(AdamW { vars, moments, params, step_t: 0, fallback: None })
+        #[cfg(feature = "cuda")]
+        if !vars.is_empty() && vars.iter().all(|v| v.device().is_cuda()) && f32_on(false) {
+            let moments = vars
+                .iter()
+                .map(|v| Ok(Moments::Cuda(v.device().as_cuda_device()?.alloc_zeros::<f32>(2 * v.elem_count())?)))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(AdamW { vars, moments, params, step_t: 0, fallback: None });
+        }
+        let fallback = candle_nn::AdamW::new(vars.clone(), params.clone())?;
+        Ok(AdamW { vars, moments: Vec::new(), params, step_t: 0, fallback: Some(fallback) })
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
@@ -95,11 +147,11 @@ impl Optimizer for AdamW {
         self.step_t += 1;
         let p = &self.params;
         let t = self.step_t as i32;
-        for (var, (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
+        for (var, moments) in self.vars.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let g = g.to_dtype(DType::F32)?.contiguous()?;
             let update = Update {
-                moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                moments: Mutex::new(moments),
                 lr: p.lr as f32,
                 decay: (1.0 - p.lr * p.weight_decay) as f32,
                 beta1: p.beta1 as f32,

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 #[test]
 fn nvrtc_compiles_the_fused_kernels() {
     let ptx = fused::cuda_ptx().expect("NVRTC compiles the kernel source");
-    for name in ["rms_fwd_f32", "rms_bwd_dx_bf16", "heads_bf16", "softmax_fwd_f32", "swiglu_bwd_bf16", "ce_bwd_f32"] {
+    for name in ["rms_fwd_f32", "rms_bwd_dx_bf16", "heads_bf16", "softmax_fwd_f32", "swiglu_bwd_bf16", "ce_bwd_f32", "adamw_f32"] {
         assert!(ptx.contains(name), "{name} missing from the PTX");
     }
 }
@@ -136,4 +136,25 @@ fn gpu_kernels_match_the_cpu_kernels() {
         &|x| fused::cross_entropy(&x[0], if x[0].device().is_cuda() { &tt_d } else { &tt }).unwrap(),
         false,
     );
+}
+
+#[test]
+fn gpu_adamw_matches_the_cpu_adamw() {
+    use bistro_model::optim::AdamW;
+    use candle_nn::{Optimizer, ParamsAdamW};
+    let Some(dev) = gpu() else { return };
+    let params = ParamsAdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let init = rand_t(&[300, 77], 21, 1.0);
+    let run = |d: &Device| {
+        let var = Var::from_tensor(&init.to_device(d).unwrap()).unwrap();
+        let mut opt = AdamW::new(vec![var.clone()], params.clone()).unwrap();
+        for step in 0..4 {
+            let loss = (var.as_tensor().sqr().unwrap() * (1.0 + step as f64)).unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        var.as_tensor().to_device(&Device::Cpu).unwrap()
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&dev));
+    let e = rel(&gpu, &cpu);
+    assert!(e <= 1e-5, "AdamW on the GPU differs by {e}");
 }

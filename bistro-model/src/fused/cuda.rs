@@ -419,3 +419,49 @@ pub fn cross_entropy_bwd(
     unsafe { b.launch(rows_cfg(n)) }.w()?;
     Ok((y.storage(dev), Shape::from((n, v))))
 }
+
+/// The scalars of one AdamW step (see `crate::optim`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdamScalars {
+    pub lr: f32,
+    pub decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub scale_m: f32,
+    pub scale_v: f32,
+    pub eps: f32,
+}
+
+/// One in-place AdamW step of an f32 parameter on the GPU; `mv` holds `m` then `v`.
+pub(crate) fn adamw_step(
+    theta: &mut CudaStorage,
+    lt: &Layout,
+    grad: &CudaStorage,
+    lg: &Layout,
+    mv: &mut CudaSlice<f32>,
+    s: AdamScalars,
+) -> Result<()> {
+    let (Some((a, b)), Some((c, d))) = (lt.contiguous_offsets(), lg.contiguous_offsets()) else {
+        bail!("adamw: parameter and gradient must be contiguous")
+    };
+    let n = b - a;
+    if d - c != n || mv.len() != 2 * n {
+        bail!("adamw: sizes differ");
+    }
+    let dev = theta.device().clone();
+    let f = func!(dev, "adamw_f32");
+    let g = grad.as_cuda_slice::<f32>()?.slice(c..d);
+    let mut t = theta.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let nn = n as u64;
+    let mut bld = f.builder();
+    bld.arg(&mut t);
+    bld.arg(&g);
+    bld.arg(mv);
+    bld.arg(&nn);
+    for x in [&s.lr, &s.decay, &s.beta1, &s.beta2, &s.scale_m, &s.scale_v, &s.eps] {
+        bld.arg(x);
+    }
+    // SAFETY: theta, grad (n each) and mv (2n) hold what the kernel indexes.
+    unsafe { bld.launch(elems_cfg(n)) }.w()?;
+    Ok(())
+}

@@ -207,3 +207,16 @@ extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* dy, T
 
 BISTRO_INSTANTIATE(float, f32)
 BISTRO_INSTANTIATE(bf16_t, bf16)
+
+// ---- AdamW, in place: theta, and moments m = mv[0..n], v = mv[n..2n] ----------------------
+extern "C" __global__ void adamw_f32(float* theta, const float* g, float* mv, size_t n, float lr, float decay,
+                                     float b1, float b2, float sm, float sv, float eps) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float m = b1 * mv[i] + (1.0f - b1) * gi;
+        float v = b2 * mv[n + i] + (1.0f - b2) * gi * gi;
+        mv[i] = m;
+        mv[n + i] = v;
+        theta[i] = theta[i] * decay - lr * (m * sm) / (sqrtf(v * sv) + eps);
+    }
+}

@@ -11,7 +11,7 @@
 mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod matmul;
 mod rms_norm;
 mod rope;

@@ -18,8 +18,7 @@ use bistro_train::{HParams, storage::BucketOptions};
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    bistro_train::process::tune(); // before any thread starts
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+    bistro_train::process::block_on(run())? // tune(), then a tokio runtime
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {

@@ -317,7 +317,7 @@ impl Llama {
         }
         let ids = input_ids.to_dtype(DType::U32)?;
         let (cos, sin) = ops::rope_tables(self.config.head_dim(), self.config.rope_theta, t, &self.device)?;
-        let mask = if self.fused { None } else { Some(ops::causal_mask(t, DType::F32, &self.device)?) };
+        let mask = if self.fused { None } else { Some(ops::causal_mask(t, t, DType::F32, &self.device)?) };
         let ctx = AttentionContext { batch: b, seq: t, cos, sin, mask, fused: self.fused };
         let emb = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         let mut x = emb.to_dtype(self.compute_dtype)?;

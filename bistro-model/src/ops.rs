@@ -74,11 +74,15 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// Additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
-pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// Additive causal mask `[Tq, Tk]` (`Tk >= Tq`): query `i` sees keys `j <= i + Tk - Tq`
+/// (0 there), -inf elsewhere. For `Tq == Tk`: 0 on and below the diagonal.
+pub fn causal_mask(tq: usize, tk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    if tk < tq {
+        candle_core::bail!("causal mask: {tk} keys for {tq} queries");
+    }
     let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+        (0..tq).flat_map(|i| (0..tk).map(move |j| if j > i + (tk - tq) { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (tq, tk), device)?.to_dtype(dtype)
 }
 
 /// The targets of a causal LM for `labels: [B, T]`: position `t` predicts `labels[t + 1]`;

@@ -10,7 +10,15 @@ use candle_core::{DType, Device, Tensor, Var};
 #[test]
 fn nvrtc_compiles_the_fused_kernels() {
     let ptx = fused::cuda_ptx().expect("NVRTC compiles the kernel source");
-    for name in ["rms_fwd_f32", "rms_bwd_dx_bf16", "heads_bf16", "softmax_fwd_f32", "swiglu_bwd_bf16", "ce_bwd_f32", "adamw_f32"] {
+    for name in [
+        "rms_fwd_f32",
+        "rms_bwd_dx_bf16",
+        "heads_bf16",
+        "softmax_fwd_f32",
+        "swiglu_bwd_bf16",
+        "ce_bwd_f32",
+        "adamw_f32",
+    ] {
         assert!(ptx.contains(name), "{name} missing from the PTX");
     }
 }

@@ -8,8 +8,11 @@
 //! ```ignore
 //! #[global_allocator]
 //! static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
-//! fn main() { bistro_train::process::tune(); /* then start threads, tokio, ... */ }
+//! fn main() -> anyhow::Result<()> { bistro_train::process::block_on(run())? }
 //! ```
+//!
+//! ([`block_on`] applies [`tune`] before the runtime's threads exist; a program that starts
+//! its own threads calls [`tune`] first instead.)
 
 pub use mimalloc::MiMalloc;
 
@@ -43,4 +46,11 @@ pub fn tune() {
         // SAFETY: called at the start of `main`, before other threads exist (documented).
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT.to_string()) };
     }
+}
+
+/// [`tune`], then runs `fut` to completion on a new multi-threaded tokio runtime: the `main`
+/// of an async binary, with the settings applied before any runtime thread starts.
+pub fn block_on<F: std::future::Future>(fut: F) -> std::io::Result<F::Output> {
+    tune();
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fut))
 }

@@ -86,10 +86,8 @@ pub struct DeviceInputs {
 impl CudaDiffNorm {
     /// Compile the kernel with NVRTC and load it on device `ordinal`.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
-        let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() })
-            .map_err(err)?;
+        let src = ptx()?;
         let ctx = CudaContext::new(ordinal).map_err(err)?;
-        let src = ptx.to_src();
         let src = match crate::ptx::driver_version() {
             Some(v) => crate::ptx::ptx_for_driver(&src, v).into_owned(),
             None => src,

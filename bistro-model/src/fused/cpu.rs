@@ -38,55 +38,37 @@ pub(crate) trait Real:
     fn of(x: f64) -> Self;
 }
 
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn exp_(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn sqrt_(self) -> Self {
-        self.sqrt()
-    }
-    #[inline(always)]
-    fn ln_(self) -> Self {
-        self.ln()
-    }
-    #[inline(always)]
-    fn max_(self, o: Self) -> Self {
-        if self > o { self } else { o }
-    }
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x as f32
-    }
+/// `Real` for a float type; `$exp` is its `e^x`.
+macro_rules! impl_real {
+    ($t:ty, $exp:path) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn exp_(self) -> Self {
+                $exp(self)
+            }
+            #[inline(always)]
+            fn sqrt_(self) -> Self {
+                self.sqrt()
+            }
+            #[inline(always)]
+            fn ln_(self) -> Self {
+                self.ln()
+            }
+            #[inline(always)]
+            fn max_(self, o: Self) -> Self {
+                if self > o { self } else { o }
+            }
+            #[inline(always)]
+            fn of(x: f64) -> Self {
+                x as $t
+            }
+        }
+    };
 }
-
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn exp_(self) -> Self {
-        self.exp()
-    }
-    #[inline(always)]
-    fn sqrt_(self) -> Self {
-        self.sqrt()
-    }
-    #[inline(always)]
-    fn ln_(self) -> Self {
-        self.ln()
-    }
-    #[inline(always)]
-    fn max_(self, o: Self) -> Self {
-        if self > o { self } else { o }
-    }
-    #[inline(always)]
-    fn of(x: f64) -> Self {
-        x
-    }
-}
+impl_real!(f32, exp_f32);
+impl_real!(f64, f64::exp);
 
 /// `e^x` in f32 without branches or table lookups, so loops over it vectorise: Cody-Waite
 /// range reduction `x = n ln2 + r` and Cephes' degree-6 polynomial for `e^r`. Inputs below

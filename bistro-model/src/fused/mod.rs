@@ -121,10 +121,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
             (d[d.len() - 2], d[d.len() - 1])
         };
         let acc = ops::accum_dtype(scores.dtype());
-        let mask: Vec<f32> = (0..tq)
-            .flat_map(|i| (0..tk).map(move |j| if j > i + (tk - tq) { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (tq, tk), scores.device())?.to_dtype(acc)?;
+        let mask = ops::causal_mask(tq, tk, acc, scores.device())?;
         let s = (scores.to_dtype(acc)? * scale)?.broadcast_add(&mask)?;
         return ops::softmax_last(&s)?.to_dtype(scores.dtype());
     }

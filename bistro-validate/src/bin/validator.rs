@@ -84,8 +84,7 @@ fn print_event(e: &ValidatorEvent) {
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    bistro_train::process::tune();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+    bistro_train::process::block_on(run())?
 }
 
 async fn run() -> anyhow::Result<()> {

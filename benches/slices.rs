@@ -58,7 +58,7 @@ fn bench_config(c: &mut Criterion, preset: &str) {
     g.throughput(Throughput::Bytes(8 * bytes.len() as u64));
     g.bench_function("aggregate_apply_8", |b| {
         b.iter(|| {
-            let agg = slices::aggregate(&theta, &contributions, &Aggregation::Mean, 10.0);
+            let agg = slices::aggregate(&theta, &contributions, &Aggregation::Mean);
             slices::scatter_params(&params, &idx, &agg.values).expect("scatter");
         })
     });

@@ -42,9 +42,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             println!("window {window}: loss {loss:.3} at {tokens_per_sec:.0} tokens/s")
         }
         MinerEvent::SliceUploaded { window, bytes, .. } => println!("window {window}: uploaded {bytes} bytes"),
-        MinerEvent::Merged { window, accepted, rejected } => {
-            println!("window {window}: merged {} slice(s), {} not accepted", accepted.len(), rejected.len())
-        }
+        MinerEvent::Followed(f) => println!("{}", f.describe()),
         _ => {}
     });
     let summary = miner.run(Some(3), Arc::new(AtomicBool::new(false))).await?;

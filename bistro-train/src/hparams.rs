@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// How accepted slices are combined, coordinate by coordinate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,9 +58,12 @@ pub struct HParams {
     pub decay_windows: u64,
     /// How accepted slices are combined.
     pub aggregation: Aggregation,
-    /// Reject a slice whose implied update norm exceeds this multiple of the median norm
-    /// of the window's slices (needs at least 3 slices; 0 disables).
+    /// The lead leaves out an unscored slice whose implied update norm exceeds this multiple
+    /// of the median norm of the slices it included in the last `norm_history_windows`
+    /// windows (with no history, unscored slices are left out).
     pub outlier_norm_factor: f64,
+    /// Windows of included slice norms the lead keeps for the outlier bound.
+    pub norm_history_windows: u64,
     /// Largest slice object accepted, in bytes.
     pub max_slice_bytes: u64,
     /// Seconds after the first block of the next window during which uploads still count.
@@ -75,6 +78,22 @@ pub struct HParams {
     pub honest_tolerance: f64,
     /// Windows after which an owner deletes its old objects.
     pub max_history: u64,
+    /// The lead's total download budget per window, from the upload deadline on (ms): a
+    /// stalling endpoint costs at most this once.
+    pub collect_budget_ms: u64,
+    /// The lead's recomputation budget per window (ms): it scores miners in a random order
+    /// until the budget is spent, then decides the accepted set.
+    pub verify_budget_ms: u64,
+    /// How long after the upload deadline nodes wait for the lead's aggregate (ms) before
+    /// turning to the fallback validators; the lead publishes only before this cut-off.
+    pub aggregate_wait_ms: u64,
+    /// Extra wait for a fallback validator's aggregate (ms); after it, the window has no update.
+    pub fallback_wait_ms: u64,
+    /// A hotkey whose score EMA (at the lead) is below this is not included unless it was
+    /// scored honest in the same window.
+    pub min_include_ema: f64,
+    /// Windows during which a hotkey whose recomputed slice proved dishonest scores 0.
+    pub penalty_windows: u64,
 }
 
 impl Default for HParams {
@@ -86,7 +105,7 @@ impl Default for HParams {
             genesis_seed: 0,
             dataset: "embedded".into(),
             tokenizer: "embedded".into(),
-            blocks_per_window: 2,
+            blocks_per_window: 3,
             pages_per_window: 2,
             rows_per_page: 2,
             seq_len: 128,
@@ -96,14 +115,21 @@ impl Default for HParams {
             warmup_windows: 5,
             decay_windows: 2000,
             aggregation: Aggregation::Mean,
-            outlier_norm_factor: 10.0,
+            outlier_norm_factor: 3.0,
+            norm_history_windows: 8,
             max_slice_bytes: 256 * 1024 * 1024,
-            upload_grace_secs: 3,
+            upload_grace_secs: 2,
             windows_per_weights: 2,
             ema_alpha: 0.5,
             temperature: 10.0,
-            honest_tolerance: 0.05,
+            honest_tolerance: 0.002,
             max_history: 10,
+            collect_budget_ms: 2_000,
+            verify_budget_ms: 3_000,
+            aggregate_wait_ms: 7_000,
+            fallback_wait_ms: 2_000,
+            min_include_ema: 0.3,
+            penalty_windows: 10,
         }
     }
 }
@@ -173,6 +199,21 @@ impl HParams {
         if self.windows_per_weights == 0 {
             return bad("windows_per_weights must be positive");
         }
+        if !(self.outlier_norm_factor > 1.0 && self.outlier_norm_factor.is_finite()) {
+            return bad("outlier_norm_factor must be a finite number above 1");
+        }
+        if self.norm_history_windows == 0 {
+            return bad("norm_history_windows must be positive");
+        }
+        if self.aggregate_wait_ms < self.collect_budget_ms + self.verify_budget_ms {
+            return bad("aggregate_wait_ms must cover collect_budget_ms + verify_budget_ms");
+        }
+        if !(0.0..=1.0).contains(&self.min_include_ema) {
+            return bad("min_include_ema must be in [0, 1]");
+        }
+        if !(self.honest_tolerance > 0.0 && self.honest_tolerance.is_finite()) {
+            return bad("honest_tolerance must be positive and finite");
+        }
         Ok(())
     }
 
@@ -211,7 +252,8 @@ impl HParams {
 
 /// A fast network for tests and demos: writes `model.toml` (a one-layer model over the
 /// shipped 8192-token tokenizer, 64 positions) and `hparams.toml` (64-token rows, one page of
-/// two documents per window, a 1 s upload grace, then `tweak`) into `dir`; returns both.
+/// two documents per window, 3-block windows, a 1 s upload grace, short lead budgets, then
+/// `tweak`) into `dir`; returns both.
 pub fn write_test_network(
     dir: &Path,
     tweak: impl FnOnce(&mut HParams),
@@ -224,7 +266,12 @@ pub fn write_test_network(
         seq_len: 64,
         pages_per_window: 1,
         rows_per_page: 2,
+        blocks_per_window: 3,
         upload_grace_secs: 1,
+        collect_budget_ms: 500,
+        verify_budget_ms: 800,
+        aggregate_wait_ms: 1_600,
+        fallback_wait_ms: 500,
         ..HParams::default()
     };
     tweak(&mut h);

@@ -5,12 +5,16 @@
 //! * [`data`]: pages, corpus, tokenizer and batches — `(network, hotkey, window)` to token rows;
 //! * [`hparams`]: the protocol's shared hyper-parameters;
 //! * [`slices`]: index selection, the slice wire format, validation and aggregation;
-//! * [`storage`]: buckets (local directory, S3-compatible, memory) behind one API.
+//! * [`storage`]: buckets (local directory, S3-compatible, memory) behind one API;
+//! * [`accepted`], [`history`], [`node`]: protocol v2's one accepted set per window, the
+//!   validators' published history, and how every node follows, verifies and repairs.
 //!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
+pub mod accepted;
 pub mod cli;
 pub mod data;
+pub mod history;
 pub mod hparams;
 pub mod miner;
 pub mod node;

@@ -1,5 +1,6 @@
 //! The miner: follow the chain window by window, train on the assigned pages, upload the
-//! slice after the window ends, merge everyone's accepted slices.
+//! slice after the window ends, then apply the window's accepted set (the lead validator's
+//! aggregate) so that it holds the same state as every other node.
 //!
 //! Embed it in an application with [`Miner::new`], observe it with [`Miner::on_event`],
 //! and drive it with [`Miner::run`].
@@ -13,10 +14,9 @@ use bistro_model::{Llama, ModelConfig, Params};
 use bytes::Bytes;
 
 use crate::data::WindowBatch;
-use crate::node::{Listeners, Node, NodeConfig, accepted_of, now_ms, rejected_of};
+use crate::node::{Followed, Listeners, Node, NodeConfig, Pace, now_ms};
 use crate::slices::{self, SliceIndices};
 use crate::step::{self, StepError, WindowGradient};
-use crate::sync::WindowSlices;
 
 pub use crate::node::NodeError as MinerError;
 
@@ -74,15 +74,8 @@ pub enum MinerEvent {
         /// Why.
         reason: String,
     },
-    /// A window's slices were merged into the model.
-    Merged {
-        /// The window that was merged (theta now belongs to `window + 1`).
-        window: u64,
-        /// Accepted slices (hotkeys).
-        accepted: Vec<String>,
-        /// Rejected slices: (hotkey, reason code).
-        rejected: Vec<(String, String)>,
-    },
+    /// The window's accepted set was applied, or there was none, or a fork was found.
+    Followed(Followed),
     /// A window was skipped.
     Skipped {
         /// The window.
@@ -99,8 +92,10 @@ pub struct MinerSummary {
     pub windows_trained: u64,
     /// Slices uploaded.
     pub slices_uploaded: u64,
-    /// Windows merged.
+    /// Windows whose accepted set was followed (applied, or no update).
     pub windows_merged: u64,
+    /// Windows caught up on without training.
+    pub windows_caught_up: u64,
     /// Last training loss.
     pub last_loss: Option<f64>,
 }
@@ -111,6 +106,9 @@ type Prefetch = tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataErr
 /// A miner node.
 pub struct Miner {
     node: Node,
+    /// How long the last train-and-upload took (ms): a window is trained only while at
+    /// least this much time is left before its upload deadline.
+    last_step_ms: u64,
     listeners: Listeners<MinerEvent>,
     /// The next window's batch, read and tokenised while this window merges.
     prefetch: std::sync::Mutex<Option<(u64, Prefetch)>>,
@@ -130,7 +128,7 @@ impl Miner {
     /// Build a miner: open data, model state and bucket; register (devnet) and commit the bucket URL.
     pub async fn new(cfg: MinerConfig, chain: Arc<dyn Chain>) -> Result<Self, MinerError> {
         let node = Node::join(cfg, chain, " (register it with `btcli subnet register`)").await?;
-        Ok(Miner { node, listeners: Listeners::default(), prefetch: std::sync::Mutex::new(None) })
+        Ok(Miner { node, last_step_ms: 0, listeners: Listeners::default(), prefetch: std::sync::Mutex::new(None) })
     }
 
     /// Call `f` for every event.
@@ -162,12 +160,15 @@ impl Miner {
         &self.node.model_config
     }
 
-    /// Merge the slices of the held window (waiting for its deadline) and advance.
-    async fn merge_current(&mut self, stop: &AtomicBool) -> Result<(), MinerError> {
-        let w = self.node.window;
-        let (ws, _) = self.node.merge_window(stop, false).await?;
-        self.emit(MinerEvent::Merged { window: w, accepted: accepted_of(&ws), rejected: rejected_of(&ws) });
-        Ok(())
+    /// Apply the held window's accepted set (waiting for it as `pace` says) and advance.
+    pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool) -> Result<Followed, MinerError> {
+        let f = self.node.follow(pace, stop, None).await?;
+        match &f {
+            Followed::Forked { .. } => tracing::warn!("{}", f.describe()),
+            _ => tracing::debug!("{}", f.describe()),
+        }
+        self.emit(MinerEvent::Followed(f.clone()));
+        Ok(f)
     }
 
     /// The node (data, bucket, chain, model state) this miner runs on.
@@ -272,15 +273,6 @@ impl Miner {
         }
     }
 
-    /// Collect and merge the held window now (lockstep drivers); the loop uses
-    /// the deadline-aware merge instead.
-    pub async fn merge_now(&mut self) -> Result<WindowSlices, MinerError> {
-        let w = self.node.window;
-        let (ws, _) = self.node.merge_now(false).await?;
-        self.emit(MinerEvent::Merged { window: w, accepted: accepted_of(&ws), rejected: rejected_of(&ws) });
-        Ok(ws)
-    }
-
     /// Train on the current window and upload the slice. Returns whether a slice was uploaded.
     async fn train_and_upload(&mut self, stop: &Arc<AtomicBool>) -> Result<bool, MinerError> {
         let w = self.node.window;
@@ -299,8 +291,8 @@ impl Miner {
         Ok(self.upload_slice(bytes, deadline, stop).await)
     }
 
-    /// Run the window loop until `max_windows` windows were trained (then merge the last
-    /// one and return) or `stop` is set. State is saved after every merge.
+    /// Run the window loop until `max_windows` windows were trained (then follow the last
+    /// one and return) or `stop` is set. State is saved after every window.
     pub async fn run(&mut self, max_windows: Option<u64>, stop: Arc<AtomicBool>) -> Result<MinerSummary, MinerError> {
         self.emit(MinerEvent::Started {
             uid: self.node.uid,
@@ -320,22 +312,33 @@ impl Miner {
                     continue;
                 }
             };
-            // Catch up: merge every window we hold an older state for.
+            // Train the held window while its upload deadline is still ahead (with room for
+            // the last step's duration); otherwise catch up on it without training.
             if self.node.window < current {
-                if current - self.node.window > 1 {
-                    tracing::info!(from = self.node.window, to = current, "catching up on missed windows");
-                }
-                if let Err(e) = self.merge_current(&stop).await {
-                    tracing::warn!(error = %e, "merge failed");
+                let w = self.node.window;
+                let can_train = match self.node.ctx.deadline_ms(w).await {
+                    Ok(d) => w + 1 == current && now_ms() + self.last_step_ms < d,
+                    Err(_) => false,
+                };
+                if !can_train {
+                    if current - w > 1 {
+                        tracing::info!(from = w, to = current, "catching up on missed windows");
+                    }
+                    match self.follow(Pace::Live, &stop).await {
+                        Ok(_) => summary.windows_caught_up += 1,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot follow the window; retrying");
+                            tokio::time::sleep(self.node.chain.block_time()).await;
+                        }
+                    }
                     continue;
                 }
-                summary.windows_merged += 1;
-                continue;
             }
             if self.node.window > current {
                 tokio::time::sleep(self.node.chain.block_time() / 4).await;
                 continue;
             }
+            let started = Instant::now();
             match self.train_and_upload(&stop).await {
                 Ok(uploaded) => {
                     summary.windows_trained += 1;
@@ -347,15 +350,24 @@ impl Miner {
                     summary.windows_trained += 1;
                 }
             }
+            self.last_step_ms = started.elapsed().as_millis() as u64;
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            // Prepare the next window's data while this one merges.
+            // Prepare the next window's data while this one's accepted set is decided.
             self.prefetch(self.node.window + 1);
-            // Merge the window just trained (its deadline is in the next window).
-            match self.merge_current(&stop).await {
-                Ok(_) => summary.windows_merged += 1,
-                Err(e) => tracing::warn!(error = %e, "merge failed"),
+            loop {
+                match self.follow(Pace::Live, &stop).await {
+                    Ok(_) => {
+                        summary.windows_merged += 1;
+                        break;
+                    }
+                    Err(e) if !stop.load(Ordering::Relaxed) => {
+                        tracing::warn!(error = %e, "cannot follow the window; retrying");
+                        tokio::time::sleep(self.node.chain.block_time()).await;
+                    }
+                    Err(_) => break,
+                }
             }
         }
         if let Err(e) = self.node.save_state() {

@@ -1,5 +1,7 @@
-//! What every node (miner or validator) does to join a network: open data, tokenizer and
-//! own bucket, register (devnet) and commit the bucket URL, and bootstrap the model state.
+//! What every node (miner or validator) does: join a network (open data, tokenizer and own
+//! bucket, register on a devnet, commit the bucket URL, bootstrap the model state) and, every
+//! window, follow the accepted set: find the aggregate, check it against its own state,
+//! repair a fork, apply it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,11 +12,15 @@ use bistro_chain::{Chain, ChainError};
 use bistro_model::{ModelConfig, Params};
 use candle_core::Device;
 
+use bytes::Bytes;
+
+use crate::accepted::{self, AcceptedSet, AggregateObject, state_hash, validators_by_stake};
 use crate::data::{Dataset, TextTokenizer};
 use crate::hparams::HParams;
+use crate::history::{HistoryError, apply_checked, short};
 use crate::state::{self, StateInfo};
 use crate::storage::{Bucket, BucketOptions};
-use crate::sync::{SyncContext, SyncError, WindowSlices};
+use crate::sync::{SyncContext, SyncError};
 
 /// Errors that stop a node (a peer's bad data or a transient outage never does).
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +95,108 @@ pub struct Node {
     pub params: Params,
     /// The window `params` belongs to.
     pub window: u64,
+    /// [`state_hash`] of `params`.
+    pub state_hash: String,
     /// Where `params` came from.
     pub origin: String,
+    /// Whether this node keeps a published history (validators: applied aggregates and
+    /// checkpoints in its bucket, for joiners and repairs).
+    pub publishes_history: bool,
+    /// Forks detected (an aggregate's parent was not this node's state).
+    pub forks: u64,
+    /// Forks repaired from a validator's verified history.
+    pub repairs: u64,
+    /// The last applied aggregate's bytes when it came from another validator (a validator
+    /// republishes it as part of its history).
+    applied_bytes: Option<Bytes>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("hotkey", &self.cfg.hotkey)
+            .field("uid", &self.uid)
+            .field("window", &self.window)
+            .field("state", &short(&self.state_hash))
+            .finish()
+    }
+}
+
+/// How a node waits for the accepted set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Follow the wall clock: wait for the upload deadline, poll the lead until its cut-off,
+    /// then the fallback validators until theirs.
+    Live,
+    /// Look once, in fallback order, without waiting (drivers that run windows in lockstep,
+    /// such as the in-process devnet, and catch-up over windows long past).
+    Lockstep,
+}
+
+/// What happened to a window's accepted set at this node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Followed {
+    /// An aggregate was applied.
+    Applied {
+        /// The window (the state now belongs to `window + 1`).
+        window: u64,
+        /// Hotkey of the validator whose bucket it came from.
+        from: String,
+        /// The decision.
+        set: AcceptedSet,
+        /// Whether a fork was detected and repaired first.
+        repaired: bool,
+    },
+    /// No validator published an aggregate in time: the state stays as it is.
+    NoUpdate {
+        /// The window.
+        window: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A fork was detected and could not be repaired this window: the state is kept, the
+    /// node moves on and tries again with the next aggregate.
+    Forked {
+        /// The window.
+        window: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Followed {
+    /// The window this outcome is about.
+    pub fn window(&self) -> u64 {
+        match self {
+            Followed::Applied { window, .. } | Followed::NoUpdate { window, .. } | Followed::Forked { window, .. } => {
+                *window
+            }
+        }
+    }
+
+    /// One line for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Followed::Applied { window, from, set, repaired } => {
+                let excl: Vec<String> = set.excluded.iter().map(|x| format!("{}: {}", x.hotkey, x.reason)).collect();
+                format!(
+                    "window {window}: applied the accepted set of {} ({} included, {} scored{}){}{}",
+                    from,
+                    set.included.len(),
+                    set.scored,
+                    if from != &set.lead { format!(", decided by {}", set.lead) } else { String::new() },
+                    if excl.is_empty() { String::new() } else { format!("; excluded {}", excl.join(", ")) },
+                    if *repaired { "; fork repaired first" } else { "" }
+                )
+            }
+            Followed::NoUpdate { window, reason } => format!("window {window}: no update ({reason})"),
+            Followed::Forked { window, reason } => format!("window {window}: FORKED, not repaired yet ({reason})"),
+        }
+    }
 }
 
 /// Wall-clock time in Unix milliseconds.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -109,10 +211,17 @@ pub async fn sleep_until_ms(unix_ms: u64, stop: &AtomicBool) {
     }
 }
 
+/// One validator that may publish the accepted set, with its bucket.
+struct Publisher {
+    hotkey: String,
+    bucket: Bucket,
+}
+
 impl Node {
     /// Join: validate the config, open data and bucket, register (devnet) or check the
     /// registration (`register_hint` says how to register), commit the bucket URL when it
-    /// changed, and bootstrap the model.
+    /// changed, and bootstrap the model: local state, else the newest verified checkpoint
+    /// of the validators (most stake first), else genesis at window 0.
     pub async fn join(cfg: NodeConfig, chain: Arc<dyn Chain>, register_hint: &str) -> Result<Self, NodeError> {
         cfg.hparams.validate().map_err(|e| NodeError::Config(e.to_string()))?;
         let model_config = ModelConfig::resolve(&cfg.hparams.model)?;
@@ -159,8 +268,9 @@ impl Node {
         }
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| NodeError::Config(format!("cannot create state dir {}: {e}", cfg.state_dir.display())))?;
-        let (params, window, origin) = ctx.bootstrap(&cfg.hotkey, &cfg.state_dir, &model_config, &cfg.device).await?;
-        Ok(Node {
+        let params = Params::genesis(&model_config, cfg.hparams.genesis_seed, &cfg.device)?;
+        let state_hash = state_hash(&params)?;
+        let mut node = Node {
             chain,
             ctx,
             model_config,
@@ -169,10 +279,76 @@ impl Node {
             bucket,
             uid,
             params,
-            window,
-            origin,
+            window: 0,
+            state_hash,
+            origin: format!("genesis (seed {})", cfg.hparams.genesis_seed),
+            publishes_history: false,
+            forks: 0,
+            repairs: 0,
+            applied_bytes: None,
             cfg,
-        })
+        };
+        node.bootstrap().await?;
+        Ok(node)
+    }
+
+    async fn bootstrap(&mut self) -> Result<(), NodeError> {
+        let dir = self.cfg.state_dir.clone();
+        if let Some((info, params)) =
+            crate::state::load(&dir, &self.model_config, &self.ctx.hparams_hash, &self.cfg.device)?
+        {
+            self.install(params, info.window)?;
+            self.origin = format!("local state ({})", dir.display());
+            return Ok(());
+        }
+        let chain_window = self.chain_window().await?;
+        for p in self.publishers(true).await? {
+            match self.ctx.rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, None, chain_window).await {
+                Ok(r) => {
+                    self.install(r.params, r.window)?;
+                    self.origin = format!("verified checkpoint of window {} from {}", r.checkpoint, p.hotkey);
+                    return Ok(());
+                }
+                Err(e) => tracing::info!(validator = %p.hotkey, reason = %e, "no usable checkpoint"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the held state (same config) and recompute its hash.
+    fn install(&mut self, params: Params, window: u64) -> Result<(), NodeError> {
+        self.params.assign(&params)?;
+        self.window = window;
+        self.state_hash = state_hash(&self.params)?;
+        Ok(())
+    }
+
+    /// The validators that may publish the accepted set, in fallback order (the lead
+    /// first), with their buckets; this node's own bucket stands for itself. Validators
+    /// whose bucket cannot be opened are skipped with a log line.
+    async fn publishers(&self, exclude_self: bool) -> Result<Vec<Publisher>, ChainError> {
+        let mg = self.chain.metagraph(self.cfg.netuid).await?;
+        let mut out = Vec::new();
+        for n in validators_by_stake(&mg) {
+            if n.hotkey == self.cfg.hotkey {
+                if !exclude_self {
+                    out.push(Publisher { hotkey: n.hotkey, bucket: self.bucket.clone() });
+                }
+                continue;
+            }
+            let Some(url) = self.chain.commitment(self.cfg.netuid, &n.hotkey).await? else { continue };
+            match self.ctx.peer_bucket(&url) {
+                Ok(bucket) => out.push(Publisher { hotkey: n.hotkey, bucket }),
+                Err(e) => tracing::warn!(validator = %n.hotkey, reason = %e, "cannot read this validator's bucket"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether this node is the lead (first in fallback order) now.
+    pub async fn is_lead(&self) -> Result<bool, ChainError> {
+        let mg = self.chain.metagraph(self.cfg.netuid).await?;
+        Ok(validators_by_stake(&mg).first().is_some_and(|n| n.hotkey == self.cfg.hotkey))
     }
 
     /// Save `theta_w` and its window to the state directory.
@@ -190,60 +366,173 @@ impl Node {
         Ok(self.cfg.hparams.window_of(self.chain.block_number().await?))
     }
 
-    /// Wait for the deadline of the held window, collect its slices (retrying while the
-    /// chain or storage is down), merge them (theta moves to the next window), save state and
-    /// publish a checkpoint when due. Returns the window's slices, and `theta_w` as it was
-    /// before the merge when `keep_theta`.
-    pub async fn merge_window(
-        &mut self,
-        stop: &AtomicBool,
-        keep_theta: bool,
-    ) -> Result<(WindowSlices, Option<Params>), NodeError> {
-        let w = self.window;
-        let deadline = self.ctx.deadline_ms(w).await?;
-        sleep_until_ms(deadline, stop).await;
-        let ws = loop {
-            match self.ctx.collect(&self.params, w).await {
-                Ok(ws) => break ws,
-                Err(e) => {
-                    tracing::warn!(window = w, error = %e, "cannot collect slices; retrying");
-                    if stop.load(Ordering::Relaxed) {
-                        return Err(e.into());
-                    }
-                    tokio::time::sleep(self.chain.block_time()).await;
-                }
-            }
-        };
-        self.apply(ws, keep_theta).await
+    /// When nodes stop waiting for the lead's aggregate of `window` (Unix ms), and when they
+    /// stop waiting for any aggregate of it.
+    pub async fn cutoffs_ms(&self, window: u64) -> Result<(u64, u64), ChainError> {
+        let d = self.ctx.deadline_ms(window).await?;
+        let lead = d + self.cfg.hparams.aggregate_wait_ms;
+        Ok((lead, lead + self.cfg.hparams.fallback_wait_ms))
     }
 
-    /// Collect and merge the held window now, without waiting for its deadline (for
-    /// drivers that run windows in lockstep, such as the in-process devnet).
-    pub async fn merge_now(&mut self, keep_theta: bool) -> Result<(WindowSlices, Option<Params>), NodeError> {
-        let ws = self.ctx.collect(&self.params, self.window).await?;
-        self.apply(ws, keep_theta).await
+    /// Wait for the held window's accepted set and apply it: the lead's aggregate, else the
+    /// first fallback validator's, else no update. `candidate` is this validator's own
+    /// aggregate, published to its bucket when the lead's is missing at the lead's cut-off.
+    /// A parent mismatch is a fork: the node rebuilds its state from the publisher's
+    /// verified history, then applies. State is saved; validators publish their history.
+    pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool, candidate: Option<Bytes>) -> Result<Followed, NodeError> {
+        let w = self.window;
+        let indices = self.ctx.indices(&self.params, w).await?;
+        let (lead_cutoff, final_cutoff) = self.cutoffs_ms(w).await?;
+        let publishers = self.publishers(false).await?;
+        let mut found = None;
+        if pace == Pace::Live {
+            sleep_until_ms(self.ctx.deadline_ms(w).await?, stop).await;
+        }
+        // The lead alone until its cut-off (once, in lockstep).
+        if let Some(lead) = publishers.first() {
+            loop {
+                found = self.try_publisher(lead, &indices, w).await;
+                if found.is_some() || pace == Pace::Lockstep || now_ms() >= lead_cutoff || stop.load(Ordering::Relaxed)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        if found.is_none()
+            && let Some(bytes) = &candidate
+            && publishers.first().is_some_and(|p| p.hotkey != self.cfg.hotkey)
+            && (pace == Pace::Lockstep || now_ms() < final_cutoff)
+        {
+            tracing::info!(window = w, "the lead's aggregate is missing: publishing this validator's as a fallback");
+            if let Err(e) = self.bucket.put(&accepted::aggregate_key(w), bytes.clone()).await {
+                tracing::warn!(window = w, error = %e, "cannot publish the fallback aggregate");
+            }
+        }
+        while found.is_none() && !publishers.is_empty() {
+            for p in &publishers {
+                found = self.try_publisher(p, &indices, w).await;
+                if found.is_some() {
+                    break;
+                }
+            }
+            if found.is_some() || pace == Pace::Lockstep || now_ms() >= final_cutoff || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let outcome = match found {
+            None => {
+                let reason = if publishers.is_empty() {
+                    "no validator on the network".to_string()
+                } else {
+                    format!("no aggregate from {} validator(s) by the cut-off", publishers.len())
+                };
+                self.window = w + 1;
+                Followed::NoUpdate { window: w, reason }
+            }
+            Some((who, obj, bytes)) => self.apply(who, obj, bytes, &indices, &publishers).await?,
+        };
+        if let Err(e) = self.save_state() {
+            tracing::error!(error = %e, "cannot save local state");
+        }
+        if self.publishes_history {
+            let applied = match &outcome {
+                Followed::Applied { .. } => self.applied_bytes.take(),
+                _ => None,
+            };
+            crate::history::publish_history(
+                &self.bucket,
+                &self.cfg.hotkey,
+                applied.as_ref(),
+                w,
+                Some((self.window, &self.params)),
+                &self.cfg.hparams,
+            )
+            .await;
+        } else {
+            crate::history::cleanup(&self.bucket, &self.cfg.hotkey, self.window, &self.cfg.hparams).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn try_publisher(
+        &self,
+        p: &Publisher,
+        indices: &crate::slices::SliceIndices,
+        w: u64,
+    ) -> Option<(String, AggregateObject, Bytes)> {
+        match self.ctx.fetch_aggregate(&p.bucket, &self.params, indices, w).await {
+            Ok(Some((obj, bytes))) => Some((p.hotkey.clone(), obj, bytes)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(window = w, validator = %p.hotkey, error = %e, "unusable aggregate");
+                None
+            }
+        }
     }
 
     async fn apply(
         &mut self,
-        mut ws: WindowSlices,
-        keep_theta: bool,
-    ) -> Result<(WindowSlices, Option<Params>), NodeError> {
-        let theta_w = if keep_theta { Some(self.params.deep_clone()?) } else { None };
-        self.ctx.merge(&self.params, &mut ws)?;
-        self.window = ws.window + 1;
-        if let Err(e) = self.save_state() {
-            tracing::error!(error = %e, "cannot save local state");
+        who: String,
+        obj: AggregateObject,
+        bytes: Bytes,
+        indices: &crate::slices::SliceIndices,
+        publishers: &[Publisher],
+    ) -> Result<Followed, NodeError> {
+        let w = obj.set.window;
+        let mut repaired = false;
+        if obj.set.parent != self.state_hash {
+            self.forks += 1;
+            tracing::warn!(
+                window = w,
+                own = short(&self.state_hash),
+                expected = short(&obj.set.parent),
+                from = %who,
+                "fork detected: this state is not the one the accepted set applies to; repairing"
+            );
+            let bucket = publishers.iter().find(|p| p.hotkey == who).map(|p| p.bucket.clone());
+            let chain_window = self.chain_window().await.unwrap_or(w + 1);
+            let rebuilt = match bucket {
+                Some(b) => self.ctx.rebuild_from(&b, &self.model_config, &self.cfg.device, Some(w), chain_window).await,
+                None => Err(HistoryError::Other(format!("{who} has no bucket"))),
+            };
+            match rebuilt {
+                Ok(r) if r.hash == obj.set.parent => {
+                    self.install(r.params, w)?;
+                    self.repairs += 1;
+                    repaired = true;
+                    tracing::info!(window = w, checkpoint = r.checkpoint, from = %who, "fork repaired");
+                }
+                Ok(r) => {
+                    self.window = w + 1;
+                    return Ok(Followed::Forked {
+                        window: w,
+                        reason: format!("rebuilt state {} is not {}", short(&r.hash), short(&obj.set.parent)),
+                    });
+                }
+                Err(e) => {
+                    self.window = w + 1;
+                    return Ok(Followed::Forked { window: w, reason: e.to_string() });
+                }
+            }
         }
-        crate::sync::publish_checkpoint_and_cleanup(
-            &self.bucket,
-            &self.cfg.hotkey,
-            &self.params,
-            self.window,
-            &self.cfg.hparams,
-        )
-        .await;
-        Ok((ws, theta_w))
+        match apply_checked(&self.params, indices, &obj, &self.state_hash) {
+            Ok(h) => self.state_hash = h,
+            Err(e) => {
+                // The values were written but do not hash to what the aggregate names: the
+                // next aggregate's parent check will find and repair the fork.
+                self.state_hash = state_hash(&self.params)?;
+                self.forks += 1;
+                self.window = w + 1;
+                return Ok(Followed::Forked { window: w, reason: e.to_string() });
+            }
+        }
+        self.window = w + 1;
+        if who != self.cfg.hotkey {
+            self.applied_bytes = Some(bytes);
+        }
+        Ok(Followed::Applied { window: w, from: who, set: obj.set, repaired })
     }
 }
 
@@ -273,22 +562,3 @@ impl<E> Listeners<E> {
     }
 }
 
-/// Hotkeys and reason codes of the slices a merge did not use (invalid ones and outliers).
-pub fn rejected_of(ws: &WindowSlices) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = ws
-        .peers
-        .iter()
-        .filter_map(|p| p.outcome.as_ref().err().map(|r| (p.hotkey.clone(), r.code().to_string())))
-        .collect();
-    out.extend(ws.outliers.iter().map(|(h, r)| (h.clone(), r.code().to_string())));
-    out
-}
-
-/// Hotkeys whose slices a merge used.
-pub fn accepted_of(ws: &WindowSlices) -> Vec<String> {
-    ws.peers
-        .iter()
-        .filter(|p| p.outcome.is_ok() && !ws.outliers.iter().any(|(h, _)| h == &p.hotkey))
-        .map(|p| p.hotkey.clone())
-        .collect()
-}

@@ -1,19 +1,15 @@
-//! Window synchronisation shared by miners and validators: find the window's slice seed
-//! and deadline, download every peer's slice, validate it, and merge the accepted ones.
+//! Window synchronisation: find the window's slice seed and deadline, download and validate
+//! every miner's slice under one time budget (validators), bootstrap a joining node.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use bistro_model::ModelConfig;
-use candle_core::Device;
-
-use bistro_chain::{BlockHash, Chain, ChainError};
+use bistro_chain::{BlockHash, Chain, ChainError, Metagraph};
 use bistro_model::Params;
 use futures::StreamExt;
 
 use crate::hparams::HParams;
-use crate::slices::{self, Aggregate, Contribution, Rejection, SliceIndices, SliceMeta};
+use crate::slices::{self, Contribution, Rejection, SliceIndices, SliceMeta};
 use crate::storage::{Bucket, BucketOptions, StorageError};
 
 /// Errors of window synchronisation (a peer's bad slice is never one: see [`Rejection`]).
@@ -52,7 +48,7 @@ pub struct SyncContext {
     pub concurrency: usize,
 }
 
-/// One peer's slice for a window, accepted or rejected.
+/// One peer's slice for a window, valid or rejected.
 #[derive(Clone, Debug)]
 pub struct PeerSlice {
     /// The peer's uid.
@@ -61,9 +57,11 @@ pub struct PeerSlice {
     pub hotkey: String,
     /// The decoded values, or why they were rejected.
     pub outcome: Result<Vec<Vec<f32>>, Rejection>,
+    /// Hex sha256 of the object's bytes, when it was downloaded.
+    pub sha256: Option<String>,
 }
 
-/// Every peer's slice of one window, with the indices and `theta_w` at them.
+/// Every miner's slice of one window, with the indices and `theta_w` at them.
 #[derive(Clone, Debug)]
 pub struct WindowSlices {
     /// The window.
@@ -74,15 +72,13 @@ pub struct WindowSlices {
     pub indices: SliceIndices,
     /// `theta_w[I]`.
     pub theta_at_i: Vec<Vec<f32>>,
-    /// Miners (no validator permit) that committed a bucket, sorted by uid.
+    /// Miners that committed a bucket, sorted by uid. A neuron with a validator permit that
+    /// uploaded nothing is a validator, not a miner, and is not listed.
     pub peers: Vec<PeerSlice>,
-    /// Valid slices the merge left out as norm outliers: (hotkey, rejection). Their
-    /// values stay in `peers` so validators still score what was sent.
-    pub outliers: Vec<(String, Rejection)>,
 }
 
 impl WindowSlices {
-    /// The accepted slices as aggregation inputs.
+    /// The valid slices as aggregation inputs.
     pub fn contributions(&self) -> Vec<Contribution> {
         self.peers
             .iter()
@@ -90,6 +86,20 @@ impl WindowSlices {
                 p.outcome.as_ref().ok().map(|v| Contribution { hotkey: p.hotkey.clone(), values: v.clone() })
             })
             .collect()
+    }
+
+    /// The miners of this window: `(uid, hotkey)` of every listed peer.
+    pub fn miners(&self) -> Vec<(u16, String)> {
+        self.peers.iter().map(|p| (p.uid, p.hotkey.clone())).collect()
+    }
+}
+
+/// Whether `url` names a bucket on this machine (`file://`, `memory://`, a bare path), in
+/// any letter case.
+pub fn is_local_bucket_url(url: &str) -> bool {
+    match url::Url::parse(url) {
+        Ok(u) => u.scheme() != "s3",
+        Err(_) => true,
     }
 }
 
@@ -112,8 +122,7 @@ impl SyncContext {
 
     /// Open a peer's committed bucket, enforcing the local-bucket policy.
     pub fn peer_bucket(&self, url: &str) -> Result<Bucket, Rejection> {
-        let local = url.starts_with("file://") || url.starts_with("memory://") || !url.contains("://");
-        if local && !self.allow_local_buckets {
+        if is_local_bucket_url(url) && !self.allow_local_buckets {
             return Err(Rejection::Download(format!(
                 "bucket URL `{url}` is local; only s3:// buckets are read on this network"
             )));
@@ -125,165 +134,77 @@ impl SyncContext {
         Bucket::open(url, &opts).map_err(|e| Rejection::Download(e.to_string()))
     }
 
-    /// Download and validate every committed peer's slice of `window` against `params` (= `theta_w`).
-    pub async fn collect(&self, params: &Params, window: u64) -> Result<WindowSlices, SyncError> {
-        let seed = self.seed(window).await?;
-        let indices = SliceIndices::select(params.specs(), &seed, self.hparams.compression);
-        let theta_at_i = slices::gather_params(params, &indices)?;
-        let deadline_ms = self.deadline_ms(window).await?;
-        let deadline = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(deadline_ms as i64).unwrap_or_default();
-        let metagraph = self.chain.metagraph(self.netuid).await?;
+    /// The bucket URLs committed by the neurons of `metagraph`, by uid.
+    pub async fn commitments(&self, metagraph: &Metagraph) -> Result<HashMap<u16, String>, ChainError> {
         let mut urls = HashMap::new();
         for n in &metagraph.neurons {
             if let Some(url) = self.chain.commitment(self.netuid, &n.hotkey).await? {
                 urls.insert(n.uid, url);
             }
         }
-        let lengths: Vec<usize> = indices.all().iter().map(Vec::len).collect();
-        let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
-        // Validators (stake and a permit) publish checkpoints, not slices.
-        let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid) && !n.validator_permit).map(|n| {
+        Ok(urls)
+    }
+
+    /// Download and validate every committed peer's slice of `window` against `params`
+    /// (= `theta_w`), all in parallel under one total time budget (`collect_budget_ms`): a
+    /// peer whose endpoint has not delivered by then is rejected as `timeout`. Lateness is
+    /// judged by this node's clock (it collects after the deadline), never by the peer
+    /// server's `Last-Modified`.
+    pub async fn collect(&self, params: &Params, window: u64, skip_hotkey: &str) -> Result<WindowSlices, SyncError> {
+        let seed = self.seed(window).await?;
+        let indices = SliceIndices::select(params.specs(), &seed, self.hparams.compression);
+        let theta_at_i = slices::gather_params(params, &indices)?;
+        let metagraph = self.chain.metagraph(self.netuid).await?;
+        let urls = self.commitments(&metagraph).await?;
+        let budget_ms = self.hparams.collect_budget_ms;
+        let budget_end = tokio::time::Instant::now() + std::time::Duration::from_millis(budget_ms);
+        let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid) && n.hotkey != skip_hotkey).map(|n| {
             let url = urls[&n.uid].clone();
-            let expect = slices::SliceExpectation {
-                names: names.clone(),
-                lengths: lengths.clone(),
-                meta: self.meta(window, &n.hotkey),
-                max_bytes: self.hparams.max_slice_bytes,
-            };
-            let (uid, hotkey) = (n.uid, n.hotkey.clone());
+            let expect = slices::expectation(
+                params,
+                &indices,
+                self.meta(window, &n.hotkey),
+                self.hparams.max_slice_bytes,
+            );
+            let (uid, hotkey, permit) = (n.uid, n.hotkey.clone(), n.validator_permit);
             async move {
-                let outcome = async {
+                let fetch = async {
                     let bucket = self.peer_bucket(&url)?;
                     let key = slices::slice_key(window, &hotkey);
-                    let fetched = bucket.get(&key, expect.max_bytes).await.map_err(|e| match e {
+                    bucket.get(&key, expect.max_bytes).await.map_err(|e| match e {
                         StorageError::NotFound { .. } => Rejection::Missing,
                         StorageError::TooLarge { size, limit, .. } => Rejection::TooLarge { size, limit },
                         other => Rejection::Download(other.to_string()),
-                    })?;
-                    slices::check_deadline(fetched.last_modified, deadline)?;
+                    })
+                };
+                let fetched = match tokio::time::timeout_at(budget_end, fetch).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Rejection::Timeout { budget_ms }),
+                };
+                let sha256 = fetched.as_ref().ok().map(|f| crate::accepted::bytes_sha256(&f.bytes));
+                let outcome = match fetched {
                     // Decoding a large slice is CPU work: keep it off the async threads.
-                    tokio::task::spawn_blocking(move || slices::decode(&fetched.bytes, &expect))
+                    Ok(f) => tokio::task::spawn_blocking(move || slices::decode(&f.bytes, &expect))
                         .await
-                        .map_err(|e| Rejection::Malformed(format!("decoder task failed: {e}")))?
-                }
-                .await;
+                        .unwrap_or_else(|e| Err(Rejection::Malformed(format!("decoder task failed: {e}")))),
+                    Err(r) => Err(r),
+                };
                 if let Err(r) = &outcome {
-                    tracing::debug!(window, uid, hotkey = %hotkey, reason = %r, "slice not accepted");
+                    tracing::debug!(window, uid, hotkey = %hotkey, reason = %r, "slice not valid");
                 }
-                PeerSlice { uid, hotkey, outcome }
+                (permit, PeerSlice { uid, hotkey, outcome, sha256 })
             }
         });
-        let mut peers: Vec<PeerSlice> =
+        let got: Vec<(bool, PeerSlice)> =
             futures::stream::iter(jobs).buffer_unordered(self.concurrency.max(1)).collect().await;
-        peers.sort_by_key(|p| p.uid);
-        Ok(WindowSlices { window, seed, indices, theta_at_i, peers, outliers: Vec::new() })
-    }
-
-    /// Merge the accepted slices into `params` (`theta_w` becomes `theta_{w+1}`); norm
-    /// outliers are listed in `ws.outliers`.
-    pub fn merge(&self, params: &Params, ws: &mut WindowSlices) -> Result<Aggregate, SyncError> {
-        let agg = slices::aggregate(
-            &ws.theta_at_i,
-            &ws.contributions(),
-            &self.hparams.aggregation,
-            self.hparams.outlier_norm_factor,
-        );
-        ws.outliers = agg
-            .outliers
-            .iter()
-            .map(|(h, norm, median)| {
-                (
-                    h.clone(),
-                    Rejection::Outlier { norm: *norm, median: *median, factor: self.hparams.outlier_norm_factor },
-                )
-            })
+        // A permit holder that uploaded nothing is a validator this window, not a miner.
+        let mut peers: Vec<PeerSlice> = got
+            .into_iter()
+            .filter(|(permit, p)| !(*permit && p.outcome == Err(Rejection::Missing)))
+            .map(|(_, p)| p)
             .collect();
-        slices::scatter_params(params, &ws.indices, &agg.values)?;
-        Ok(agg)
+        peers.sort_by_key(|p| p.uid);
+        Ok(WindowSlices { window, seed, indices, theta_at_i, peers })
     }
 }
 
-impl SyncContext {
-    /// Decide where `theta` comes from: local state in `state_dir`, else the newest
-    /// checkpoint published by the highest-stake peer, else genesis at window 0 (the window
-    /// loop then replays the windows since). Returns the parameters, their window and a
-    /// description of the origin.
-    pub async fn bootstrap(
-        &self,
-        own_hotkey: &str,
-        state_dir: &Path,
-        model_config: &ModelConfig,
-        device: &Device,
-    ) -> Result<(Params, u64, String), SyncError> {
-        if let Some((info, params)) = crate::state::load(state_dir, model_config, &self.hparams_hash, device)? {
-            return Ok((params, info.window, format!("local state ({})", state_dir.display())));
-        }
-        if let Some((params, w, who)) = self.newest_checkpoint(own_hotkey, model_config, device).await {
-            return Ok((params, w, format!("checkpoint of window {w} from {who}")));
-        }
-        let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
-        Ok((params, 0, format!("genesis (seed {})", self.hparams.genesis_seed)))
-    }
-
-    async fn newest_checkpoint(
-        &self,
-        own_hotkey: &str,
-        model_config: &ModelConfig,
-        device: &Device,
-    ) -> Option<(Params, u64, String)> {
-        let mg = self.chain.metagraph(self.netuid).await.ok()?;
-        let mut neurons = mg.neurons.clone();
-        neurons.sort_by(|a, b| b.stake.cmp(&a.stake).then(a.uid.cmp(&b.uid)));
-        for n in neurons.iter().filter(|n| n.hotkey != own_hotkey) {
-            let Ok(Some(url)) = self.chain.commitment(self.netuid, &n.hotkey).await else { continue };
-            let Ok(bucket) = self.peer_bucket(&url) else { continue };
-            let Ok(list) = bucket.list("checkpoint-").await else { continue };
-            let Some(w) = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).max() else {
-                continue;
-            };
-            let limit = (model_config.num_params() as u64) * 4 + 1024 * 1024;
-            match bucket.get(&crate::state::checkpoint_key(w), limit).await {
-                Ok(f) => match crate::state::params_from_checkpoint(&f.bytes, model_config, device) {
-                    Ok(p) => return Some((p, w, n.hotkey.clone())),
-                    Err(e) => tracing::warn!(peer = %n.hotkey, error = %e, "ignoring a bad checkpoint"),
-                },
-                Err(e) => tracing::warn!(peer = %n.hotkey, error = %e, "cannot download checkpoint"),
-            }
-        }
-        None
-    }
-}
-
-/// Every `max_history / 2` windows: publish `checkpoint-{window}.safetensors` of `params`
-/// (= `theta_window`) to `bucket`, delete this hotkey's slices older than `max_history`
-/// windows and checkpoints older than twice that. Failures are logged, never fatal.
-pub async fn publish_checkpoint_and_cleanup(
-    bucket: &Bucket,
-    hotkey: &str,
-    params: &Params,
-    window: u64,
-    hparams: &HParams,
-) {
-    let every = hparams.max_history.div_ceil(2).max(1);
-    if !window.is_multiple_of(every) {
-        return;
-    }
-    match crate::state::checkpoint_bytes(params, window) {
-        Ok(bytes) => {
-            if let Err(e) = bucket.put(&crate::state::checkpoint_key(window), bytes::Bytes::from(bytes)).await {
-                tracing::warn!(error = %e, "cannot publish checkpoint");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot serialise checkpoint"),
-    }
-    if let Err(e) = bucket.cleanup(hotkey, window, hparams.max_history).await {
-        tracing::warn!(error = %e, "cannot clean up old slices");
-    }
-    if let Ok(list) = bucket.list("checkpoint-").await {
-        for o in list {
-            if crate::state::parse_checkpoint_key(&o.key).is_some_and(|w| w + 2 * hparams.max_history < window) {
-                let _ = bucket.delete(&o.key).await;
-            }
-        }
-    }
-}

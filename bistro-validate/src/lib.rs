@@ -6,8 +6,11 @@
 //!   with the gradient its slice implies (`R = -||g_m - g_v||`, `e = ||g_m - g_v|| / ||g_v||`),
 //!   through `bistro-kernels`' gradient-difference norm;
 //! * [`score`]: the reward rule on `e`, per-uid EMAs, softmax weights, u16 quantisation;
-//! * [`validator::Validator`]: the window loop that merges, scores and sets weights.
+//! * [`lead`]: which slices enter a window's accepted set (protocol v2);
+//! * [`validator::Validator`]: the window loop that collects, scores, decides or follows the
+//!   accepted set, and sets weights.
 
+pub mod lead;
 pub mod score;
 pub mod validator;
 

@@ -29,6 +29,13 @@ pub struct UidScore {
     pub ema: f64,
     /// The last window scored.
     pub last_window: u64,
+    /// Windows in which it was scored honest (`score >= 0.5`): zero means probation.
+    #[serde(default)]
+    pub honest_windows: u64,
+    /// Until this window (exclusive) every score counts as 0: set when a recomputed slice
+    /// proved dishonest.
+    #[serde(default)]
+    pub penalty_until: u64,
 }
 
 /// Scores of every uid, persisted across restarts.
@@ -40,19 +47,41 @@ pub struct Scoreboard {
 
 impl Scoreboard {
     /// Fold a window score into the uid's EMA: `ema = alpha * ema + (1 - alpha) * score`;
-    /// a uid whose hotkey changed starts again from 0.
+    /// a uid whose hotkey changed starts again from 0 (and on probation).
     pub fn update(&mut self, uid: u16, hotkey: &str, window: u64, score: f64, alpha: f64) -> f64 {
-        let entry = self.uids.entry(uid).or_insert_with(|| UidScore {
+        let fresh =
+            || UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window, honest_windows: 0, penalty_until: 0 };
+        let entry = self.uids.entry(uid).or_insert_with(fresh);
+        if entry.hotkey != hotkey {
+            *entry = fresh();
+        }
+        let score = if window < entry.penalty_until { 0.0 } else { score };
+        entry.ema = alpha * entry.ema + (1.0 - alpha) * score;
+        entry.last_window = window;
+        if score >= 0.5 {
+            entry.honest_windows += 1;
+        }
+        entry.ema
+    }
+
+    /// A recomputed slice of `uid` proved dishonest in `window` (`e` above the tolerance, far
+    /// above any honest noise): its EMA drops to 0, it goes back on probation, and its
+    /// scores count as 0 until `window + penalty_windows`. Downtime (a missing slice) is
+    /// not penalised this way; only a wrong gradient is.
+    pub fn penalize(&mut self, uid: u16, hotkey: &str, window: u64, penalty_windows: u64) {
+        let e = self.uids.entry(uid).or_insert_with(|| UidScore {
             hotkey: hotkey.to_string(),
             ema: 0.0,
             last_window: window,
+            honest_windows: 0,
+            penalty_until: 0,
         });
-        if entry.hotkey != hotkey {
-            *entry = UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window };
+        if e.hotkey != hotkey {
+            e.hotkey = hotkey.to_string();
         }
-        entry.ema = alpha * entry.ema + (1.0 - alpha) * score;
-        entry.last_window = window;
-        entry.ema
+        e.ema = 0.0;
+        e.honest_windows = 0;
+        e.penalty_until = window + penalty_windows;
     }
 
     /// Weights = softmax(temperature * ema) over scored uids, as `(uid, weight)` summing to 1.

@@ -1,5 +1,6 @@
-//! The validator: recompute each miner's gradient on its pages from `theta_w`, compare with
-//! the gradient its slice implies, keep per-uid EMAs and set weights.
+//! The validator: collect the window's slices, recompute miners' gradients on their pages
+//! from `theta_w`, compare with the gradients their slices imply, decide (as the lead) or
+//! keep as a fallback the window's accepted set, follow it, keep per-uid EMAs, set weights.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,15 +10,15 @@ use bistro_chain::{Chain, ChainError, Metagraph};
 use bistro_model::{Llama, Params};
 use bistro_train::data::{Dataset, TextTokenizer};
 use bistro_train::hparams::{HParams, PROTOCOL_VERSION};
-use bistro_train::node::{Listeners, Node, NodeConfig, NodeError, rejected_of};
+use bistro_train::node::{Followed, Listeners, Node, NodeConfig, NodeError, Pace, now_ms, sleep_until_ms};
 use bistro_train::slices::{self, Rejection};
 use bistro_train::step;
 use bistro_train::sync::{SyncError, WindowSlices};
 use candle_core::Device;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
-use sha2::{Digest, Sha256};
 
+use crate::lead::{self, NormHistory};
 use crate::score::{Scoreboard, honesty_score, quantize};
 
 /// Errors that stop a validator.
@@ -91,15 +92,19 @@ pub enum ValidatorEvent {
         /// Where the model came from.
         origin: String,
     },
-    /// A window was merged.
-    Merged {
+    /// As the lead, this validator published the window's accepted set.
+    Published {
         /// The window.
         window: u64,
-        /// Accepted slices.
-        accepted: usize,
-        /// Rejected slices (hotkey, reason).
-        rejected: Vec<(String, String)>,
+        /// Included slices.
+        included: usize,
+        /// Excluded miners: (hotkey, reason code).
+        excluded: Vec<(String, String)>,
+        /// Miners recomputed before deciding.
+        scored: usize,
     },
+    /// The window's accepted set was applied, or there was none, or a fork was found.
+    Followed(Followed),
     /// A window was scored.
     Scored {
         /// The window.
@@ -148,21 +153,26 @@ pub struct MinerResult {
     pub hotkey: String,
     /// `ok` or a rejection code.
     pub status: String,
-    /// `R = -||g_m - g_v||`.
+    /// `R = -||g_m - g_v||` (NaN when the slice was invalid and nothing was recomputed).
     pub r: f64,
-    /// `e`.
+    /// `e` (1 for a missing or invalid slice: `g_m = 0`).
     pub e: f64,
+    /// Whether `g_v` was recomputed (a valid slice); invalid slices score `e = 1` without it.
+    pub recomputed: bool,
 }
 
 impl Scorer {
-    /// Recompute `g_v` for each `(uid, hotkey)` on its pages at `theta_w` and compare with
-    /// its slice in `ws` (a missing or rejected slice counts as `g_m = 0`).
+    /// Score each `(uid, hotkey)` of `miners`, in that order: a missing or invalid slice
+    /// counts as `g_m = 0` (`e = 1`, nothing recomputed); a valid one is compared with `g_v`
+    /// recomputed on the miner's pages at `theta_w`. Stops at `budget_end` (miners not
+    /// reached are left out of the result) or when `stop` is set.
     pub fn score(
         &self,
         theta_w: &Params,
         ws: &WindowSlices,
         miners: &[(u16, String)],
         stop: &AtomicBool,
+        budget_end: Option<Instant>,
     ) -> Result<Vec<MinerResult>, ValidatorError> {
         let h = &self.hparams;
         let eta = h.learning_rate_at(ws.window) as f32;
@@ -174,11 +184,21 @@ impl Scorer {
                 break;
             }
             let peer = ws.peers.iter().find(|p| &p.hotkey == hotkey);
-            let (status, slice_flat): (String, Vec<f32>) = match peer.map(|p| &p.outcome) {
-                Some(Ok(values)) => ("ok".into(), values.iter().flatten().copied().collect()),
-                Some(Err(r)) => (r.code().into(), theta_flat.clone()),
-                None => (Rejection::Missing.code().into(), theta_flat.clone()),
+            let slice_flat: Vec<f32> = match peer.map(|p| &p.outcome) {
+                Some(Ok(values)) => values.iter().flatten().copied().collect(),
+                Some(Err(r)) => {
+                    out.push(MinerResult { uid: *uid, hotkey: hotkey.clone(), status: r.code().into(), r: f64::NAN, e: 1.0, recomputed: false });
+                    continue;
+                }
+                None => {
+                    let status = Rejection::Missing.code().into();
+                    out.push(MinerResult { uid: *uid, hotkey: hotkey.clone(), status, r: f64::NAN, e: 1.0, recomputed: false });
+                    continue;
+                }
             };
+            if budget_end.is_some_and(|end| Instant::now() >= end) {
+                continue;
+            }
             let pages = self.dataset.pages(&h.network, hotkey, ws.window, h.pages_per_window);
             let batch = self.dataset.window_batch(&self.tokenizer, &pages, h.seq_len)?;
             let grad = step::window_gradient(&model, theta_w, &batch, self.micro_batch_rows, &self.device, || {
@@ -187,30 +207,31 @@ impl Scorer {
             let gv: Vec<f32> = slices::gather_grads(&grad.grads, &ws.indices)?.into_iter().flatten().collect();
             let norms = bistro_kernels::cpu::diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
             let e = norms.relative_errors()[0];
-            out.push(MinerResult { uid: *uid, hotkey: hotkey.clone(), status, r: -norms.sq_dist[0].sqrt(), e });
+            out.push(MinerResult {
+                uid: *uid,
+                hotkey: hotkey.clone(),
+                status: "ok".into(),
+                r: -norms.sq_dist[0].sqrt(),
+                e,
+                recomputed: true,
+            });
         }
         Ok(out)
     }
 }
 
-/// Which miners to evaluate: all when they fit, else `max` sampled with ChaCha20 keyed by
-/// `sha256("bistro/validator-sample/v1" || seed || own hotkey)` (partial Fisher-Yates).
-pub fn sample_miners(miners: &[(u16, String)], max: usize, seed: &[u8], own_hotkey: &str) -> Vec<(u16, String)> {
-    if miners.len() <= max {
-        return miners.to_vec();
-    }
-    let mut h = Sha256::new();
-    h.update(b"bistro/validator-sample/v1");
-    h.update(seed);
-    h.update(own_hotkey.as_bytes());
-    let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
+/// The order in which to recompute `miners`: a random permutation from this validator's
+/// own entropy, drawn after the upload deadline, so no miner can know in advance whether or
+/// when it will be checked; at most `max` of them.
+pub fn private_sample(miners: &[(u16, String)], max: usize) -> Vec<(u16, String)> {
+    let mut rng = ChaCha20Rng::from_os_rng();
     let mut v = miners.to_vec();
-    for i in 0..max {
-        let j = i + bistro_train::data::pages::uniform_below(&mut rng, (v.len() - i) as u64) as usize;
+    let n = v.len();
+    for i in 0..n.saturating_sub(1) {
+        let j = i + bistro_train::data::pages::uniform_below(&mut rng, (n - i) as u64) as usize;
         v.swap(i, j);
     }
     v.truncate(max);
-    v.sort();
     v
 }
 
@@ -219,20 +240,71 @@ pub fn miners_of(mg: &Metagraph) -> Vec<(u16, String)> {
     mg.neurons.iter().filter(|n| !n.validator_permit).map(|n| (n.uid, n.hotkey.clone())).collect()
 }
 
+/// Turn a window's results into score rows: fold each into `board`'s EMA (honesty score
+/// of `e` with the network's tolerance; a recomputed slice above the tolerance is penalised,
+/// see [`Scoreboard::penalize`]), forget uids whose hotkey left `mg` or that did not
+/// act as miners, and fill in the weight shares. The one score -> EMA -> weights path of the
+/// validator, the devnet and the tests.
+pub fn fold_scores(
+    board: &mut Scoreboard,
+    results: &[MinerResult],
+    window: u64,
+    mg: &Metagraph,
+    miners: &[(u16, String)],
+    h: &HParams,
+) -> (Vec<ScoreRow>, Vec<(u16, f64)>) {
+    let mut rows = Vec::with_capacity(results.len());
+    for r in results {
+        let score = honesty_score(r.e, h.honest_tolerance);
+        if r.recomputed && r.e > h.honest_tolerance {
+            board.penalize(r.uid, &r.hotkey, window, h.penalty_windows);
+        }
+        let ema = board.update(r.uid, &r.hotkey, window, score, h.ema_alpha);
+        rows.push(ScoreRow {
+            uid: r.uid,
+            hotkey: r.hotkey.clone(),
+            status: r.status.clone(),
+            r: r.r,
+            e: r.e,
+            score,
+            ema,
+            weight: 0.0,
+        });
+    }
+    board.uids.retain(|uid, s| {
+        mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey) && miners.iter().any(|(u, _)| u == uid)
+    });
+    let weights = board.weights(h.temperature);
+    for row in &mut rows {
+        row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
+    }
+    (rows, weights)
+}
+
 /// A validator node.
 pub struct Validator {
     node: Node,
     max_miners_per_window: usize,
     scorer: Arc<Scorer>,
     board: Scoreboard,
+    norms: NormHistory,
     listeners: Listeners<ValidatorEvent>,
+}
+
+impl std::fmt::Debug for Validator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validator").field("node", &self.node).finish()
+    }
 }
 
 impl Validator {
     /// Build a validator: data, model state, scores, bucket; register (devnet) and commit the bucket.
     pub async fn new(cfg: ValidatorConfig, chain: Arc<dyn Chain>) -> Result<Self, ValidatorError> {
-        let node = Node::join(cfg.node, chain, " (register it with `btcli subnet register` and stake to it)").await?;
+        let mut node =
+            Node::join(cfg.node, chain, " (register it with `btcli subnet register` and stake to it)").await?;
+        node.publishes_history = true;
         let board = Scoreboard::load(&node.cfg.state_dir.join("scores.json")).map_err(ValidatorError::Config)?;
+        let norms = NormHistory::load(&node.cfg.state_dir.join("norms.json")).map_err(ValidatorError::Config)?;
         let scorer = Arc::new(Scorer {
             hparams: node.cfg.hparams.clone(),
             dataset: node.dataset.clone(),
@@ -245,6 +317,7 @@ impl Validator {
             max_miners_per_window: cfg.max_miners_per_window.max(1),
             scorer,
             board,
+            norms,
             listeners: Listeners::default(),
         })
     }
@@ -268,56 +341,91 @@ impl Validator {
         self.node.window
     }
 
+    /// The node this validator runs on.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The node, mutably (test drivers use it to fork a node on purpose).
+    pub fn node_mut(&mut self) -> &mut Node {
+        &mut self.node
+    }
+
     /// The scoreboard.
     pub fn scoreboard(&self) -> &Scoreboard {
         &self.board
     }
 
-    /// Merge window `self.window`, score it when not far behind, and set weights on schedule.
-    /// Returns whether the window was scored.
-    async fn process_window(&mut self, current: u64, stop: &Arc<AtomicBool>) -> Result<bool, ValidatorError> {
+    /// Process the held window: collect the slices after the upload deadline, recompute
+    /// miners in a private random order within the verification budget, decide the window's
+    /// accepted set (published at once when this validator is the lead, kept as a fallback
+    /// otherwise), follow the accepted set, fold the scores into the EMAs and set weights on
+    /// schedule. Far behind the chain (`score == false`), it only follows.
+    pub async fn process_window(
+        &mut self,
+        pace: Pace,
+        score: bool,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<WindowOutcome, ValidatorError> {
         let w = self.node.window;
-        let (ws, theta_w) = self.node.merge_window(stop, true).await?;
-        let accepted = bistro_train::node::accepted_of(&ws).len();
-        self.emit(ValidatorEvent::Merged { window: w, accepted, rejected: rejected_of(&ws) });
-        let theta_w = theta_w.ok_or_else(|| ValidatorError::Config("theta_w was not kept".into()))?;
-        if current > w + 2 {
-            tracing::info!(window = w, current, "behind the chain: merged without scoring");
-            return Ok(false);
+        let h = self.node.cfg.hparams.clone();
+        if !score {
+            let f = self.node.follow(pace, stop, None).await?;
+            self.after_follow(&f);
+            return Ok(WindowOutcome { followed: f, rows: Vec::new() });
         }
+        if pace == Pace::Live {
+            sleep_until_ms(self.node.ctx.deadline_ms(w).await?, stop).await;
+        }
+        let ws = self.node.ctx.collect(&self.node.params, w, &self.node.cfg.hotkey).await?;
         let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
-        let miners = sample_miners(&miners_of(&mg), self.max_miners_per_window, &ws.seed, &self.node.cfg.hotkey);
+        let miners = ws.miners();
+        let order = private_sample(&miners, self.max_miners_per_window);
+        let budget_end = match pace {
+            Pace::Live => Some(Instant::now() + std::time::Duration::from_millis(h.verify_budget_ms)),
+            Pace::Lockstep => None,
+        };
         let started = Instant::now();
-        let scorer = self.scorer.clone();
-        let flag = stop.clone();
-        let ws = Arc::new(ws);
-        let ws2 = ws.clone();
-        let results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &miners, &flag))
+        let (scorer, flag, ws) = (self.scorer.clone(), stop.clone(), Arc::new(ws));
+        let (theta_w, ws2) = (self.node.params.clone(), ws.clone());
+        let mut results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &order, &flag, budget_end))
             .await
             .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
-        let h = &self.node.cfg.hparams;
-        let mut rows = Vec::with_capacity(results.len());
-        for r in &results {
-            let score = honesty_score(r.e, h.honest_tolerance);
-            let ema = self.board.update(r.uid, &r.hotkey, w, score, h.ema_alpha);
-            rows.push(ScoreRow {
-                uid: r.uid,
-                hotkey: r.hotkey.clone(),
-                status: r.status.clone(),
-                r: r.r,
-                e: r.e,
-                score,
-                ema,
-                weight: 0.0,
-            });
+        results.sort_by_key(|r| r.uid);
+        let seconds = started.elapsed().as_secs_f64();
+        let recomputed = results.iter().filter(|r| r.recomputed).count();
+        tracing::info!(window = w, recomputed, miners = miners.len(), seconds, "recomputed miners' gradients");
+        let decision = lead::decide(&ws, &results, &self.board, &self.norms, &h);
+        let me = self.node.cfg.hotkey.clone();
+        let obj = lead::build(&self.node.params, &self.node.state_hash, &ws, &decision, &me, &h)?;
+        let expect = self.node.ctx.aggregate_expectation(&self.node.params, &ws.indices, w);
+        let bytes = bytes::Bytes::from(
+            bistro_train::accepted::encode(&expect, &obj)
+                .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
+        );
+        let is_lead = self.node.is_lead().await?;
+        let mut candidate = Some(bytes.clone());
+        if is_lead {
+            let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;
+            if pace == Pace::Lockstep || now_ms() < final_cutoff {
+                match self.node.bucket.put(&bistro_train::accepted::aggregate_key(w), bytes).await {
+                    Ok(()) => self.emit(ValidatorEvent::Published {
+                        window: w,
+                        included: decision.included.len(),
+                        excluded: decision.excluded.iter().map(|x| (x.hotkey.clone(), x.reason.clone())).collect(),
+                        scored: decision.scored,
+                    }),
+                    Err(e) => tracing::warn!(window = w, error = %e, "cannot publish the accepted set"),
+                }
+            } else {
+                tracing::warn!(window = w, "the accepted set was decided after the cut-off; not published");
+            }
+            candidate = None;
         }
-        // Forget uids whose hotkey left.
-        self.board.uids.retain(|uid, s| mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey && !n.validator_permit));
-        let weights = self.board.weights(h.temperature);
-        for row in &mut rows {
-            row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
-        }
-        self.emit(ValidatorEvent::Scored { window: w, rows, seconds: started.elapsed().as_secs_f64() });
+        let followed = self.node.follow(pace, stop, candidate).await?;
+        self.after_follow(&followed);
+        let (rows, weights) = fold_scores(&mut self.board, &results, w, &mg, &miners, &h);
+        self.emit(ValidatorEvent::Scored { window: w, rows: rows.clone(), seconds });
         if let Err(e) = self.board.save(&self.node.cfg.state_dir.join("scores.json")) {
             tracing::error!(error = %e, "cannot save scores");
         }
@@ -335,7 +443,19 @@ impl Validator {
                 Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),
             }
         }
-        Ok(true)
+        Ok(WindowOutcome { followed, rows })
+    }
+
+    /// Record the included norms of an applied set (the outlier bound's reference) and report.
+    fn after_follow(&mut self, f: &Followed) {
+        if let Followed::Applied { window, set, .. } = f {
+            let norms = set.included.iter().map(|i| i.norm).filter(|n| n.is_finite()).collect();
+            self.norms.push(*window, norms, self.node.cfg.hparams.norm_history_windows);
+            if let Err(e) = self.norms.save(&self.node.cfg.state_dir.join("norms.json")) {
+                tracing::error!(error = %e, "cannot save the norm history");
+            }
+        }
+        self.emit(ValidatorEvent::Followed(f.clone()));
     }
 
     /// Run until `max_windows` windows were scored or `stop` is set.
@@ -359,9 +479,13 @@ impl Validator {
                 tokio::time::sleep(self.node.chain.block_time() / 4).await;
                 continue;
             }
-            match self.process_window(current, &stop).await {
-                Ok(true) => scored += 1,
-                Ok(false) => {}
+            let behind = current > self.node.window + 2;
+            if behind {
+                tracing::info!(window = self.node.window, current, "behind the chain: following without scoring");
+            }
+            match self.process_window(Pace::Live, !behind, &stop).await {
+                Ok(_) if !behind => scored += 1,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(window = self.node.window, error = %e, "window failed; retrying");
                     tokio::time::sleep(self.node.chain.block_time()).await;
@@ -370,4 +494,13 @@ impl Validator {
         }
         Ok(scored)
     }
+}
+
+/// What one processed window gave.
+#[derive(Clone, Debug)]
+pub struct WindowOutcome {
+    /// The accepted set as this validator followed it.
+    pub followed: Followed,
+    /// The score rows of the window (empty when it was not scored).
+    pub rows: Vec<ScoreRow>,
 }

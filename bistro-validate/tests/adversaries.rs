@@ -45,7 +45,6 @@ fn world() -> World {
         pages_per_window: 4,
         rows_per_page: 2,
         compression: 4,
-        upload_grace_secs: 3600,
         ..HParams::default()
     };
     let chain = Arc::new(Devnet::open(&dir.path().join("devnet"), Duration::from_millis(100)).unwrap());
@@ -163,9 +162,9 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
                 bucket.put(&slices::slice_key(window, hk), Bytes::from(bytes)).await.unwrap();
             }
         }
-        let ws = w.ctx.collect(&w.params, window).await.unwrap();
+        let ws = w.ctx.collect(&w.params, window, "validator").await.unwrap();
         let mg = w.chain.metagraph(1).await.unwrap();
-        let results = scorer.score(&w.params, &ws, &miners_of(&mg), &AtomicBool::new(false)).unwrap();
+        let results = scorer.score(&w.params, &ws, &miners_of(&mg), &AtomicBool::new(false), None).unwrap();
         assert_eq!(results.len(), STRATEGIES.len());
         for r in &results {
             let s = r.hotkey[3..].to_string();

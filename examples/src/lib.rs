@@ -1,4 +1,5 @@
 //! Runnable examples of BISTRO and the devnet harness behind `cargo run --example devnet`.
 
 pub mod devnet;
+pub mod hostile;
 pub mod svg;

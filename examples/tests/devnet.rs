@@ -46,34 +46,84 @@ async fn honest_network_learns_and_matches_the_reference() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cheaters_earn_nothing_and_poison_never_lands() {
+async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
     let tmp = tempfile::tempdir().unwrap();
     let mut o = options(tmp.path());
     o.miners = 2;
-    o.validators = 1;
+    o.validators = 2;
     o.windows = 4;
     o.adversaries = Strategy::CHEATS.to_vec();
     let r = run_in_process(&o).await.unwrap();
     eprintln!("{}", r.summary());
-    assert!(r.all_nodes_identical, "nodes diverged");
-    let honest: f64 = r.shares.iter().filter(|(h, _)| r.strategies[*h] == Strategy::Honest).map(|(_, s)| s).sum();
-    assert!(honest > 0.95, "honest miners hold only {honest:.4} of the weight");
+    assert!(r.all_nodes_identical, "honest nodes diverged");
+    for w in &r.windows {
+        assert_eq!(w.forks, 0, "window {}: {} honest node(s) forked", w.window, w.forks);
+        assert_eq!(w.honest_trained, 2, "window {}: an honest miner did not train", w.window);
+        for hk in &w.accepted {
+            let s = r.strategies[hk];
+            // A sample-aware miner is honest in even windows: only then may it be included.
+            let honest_now = s == Strategy::SampleAware && w.window % 2 == 0;
+            assert!(!s.destructive() || honest_now, "window {}: {hk} ({}) was included", w.window, s.name());
+        }
+    }
+    let (last, reference) = (r.final_heldout_loss, r.final_reference_loss);
+    assert!(
+        (last - reference).abs() <= 0.01 * reference,
+        "held-out loss {last} is not within 1% of the honest-only reference {reference}"
+    );
     for (h, s) in &r.shares {
-        if r.strategies[h] != Strategy::Honest {
+        if r.strategies[h].destructive() {
             assert!(*s < 0.01, "{h} holds {s:.4} of the weight");
         }
     }
-    for w in &r.windows {
-        let poison = w.rejected.iter().find(|(h, _)| h.ends_with("poison"));
-        assert!(
-            matches!(poison, Some((_, reason)) if reason == "outlier"),
-            "window {}: poison not rejected: {:?}",
-            w.window,
-            w.rejected
-        );
-        assert!(!w.accepted.iter().any(|h| h.ends_with("poison")));
-    }
-    // Poison never moves the model beyond an honest update: every step stays small.
+    let honest = r.honest_share();
+    assert!(
+        honest > 0.95 * (honest + r.destructive_share()),
+        "honest miners hold {honest:.4}, destructive {:.4}",
+        r.destructive_share()
+    );
+    // The backdoor never landed: its trigger loss is what the honest-only model gives.
+    let (b, br) = (r.backdoor_loss.unwrap(), r.backdoor_reference_loss.unwrap());
+    assert!((b - br).abs() <= 0.01 * br, "backdoor moved the trigger loss: {b} vs {br}");
     let svg = r.svg();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_honest_and_one_poisoner_the_poison_never_moves_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(tmp.path());
+    o.miners = 1;
+    o.validators = 1;
+    o.windows = 4;
+    o.adversaries = vec![Strategy::BoundedPoison, Strategy::Poison];
+    let r = run_in_process(&o).await.unwrap();
+    eprintln!("{}", r.summary());
+    for w in &r.windows {
+        assert!(
+            w.max_abs_diff_vs_reference <= 1e-6,
+            "window {}: the shared model left the honest-only reference by {}",
+            w.window,
+            w.max_abs_diff_vs_reference
+        );
+        assert!(!w.accepted.iter().any(|h| h.contains("poison")), "window {}: {:?}", w.window, w.accepted);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_forked_on_purpose_repairs_itself_within_two_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(tmp.path());
+    o.miners = 2;
+    o.validators = 2;
+    o.windows = 5;
+    o.fork_at = Some((1, 1));
+    let r = run_in_process(&o).await.unwrap();
+    eprintln!("{}", r.summary());
+    let first = r.windows[0].window;
+    let forked: Vec<usize> = r.windows.iter().map(|w| w.forks).collect();
+    assert_eq!(forked[1], 1, "the fork did not happen: {forked:?}");
+    assert!(forked[3..].iter().all(|&f| f == 0), "not repaired within two windows: {forked:?} from window {first}");
+    assert!(r.forks_detected >= 1 && r.forks_repaired >= 1, "{} / {}", r.forks_detected, r.forks_repaired);
+    assert!(r.all_nodes_identical);
 }

@@ -42,14 +42,10 @@ fn print_event(e: &MinerEvent) {
             tracing::info!("window {window}: slice uploaded ({:.1} KiB in {seconds:.2}s)", *bytes as f64 / 1024.0)
         }
         MinerEvent::UploadFailed { window, reason } => tracing::warn!("window {window}: slice not uploaded: {reason}"),
-        MinerEvent::Merged { window, accepted, rejected } => {
-            let rej: Vec<String> = rejected.iter().map(|(h, r)| format!("{h}: {r}")).collect();
-            tracing::info!(
-                "window {window}: merged {} slice(s){}",
-                accepted.len(),
-                if rej.is_empty() { String::new() } else { format!("; not accepted: {}", rej.join(", ")) }
-            )
-        }
+        MinerEvent::Followed(f) => match f {
+            bistro_train::node::Followed::Applied { .. } => tracing::info!("{}", f.describe()),
+            _ => tracing::warn!("{}", f.describe()),
+        },
         MinerEvent::Skipped { window, reason } => tracing::warn!("window {window}: skipped: {reason}"),
     }
 }
@@ -71,10 +67,11 @@ async fn run() -> anyhow::Result<()> {
     let stop = stop_on_ctrl_c();
     let summary = miner.run(node.max_windows, Arc::clone(&stop)).await?;
     tracing::info!(
-        "stopped: {} window(s) trained, {} slice(s) uploaded, {} window(s) merged; state saved in {}",
+        "stopped: {} window(s) trained, {} slice(s) uploaded, {} window(s) followed, {} caught up; state saved in {}",
         summary.windows_trained,
         summary.slices_uploaded,
         summary.windows_merged,
+        summary.windows_caught_up,
         state_dir.display()
     );
     Ok(())

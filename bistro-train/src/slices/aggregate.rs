@@ -31,8 +31,6 @@ pub struct Aggregate {
     pub values: Vec<Vec<f32>>,
     /// Hotkeys whose slices were combined, sorted.
     pub used: Vec<String>,
-    /// Hotkeys rejected as norm outliers, with their update norm and the median norm.
-    pub outliers: Vec<(String, f64, f64)>,
 }
 
 /// `||theta - s||_2` over all coordinates: the norm of the update `eta * g` a slice implies.
@@ -45,42 +43,26 @@ pub fn update_norm(theta_at_i: &[Vec<f32>], values: &[Vec<f32>]) -> f64 {
         .sqrt()
 }
 
-fn median(sorted: &[f64]) -> f64 {
+/// The median of a sorted, non-empty slice (the mean of the middle two for an even length).
+pub fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
+    if n == 0 {
+        return f64::NAN;
+    }
     if n % 2 == 1 { sorted[n / 2] } else { 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]) }
 }
 
 /// Combine `contributions` over `theta_at_i` (the current values at the slice indices).
 ///
-/// With `outlier_factor > 0` and at least 3 contributions, a slice whose update norm is
-/// above `outlier_factor` times the median norm is left out (reported in `outliers`).
-/// With no contribution left, the values are unchanged.
-pub fn aggregate(
-    theta_at_i: &[Vec<f32>],
-    contributions: &[Contribution],
-    rule: &Aggregation,
-    outlier_factor: f64,
-) -> Aggregate {
+/// Which slices are included is the lead's decision (protocol v2); this is only the
+/// arithmetic. With no contribution, the values are unchanged.
+pub fn aggregate(theta_at_i: &[Vec<f32>], contributions: &[Contribution], rule: &Aggregation) -> Aggregate {
     let mut sorted: Vec<&Contribution> = contributions.iter().collect();
     sorted.sort_by(|a, b| a.hotkey.cmp(&b.hotkey));
     sorted.dedup_by(|a, b| a.hotkey == b.hotkey);
-    let mut outliers = Vec::new();
-    if outlier_factor > 0.0 && sorted.len() >= 3 {
-        let norms: Vec<f64> = sorted.iter().map(|c| update_norm(theta_at_i, &c.values)).collect();
-        let mut ns = norms.clone();
-        ns.sort_by(f64::total_cmp);
-        let med = median(&ns);
-        let keep: Vec<bool> = norms.iter().map(|&n| n <= outlier_factor * med).collect();
-        for (c, (&n, &k)) in sorted.iter().zip(norms.iter().zip(&keep)) {
-            if !k {
-                outliers.push((c.hotkey.clone(), n, med));
-            }
-        }
-        sorted = sorted.into_iter().zip(keep).filter(|(_, k)| *k).map(|(c, _)| c).collect();
-    }
     let used: Vec<String> = sorted.iter().map(|c| c.hotkey.clone()).collect();
     if sorted.is_empty() {
-        return Aggregate { values: theta_at_i.to_vec(), used, outliers };
+        return Aggregate { values: theta_at_i.to_vec(), used };
     }
     let values = theta_at_i
         .par_iter()
@@ -100,7 +82,7 @@ pub fn aggregate(
                 .collect()
         })
         .collect();
-    Aggregate { values, used, outliers }
+    Aggregate { values, used }
 }
 
 fn combine(deltas: &mut [f64], rule: &Aggregation) -> f64 {

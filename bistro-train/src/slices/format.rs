@@ -96,45 +96,93 @@ pub struct SliceExpectation {
     pub lengths: Vec<usize>,
     /// Expected metadata.
     pub meta: SliceMeta,
-    /// Largest accepted object, in bytes.
+    /// Largest accepted object, in bytes (see [`size_bound`]).
     pub max_bytes: u64,
+}
+
+/// Bytes of header JSON allowed per tensor entry beyond its name (dtype, shape, offsets).
+const HEADER_BYTES_PER_TENSOR: u64 = 128;
+/// Bytes of header JSON allowed for the metadata of a slice.
+const SLICE_METADATA_BYTES: u64 = 4096;
+
+/// The largest header a file of these tensors can honestly have, plus `metadata_bytes` of
+/// metadata: anything longer is rejected before it is parsed (a header bomb costs nothing).
+pub fn header_bound(names: &[String], metadata_bytes: u64) -> u64 {
+    names.iter().map(|n| n.len() as u64 + HEADER_BYTES_PER_TENSOR).sum::<u64>() + metadata_bytes
+}
+
+/// The largest object a slice of these tensors can be: the 8-byte length, the header bound
+/// and 4 bytes per value. A slice over this is rejected before it is downloaded in full.
+pub fn size_bound(names: &[String], lengths: &[usize]) -> u64 {
+    8 + header_bound(names, SLICE_METADATA_BYTES) + 4 * lengths.iter().map(|&l| l as u64).sum::<u64>()
+}
+
+/// The parsed header of a bounded safetensors file: its metadata and the tensor table.
+pub(crate) struct Parsed<'a> {
+    /// String metadata (`__metadata__`).
+    pub meta: HashMap<String, String>,
+    header: safetensors::tensor::Metadata,
+    data: &'a [u8],
+}
+
+/// Parse a safetensors header once, after checking the object size against `max_bytes` and
+/// the header length against `max_header` (before anything is allocated for it).
+pub(crate) fn parse_bounded(bytes: &[u8], max_bytes: u64, max_header: u64) -> Result<Parsed<'_>, Rejection> {
+    if bytes.len() as u64 > max_bytes {
+        return Err(Rejection::TooLarge { size: bytes.len() as u64, limit: max_bytes });
+    }
+    let Some(len) = bytes.get(..8) else {
+        return Err(Rejection::Malformed("shorter than the 8-byte header length".into()));
+    };
+    let n = u64::from_le_bytes([len[0], len[1], len[2], len[3], len[4], len[5], len[6], len[7]]);
+    if n > max_header {
+        return Err(Rejection::Malformed(format!("header of {n} bytes exceeds the bound of {max_header} for this object")));
+    }
+    let (n, header) = SafeTensors::read_metadata(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    Ok(Parsed { meta, header, data: &bytes[8 + n..] })
+}
+
+impl Parsed<'_> {
+    /// The 1-D f32 tensors `names` with `lengths`, in that order: exactly that key set,
+    /// dtype F32, shape `[len]`, every value finite.
+    pub(crate) fn f32_tensors(&self, names: &[String], lengths: &[usize]) -> Result<Vec<Vec<f32>>, Rejection> {
+        let table = self.header.tensors();
+        let known: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut found: Vec<&String> = table.keys().collect();
+        found.sort();
+        if let Some(extra) = found.iter().find(|n| !known.contains(n.as_str())) {
+            return Err(Rejection::UnexpectedKey((*extra).clone()));
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for (name, &len) in names.iter().zip(lengths) {
+            let info = table.get(name).ok_or_else(|| Rejection::MissingKey(name.clone()))?;
+            if info.dtype != Dtype::F32 {
+                return Err(Rejection::WrongDtype { name: name.clone(), dtype: format!("{:?}", info.dtype) });
+            }
+            if info.shape != [len] {
+                return Err(Rejection::WrongShape { name: name.clone(), expected: len, found: info.shape.clone() });
+            }
+            let (a, b) = info.data_offsets;
+            let raw = self.data.get(a..b).ok_or_else(|| Rejection::Malformed(format!("`{name}` out of bounds")))?;
+            let values: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Rejection::NonFinite { name: name.clone(), index: i });
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
 }
 
 /// Decode and validate a slice; on success the values per parameter in canonical order.
 ///
-/// Checks, in order: size cap, safetensors structure (header length, JSON, offsets),
-/// metadata, exact key set, dtype, 1-D shape and length, finiteness.
+/// Checks, in order: size cap, header length bound, safetensors structure (JSON, offsets;
+/// parsed once), metadata, exact key set, dtype, 1-D shape and length, finiteness.
 pub fn decode(bytes: &[u8], expect: &SliceExpectation) -> Result<Vec<Vec<f32>>, Rejection> {
-    if bytes.len() as u64 > expect.max_bytes {
-        return Err(Rejection::TooLarge { size: bytes.len() as u64, limit: expect.max_bytes });
-    }
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    expect.meta.check(&meta)?;
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    let known: std::collections::HashSet<&str> = expect.names.iter().map(String::as_str).collect();
-    if let Some(extra) = names.iter().find(|n| !known.contains(n.as_str())) {
-        return Err(Rejection::UnexpectedKey(extra.clone()));
-    }
-    let mut out = Vec::with_capacity(expect.names.len());
-    for (name, &len) in expect.names.iter().zip(&expect.lengths) {
-        let view = st.tensor(name).map_err(|_| Rejection::MissingKey(name.clone()))?;
-        if view.dtype() != Dtype::F32 {
-            return Err(Rejection::WrongDtype { name: name.clone(), dtype: format!("{:?}", view.dtype()) });
-        }
-        if view.shape() != [len] {
-            return Err(Rejection::WrongShape { name: name.clone(), expected: len, found: view.shape().to_vec() });
-        }
-        let values: Vec<f32> =
-            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Rejection::NonFinite { name: name.clone(), index: i });
-        }
-        out.push(values);
-    }
-    Ok(out)
+    let parsed = parse_bounded(bytes, expect.max_bytes, header_bound(&expect.names, SLICE_METADATA_BYTES))?;
+    expect.meta.check(&parsed.meta)?;
+    parsed.f32_tensors(&expect.names, &expect.lengths)
 }
 
 impl SliceMeta {

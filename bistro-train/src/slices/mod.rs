@@ -11,7 +11,7 @@ use bistro_model::Params;
 use candle_core::Tensor;
 
 pub use aggregate::{Aggregate, Contribution, aggregate, update_norm};
-pub use format::{SliceExpectation, SliceMeta, decode, encode, slice_key};
+pub use format::{SliceExpectation, SliceMeta, decode, encode, header_bound, size_bound, slice_key};
 pub use indices::{SliceIndices, slice_len};
 
 /// Why a peer's slice was not accepted. Every variant is a normal outcome, logged and
@@ -21,14 +21,6 @@ pub enum Rejection {
     /// No object under the expected key.
     #[error("missing: no slice was uploaded")]
     Missing,
-    /// The object was modified after the window's upload deadline.
-    #[error("late: uploaded at {uploaded}, deadline {deadline}")]
-    Late {
-        /// Last-modified time of the object (RFC 3339).
-        uploaded: String,
-        /// The deadline (RFC 3339).
-        deadline: String,
-    },
     /// The object is larger than the limit.
     #[error("too large: {size} bytes > limit {limit}")]
     TooLarge {
@@ -82,15 +74,21 @@ pub enum Rejection {
         /// Position in the slice.
         index: usize,
     },
-    /// The implied update norm is far above the window's median.
-    #[error("outlier: update norm {norm:.3e} > {factor} x median {median:.3e}")]
+    /// The implied update norm is far above the median of recently included norms.
+    #[error("outlier: update norm {norm:.3e} > {factor} x recent median {median:.3e}")]
     Outlier {
         /// The slice's norm.
         norm: f64,
-        /// The window's median norm.
+        /// The median norm of recently included slices.
         median: f64,
         /// The configured factor.
         factor: f64,
+    },
+    /// The endpoint did not deliver the object within the lead's collection budget.
+    #[error("timeout: not delivered within the collection budget of {budget_ms} ms")]
+    Timeout {
+        /// The budget.
+        budget_ms: u64,
     },
     /// Downloading failed after retries.
     #[error("download failed: {0}")]
@@ -102,7 +100,6 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::Missing => "missing",
-            Rejection::Late { .. } => "late",
             Rejection::TooLarge { .. } => "too-large",
             Rejection::Malformed(_) => "malformed",
             Rejection::Metadata { .. } => "metadata",
@@ -113,18 +110,19 @@ impl Rejection {
             Rejection::NonFinite { .. } => "nan",
             Rejection::Outlier { .. } => "outlier",
             Rejection::Download(_) => "download",
+            Rejection::Timeout { .. } => "timeout",
         }
     }
 }
 
-/// The parameter names and per-parameter lengths of slices for these indices.
+/// The parameter names and per-parameter lengths of slices for these indices; the size cap
+/// is the smaller of `max_bytes` and the largest object such a slice can be
+/// ([`format::size_bound`]).
 pub fn expectation(params: &Params, indices: &SliceIndices, meta: SliceMeta, max_bytes: u64) -> SliceExpectation {
-    SliceExpectation {
-        names: params.specs().iter().map(|s| s.name.clone()).collect(),
-        lengths: indices.all().iter().map(Vec::len).collect(),
-        meta,
-        max_bytes,
-    }
+    let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
+    let lengths: Vec<usize> = indices.all().iter().map(Vec::len).collect();
+    let max_bytes = max_bytes.min(format::size_bound(&names, &lengths));
+    SliceExpectation { names, lengths, meta, max_bytes }
 }
 
 /// `theta[I]`: the current parameter values at the slice indices.
@@ -161,16 +159,4 @@ pub fn implied_gradient(theta_at_i: &[Vec<f32>], values: &[Vec<f32>], eta: f64) 
         .zip(values)
         .map(|(t, s)| t.iter().zip(s).map(|(&a, &b)| ((a as f64 - b as f64) / eta) as f32).collect())
         .collect()
-}
-
-/// `Ok` when an object modified at `uploaded` meets the window's `deadline`.
-pub fn check_deadline(
-    uploaded: chrono::DateTime<chrono::Utc>,
-    deadline: chrono::DateTime<chrono::Utc>,
-) -> Result<(), Rejection> {
-    if uploaded <= deadline {
-        Ok(())
-    } else {
-        Err(Rejection::Late { uploaded: uploaded.to_rfc3339(), deadline: deadline.to_rfc3339() })
-    }
 }

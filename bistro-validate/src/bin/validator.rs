@@ -24,7 +24,8 @@ struct Cli {
     #[command(flatten)]
     node: NodeArgs,
 
-    /// Most miners recomputed per window (sampled with a seeded PRNG when there are more).
+    /// Most miners recomputed per window (a private random sample, drawn after the upload
+    /// deadline, when there are more; the verification budget may stop it earlier).
     #[arg(long = "max-miners", default_value_t = 64)]
     max_miners: usize,
 
@@ -42,13 +43,17 @@ fn print_event(e: &ValidatorEvent) {
         ValidatorEvent::Started { uid, window, origin } => {
             tracing::info!("validator uid {uid} ready: model at window {window} from {origin}")
         }
-        ValidatorEvent::Merged { window, accepted, rejected } => {
-            let rej: Vec<String> = rejected.iter().map(|(h, r)| format!("{h}: {r}")).collect();
+        ValidatorEvent::Published { window, included, excluded, scored } => {
+            let ex: Vec<String> = excluded.iter().map(|(h, r)| format!("{h}: {r}")).collect();
             tracing::info!(
-                "window {window}: merged {accepted} slice(s){}",
-                if rej.is_empty() { String::new() } else { format!("; not accepted: {}", rej.join(", ")) }
+                "window {window}: as the lead, published the accepted set: {included} included, {scored} recomputed{}",
+                if ex.is_empty() { String::new() } else { format!("; excluded {}", ex.join(", ")) }
             )
         }
+        ValidatorEvent::Followed(f) => match f {
+            bistro_train::node::Followed::Applied { .. } => tracing::info!("{}", f.describe()),
+            _ => tracing::warn!("{}", f.describe()),
+        },
         ValidatorEvent::Scored { window, rows, seconds } => {
             let mut t = format!("window {window} scores ({seconds:.1}s of recomputation):\n");
             t.push_str(&format!(

@@ -1,0 +1,308 @@
+//! The validators' published history: every validator keeps, in its bucket, the aggregate
+//! it applied for each recent window and a full checkpoint every `max_history / 2` windows.
+//! From one validator's bucket a node can therefore rebuild any recent state and verify it
+//! link by link (`parent` and `state` hashes): this is how joiners bootstrap and how a
+//! forked node repairs itself.
+
+use bistro_model::{ModelConfig, Params};
+use bytes::Bytes;
+use candle_core::Device;
+
+use crate::accepted::{self, AggregateExpectation, AggregateObject, state_hash};
+use crate::slices::{self, Rejection, SliceIndices};
+use crate::storage::{Bucket, StorageError};
+use crate::sync::SyncContext;
+
+/// Why a history could not be used (never fatal: the node logs it and tries elsewhere).
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// An object is absent.
+    #[error("{0} is not in the bucket")]
+    Missing(String),
+    /// An object could not be downloaded.
+    #[error("cannot download {key}: {source}")]
+    Download {
+        /// The key.
+        key: String,
+        /// The storage error.
+        #[source]
+        source: StorageError,
+    },
+    /// An object is not valid.
+    #[error("{key} rejected: {reason}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: Rejection,
+    },
+    /// The hashes do not link up.
+    #[error("hash mismatch: {0}")]
+    Mismatch(String),
+    /// A checkpoint claims a window the chain has not reached.
+    #[error("checkpoint of window {window} is ahead of the chain (window {chain})")]
+    FromFuture {
+        /// The claimed window.
+        window: u64,
+        /// The chain's window.
+        chain: u64,
+    },
+    /// The chain or the model failed.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<bistro_model::ModelError> for HistoryError {
+    fn from(e: bistro_model::ModelError) -> Self {
+        HistoryError::Other(e.to_string())
+    }
+}
+
+impl From<bistro_chain::ChainError> for HistoryError {
+    fn from(e: bistro_chain::ChainError) -> Self {
+        HistoryError::Other(e.to_string())
+    }
+}
+
+/// A state rebuilt from a validator's history.
+#[derive(Debug)]
+pub struct Rebuilt {
+    /// `theta_window`.
+    pub params: Params,
+    /// The window the parameters belong to.
+    pub window: u64,
+    /// Their [`state_hash`].
+    pub hash: String,
+    /// The checkpoint the rebuild started from.
+    pub checkpoint: u64,
+}
+
+impl SyncContext {
+    /// The slice indices of `window` (needs the seed block).
+    pub async fn indices(&self, params: &Params, window: u64) -> Result<SliceIndices, bistro_chain::ChainError> {
+        let seed = self.seed(window).await?;
+        Ok(SliceIndices::select(params.specs(), &seed, self.hparams.compression))
+    }
+
+    /// What a valid aggregate of `window` with `indices` looks like.
+    pub fn aggregate_expectation(&self, params: &Params, indices: &SliceIndices, window: u64) -> AggregateExpectation {
+        AggregateExpectation {
+            window,
+            names: params.specs().iter().map(|s| s.name.clone()).collect(),
+            lengths: indices.all().iter().map(Vec::len).collect(),
+            hparams_hash: self.hparams_hash.clone(),
+            model_hash: self.model_hash.clone(),
+        }
+    }
+
+    /// Download and decode `aggregate-{window}` from `bucket`: `Ok(None)` when absent.
+    pub async fn fetch_aggregate(
+        &self,
+        bucket: &Bucket,
+        params: &Params,
+        indices: &SliceIndices,
+        window: u64,
+    ) -> Result<Option<(AggregateObject, Bytes)>, HistoryError> {
+        let key = accepted::aggregate_key(window);
+        let expect = self.aggregate_expectation(params, indices, window);
+        let fetched = match bucket.get(&key, expect.max_bytes()).await {
+            Ok(f) => f,
+            Err(StorageError::NotFound { .. }) => return Ok(None),
+            Err(source) => return Err(HistoryError::Download { key, source }),
+        };
+        let bytes = fetched.bytes;
+        let b = bytes.clone();
+        let obj = tokio::task::spawn_blocking(move || accepted::decode(&b, &expect))
+            .await
+            .map_err(|e| HistoryError::Other(format!("decoder task failed: {e}")))?
+            .map_err(|reason| HistoryError::Invalid { key, reason })?;
+        Ok(Some((obj, bytes)))
+    }
+
+    /// Download and verify a validator's newest usable checkpoint at or before `target`
+    /// (never one ahead of `chain_window`), checked against the same bucket's aggregates:
+    /// its hash must equal `aggregate-{c}`'s `parent` or `aggregate-{c-1}`'s `state`. Then
+    /// replay the bucket's aggregates up to `target` (exclusive), each link verified; with
+    /// no `target`, the checkpoint's own window. Candidates that fail are skipped with a
+    /// logged reason and the next older one is tried.
+    pub async fn rebuild_from(
+        &self,
+        bucket: &Bucket,
+        model_config: &ModelConfig,
+        device: &Device,
+        target: Option<u64>,
+        chain_window: u64,
+    ) -> Result<Rebuilt, HistoryError> {
+        let list =
+            bucket.list("checkpoint-").await.map_err(|source| HistoryError::Download { key: "checkpoint-*".into(), source })?;
+        let mut windows: Vec<u64> = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).collect();
+        windows.sort_unstable_by(|a, b| b.cmp(a));
+        windows.dedup();
+        let mut last_err = HistoryError::Missing("a usable checkpoint".into());
+        for c in windows {
+            if c > chain_window {
+                let e = HistoryError::FromFuture { window: c, chain: chain_window };
+                tracing::warn!(bucket = bucket.url(), error = %e, "skipping checkpoint");
+                last_err = e;
+                continue;
+            }
+            if target.is_some_and(|t| c > t) {
+                continue;
+            }
+            match self.rebuild_from_checkpoint(bucket, model_config, device, c, target.unwrap_or(c)).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!(bucket = bucket.url(), checkpoint = c, error = %e, "cannot rebuild from checkpoint");
+                    last_err = e;
+                }
+            }
+        }
+        // Genesis is a checkpoint everyone can make: replay from it while the history reaches back.
+        if let Some(t) = target {
+            let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
+            let hash = state_hash(&params)?;
+            match self.replay(bucket, params, hash, 0, t).await {
+                Ok(r) => return Ok(r),
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Apply `bucket`'s aggregates of windows `from..to` to `params` (hash `hash`), each link checked.
+    async fn replay(&self, bucket: &Bucket, params: Params, mut hash: String, from: u64, to: u64) -> Result<Rebuilt, HistoryError> {
+        for w in from..to {
+            let Some(obj) = self.aggregate_at(bucket, &params, w).await? else { continue };
+            hash = apply_checked(&params, &self.indices(&params, w).await?, &obj, &hash)?;
+        }
+        Ok(Rebuilt { params, window: to, hash, checkpoint: from })
+    }
+
+    async fn rebuild_from_checkpoint(
+        &self,
+        bucket: &Bucket,
+        model_config: &ModelConfig,
+        device: &Device,
+        c: u64,
+        target: u64,
+    ) -> Result<Rebuilt, HistoryError> {
+        let key = crate::state::checkpoint_key(c);
+        let limit = model_config.num_params() as u64 * 4 + (4 << 20);
+        let f = bucket.get(&key, limit).await.map_err(|source| match source {
+            StorageError::NotFound { .. } => HistoryError::Missing(key.clone()),
+            source => HistoryError::Download { key: key.clone(), source },
+        })?;
+        let params = crate::state::params_from_checkpoint(&f.bytes, model_config, device)
+            .map_err(|e| HistoryError::Invalid { key: key.clone(), reason: Rejection::Malformed(e.to_string()) })?;
+        let hash = state_hash(&params)?;
+        // The checkpoint must be vouched for by an aggregate of the same history.
+        let vouched = match self.aggregate_at(bucket, &params, c).await? {
+            Some(a) => a.set.parent == hash,
+            None => false,
+        } || match c.checked_sub(1) {
+            Some(prev) => self.aggregate_at(bucket, &params, prev).await?.is_some_and(|a| a.set.state == hash),
+            None => false,
+        };
+        if !vouched {
+            return Err(HistoryError::Mismatch(format!(
+                "{key} (hash {}) is not vouched for by aggregate-{c} or aggregate-{}",
+                &hash[..12],
+                c.saturating_sub(1)
+            )));
+        }
+        self.replay(bucket, params, hash, c, target).await
+    }
+
+    async fn aggregate_at(&self, bucket: &Bucket, params: &Params, w: u64) -> Result<Option<AggregateObject>, HistoryError> {
+        let idx = self.indices(params, w).await?;
+        Ok(self.fetch_aggregate(bucket, params, &idx, w).await?.map(|(o, _)| o))
+    }
+}
+
+/// Apply `obj` to `params` (holding a state whose hash is `hash`): the parent must match,
+/// the values are written at the indices, and the result must hash to the aggregate's
+/// `state`. Returns the new hash. On a parent mismatch nothing is written.
+pub fn apply_checked(
+    params: &Params,
+    indices: &SliceIndices,
+    obj: &AggregateObject,
+    hash: &str,
+) -> Result<String, HistoryError> {
+    if obj.set.parent != hash {
+        return Err(HistoryError::Mismatch(format!(
+            "aggregate of window {} applies to state {}, this state is {}",
+            obj.set.window,
+            short(&obj.set.parent),
+            short(hash)
+        )));
+    }
+    slices::scatter_params(params, indices, &obj.values)?;
+    let new = state_hash(params)?;
+    if new != obj.set.state {
+        return Err(HistoryError::Mismatch(format!(
+            "aggregate of window {} produced state {}, it names {}",
+            obj.set.window,
+            short(&new),
+            short(&obj.set.state)
+        )));
+    }
+    Ok(new)
+}
+
+/// The first 12 hex digits of a hash, for logs.
+pub fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+/// Publish what a validator keeps after following `window`: the applied aggregate's bytes
+/// (when it came from another validator) and, every `max_history / 2` windows, a checkpoint
+/// of the state it now holds (`theta`: window and parameters); delete own objects older
+/// than the history. Failures are logged.
+pub async fn publish_history(
+    bucket: &Bucket,
+    hotkey: &str,
+    applied: Option<&Bytes>,
+    window: u64,
+    theta: Option<(u64, &Params)>,
+    hparams: &crate::hparams::HParams,
+) {
+    if let Some(bytes) = applied
+        && let Err(e) = bucket.put(&accepted::aggregate_key(window), bytes.clone()).await
+    {
+        tracing::warn!(window, error = %e, "cannot publish the applied aggregate");
+    }
+    let every = hparams.max_history.div_ceil(2).max(1);
+    if let Some((cw, params)) = theta
+        && cw.is_multiple_of(every)
+    {
+        match crate::state::checkpoint_bytes(params, cw) {
+            Ok(b) => {
+                if let Err(e) = bucket.put(&crate::state::checkpoint_key(cw), Bytes::from(b)).await {
+                    tracing::warn!(error = %e, "cannot publish checkpoint");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serialise checkpoint"),
+        }
+    }
+    cleanup(bucket, hotkey, window, hparams).await;
+}
+
+/// Delete own slices older than `max_history` windows, aggregates older than twice that
+/// and checkpoints older than twice that (a checkpoint stays as long as the aggregates
+/// that vouch for it).
+pub async fn cleanup(bucket: &Bucket, hotkey: &str, window: u64, hparams: &crate::hparams::HParams) {
+    if let Err(e) = bucket.cleanup(hotkey, window, hparams.max_history).await {
+        tracing::warn!(error = %e, "cannot clean up old slices");
+    }
+    let keep = 2 * hparams.max_history;
+    for prefix in ["checkpoint-", "aggregate-"] {
+        if let Ok(list) = bucket.list(prefix).await {
+            for o in list {
+                let w = crate::state::parse_checkpoint_key(&o.key).or_else(|| accepted::parse_aggregate_key(&o.key));
+                if w.is_some_and(|w| w + keep < window) {
+                    let _ = bucket.delete(&o.key).await;
+                }
+            }
+        }
+    }
+}

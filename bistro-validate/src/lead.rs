@@ -1,0 +1,186 @@
+//! The lead's decision (protocol v2): which of a window's slices enter the accepted set.
+//!
+//! A slice is included only when it arrived within the collection budget, passed the
+//! format checks, and either
+//! * the validator recomputed this miner's gradient this window and found it honest
+//!   (`e <= honest_tolerance`), or
+//! * it was not recomputed this window, but the hotkey has been scored honest before (no
+//!   probation), its score EMA is at least `min_include_ema`, and its update norm is at most
+//!   `outlier_norm_factor` times the median norm of recently included slices (a bound that
+//!   holds with any number of slices, one or two included).
+//!
+//! Everything else is excluded with a stable reason code.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+
+use bistro_model::Params;
+use bistro_train::accepted::{AcceptedSet, AggregateObject, Excluded, Included, state_hash};
+use bistro_train::hparams::HParams;
+use bistro_train::slices::{self, Contribution, update_norm};
+use bistro_train::sync::WindowSlices;
+use serde::{Deserialize, Serialize};
+
+use crate::score::{Scoreboard, honesty_score};
+use crate::validator::MinerResult;
+
+/// Update norms of the slices included in recent windows (the outlier bound's reference).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NormHistory {
+    /// `(window, included norms)`, oldest first.
+    pub windows: VecDeque<(u64, Vec<f64>)>,
+}
+
+impl NormHistory {
+    /// Record the included norms of `window`, keeping the last `keep` windows.
+    pub fn push(&mut self, window: u64, norms: Vec<f64>, keep: u64) {
+        self.windows.retain(|(w, _)| *w != window);
+        self.windows.push_back((window, norms));
+        while self.windows.len() as u64 > keep.max(1) {
+            self.windows.pop_front();
+        }
+    }
+
+    /// The median of every recorded norm, if any.
+    pub fn median(&self, extra: &[f64]) -> Option<f64> {
+        let mut all: Vec<f64> = self.windows.iter().flat_map(|(_, n)| n.iter().copied()).chain(extra.iter().copied()).collect();
+        if all.is_empty() {
+            return None;
+        }
+        all.sort_by(f64::total_cmp);
+        Some(slices::aggregate::median(&all))
+    }
+
+    /// Load from a JSON file (missing file: empty).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| format!("corrupt norm history {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Save to a JSON file atomically.
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        bistro_model::checkpoint::write_atomic(path, &bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// The decision for one window, before hashing.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// Included slices' values (sorted by hotkey).
+    pub contributions: Vec<Contribution>,
+    /// Included slices as the aggregate names them.
+    pub included: Vec<Included>,
+    /// Excluded miners with reasons.
+    pub excluded: Vec<Excluded>,
+    /// Miners recomputed this window.
+    pub scored: usize,
+}
+
+/// Decide a window's accepted set from the collected slices `ws`, this window's
+/// recomputations `results`, the validator's `board` and recent included norms.
+pub fn decide(
+    ws: &WindowSlices,
+    results: &[MinerResult],
+    board: &Scoreboard,
+    history: &NormHistory,
+    h: &HParams,
+) -> Decision {
+    let by_hotkey: BTreeMap<&str, &MinerResult> =
+        results.iter().filter(|r| r.recomputed).map(|r| (r.hotkey.as_str(), r)).collect();
+    let norms: BTreeMap<&str, f64> = ws
+        .peers
+        .iter()
+        .filter_map(|p| p.outcome.as_ref().ok().map(|v| (p.hotkey.as_str(), update_norm(&ws.theta_at_i, v))))
+        .collect();
+    // Norms of slices proven honest this window join the reference.
+    let honest_now: Vec<f64> = by_hotkey
+        .iter()
+        .filter(|(_, r)| r.e <= h.honest_tolerance)
+        .filter_map(|(hk, _)| norms.get(hk).copied())
+        .collect();
+    let reference = history.median(&honest_now);
+    let mut d = Decision { contributions: Vec::new(), included: Vec::new(), excluded: Vec::new(), scored: by_hotkey.len() };
+    let mut peers: Vec<_> = ws.peers.iter().collect();
+    peers.sort_by(|a, b| a.hotkey.cmp(&b.hotkey));
+    for p in peers {
+        let exclude = |reason: &str, detail: String| Excluded { hotkey: p.hotkey.clone(), reason: reason.into(), detail };
+        let values = match &p.outcome {
+            Ok(v) => v,
+            Err(r) => {
+                d.excluded.push(exclude(r.code(), r.to_string()));
+                continue;
+            }
+        };
+        let norm = norms.get(p.hotkey.as_str()).copied().unwrap_or(f64::NAN);
+        let verdict: Result<Option<f64>, Excluded> = match by_hotkey.get(p.hotkey.as_str()) {
+            Some(r) if r.e <= h.honest_tolerance => Ok(Some(r.e)),
+            Some(r) => Err(exclude(
+                "dishonest",
+                format!("e = {:.3e} > tolerance {} (score {:.3})", r.e, h.honest_tolerance, honesty_score(r.e, h.honest_tolerance)),
+            )),
+            None => {
+                let probation = || exclude("probation", "not yet scored honest; waits for its first recomputation".into());
+                match board.uids.values().find(|s| s.hotkey == p.hotkey) {
+                    None => Err(probation()),
+                    Some(s) if s.honest_windows == 0 => Err(probation()),
+                    Some(s) if s.ema < h.min_include_ema => {
+                        Err(exclude("low-ema", format!("score EMA {:.3} < {}", s.ema, h.min_include_ema)))
+                    }
+                    Some(_) => match reference {
+                        None => Err(exclude("unverified", "no recent included norms to bound it by".into())),
+                        Some(m) if !(norm <= h.outlier_norm_factor * m) => Err(exclude(
+                            "outlier",
+                            format!("update norm {norm:.3e} > {} x recent median {m:.3e}", h.outlier_norm_factor),
+                        )),
+                        Some(_) => Ok(None),
+                    },
+                }
+            }
+        };
+        match verdict {
+            Ok(e) => {
+                d.included.push(Included {
+                    hotkey: p.hotkey.clone(),
+                    sha256: p.sha256.clone().unwrap_or_default(),
+                    norm,
+                    e,
+                });
+                d.contributions.push(Contribution { hotkey: p.hotkey.clone(), values: values.clone() });
+            }
+            Err(x) => d.excluded.push(x),
+        }
+    }
+    d
+}
+
+/// Build the aggregate of a decision over `theta_w` (held in `params`, whose hash is
+/// `parent`): merged values at the window's indices, and the state they produce.
+pub fn build(
+    params: &Params,
+    parent: &str,
+    ws: &WindowSlices,
+    decision: &Decision,
+    lead: &str,
+    h: &HParams,
+) -> bistro_model::Result<AggregateObject> {
+    let agg = slices::aggregate(&ws.theta_at_i, &decision.contributions, &h.aggregation);
+    let next = params.deep_clone()?;
+    slices::scatter_params(&next, &ws.indices, &agg.values)?;
+    let state = state_hash(&next)?;
+    Ok(AggregateObject {
+        set: AcceptedSet {
+            window: ws.window,
+            lead: lead.to_string(),
+            parent: parent.to_string(),
+            state,
+            included: decision.included.clone(),
+            excluded: decision.excluded.clone(),
+            scored: decision.scored,
+        },
+        values: agg.values,
+    })
+}

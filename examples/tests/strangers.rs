@@ -1,0 +1,173 @@
+//! Strangers, not lockstep: the real `validator` and `miner` binaries, each in its own
+//! process, on one devnet, with buckets on a real S3 server (`s3s-fs`, SigV4 checked), and
+//! two hostile peers whose harm depends on how *their* server answers:
+//!
+//! * a `split-view` miner (a real miner process) whose committed endpoint serves each slice
+//!   to its first reader only, so the two validators see different bucket contents;
+//! * a `stall` peer whose endpoint accepts connections and never answers.
+//!
+//! Under protocol v2 neither can fork the network: every honest node ends on the state the
+//! lead's aggregates name, no node reports a fork, the stall costs one bounded budget per
+//! window, and the honest miners train in every window.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bistro_chain::Chain;
+use bistro_chain::devnet::Devnet;
+use bistro_examples::hostile::Endpoint;
+use bistro_model::ModelConfig;
+
+fn binary(name: &str) -> PathBuf {
+    // Integration tests run from target/<profile>/deps; the workspace's binaries sit one up.
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} is not built: run `cargo test --workspace` (it builds the binaries)", bin.display());
+    bin
+}
+
+struct Net {
+    dir: PathBuf,
+    s3: String,
+}
+
+impl Net {
+    fn spawn(&self, bin: &str, hotkey: &str, bucket: Option<&str>, extra: &[&str]) -> Child {
+        let mut c = Command::new(binary(bin));
+        c.current_dir(&self.dir)
+            .args(["--devnet.dir", "devnet", "--devnet.block-ms", "1000", "--hparams", "hparams.toml"])
+            .args(["--device", "cpu", "--wallet.hotkey", hotkey])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("BISTRO_S3_ACCESS_KEY_ID", support::ACCESS_KEY)
+            .env("BISTRO_S3_SECRET_ACCESS_KEY", support::SECRET_KEY)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("{hotkey}.log"))).expect("log file"));
+        if let Some(b) = bucket {
+            let b = format!("bucket-{b}");
+            std::fs::create_dir_all(self.dir.join("s3").join(&b)).expect("bucket dir");
+            c.args(["--bucket", &format!("s3://{b}?endpoint={}", self.s3)]);
+        }
+        c.spawn().expect("spawn")
+    }
+
+    fn log(&self, hotkey: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{hotkey}.log"))).unwrap_or_default()
+    }
+}
+
+/// The state hash a node's saved state has, and the window it belongs to.
+fn saved_state(dir: &Path, model: &ModelConfig) -> (u64, String) {
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).expect("state.json")).expect("json");
+    let params =
+        bistro_model::load_safetensors(&dir.join("model.safetensors"), model, &candle_core::Device::Cpu).expect("model");
+    (info["window"].as_u64().expect("window"), bistro_train::accepted::state_hash(&params).expect("hash"))
+}
+
+/// The accepted set (JSON) of the lead's aggregate of `window`, from its bucket on disk.
+fn accepted_set(s3_root: &Path, bucket: &str, window: u64) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(s3_root.join(bucket).join(format!("aggregate-{window}.safetensors"))).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    serde_json::from_str(meta.metadata().as_ref()?.get("accepted")?).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (_, model) = bistro_train::hparams::write_test_network(&dir, |h| {
+        h.blocks_per_window = 4;
+        h.windows_per_weights = 1;
+    })
+    .unwrap();
+    std::fs::create_dir_all(dir.join("s3")).unwrap();
+    let addr = support::start_s3s_fs(&dir.join("s3")).await;
+    let net = Net { dir: dir.clone(), s3: format!("http://{addr}") };
+    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(1000)).unwrap());
+
+    // The stall peer: registered, committed, never answers.
+    let stall = Endpoint::stall().await.unwrap();
+    chain.ensure_registered(1, "stall-peer", 0).await.unwrap();
+    chain.set_commitment(1, "stall-peer", &stall.bucket_url("bucket-stall")).await.unwrap();
+
+    let mut children = vec![
+        net.spawn("validator", "v0", Some("v0"), &["--devnet.stake", "2000", "--max-windows", "5"]),
+        net.spawn("validator", "v1", Some("v1"), &["--devnet.stake", "1000", "--max-windows", "5"]),
+        net.spawn("miner", "m1", Some("m1"), &["--max-windows", "7"]),
+        net.spawn("miner", "m2", Some("m2"), &["--max-windows", "7"]),
+        net.spawn("miner", "sv", None, &["--bucket", "sv-bucket", "--max-windows", "7"]),
+    ];
+    // Once the split-view miner has joined, point its commitment at its hostile endpoint,
+    // which serves its (honest) slices from its local bucket to the first reader only.
+    let split = Endpoint::split_view(dir.join("sv-bucket")).await.unwrap();
+    let start = Instant::now();
+    loop {
+        if chain.commitment(1, "default-sv").await.unwrap().is_some() {
+            chain.set_commitment(1, "default-sv", &split.bucket_url("bucket-sv")).await.unwrap();
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the split-view miner did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Wait for both validators to finish their windows.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for i in 0..2 {
+        loop {
+            if let Some(s) = children[i].try_wait().unwrap() {
+                assert!(s.success(), "validator v{i} failed:\n{}", net.log(&format!("v{i}")));
+                break;
+            }
+            assert!(Instant::now() < deadline, "validators did not finish:\n{}", net.log("v0"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for c in children.iter_mut().skip(2) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let logs: Vec<(&str, String)> = ["v0", "v1", "m1", "m2"].iter().map(|h| (*h, net.log(h))).collect();
+    let all = logs.iter().map(|(h, l)| format!("===== {h}\n{l}")).collect::<Vec<_>>().join("\n");
+
+    // No honest node ever saw a fork.
+    for (h, l) in &logs {
+        assert!(!l.contains("fork detected") && !l.contains("FORKED"), "{h} forked:\n{all}");
+    }
+    // The lead published every window's accepted set; the stall cost a bounded timeout and
+    // the split-view miner's honest slice reached the lead (it reads first).
+    let v0 = &logs[0].1;
+    let published = v0.matches("published the accepted set").count();
+    assert!(published >= 4, "the lead published {published} accepted sets:\n{all}");
+    let mut windows = Vec::new();
+    for w in 0..100 {
+        if let Some(set) = accepted_set(&dir.join("s3"), "bucket-v0", w) {
+            windows.push((w, set));
+        }
+    }
+    let stalled = windows.iter().filter(|(_, s)| s.to_string().contains("\"stall-peer\",\"reason\":\"timeout\"")).count();
+    assert!(stalled >= 3, "the stall peer was not cut off by the budget: {windows:?}");
+    let sv_included = windows.iter().filter(|(_, s)| s["included"].to_string().contains("default-sv")).count();
+    assert!(sv_included >= 1, "the split-view miner's slice never reached the lead: {windows:?}");
+
+    // Every honest node's saved state is exactly what the lead's aggregates name.
+    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
+        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
+        let named = (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
+        if let Some(expected) = named {
+            assert_eq!(Some(hash.as_str()), expected.as_str(), "{hk} at window {w} is not on the lead's chain:\n{all}");
+        }
+    }
+    // Honest miners trained in every window they saw after joining (none stuck catching up).
+    for (h, l) in &logs[2..] {
+        let trained = l.matches("slice uploaded").count();
+        let caught = l.lines().filter(|x| x.contains("catching up")).count();
+        assert!(trained >= 4, "{h} uploaded {trained} slices:\n{all}");
+        assert!(caught <= 1, "{h} fell behind {caught} times:\n{all}");
+    }
+    drop((stall, split));
+}

@@ -1,0 +1,61 @@
+//! Test support: real S3 servers for the storage suite.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// Access key and secret of the in-process S3 server.
+pub const ACCESS_KEY: &str = "bistro-test";
+/// Secret of the in-process S3 server.
+pub const SECRET_KEY: &str = "bistro-test-secret";
+
+/// An `s3s-fs` server (a real S3 implementation that checks SigV4 signatures) serving the
+/// directory `root` on a free loopback port; a bucket is a directory under `root`.
+pub async fn start_s3s_fs(root: &Path) -> SocketAddr {
+    start_s3s_fs_at(root, "127.0.0.1:0".parse().expect("addr")).await
+}
+
+/// Like [`start_s3s_fs`] on a given address (to bring a server back on a known port).
+pub async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
+    let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { break };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = conn.serve_connection(TokioIo::new(sock), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A fake S3 endpoint that answers every request with headers for a 1 MB object and then
+/// closes the connection after a few bytes: a server dying mid-download.
+pub async fn start_dying_server() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { break };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = sock.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nLast-Modified: Thu, 26 Nov 2026 00:00:00 GMT\r\nETag: \"abc\"\r\nContent-Type: application/octet-stream\r\n\r\n";
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&[7u8; 1000]).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    addr
+}

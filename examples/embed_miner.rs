@@ -35,6 +35,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         micro_batch_rows: 8,
         auto_register: Some(0),
         allow_local_buckets: true,
+        allow_private_endpoints: true,
     };
     let mut miner = Miner::new(cfg, chain).await?;
     miner.on_event(|e| match e {

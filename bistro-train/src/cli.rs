@@ -29,20 +29,32 @@ pub struct NodeArgs {
     #[arg(long)]
     pub bucket: Option<String>,
 
-    /// S3 access key id (else BISTRO_S3_ACCESS_KEY_ID / AWS_ACCESS_KEY_ID).
+    /// S3 access key id of this node's bucket (else BISTRO_S3_ACCESS_KEY_ID / AWS_ACCESS_KEY_ID).
     #[arg(long = "s3.access-key", env = "BISTRO_S3_ACCESS_KEY_ID", hide_env_values = true)]
     pub s3_access_key: Option<String>,
 
-    /// S3 secret access key (else BISTRO_S3_SECRET_ACCESS_KEY / AWS_SECRET_ACCESS_KEY).
-    #[arg(long = "s3.secret-key", env = "BISTRO_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
-    pub s3_secret_key: Option<String>,
+    /// S3 secret of this node's bucket. Prefer BISTRO_S3_SECRET_ACCESS_KEY (or
+    /// AWS_SECRET_ACCESS_KEY) or --s3.secret-key-file: a secret given here shows in process
+    /// lists, and the node warns about it. Peers' buckets are never read with it.
+    #[arg(long = "s3.secret-key", hide_env_values = true)]
+    pub s3_secret_key: Option<crate::storage::Secret>,
+
+    /// A file holding the S3 secret of this node's bucket (first line).
+    #[arg(long = "s3.secret-key-file")]
+    pub s3_secret_key_file: Option<PathBuf>,
+
+    /// Read peers' endpoints even when they are internal addresses (loopback, private,
+    /// link-local). Always on for the local devnet; on a real network only for a private
+    /// deployment.
+    #[arg(long = "allow-private-endpoints")]
+    pub allow_private_endpoints: bool,
 
     /// Compute device: auto (CUDA when built with it and present, else CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Protocol hyper-parameters (TOML). Every node of a network must use the same file
-    /// [default: the embedded devnet settings]
+    /// Protocol hyper-parameters (TOML). Every node of a network must use the same file.
+    /// Required on a real network [default on the devnet: the embedded devnet settings]
     #[arg(long)]
     pub hparams: Option<PathBuf>,
 
@@ -69,6 +81,11 @@ pub struct NodeArgs {
     /// Log format.
     #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics (/metrics), the node's status (/status.json) and a live
+    /// page (/) on this address; without a value 127.0.0.1:9616 [default: off]
+    #[arg(long = "metrics.addr", num_args = 0..=1, default_missing_value = "127.0.0.1:9616")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -76,7 +93,12 @@ impl NodeArgs {
     pub fn hparams(&self) -> anyhow::Result<HParams> {
         let mut h = match &self.hparams {
             Some(p) => HParams::from_file(p)?,
-            None => HParams::default(),
+            None if self.chain.is_devnet() => HParams::default(),
+            None => anyhow::bail!(
+                "--hparams FILE is required on {}: every node of a network must share its settings \
+                 (windows, budgets, tolerance, model); the embedded defaults are for the local devnet only",
+                self.chain.network
+            ),
         };
         if let Some(m) = &self.model {
             h.model = m.clone();
@@ -102,13 +124,25 @@ impl NodeArgs {
         }
     }
 
-    /// Credentials and transfer settings for buckets.
-    pub fn bucket_options(&self) -> BucketOptions {
-        BucketOptions {
-            access_key_id: self.s3_access_key.clone(),
-            secret_access_key: self.s3_secret_key.clone(),
-            ..Default::default()
-        }
+    /// Credentials and transfer settings for this node's own bucket: the secret from
+    /// `--s3.secret-key-file`, else the flag (with a warning), else the environment.
+    pub fn bucket_options(&self) -> anyhow::Result<BucketOptions> {
+        let secret = match (&self.s3_secret_key_file, &self.s3_secret_key) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read --s3.secret-key-file {}: {e}", path.display()))?;
+                Some(crate::storage::Secret::new(text.lines().next().unwrap_or_default().trim()))
+            }
+            (None, Some(s)) => {
+                tracing::warn!(
+                    "the S3 secret was given on the command line, where process lists show it; \
+                     use BISTRO_S3_SECRET_ACCESS_KEY or --s3.secret-key-file instead"
+                );
+                Some(s.clone())
+            }
+            (None, None) => None,
+        };
+        Ok(BucketOptions { access_key_id: self.s3_access_key.clone(), secret_access_key: secret, ..Default::default() })
     }
 
     /// The state directory, defaulting to `.bistro/<role>s/<hotkey>`.
@@ -152,12 +186,13 @@ impl NodeArgs {
         Ok(crate::node::NodeConfig {
             netuid: self.chain.netuid,
             bucket_url: self.bucket_url(&hotkey)?,
-            bucket_options: self.bucket_options(),
+            bucket_options: self.bucket_options()?,
             state_dir: self.state_dir(role, &hotkey),
             device,
             micro_batch_rows: self.micro_batch,
             auto_register,
             allow_local_buckets: self.chain.is_devnet(),
+            allow_private_endpoints: self.chain.is_devnet() || self.allow_private_endpoints,
             hotkey,
             hparams,
         })
@@ -200,4 +235,97 @@ pub fn stop_on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         }
     });
     stop
+}
+
+/// Start the status server when `--metrics.addr` was given: installs the Prometheus
+/// recorder, serves `/metrics`, `/status.json` and `/`, and keeps the board's block and
+/// chain window fresh. Returns the board to feed with the node's events.
+pub async fn start_status(
+    addr: Option<std::net::SocketAddr>,
+    role: &str,
+    hotkey: &str,
+    hparams: &HParams,
+    chain: std::sync::Arc<dyn bistro_chain::Chain>,
+) -> anyhow::Result<Option<crate::status::StatusBoard>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let board = crate::status::StatusBoard::new(role, hotkey, hparams.blocks_per_window);
+    // Per-miner series idle for 20 windows (hotkeys that left) are dropped.
+    let window_secs = chain.block_time().as_secs_f64() * hparams.blocks_per_window as f64;
+    let idle = std::time::Duration::from_secs_f64((20.0 * window_secs).max(60.0));
+    let render = crate::status::install_prometheus(idle).map_err(anyhow::Error::msg)?;
+    let bound = crate::status::serve(addr, board.clone(), render)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    tracing::info!("metrics at http://{bound}/metrics, status page at http://{bound}/");
+    let (b, bpw) = (board.clone(), hparams.blocks_per_window.max(1));
+    tokio::spawn(async move {
+        loop {
+            if let Ok(n) = chain.block_number().await {
+                metrics::gauge!(crate::telemetry::BLOCK).set(n as f64);
+                b.update(|s| {
+                    s.block = n;
+                    s.chain_window = n / bpw;
+                    let behind = s.chain_window > s.window + 1;
+                    if behind {
+                        s.banner = Some(format!("catching up: {} window(s) behind the chain", s.chain_window - s.window));
+                        s.banner_level = Some("warn".into());
+                    } else if s.banner.as_deref().is_some_and(|x| x.starts_with("catching up")) {
+                        s.banner = None;
+                        s.banner_level = None;
+                    }
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    Ok(Some(board))
+}
+
+/// Record a node's accepted-set outcome on the status board (window figures, banner, counts).
+pub fn board_followed(board: &crate::status::StatusBoard, f: &crate::node::Followed) {
+    use crate::node::Followed;
+    let w = f.window();
+    board.window(w, |x| match f {
+        Followed::Applied { from, set, .. } => {
+            x.outcome = Some("applied".into());
+            x.from = Some(from.clone());
+            x.included = Some(set.included.len());
+            x.excluded = Some(set.excluded.len());
+        }
+        Followed::NoUpdate { .. } => x.outcome = Some("no update".into()),
+        Followed::Forked { .. } => x.outcome = Some("forked".into()),
+    });
+    board.update(|s| {
+        s.window = w + 1;
+        match f {
+            Followed::Applied { set, repaired, .. } => {
+                s.state_hash = set.state.clone();
+                if *repaired {
+                    s.forks += 1;
+                    s.repairs += 1;
+                }
+            }
+            Followed::Forked { .. } => s.forks += 1,
+            Followed::NoUpdate { .. } => {}
+        }
+        s.phase = "idle".into();
+        let recent: Vec<&str> = s.windows.iter().rev().take(2).filter_map(|x| x.outcome.as_deref()).collect();
+        let (banner, level) = match f {
+            Followed::Forked { reason, .. } => (Some(format!("FORKED at window {w}: {reason}")), "bad"),
+            _ if recent.len() == 2 && recent.iter().all(|o| *o == "no update") => {
+                (Some("aggregates missing: no accepted set for the last 2 windows".to_string()), "warn")
+            }
+            _ => (None, ""),
+        };
+        if banner.is_some() || !s.banner.as_deref().is_some_and(|b| b.starts_with("catching up")) {
+            s.banner = banner;
+            s.banner_level = (!level.is_empty()).then(|| level.to_string());
+        }
+    });
+    if let Followed::Applied { set, .. } = f {
+        board.count("included slices", set.included.len() as u64);
+        for x in &set.excluded {
+            board.count(&format!("excluded: {}", x.reason), 1);
+        }
+    }
 }

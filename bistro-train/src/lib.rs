@@ -14,6 +14,7 @@
 pub mod accepted;
 pub mod cli;
 pub mod data;
+pub mod endpoint;
 pub mod history;
 pub mod hparams;
 pub mod miner;
@@ -21,9 +22,11 @@ pub mod node;
 pub mod process;
 pub mod slices;
 pub mod state;
+pub mod status;
 pub mod step;
 pub mod storage;
 pub mod sync;
+pub mod telemetry;
 
 pub use hparams::{Aggregation, HParams, PROTOCOL_VERSION};
 

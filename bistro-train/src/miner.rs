@@ -196,13 +196,17 @@ impl Miner {
             self.node.cfg.micro_batch_rows,
         );
         let flag = stop.clone();
+        let started = Instant::now();
         let grad = tokio::task::spawn_blocking(move || {
             step::window_gradient(&model, &params, &batch, rows, &device, || !flag.load(Ordering::Relaxed))
         })
         .await
         .map_err(|e| MinerError::Config(format!("training task failed: {e}")))?;
+        crate::telemetry::phase_seconds("step", started.elapsed().as_secs_f64());
         match grad {
             Ok(g) => {
+                metrics::gauge!(crate::telemetry::LOSS).set(g.loss);
+                metrics::gauge!(crate::telemetry::TOKENS_PER_SECOND).set(g.tokens_per_sec());
                 self.emit(MinerEvent::StepDone { window: w, loss: g.loss, tokens_per_sec: g.tokens_per_sec() });
                 Ok(Some(g))
             }
@@ -252,8 +256,12 @@ impl Miner {
         let key = slices::slice_key(w, &self.node.cfg.hotkey);
         let body = Bytes::from(bytes);
         loop {
+            crate::telemetry::phase("upload");
             match self.node.bucket.put(&key, body.clone()).await {
                 Ok(()) => {
+                    metrics::counter!(crate::telemetry::BYTES_UP).increment(size as u64);
+                    metrics::counter!(crate::telemetry::UPLOADS, "result" => "ok").increment(1);
+                    crate::telemetry::phase_seconds("upload", started.elapsed().as_secs_f64());
                     self.emit(MinerEvent::SliceUploaded {
                         window: w,
                         bytes: size,
@@ -266,6 +274,7 @@ impl Miner {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
                 Err(e) => {
+                    metrics::counter!(crate::telemetry::UPLOADS, "result" => "failed").increment(1);
                     self.emit(MinerEvent::UploadFailed { window: w, reason: e.to_string() });
                     return false;
                 }
@@ -277,6 +286,7 @@ impl Miner {
     async fn train_and_upload(&mut self, stop: &Arc<AtomicBool>) -> Result<bool, MinerError> {
         let w = self.node.window;
         self.emit(MinerEvent::WindowStarted { window: w });
+        crate::telemetry::phase("train");
         let Some(grad) = self.compute_gradient(stop).await? else { return Ok(false) };
         // The slice seed exists once the next window's first block does.
         let seed_block = self.node.cfg.hparams.first_block(w + 1);

@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub auto_register: Option<u64>,
     /// Accept peers' `file://` buckets (devnet only).
     pub allow_local_buckets: bool,
+    /// Accept peers' endpoints on internal addresses (devnet and tests only).
+    pub allow_private_endpoints: bool,
 }
 
 /// A node that has joined the network: its data, bucket, uid and model state.
@@ -250,6 +252,7 @@ impl Node {
             model_hash: model_config.hash(),
             bucket_options: cfg.bucket_options.clone(),
             allow_local_buckets: cfg.allow_local_buckets,
+            allow_private_endpoints: cfg.allow_private_endpoints,
             concurrency: 8,
         };
         let uid = match cfg.auto_register {
@@ -381,6 +384,8 @@ impl Node {
     /// verified history, then applies. State is saved; validators publish their history.
     pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool, candidate: Option<Bytes>) -> Result<Followed, NodeError> {
         let w = self.window;
+        crate::telemetry::phase("follow");
+        let started = std::time::Instant::now();
         let indices = self.ctx.indices(&self.params, w).await?;
         let (lead_cutoff, final_cutoff) = self.cutoffs_ms(w).await?;
         let publishers = self.publishers(false).await?;
@@ -433,6 +438,16 @@ impl Node {
             }
             Some((who, obj, bytes)) => self.apply(who, obj, bytes, &indices, &publishers).await?,
         };
+        crate::telemetry::phase_seconds("follow", started.elapsed().as_secs_f64());
+        crate::telemetry::aggregate(match &outcome {
+            Followed::Applied { from, .. } if publishers.first().is_some_and(|p| &p.hotkey != from) => "fallback",
+            Followed::Applied { .. } => "applied",
+            Followed::NoUpdate { .. } => "missing",
+            Followed::Forked { .. } => "forked",
+        });
+        if let Ok(cw) = self.chain_window().await {
+            crate::telemetry::windows(self.window, cw);
+        }
         if let Err(e) = self.save_state() {
             tracing::error!(error = %e, "cannot save local state");
         }
@@ -501,10 +516,12 @@ impl Node {
                 Ok(r) if r.hash == obj.set.parent => {
                     self.install(r.params, w)?;
                     self.repairs += 1;
+                    crate::telemetry::fork(true);
                     repaired = true;
                     tracing::info!(window = w, checkpoint = r.checkpoint, from = %who, "fork repaired");
                 }
                 Ok(r) => {
+                    crate::telemetry::fork(false);
                     self.window = w + 1;
                     return Ok(Followed::Forked {
                         window: w,
@@ -512,6 +529,7 @@ impl Node {
                     });
                 }
                 Err(e) => {
+                    crate::telemetry::fork(false);
                     self.window = w + 1;
                     return Ok(Followed::Forked { window: w, reason: e.to_string() });
                 }

@@ -86,8 +86,30 @@ pub fn load(
             reason: "saved with other hyper-parameters or another model; move it away to start fresh".into(),
         });
     }
-    let params = bistro_model::load_safetensors(&dir.join(bistro_model::checkpoint::WEIGHTS_FILE), config, device)?;
+    let weights = dir.join(bistro_model::checkpoint::WEIGHTS_FILE);
+    let params = bistro_model::load_safetensors(&weights, config, device)?;
+    // The window written inside the weights file is atomic with the parameters; a process
+    // killed between writing the weights and `state.json` leaves the latter one behind.
+    let mut info = info;
+    if let Some(w) = window_in_weights(&weights)
+        && w != info.window
+    {
+        tracing::warn!(state_json = info.window, weights = w, "state.json lags the saved weights; using the weights' window");
+        info.window = w;
+    }
     Ok(Some((info, params)))
+}
+
+/// The window recorded in a weights file's metadata, if readable.
+fn window_in_weights(path: &Path) -> Option<u64> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    std::io::Read::read_exact(&mut f, &mut len).ok()?;
+    let n = u64::from_le_bytes(len).min(16 << 20) as usize;
+    let mut header = vec![0u8; n];
+    std::io::Read::read_exact(&mut f, &mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?.get(CHECKPOINT_WINDOW_KEY)?.as_str()?.parse().ok()
 }
 
 /// Serialise `params` as a checkpoint of `theta_window` (bytes for a bucket).

@@ -5,8 +5,10 @@
 //!
 //! * `file:///abs/path` (or a plain path): a local directory (the embedded default);
 //! * `s3://bucket[/prefix]?endpoint=http://host:port&region=us-east-1&path_style=true`:
-//!   AWS S3, Cloudflare R2, MinIO or any S3-compatible server; credentials come from
-//!   [`BucketOptions`] (flags or environment), never from the URL;
+//!   AWS S3, Cloudflare R2, MinIO or any S3-compatible server; the owner's credentials come
+//!   from [`BucketOptions`] (environment or a file), never from the URL. The URL may carry a
+//!   read-only key for peers (`&read_key=..&read_secret=..`, public by design); peers read
+//!   with exactly that, or unsigned ([`Bucket::open_peer`]);
 //! * `memory://name`: an in-process store shared by every handle with the same name (tests).
 //!
 //! Uploads use multipart above a threshold; every operation has a timeout and retries
@@ -113,13 +115,55 @@ impl Default for TransferConfig {
     }
 }
 
-/// Credentials and transfer settings for opening a bucket.
+/// A secret string (an S3 secret key): never shown by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself (only to hand it to the S3 client).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+/// Credentials and transfer settings for opening this node's own bucket. Peers' buckets
+/// are never opened with them ([`Bucket::open_peer`]).
 #[derive(Clone, Debug, Default)]
 pub struct BucketOptions {
     /// S3 access key id (else `BISTRO_S3_ACCESS_KEY_ID`, then `AWS_ACCESS_KEY_ID`).
     pub access_key_id: Option<String>,
     /// S3 secret (else `BISTRO_S3_SECRET_ACCESS_KEY`, then `AWS_SECRET_ACCESS_KEY`).
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     /// Timeouts and retries.
     pub transfer: TransferConfig,
 }
@@ -151,6 +195,43 @@ pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     transfer: TransferConfig,
+}
+
+/// An S3 store for a parsed `s3://bucket/prefix?endpoint=..&region=..&path_style=..` URL,
+/// signed with `creds` or unsigned without them, through `connector` when given.
+fn s3_store(
+    parsed: &url::Url,
+    creds: Option<(String, Secret)>,
+    t: &TransferConfig,
+    connector: Option<crate::endpoint::PeerConnector>,
+) -> std::result::Result<(Arc<dyn ObjectStore>, ObjPath), String> {
+    let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| "missing bucket name".to_string())?;
+    let q: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
+    let region = q.get("region").cloned().unwrap_or_else(|| "us-east-1".into());
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(region)
+        .with_retry(RetryConfig { max_retries: 1, retry_timeout: t.timeout, backoff: Default::default() })
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(t.timeout)
+                .with_connect_timeout(Duration::from_secs(5).min(t.timeout))
+                .with_allow_http(q.get("endpoint").is_some_and(|e| e.starts_with("http://"))),
+        );
+    b = match creds {
+        Some((key, secret)) => b.with_access_key_id(key).with_secret_access_key(secret.expose()),
+        None => b.with_skip_signature(true),
+    };
+    if let Some(c) = connector {
+        b = b.with_http_connector(c);
+    }
+    if let Some(ep) = q.get("endpoint") {
+        b = b.with_endpoint(ep.clone());
+    }
+    let path_style = q.get("path_style").map(|v| v != "false").unwrap_or(q.contains_key("endpoint"));
+    b = b.with_virtual_hosted_style_request(!path_style);
+    let s3 = b.build().map_err(|e| e.to_string())?;
+    Ok((Arc::new(s3), ObjPath::from(parsed.path().trim_matches('/'))))
 }
 
 fn memory_registry() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
@@ -186,10 +267,6 @@ impl Bucket {
                 (mem, ObjPath::from(parsed.path().trim_matches('/')))
             }
             "s3" => {
-                let bucket =
-                    parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| invalid("missing bucket name".into()))?;
-                let q: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
-                let region = q.get("region").cloned().unwrap_or_else(|| "us-east-1".into());
                 let key_id = opts
                     .access_key_id
                     .clone()
@@ -198,32 +275,40 @@ impl Bucket {
                 let secret = opts
                     .secret_access_key
                     .clone()
-                    .or_else(|| env_first(&["BISTRO_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"]))
-                    .ok_or_else(|| invalid("no S3 secret key (set --s3.secret-key or AWS_SECRET_ACCESS_KEY)".into()))?;
-                let t = &opts.transfer;
-                let mut b = AmazonS3Builder::new()
-                    .with_bucket_name(bucket)
-                    .with_region(region)
-                    .with_access_key_id(key_id)
-                    .with_secret_access_key(secret)
-                    .with_retry(RetryConfig { max_retries: 1, retry_timeout: t.timeout, backoff: Default::default() })
-                    .with_client_options(
-                        ClientOptions::new()
-                            .with_timeout(t.timeout)
-                            .with_connect_timeout(Duration::from_secs(5).min(t.timeout))
-                            .with_allow_http(q.get("endpoint").is_some_and(|e| e.starts_with("http://"))),
-                    );
-                if let Some(ep) = q.get("endpoint") {
-                    b = b.with_endpoint(ep.clone());
-                }
-                let path_style = q.get("path_style").map(|v| v != "false").unwrap_or(q.contains_key("endpoint"));
-                b = b.with_virtual_hosted_style_request(!path_style);
-                let s3 = b.build().map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(s3), ObjPath::from(parsed.path().trim_matches('/')))
+                    .or_else(|| env_first(&["BISTRO_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"]).map(Secret))
+                    .ok_or_else(|| {
+                        invalid("no S3 secret key (set BISTRO_S3_SECRET_ACCESS_KEY or --s3.secret-key-file)".into())
+                    })?;
+                s3_store(&parsed, Some((key_id, secret)), &opts.transfer, None).map_err(invalid)?
             }
             other => return Err(invalid(format!("unsupported scheme `{other}` (use file://, s3:// or memory://)"))),
         };
         Ok(Bucket { url: url.to_string(), store, prefix, transfer: opts.transfer.clone() })
+    }
+
+    /// Open a peer's bucket named by its committed `url`: read with the read-only key the
+    /// peer published in the URL (`read_key`, `read_secret`) or unsigned when it published
+    /// none, never with this node's keys; no redirects; internal addresses refused unless
+    /// `allow_internal` (see [`crate::endpoint`]).
+    pub fn open_peer(url: &str, transfer: &TransferConfig, allow_internal: bool) -> Result<Self> {
+        let invalid = |reason: String| StorageError::InvalidUrl { url: url.to_string(), reason };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        if !parsed.scheme().eq_ignore_ascii_case("s3") {
+            return Self::open(url, &BucketOptions { transfer: transfer.clone(), ..Default::default() });
+        }
+        let q: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
+        if let Some(ep) = q.get("endpoint")
+            && !allow_internal
+        {
+            crate::endpoint::check_literal(ep).map_err(|e| invalid(e.to_string()))?;
+        }
+        let creds = match (q.get("read_key"), q.get("read_secret")) {
+            (Some(k), Some(s)) => Some((k.clone(), Secret(s.clone()))),
+            _ => None,
+        };
+        let connector = crate::endpoint::PeerConnector { timeout: transfer.timeout, allow_internal };
+        let store = s3_store(&parsed, creds, transfer, Some(connector)).map_err(invalid)?;
+        Ok(Bucket { url: url.to_string(), store: store.0, prefix: store.1, transfer: transfer.clone() })
     }
 
     /// The URL this bucket was opened from (what goes on chain).

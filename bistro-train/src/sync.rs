@@ -44,6 +44,9 @@ pub struct SyncContext {
     /// Whether peers may commit `file://` and `memory://` buckets (devnet only: on a real
     /// network a hostile peer must not make nodes read local files).
     pub allow_local_buckets: bool,
+    /// Whether peers' endpoints may be internal addresses (loopback, private, link-local):
+    /// the local devnet and tests only (see [`crate::endpoint`]).
+    pub allow_private_endpoints: bool,
     /// Downloads in flight at once.
     pub concurrency: usize,
 }
@@ -127,11 +130,12 @@ impl SyncContext {
                 "bucket URL `{url}` is local; only s3:// buckets are read on this network"
             )));
         }
-        // A slow or hostile peer must not stall the window: short, bounded downloads.
-        let mut opts = self.bucket_options.clone();
-        opts.transfer.attempts = opts.transfer.attempts.min(2);
-        opts.transfer.timeout = opts.transfer.timeout.min(std::time::Duration::from_secs(15));
-        Bucket::open(url, &opts).map_err(|e| Rejection::Download(e.to_string()))
+        // A slow or hostile peer must not stall the window: short, bounded downloads, with
+        // the peer's published read key (never this node's keys).
+        let mut t = self.bucket_options.transfer.clone();
+        t.attempts = t.attempts.min(2);
+        t.timeout = t.timeout.min(std::time::Duration::from_secs(15));
+        Bucket::open_peer(url, &t, self.allow_private_endpoints).map_err(|e| Rejection::Download(e.to_string()))
     }
 
     /// The bucket URLs committed by the neurons of `metagraph`, by uid.
@@ -182,6 +186,7 @@ impl SyncContext {
                     Err(_) => Err(Rejection::Timeout { budget_ms }),
                 };
                 let sha256 = fetched.as_ref().ok().map(|f| crate::accepted::bytes_sha256(&f.bytes));
+                let size = fetched.as_ref().map(|f| f.bytes.len()).unwrap_or(0);
                 let outcome = match fetched {
                     // Decoding a large slice is CPU work: keep it off the async threads.
                     Ok(f) => tokio::task::spawn_blocking(move || slices::decode(&f.bytes, &expect))
@@ -189,14 +194,21 @@ impl SyncContext {
                         .unwrap_or_else(|e| Err(Rejection::Malformed(format!("decoder task failed: {e}")))),
                     Err(r) => Err(r),
                 };
-                if let Err(r) = &outcome {
-                    tracing::debug!(window, uid, hotkey = %hotkey, reason = %r, "slice not valid");
+                match &outcome {
+                    Ok(_) => crate::telemetry::slice("valid", size),
+                    Err(r) => {
+                        crate::telemetry::slice(r.code(), size);
+                        tracing::debug!(window, uid, hotkey = %hotkey, reason = %r, "slice not valid");
+                    }
                 }
                 (permit, PeerSlice { uid, hotkey, outcome, sha256 })
             }
         });
+        crate::telemetry::phase("collect");
+        let started = std::time::Instant::now();
         let got: Vec<(bool, PeerSlice)> =
             futures::stream::iter(jobs).buffer_unordered(self.concurrency.max(1)).collect().await;
+        crate::telemetry::phase_seconds("collect", started.elapsed().as_secs_f64());
         // A permit holder that uploaded nothing is a validator this window, not a miner.
         let mut peers: Vec<PeerSlice> = got
             .into_iter()

@@ -1,6 +1,8 @@
 //! The real `miner` binary on a temporary devnet: it trains a few windows, its slices land
 //! in its bucket with valid metadata, and its saved state resumes after a kill.
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -94,6 +96,16 @@ fn bad_configuration_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A real network needs its shared settings: no silent devnet defaults.
+    let out = Command::new(env!("CARGO_BIN_EXE_miner"))
+        .current_dir(dir)
+        .args(["--subtensor.network", "ws://127.0.0.1:9", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--hparams FILE is required"), "{err}");
+
     std::fs::write(dir.join("hparams.toml"), "compression = \"lots\"").unwrap();
     let start = Instant::now();
     let out = miner(dir, &[]).output().unwrap();
@@ -101,4 +113,44 @@ fn bad_configuration_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hparams.toml") && err.contains("compression"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn secrets_never_logged() {
+    // The miner's bucket is on a real S3 server that knows another secret: every upload
+    // fails with an authentication error, logged at debug level. Neither the secret from
+    // the environment nor one given as a flag may appear anywhere in the output.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(dir);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    std::fs::create_dir_all(dir.join("s3/bucket-secret")).unwrap();
+    let addr = rt.block_on(support::start_s3s_fs(&dir.join("s3")));
+    let bucket = format!("s3://bucket-secret?endpoint=http://{addr}");
+    let env_secret = "env-secret-7f3a9c-NEVER-SHOWN";
+    let flag_secret = "flag-secret-2b8e1d-NEVER-SHOWN";
+    for (via_flag, secret) in [(false, env_secret), (true, flag_secret)] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_miner"));
+        c.current_dir(dir)
+            .args(["--devnet.dir", "devnet", "--devnet.block-ms", "1000", "--hparams", "hparams.toml"])
+            .args(["--bucket", &bucket, "--state-dir", "state-secret", "--device", "cpu", "--max-windows", "1"])
+            .env("RUST_LOG", "debug")
+            .env("BISTRO_S3_ACCESS_KEY_ID", support::ACCESS_KEY);
+        if via_flag {
+            c.args(["--s3.secret-key", secret]);
+        } else {
+            c.env("BISTRO_S3_SECRET_ACCESS_KEY", secret);
+        }
+        let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("access denied") || text.contains("not uploaded"), "no upload was attempted:\n{text}");
+        assert!(!text.contains(secret), "the secret appears in the output:\n{text}");
+        if via_flag {
+            assert!(text.contains("process lists show it"), "no warning for a secret on the command line:\n{text}");
+        }
+    }
+    drop(rt);
 }

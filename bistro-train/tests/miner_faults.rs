@@ -57,6 +57,7 @@ async fn miner_carries_on_through_bucket_chain_and_peer_faults() {
         micro_batch_rows: 8,
         auto_register: Some(0),
         allow_local_buckets: true,
+        allow_private_endpoints: true,
     };
     let mut miner = Miner::new(cfg, chain.clone()).await.unwrap();
     let events = Arc::new(Mutex::new(Vec::<MinerEvent>::new()));

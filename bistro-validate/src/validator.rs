@@ -57,6 +57,9 @@ pub struct ValidatorConfig {
     pub node: NodeConfig,
     /// Most miners recomputed per window (sampled when there are more).
     pub max_miners_per_window: usize,
+    /// Pages of the fixed held-out set on which the shared model's loss is measured after
+    /// every window (0: not measured).
+    pub heldout_pages: usize,
 }
 
 /// One miner's result in one window.
@@ -113,6 +116,13 @@ pub enum ValidatorEvent {
         rows: Vec<ScoreRow>,
         /// Time spent recomputing.
         seconds: f64,
+    },
+    /// The shared model's loss on the held-out pages after a window.
+    HeldOut {
+        /// The window whose accepted set was just applied.
+        window: u64,
+        /// Mean loss per target token.
+        loss: f64,
     },
     /// Weights were set on chain.
     WeightsSet {
@@ -277,6 +287,7 @@ pub fn fold_scores(
     let weights = board.weights(h.temperature);
     for row in &mut rows {
         row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
+        bistro_train::telemetry::miner_score(&row.hotkey, row.e, row.score, row.ema, row.weight);
     }
     (rows, weights)
 }
@@ -285,6 +296,7 @@ pub fn fold_scores(
 pub struct Validator {
     node: Node,
     max_miners_per_window: usize,
+    heldout_pages: usize,
     scorer: Arc<Scorer>,
     board: Scoreboard,
     norms: NormHistory,
@@ -315,6 +327,7 @@ impl Validator {
         Ok(Validator {
             node,
             max_miners_per_window: cfg.max_miners_per_window.max(1),
+            heldout_pages: cfg.heldout_pages,
             scorer,
             board,
             norms,
@@ -377,6 +390,15 @@ impl Validator {
         if pace == Pace::Live {
             sleep_until_ms(self.node.ctx.deadline_ms(w).await?, stop).await;
         }
+        // Restarted after publishing this window's accepted set (killed before saving the
+        // state it produced): never decide a published window again; follow what was published.
+        let own = bistro_train::accepted::aggregate_key(w);
+        if self.node.bucket.head(&own).await.is_ok() {
+            tracing::info!(window = w, "this validator already published the window's accepted set; following it");
+            let f = self.node.follow(pace, stop, None).await?;
+            self.after_follow(&f);
+            return Ok(WindowOutcome { followed: f, rows: Vec::new() });
+        }
         let ws = self.node.ctx.collect(&self.node.params, w, &self.node.cfg.hotkey).await?;
         let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
         let miners = ws.miners();
@@ -386,6 +408,7 @@ impl Validator {
             Pace::Lockstep => None,
         };
         let started = Instant::now();
+        bistro_train::telemetry::phase("verify");
         let (scorer, flag, ws) = (self.scorer.clone(), stop.clone(), Arc::new(ws));
         let (theta_w, ws2) = (self.node.params.clone(), ws.clone());
         let mut results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &order, &flag, budget_end))
@@ -394,6 +417,8 @@ impl Validator {
         results.sort_by_key(|r| r.uid);
         let seconds = started.elapsed().as_secs_f64();
         let recomputed = results.iter().filter(|r| r.recomputed).count();
+        bistro_train::telemetry::phase_seconds("verify", seconds);
+        metrics::gauge!(bistro_train::telemetry::RECOMPUTED).set(recomputed as f64);
         tracing::info!(window = w, recomputed, miners = miners.len(), seconds, "recomputed miners' gradients");
         let decision = lead::decide(&ws, &results, &self.board, &self.norms, &h);
         let me = self.node.cfg.hotkey.clone();
@@ -408,6 +433,12 @@ impl Validator {
         if is_lead {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;
             if pace == Pace::Lockstep || now_ms() < final_cutoff {
+                for i in &decision.included {
+                    bistro_train::telemetry::decision(if i.e.is_some() { "included-recomputed" } else { "included-record" });
+                }
+                for x in &decision.excluded {
+                    bistro_train::telemetry::decision(&x.reason);
+                }
                 match self.node.bucket.put(&bistro_train::accepted::aggregate_key(w), bytes).await {
                     Ok(()) => self.emit(ValidatorEvent::Published {
                         window: w,
@@ -446,6 +477,27 @@ impl Validator {
         Ok(WindowOutcome { followed, rows })
     }
 
+    /// The shared model's mean loss on the fixed held-out pages (the same pages on every
+    /// node: hotkey `bistro/held-out`, window `u64::MAX`).
+    pub fn heldout_loss(&self) -> Result<Option<f64>, ValidatorError> {
+        if self.heldout_pages == 0 {
+            return Ok(None);
+        }
+        let h = &self.node.cfg.hparams;
+        let pages = self.node.dataset.pages(&h.network, "bistro/held-out", u64::MAX, self.heldout_pages);
+        let batch = self.node.dataset.window_batch(&self.node.tokenizer, &pages, h.seq_len)?;
+        let model = Llama::new(&self.node.params)?;
+        let (mut sum, mut n) = (0f64, 0usize);
+        for r in batch.micro_batches(self.node.cfg.micro_batch_rows.max(1)) {
+            let (ids, labels) = batch.tensors(r, &self.node.cfg.device)?;
+            let (s, c) = model.loss_sum(&ids, &labels)?;
+            let s = s.to_dtype(candle_core::DType::F64).and_then(|t| t.to_scalar::<f64>());
+            sum += s.map_err(bistro_model::ModelError::from)?;
+            n += c;
+        }
+        Ok((n > 0).then(|| sum / n as f64))
+    }
+
     /// Record the included norms of an applied set (the outlier bound's reference) and report.
     fn after_follow(&mut self, f: &Followed) {
         if let Followed::Applied { window, set, .. } = f {
@@ -456,6 +508,14 @@ impl Validator {
             }
         }
         self.emit(ValidatorEvent::Followed(f.clone()));
+        match self.heldout_loss() {
+            Ok(Some(loss)) => {
+                metrics::gauge!(bistro_train::telemetry::HELDOUT_LOSS).set(loss);
+                self.emit(ValidatorEvent::HeldOut { window: f.window(), loss });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot measure the held-out loss"),
+        }
     }
 
     /// Run until `max_windows` windows were scored or `stop` is set.

@@ -56,6 +56,7 @@ fn world() -> World {
         model_hash: model.hash(),
         bucket_options: BucketOptions::default(),
         allow_local_buckets: true,
+        allow_private_endpoints: true,
         concurrency: 4,
     };
     let params = Params::genesis(&model, 0, &Device::Cpu).unwrap();

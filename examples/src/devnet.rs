@@ -418,17 +418,13 @@ fn node_config(opts: &DevnetOptions, h: &HParams, hotkey: &str, role: &str, stak
         netuid: 1,
         hotkey: hotkey.to_string(),
         bucket_url: format!("file://{}", bucket.display()),
-        // Hostile endpoints speak S3; the local devnet's S3 reads use these dummy keys.
-        bucket_options: BucketOptions {
-            access_key_id: Some("devnet".into()),
-            secret_access_key: Some("devnet".into()),
-            ..BucketOptions::default()
-        },
+        bucket_options: BucketOptions::default(),
         state_dir: opts.dir.join(format!("{role}s")).join(hotkey),
         device: Device::Cpu,
         micro_batch_rows: 8,
         auto_register: Some(stake),
         allow_local_buckets: true,
+        allow_private_endpoints: true,
     })
 }
 
@@ -482,7 +478,11 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         let hotkey = format!("validator-{v}");
         // Validator 0 has the most stake: it leads.
         let stake = if v == 0 { 2000 } else { 1000 };
-        let cfg = ValidatorConfig { node: node_config(opts, &h, &hotkey, "validator", stake)?, max_miners_per_window: 1024 };
+        let cfg = ValidatorConfig {
+            node: node_config(opts, &h, &hotkey, "validator", stake)?,
+            max_miners_per_window: 1024,
+            heldout_pages: 0,
+        };
         validators.push(Validator::new(cfg, dyn_chain.clone()).await?);
     }
     let model_config = ModelConfig::resolve(&h.model)?;

@@ -50,6 +50,32 @@ fn print_event(e: &MinerEvent) {
     }
 }
 
+/// Feed the status page.
+fn record(board: &bistro_train::status::StatusBoard, e: &MinerEvent) {
+    match e {
+        MinerEvent::Started { window, .. } => board.update(|s| s.window = *window),
+        MinerEvent::WindowStarted { window } => board.update(|s| {
+            s.phase = "train".into();
+            s.window = *window;
+        }),
+        MinerEvent::StepDone { window, loss, tokens_per_sec } => {
+            board.window(*window, |w| {
+                w.loss = Some(*loss);
+                w.tokens_per_sec = Some(*tokens_per_sec);
+            });
+            board.update(|s| s.phase = "upload".into());
+        }
+        MinerEvent::SliceUploaded { .. } => {
+            board.count("slices uploaded", 1);
+            board.update(|s| s.phase = "follow".into());
+        }
+        MinerEvent::UploadFailed { .. } => board.count("uploads failed", 1),
+        MinerEvent::Followed(f) => bistro_train::cli::board_followed(board, f),
+        MinerEvent::Skipped { .. } => board.count("windows skipped", 1),
+        MinerEvent::PagesLoaded { .. } => {}
+    }
+}
+
 #[global_allocator]
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
@@ -62,8 +88,12 @@ async fn run() -> anyhow::Result<()> {
     let node = cli.node;
     let (cfg, chain): (MinerConfig, _) = node.prepare("miner", 0).await?;
     let state_dir = cfg.state_dir.clone();
+    let board = bistro_train::cli::start_status(node.metrics_addr, "miner", &cfg.hotkey, &cfg.hparams, chain.clone()).await?;
     let mut miner = Miner::new(cfg, chain).await.context("cannot start the miner")?;
     miner.on_event(print_event);
+    if let Some(board) = board {
+        miner.on_event(move |e| record(&board, e));
+    }
     let stop = stop_on_ctrl_c();
     let summary = miner.run(node.max_windows, Arc::clone(&stop)).await?;
     tracing::info!(

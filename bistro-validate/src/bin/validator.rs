@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bistro_train::cli::{NodeArgs, stop_on_ctrl_c};
+use bistro_train::status::{ScoreEntry, StatusBoard};
 use bistro_validate::{Validator, ValidatorConfig, ValidatorEvent};
 use clap::Parser;
 
@@ -29,6 +30,11 @@ struct Cli {
     #[arg(long = "max-miners", default_value_t = 64)]
     max_miners: usize,
 
+    /// Pages of the fixed held-out set on which the shared model's loss is measured after
+    /// every window (0: off).
+    #[arg(long = "heldout-pages", default_value_t = 2)]
+    heldout_pages: usize,
+
     /// Stake to register with on the devnet (gives the validator permit).
     #[arg(long = "devnet.stake", default_value_t = 1000)]
     devnet_stake: u64,
@@ -36,6 +42,36 @@ struct Cli {
 
 fn short(h: &str) -> String {
     if h.chars().count() > 18 { format!("{}…", h.chars().take(17).collect::<String>()) } else { h.to_string() }
+}
+
+/// Feed the status page.
+fn record(board: &StatusBoard, e: &ValidatorEvent) {
+    match e {
+        ValidatorEvent::Started { window, .. } => board.update(|s| s.window = *window),
+        ValidatorEvent::Published { included, excluded, .. } => {
+            board.count("accepted sets published", 1);
+            board.count("slices included (as lead)", *included as u64);
+            board.count("miners excluded (as lead)", excluded.len() as u64);
+        }
+        ValidatorEvent::Followed(f) => bistro_train::cli::board_followed(board, f),
+        ValidatorEvent::HeldOut { window, loss } => board.window(*window, |w| w.heldout_loss = Some(*loss)),
+        ValidatorEvent::Scored { rows, .. } => board.update(|s| {
+            s.scores = rows
+                .iter()
+                .map(|r| ScoreEntry {
+                    uid: r.uid,
+                    hotkey: r.hotkey.clone(),
+                    status: r.status.clone(),
+                    e: r.e,
+                    score: r.score,
+                    ema: r.ema,
+                    weight: r.weight,
+                })
+                .collect();
+        }),
+        ValidatorEvent::WeightsSet { .. } => board.count("weights set", 1),
+        ValidatorEvent::WeightsFailed { .. } => board.count("weights failed", 1),
+    }
 }
 
 fn print_event(e: &ValidatorEvent) {
@@ -78,6 +114,7 @@ fn print_event(e: &ValidatorEvent) {
             }
             eprint!("{t}");
         }
+        ValidatorEvent::HeldOut { window, loss } => tracing::info!("window {window}: held-out loss {loss:.4}"),
         ValidatorEvent::WeightsSet { window, weights } => tracing::info!("window {window}: set weights {weights:?}"),
         ValidatorEvent::WeightsFailed { window, reason } => {
             tracing::warn!("window {window}: set_weights failed: {reason}")
@@ -96,9 +133,19 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let node = cli.node;
     let (node_cfg, chain) = node.prepare("validator", cli.devnet_stake).await?;
-    let cfg = ValidatorConfig { node: node_cfg, max_miners_per_window: cli.max_miners.max(1) };
+    let board =
+        bistro_train::cli::start_status(node.metrics_addr, "validator", &node_cfg.hotkey, &node_cfg.hparams, chain.clone())
+            .await?;
+    let cfg = ValidatorConfig {
+        node: node_cfg,
+        max_miners_per_window: cli.max_miners.max(1),
+        heldout_pages: cli.heldout_pages,
+    };
     let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
     v.on_event(print_event);
+    if let Some(board) = board {
+        v.on_event(move |e| record(&board, e));
+    }
     let stop = stop_on_ctrl_c();
     let scored = v.run(node.max_windows, Arc::clone(&stop)).await?;
     tracing::info!("stopped after scoring {scored} window(s)");

@@ -38,6 +38,29 @@ pub async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// Like [`start_s3s_fs_at`], stoppable: aborting the returned task closes the listener and
+/// every open connection (an S3 outage).
+pub async fn start_s3s_fs_stoppable(root: &Path, at: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { break };
+            let service = service.clone();
+            conns.spawn(async move {
+                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = conn.serve_connection(TokioIo::new(sock), service).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// A fake S3 endpoint that answers every request with headers for a 1 MB object and then
 /// closes the connection after a few bytes: a server dying mid-download.
 pub async fn start_dying_server() -> SocketAddr {

@@ -1,0 +1,265 @@
+//! Peers choose the URLs, endpoints and checkpoints a node reads. Each hostile choice here
+//! goes through the real code path (the collector, the peer bucket, the joiner's
+//! bootstrap) and ends in a clear, typed rejection: no crash, no request where it must not
+//! go, no credential sent, nothing lost.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bistro_chain::Chain;
+use bistro_chain::devnet::Devnet;
+use bistro_model::{ModelConfig, Params};
+use bistro_train::accepted::{self, AcceptedSet, AggregateObject, state_hash};
+use bistro_train::hparams::HParams;
+use bistro_train::node::{Node, NodeConfig};
+use bistro_train::slices::Rejection;
+use bistro_train::storage::{Bucket, BucketOptions, Secret, TransferConfig};
+use bistro_train::sync::SyncContext;
+use bytes::Bytes;
+use candle_core::Device;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn quick() -> TransferConfig {
+    TransferConfig { attempts: 1, timeout: Duration::from_secs(3), ..Default::default() }
+}
+
+fn context(chain: Arc<Devnet>, h: &HParams, model: &ModelConfig, local: bool, private: bool) -> SyncContext {
+    SyncContext {
+        chain,
+        netuid: 1,
+        hparams: h.clone(),
+        hparams_hash: h.hash(),
+        model_hash: model.hash(),
+        bucket_options: BucketOptions {
+            access_key_id: Some("OWN-KEY-ID".into()),
+            secret_access_key: Some(Secret::new("own-secret-never-sent")),
+            transfer: quick(),
+        },
+        allow_local_buckets: local,
+        allow_private_endpoints: private,
+        concurrency: 4,
+    }
+}
+
+/// A loopback HTTP server that records every request head and answers each with `answer`.
+async fn recording_server(answer: String) -> (String, Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (h, c) = (heads.clone(), conns.clone());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let (h, answer) = (h.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                h.lock().unwrap().push(String::from_utf8_lossy(&got).into_owned());
+                let _ = sock.write_all(answer.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (url, heads, conns)
+}
+
+const NOT_FOUND: &str = "HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: 58\r\n\r\n<Error><Code>NoSuchKey</Code><Message>no</Message></Error>";
+
+fn network(dir: &std::path::Path) -> (Arc<Devnet>, HParams, ModelConfig) {
+    let (h, model) = bistro_train::hparams::write_test_network(dir, |_| {}).unwrap();
+    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(20)).unwrap());
+    (chain, h, model)
+}
+
+#[test]
+fn file_scheme_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    let ctx = context(chain, &h, &model, false, false);
+    for url in ["FILE:///etc", "File:///tmp/x", "file:///tmp/x", "MEMORY://x", "/tmp/plain", "relative/dir"] {
+        match ctx.peer_bucket(url) {
+            Err(Rejection::Download(reason)) => assert!(reason.contains("is local"), "{url}: {reason}"),
+            Err(other) => panic!("{url}: unexpected rejection {other}"),
+            Ok(_) => panic!("{url} was opened"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn endpoint_private() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    let (url, _, conns) = recording_server(NOT_FOUND.to_string()).await;
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let ctx = context(chain.clone(), &h, &model, false, false);
+    for ep in [url.clone(), format!("http://localhost:{port}"), format!("http://[::1]:{port}"), "http://169.254.169.254".into()]
+    {
+        match ctx.peer_bucket(&format!("s3://bkt?endpoint={ep}")) {
+            Err(Rejection::Download(reason)) => assert!(reason.contains("internal address"), "{ep}: {reason}"),
+            Err(other) => panic!("{ep}: unexpected rejection {other}"),
+            Ok(_) => panic!("{ep} was opened"),
+        }
+    }
+    // Through the collector: a peer committing a loopback endpoint is rejected with that
+    // reason, and no connection is ever made to it.
+    chain.ensure_registered(1, "ssrf-peer", 0).await.unwrap();
+    chain.set_commitment(1, "ssrf-peer", &format!("s3://bkt?endpoint={url}")).await.unwrap();
+    let w = h.window_of(chain.block_number().await.unwrap());
+    chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
+    let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
+    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let peer = ws.peers.iter().find(|p| p.hotkey == "ssrf-peer").expect("listed");
+    assert!(matches!(&peer.outcome, Err(Rejection::Download(r)) if r.contains("internal address")), "{:?}", peer.outcome);
+    assert_eq!(conns.load(Ordering::SeqCst), 0, "a connection reached the internal endpoint");
+    // A name is checked by the client's own resolver when it connects.
+    let name: reqwest::dns::Name = "localhost".parse().unwrap();
+    let r = reqwest::dns::Resolve::resolve(&bistro_train::endpoint::GuardedResolver, name).await;
+    assert!(r.is_err_and(|e| e.to_string().contains("internal address")));
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    // Internal endpoints allowed here (both servers are on loopback): the point is that the
+    // redirect itself is refused, so the second server never sees a request.
+    let (target, _, target_conns) = recording_server(NOT_FOUND.to_string()).await;
+    let redirect = format!("HTTP/1.1 302 Found\r\nLocation: {target}/bkt/key\r\nContent-Length: 0\r\n\r\n");
+    let (url, _, _) = recording_server(redirect).await;
+    let bucket = Bucket::open_peer(&format!("s3://bkt?endpoint={url}"), &quick(), true).unwrap();
+    let e = bucket.get("key", 1000).await.unwrap_err();
+    assert!(!e.to_string().is_empty());
+    assert_eq!(target_conns.load(Ordering::SeqCst), 0, "the redirect was followed");
+}
+
+#[tokio::test]
+async fn no_foreign_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    let (url, heads, _) = recording_server(NOT_FOUND.to_string()).await;
+    // One peer publishes no read key (public bucket), one publishes a read-only key.
+    chain.ensure_registered(1, "public-peer", 0).await.unwrap();
+    chain.set_commitment(1, "public-peer", &format!("s3://pub?endpoint={url}")).await.unwrap();
+    chain.ensure_registered(1, "keyed-peer", 0).await.unwrap();
+    chain
+        .set_commitment(1, "keyed-peer", &format!("s3://keyed?endpoint={url}&read_key=READER-KEY&read_secret=public-read"))
+        .await
+        .unwrap();
+    let ctx = context(chain.clone(), &h, &model, false, true);
+    let w = h.window_of(chain.block_number().await.unwrap());
+    chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
+    let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
+    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    for p in &ws.peers {
+        assert_eq!(p.outcome, Err(Rejection::Missing), "{}", p.hotkey);
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        assert!(!head.contains("OWN-KEY-ID"), "own key id sent to a peer:\n{head}");
+        assert!(!head.contains("own-secret-never-sent"), "own secret sent to a peer:\n{head}");
+        let auth = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+        if head.contains("/pub/") {
+            assert!(auth.is_none(), "a public bucket was read with a signature:\n{head}");
+        } else {
+            assert!(auth.is_some_and(|a| a.contains("Credential=READER-KEY/")), "published key not used:\n{head}");
+        }
+    }
+    // Debug output never shows the secret.
+    let shown = format!("{:?}", ctx.bucket_options);
+    assert!(!shown.contains("own-secret-never-sent") && shown.contains("redacted"), "{shown}");
+}
+
+#[tokio::test]
+async fn permit_holders_that_upload_are_miners() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    // Someone staked to a competitor's hotkey: it holds a permit, yet it uploads slices.
+    for (hk, stake) in [("staked-miner", 500u64), ("quiet-validator", 800)] {
+        chain.ensure_registered(1, hk, stake).await.unwrap();
+        chain.set_commitment(1, hk, &format!("memory://permits-{hk}")).await.unwrap();
+    }
+    let ctx = context(chain.clone(), &h, &model, true, true);
+    let w = h.window_of(chain.block_number().await.unwrap());
+    chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
+    let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
+    let b = Bucket::open("memory://permits-staked-miner", &BucketOptions::default()).unwrap();
+    b.put(&bistro_train::slices::slice_key(w, "staked-miner"), Bytes::from_static(b"not a slice")).await.unwrap();
+    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let listed: Vec<&str> = ws.peers.iter().map(|p| p.hotkey.as_str()).collect();
+    assert_eq!(listed, vec!["staked-miner"], "a permit holder that uploads is a miner; one that does not is not");
+}
+
+#[tokio::test]
+async fn checkpoint_from_future() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (chain, h, model) = network(dir);
+    // A validator whose bucket holds a checkpoint from the far future and an unvouched,
+    // tampered one.
+    chain.ensure_registered(1, "evil-validator", 5000).await.unwrap();
+    let vdir = dir.join("evil-bucket");
+    let vbucket = Bucket::open(&format!("file://{}", vdir.display()), &BucketOptions::default()).unwrap();
+    chain.set_commitment(1, "evil-validator", vbucket.url()).await.unwrap();
+    let genesis = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
+    let future = bistro_train::state::checkpoint_bytes(&genesis, u64::MAX).unwrap();
+    vbucket.put(&bistro_train::state::checkpoint_key(u64::MAX), Bytes::from(future)).await.unwrap();
+    let tampered = genesis.deep_clone().unwrap();
+    tampered.scatter(0, &[0, 1, 2], &[9.0, 9.0, 9.0]).unwrap();
+    let bytes = bistro_train::state::checkpoint_bytes(&tampered, 1).unwrap();
+    vbucket.put(&bistro_train::state::checkpoint_key(1), Bytes::from(bytes)).await.unwrap();
+
+    let cfg = |name: &str| NodeConfig {
+        hparams: h.clone(),
+        netuid: 1,
+        hotkey: name.to_string(),
+        bucket_url: format!("file://{}", dir.join(name).display()),
+        bucket_options: BucketOptions::default(),
+        state_dir: dir.join(format!("state-{name}")),
+        device: Device::Cpu,
+        micro_batch_rows: 8,
+        auto_register: Some(0),
+        allow_local_buckets: true,
+        allow_private_endpoints: true,
+    };
+    let start = Instant::now();
+    let node = Node::join(cfg("joiner"), chain.clone(), "").await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(20), "the joiner waited on a peer's window number");
+    assert_eq!(node.window, 0);
+    assert!(node.origin.starts_with("genesis"), "{}", node.origin);
+    assert_eq!(node.state_hash, state_hash(&genesis).unwrap());
+
+    // A checkpoint that the same history vouches for is used.
+    let w = 2;
+    chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
+    let good = genesis.deep_clone().unwrap();
+    good.scatter(0, &[5], &[0.25]).unwrap();
+    let hash = state_hash(&good).unwrap();
+    vbucket.put(&bistro_train::state::checkpoint_key(w), Bytes::from(bistro_train::state::checkpoint_bytes(&good, w).unwrap())).await.unwrap();
+    let idx = node.ctx.indices(&good, w).await.unwrap();
+    let theta = bistro_train::slices::gather_params(&good, &idx).unwrap();
+    let obj = AggregateObject {
+        set: AcceptedSet {
+            window: w,
+            lead: "evil-validator".into(),
+            parent: hash.clone(),
+            state: hash.clone(),
+            included: vec![],
+            excluded: vec![],
+            scored: 0,
+        },
+        values: theta,
+    };
+    let expect = node.ctx.aggregate_expectation(&good, &idx, w);
+    vbucket.put(&accepted::aggregate_key(w), Bytes::from(accepted::encode(&expect, &obj).unwrap())).await.unwrap();
+    let node = Node::join(cfg("joiner-2"), chain.clone(), "").await.unwrap();
+    assert_eq!(node.window, w, "{}", node.origin);
+    assert!(node.origin.contains("verified checkpoint of window 2"), "{}", node.origin);
+    assert_eq!(node.state_hash, hash);
+}

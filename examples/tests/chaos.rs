@@ -47,7 +47,7 @@ impl Net {
             .current_dir(&self.dir)
             .args(["--devnet.dir", "devnet", "--devnet.block-ms", "1000", "--hparams", "hparams.toml"])
             .args(["--device", "cpu", "--wallet.hotkey", p.hotkey])
-            .args(["--bucket", &format!("s3://{bucket}?endpoint={}", self.s3)])
+            .args(["--bucket", &format!("s3://{bucket}?endpoint={}{}", self.s3, support::read_params())])
             .args(&p.extra)
             .env("RUST_LOG", "info")
             .env("BISTRO_S3_ACCESS_KEY_ID", support::ACCESS_KEY)
@@ -152,6 +152,12 @@ fn nodes() -> Vec<Proc> {
 fn check_on_lead_chain(net: &Net, procs: &[Proc], model: &ModelConfig) -> Vec<u64> {
     let chain = lead_chain(&net.dir.join("s3"));
     assert!(chain.len() >= 4, "the lead published almost nothing:\n{}", net.log("v0"));
+    // The network trained: several accepted sets included slices and moved the state.
+    let moved = (0..200)
+        .filter_map(|w| accepted_set(&net.dir.join("s3"), "bucket-v0", w))
+        .filter(|s| s["included"].as_array().is_some_and(|a| !a.is_empty()) && s["parent"] != s["state"])
+        .count();
+    assert!(moved >= 3, "only {moved} accepted sets moved the model:\n{}", net.log("v0"));
     let mut windows = Vec::new();
     for p in procs {
         let role = if p.bin == "validator" { "validators" } else { "miners" };

@@ -51,7 +51,7 @@ impl Net {
         if let Some(b) = bucket {
             let b = format!("bucket-{b}");
             std::fs::create_dir_all(self.dir.join("s3").join(&b)).expect("bucket dir");
-            c.args(["--bucket", &format!("s3://{b}?endpoint={}", self.s3)]);
+            c.args(["--bucket", &format!("s3://{b}?endpoint={}{}", self.s3, support::read_params())]);
         }
         c.spawn().expect("spawn")
     }

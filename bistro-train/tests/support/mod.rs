@@ -10,6 +10,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 pub const ACCESS_KEY: &str = "bistro-test";
 /// Secret of the in-process S3 server.
 pub const SECRET_KEY: &str = "bistro-test-secret";
+/// A second key of the server, published by nodes for peers' reads (`read_key` in the
+/// committed bucket URL).
+pub const READ_KEY: &str = "bistro-reader";
+/// Its secret (public by design: it is committed on chain).
+pub const READ_SECRET: &str = "bistro-reader-public";
+
+fn auth() -> s3s::auth::SimpleAuth {
+    let mut a = s3s::auth::SimpleAuth::new();
+    a.register(ACCESS_KEY.into(), SECRET_KEY.into());
+    a.register(READ_KEY.into(), READ_SECRET.into());
+    a
+}
+
+/// The query suffix that publishes the read key in a bucket URL.
+pub fn read_params() -> String {
+    format!("&read_key={READ_KEY}&read_secret={READ_SECRET}")
+}
 
 /// An `s3s-fs` server (a real S3 implementation that checks SigV4 signatures) serving the
 /// directory `root` on a free loopback port; a bucket is a directory under `root`.
@@ -21,7 +38,7 @@ pub async fn start_s3s_fs(root: &Path) -> SocketAddr {
 pub async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
     let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    builder.set_auth(auth());
     let service = builder.build();
     let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -10,7 +10,8 @@
 
 use std::path::PathBuf;
 
-use bistro_examples::devnet::{DevnetOptions, Strategy, run_in_process};
+use bistro_examples::devnet::{DevnetOptions, Strategy, WindowHook, WindowReport, run_in_process};
+use bistro_train::status::{ScoreEntry, StatusBoard};
 use clap::Parser;
 
 /// Run a local BISTRO network with honest and cheating miners.
@@ -33,7 +34,8 @@ struct Cli {
     #[arg(long, default_value_t = 8)]
     compression: usize,
     /// Cheating miners to add, comma separated: idle, zeros, noise, copycat, stale,
-    /// wrong-pages, lazy, poison, early (or `all`).
+    /// wrong-pages, lazy, poison, early, split-view, stall, bounded-poison, backdoor, bias,
+    /// sybil-zero, sample-aware (or `all`).
     #[arg(long, value_delimiter = ',')]
     adversaries: Vec<String>,
     /// Working directory (wiped at start).
@@ -45,6 +47,10 @@ struct Cli {
     /// Write the SVG plot here [default: <dir>/report.svg].
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Serve the simulated network's live page (/), /status.json and /metrics here while it
+    /// runs (e.g. 127.0.0.1:9616).
+    #[arg(long)]
+    serve: Option<std::net::SocketAddr>,
 }
 
 #[global_allocator]
@@ -75,6 +81,45 @@ async fn run() -> anyhow::Result<()> {
     opts.model = cli.model.clone();
     opts.compression = cli.compression;
     opts.adversaries = adversaries;
+    if let Some(addr) = cli.serve {
+        let board = StatusBoard::new("devnet", "whole network (lead's view)", opts.hparams.blocks_per_window);
+        let render = bistro_train::status::install_prometheus(std::time::Duration::from_secs(3600))
+            .map_err(anyhow::Error::msg)?;
+        let bound = bistro_train::status::serve(addr, board.clone(), render).await?;
+        println!("live page: http://{bound}/");
+        let b = board.clone();
+        opts.on_window = Some(WindowHook(std::sync::Arc::new(move |r: &WindowReport| {
+            b.window(r.window, |w| {
+                w.heldout_loss = Some(r.heldout_loss);
+                w.reference_loss = Some(r.reference_loss);
+                w.outcome = Some(if r.forks == 0 { "applied".into() } else { format!("{} forked", r.forks) });
+                w.included = Some(r.accepted.len());
+                w.excluded = Some(r.rejected.len());
+            });
+            b.update(|s| {
+                s.window = r.window + 1;
+                s.chain_window = r.window + 1;
+                s.phase = "lockstep".into();
+                s.scores = r
+                    .miners
+                    .iter()
+                    .map(|m| ScoreEntry {
+                        uid: m.uid,
+                        hotkey: m.hotkey.clone(),
+                        status: format!("{} ({})", m.status, m.strategy.name()),
+                        e: m.e,
+                        score: 0.0,
+                        ema: 0.0,
+                        weight: m.weight,
+                    })
+                    .collect();
+            });
+            for (_, reason) in &r.rejected {
+                b.count(&format!("excluded: {reason}"), 1);
+            }
+            b.count("included slices", r.accepted.len() as u64);
+        })));
+    }
     let report = run_in_process(&opts).await?;
     println!("{}", report.summary());
     if let Some(p) = &cli.report {

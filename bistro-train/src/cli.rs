@@ -204,6 +204,63 @@ impl NodeArgs {
     }
 }
 
+/// The terminal progress bar (window countdown), when one is shown.
+static BAR: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+
+/// Writes log lines to stderr, lifting the progress bar out of the way while it does.
+struct BarAwareStderr;
+
+impl std::io::Write for BarAwareStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match BAR.get() {
+            Some(bar) => bar.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Show a window countdown bar on a terminal (never under `--log-format json` or when
+/// stderr is not a TTY): the block within the window, the window, and how far the node's
+/// state is behind (catch-up). `state_window` reads the node's window.
+pub fn spawn_countdown(
+    format: LogFormat,
+    chain: std::sync::Arc<dyn bistro_chain::Chain>,
+    blocks_per_window: u64,
+    state_window: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    if format != LogFormat::Pretty || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return;
+    }
+    let bpw = blocks_per_window.max(1);
+    let bar = indicatif::ProgressBar::new(bpw);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] block {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let bar = BAR.get_or_init(|| bar).clone();
+    tokio::spawn(async move {
+        loop {
+            if let Ok(n) = chain.block_number().await {
+                let w = n / bpw;
+                let held = state_window.load(std::sync::atomic::Ordering::Relaxed);
+                bar.set_prefix(format!("window {w}"));
+                bar.set_position(n % bpw + 1);
+                bar.set_message(if w > held + 1 {
+                    format!("catching up: {} window(s) behind", w - held)
+                } else {
+                    String::new()
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    });
+}
+
 /// Install the `tracing` subscriber (`RUST_LOG` overrides the default `info` level).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
@@ -213,7 +270,7 @@ pub fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(|| BarAwareStderr);
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder.json().try_init(),

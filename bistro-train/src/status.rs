@@ -154,8 +154,14 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// Install the process-wide Prometheus recorder (series not updated for `idle` are dropped,
 /// which bounds per-hotkey label sets) and return its renderer.
 pub fn install_prometheus(idle: Duration) -> Result<Render, String> {
+    let buckets = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(idle))
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(crate::telemetry::PHASE_SECONDS.to_string()),
+            &buckets,
+        )
+        .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     crate::telemetry::describe();

@@ -132,3 +132,30 @@ pub fn miner_score(hotkey: &str, e: f64, score: f64, ema: f64, weight: f64) {
     gauge!(MINER_EMA, "hotkey" => h.clone()).set(ema);
     gauge!(MINER_WEIGHT, "hotkey" => h).set(weight);
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every series the Grafana dashboard queries is one this module records.
+    #[test]
+    fn dashboard_names_recorded_series() {
+        let dash = include_str!("../../docs/grafana/bistro.json");
+        let known = [
+            super::BLOCK, super::WINDOW, super::CHAIN_WINDOW, super::PHASE, super::CATCHUP_LAG, super::LOSS,
+            super::HELDOUT_LOSS, super::TOKENS_PER_SECOND, super::PHASE_SECONDS, super::BYTES_UP, super::BYTES_DOWN,
+            super::SLICES, super::DECISIONS, super::AGGREGATES, super::FORKS, super::REPAIRS, super::UPLOADS,
+            super::MINER_E, super::MINER_SCORE, super::MINER_EMA, super::MINER_WEIGHT, super::RECOMPUTED,
+        ];
+        let mut used = 0;
+        for (i, _) in dash.match_indices("bistro_") {
+            let name: String =
+                dash[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit()).collect();
+            let base = name.trim_end_matches("_bucket");
+            if base == "bistro_" || base == "bistro_node" {
+                continue;
+            }
+            assert!(known.contains(&base), "the dashboard queries {name}, which nothing records");
+            used += 1;
+        }
+        assert!(used >= 15, "the dashboard queries only {used} series");
+    }
+}

@@ -162,6 +162,18 @@ pub struct DevnetOptions {
     /// Fork this validator on purpose at this window (one wrong write into its state), to
     /// show the repair: `(validator index, window)`.
     pub fork_at: Option<(usize, u64)>,
+    /// Called after every window with its report (the live page of `--serve`).
+    pub on_window: Option<WindowHook>,
+}
+
+/// A callback that sees every window's report as the run goes.
+#[derive(Clone)]
+pub struct WindowHook(pub Arc<dyn Fn(&WindowReport) + Send + Sync>);
+
+impl std::fmt::Debug for WindowHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WindowHook")
+    }
 }
 
 impl DevnetOptions {
@@ -178,6 +190,7 @@ impl DevnetOptions {
             hparams: HParams { collect_budget_ms: 1_000, ..HParams::default() },
             heldout_pages: 8,
             fork_at: None,
+            on_window: None,
         }
     }
 }
@@ -703,6 +716,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             forks,
             honest_trained,
         });
+        if let (Some(hook), Some(r)) = (&opts.on_window, reports.last()) {
+            (hook.0)(r);
+        }
     }
     let lead_hash = validators[0].node().state_hash.clone();
     let identical = slots

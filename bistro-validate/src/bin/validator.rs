@@ -141,8 +141,17 @@ async fn run() -> anyhow::Result<()> {
         max_miners_per_window: cli.max_miners.max(1),
         heldout_pages: cli.heldout_pages,
     };
+    let (countdown_chain, bpw) = (chain.clone(), cfg.node.hparams.blocks_per_window);
     let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
     v.on_event(print_event);
+    let held = Arc::new(std::sync::atomic::AtomicU64::new(v.window()));
+    let h = held.clone();
+    v.on_event(move |e| {
+        if let ValidatorEvent::Followed(f) = e {
+            h.store(f.window() + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, held);
     if let Some(board) = board {
         v.on_event(move |e| record(&board, e));
     }

@@ -145,7 +145,8 @@ pub struct AggregateExpectation {
 impl AggregateExpectation {
     /// The largest object such an aggregate can be.
     pub fn max_bytes(&self) -> u64 {
-        8 + header_bound(&self.names, AGGREGATE_METADATA_BYTES) + 4 * self.lengths.iter().map(|&l| l as u64).sum::<u64>()
+        8 + header_bound(&self.names, AGGREGATE_METADATA_BYTES)
+            + 4 * self.lengths.iter().map(|&l| l as u64).sum::<u64>()
     }
 
     fn meta(&self, set: &AcceptedSet) -> Result<HashMap<String, String>, Rejection> {
@@ -292,7 +293,11 @@ mod tests {
             validator_permit: permit,
             incentive: 0.0,
         };
-        let mg = Metagraph { netuid: 1, block: 0, neurons: vec![n(0, 5, true), n(1, 9, false), n(2, 7, true), n(3, 7, true)] };
+        let mg = Metagraph {
+            netuid: 1,
+            block: 0,
+            neurons: vec![n(0, 5, true), n(1, 9, false), n(2, 7, true), n(3, 7, true)],
+        };
         let order: Vec<u16> = validators_by_stake(&mg).iter().map(|n| n.uid).collect();
         assert_eq!(order, vec![2, 3, 0]);
         assert_eq!(parse_aggregate_key(&aggregate_key(12)), Some(12));

@@ -163,6 +163,11 @@ impl NodeArgs {
         let hotkey = self.chain.hotkey(role)?;
         let device = self.device()?;
         let chain = self.chain.connect(role).await?;
+        if !self.chain.is_devnet() {
+            let newest = chain.block_number().await?;
+            let produced = chain.block_time_unix_ms(newest).await?;
+            check_finality_lag(hparams.upload_grace_secs, crate::node::now_ms(), produced)?;
+        }
         tracing::info!(
             "BISTRO {role} {hotkey} on {} (netuid {}), model {}, device {}",
             chain.describe(),
@@ -324,7 +329,8 @@ pub async fn start_status(
                     s.chain_window = n / bpw;
                     let behind = s.chain_window > s.window + 1;
                     if behind {
-                        s.banner = Some(format!("catching up: {} window(s) behind the chain", s.chain_window - s.window));
+                        s.banner =
+                            Some(format!("catching up: {} window(s) behind the chain", s.chain_window - s.window));
                         s.banner_level = Some("warn".into());
                     } else if s.banner.as_deref().is_some_and(|x| x.starts_with("catching up")) {
                         s.banner = None;
@@ -384,5 +390,49 @@ pub fn board_followed(board: &crate::status::StatusBoard, f: &crate::node::Follo
         for x in &set.excluded {
             board.count(&format!("excluded: {}", x.reason), 1);
         }
+    }
+}
+
+/// A node sees blocks only once they are final; the slice seed of a window exists on the
+/// best chain earlier. The upload grace must exceed that lag (observed as the age of the
+/// newest block this node can read), or miners who follow finality upload after the
+/// deadline while an attacker on the best head had the seed before them.
+pub fn check_finality_lag(upload_grace_secs: u64, now_ms: u64, newest_block_ms: u64) -> anyhow::Result<()> {
+    let lag_ms = now_ms.saturating_sub(newest_block_ms);
+    if lag_ms >= upload_grace_secs * 1000 {
+        anyhow::bail!(
+            "upload_grace_secs = {upload_grace_secs} s does not exceed the finality lag this node observes ({:.1} s \
+             since the newest final block): raise it in the network's hparams file",
+            lag_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Args {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    #[test]
+    fn a_secret_flag_never_shows_in_debug_output() {
+        let a =
+            Args::try_parse_from(["miner", "--s3.secret-key", "s3cr3t-flag-value", "--s3.access-key", "AKID"]).unwrap();
+        let shown = format!("{a:?} {:?}", a.node.bucket_options().unwrap());
+        assert!(!shown.contains("s3cr3t-flag-value"), "{shown}");
+        assert!(shown.contains("AKID"));
+    }
+
+    #[test]
+    fn the_upload_grace_must_exceed_the_finality_lag() {
+        assert!(check_finality_lag(3, 100_000, 99_000).is_ok());
+        let e = check_finality_lag(3, 100_000, 90_000).unwrap_err().to_string();
+        assert!(e.contains("upload_grace_secs = 3") && e.contains("10.0 s"), "{e}");
     }
 }

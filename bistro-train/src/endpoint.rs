@@ -17,8 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::client::{HttpClient, HttpConnector};
 use object_store::ClientOptions;
+use object_store::client::{HttpClient, HttpConnector};
 
 /// Whether `ip` is an address a peer must not make a node connect to: loopback, private,
 /// link-local (including the cloud metadata address 169.254.169.254), shared address space
@@ -83,7 +83,9 @@ pub fn check_literal(endpoint: &str) -> Result<(), EndpointError> {
     let host = match u.host() {
         Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
         Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
-        Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost") => {
+        Some(url::Host::Domain(d))
+            if d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost") =>
+        {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         }
         _ => return Ok(()),
@@ -133,9 +135,7 @@ impl HttpConnector for PeerConnector {
         if !self.allow_internal {
             b = b.dns_resolver(Arc::new(GuardedResolver));
         }
-        let client = b
-            .build()
-            .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
+        let client = b.build().map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
         Ok(HttpClient::new(client))
     }
 }

@@ -133,8 +133,10 @@ impl SyncContext {
         target: Option<u64>,
         chain_window: u64,
     ) -> Result<Rebuilt, HistoryError> {
-        let list =
-            bucket.list("checkpoint-").await.map_err(|source| HistoryError::Download { key: "checkpoint-*".into(), source })?;
+        let list = bucket
+            .list("checkpoint-")
+            .await
+            .map_err(|source| HistoryError::Download { key: "checkpoint-*".into(), source })?;
         let mut windows: Vec<u64> = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).collect();
         windows.sort_unstable_by(|a, b| b.cmp(a));
         windows.dedup();
@@ -170,7 +172,14 @@ impl SyncContext {
     }
 
     /// Apply `bucket`'s aggregates of windows `from..to` to `params` (hash `hash`), each link checked.
-    async fn replay(&self, bucket: &Bucket, params: Params, mut hash: String, from: u64, to: u64) -> Result<Rebuilt, HistoryError> {
+    async fn replay(
+        &self,
+        bucket: &Bucket,
+        params: Params,
+        mut hash: String,
+        from: u64,
+        to: u64,
+    ) -> Result<Rebuilt, HistoryError> {
         for w in from..to {
             let Some(obj) = self.aggregate_at(bucket, &params, w).await? else { continue };
             hash = apply_checked(&params, &self.indices(&params, w).await?, &obj, &hash)?;
@@ -213,7 +222,12 @@ impl SyncContext {
         self.replay(bucket, params, hash, c, target).await
     }
 
-    async fn aggregate_at(&self, bucket: &Bucket, params: &Params, w: u64) -> Result<Option<AggregateObject>, HistoryError> {
+    async fn aggregate_at(
+        &self,
+        bucket: &Bucket,
+        params: &Params,
+        w: u64,
+    ) -> Result<Option<AggregateObject>, HistoryError> {
         let idx = self.indices(params, w).await?;
         Ok(self.fetch_aggregate(bucket, params, &idx, w).await?.map(|(o, _)| o))
     }

@@ -16,8 +16,8 @@ use bytes::Bytes;
 
 use crate::accepted::{self, AcceptedSet, AggregateObject, state_hash, validators_by_stake};
 use crate::data::{Dataset, TextTokenizer};
-use crate::hparams::HParams;
 use crate::history::{HistoryError, apply_checked, short};
+use crate::hparams::HParams;
 use crate::state::{self, StateInfo};
 use crate::storage::{Bucket, BucketOptions};
 use crate::sync::{SyncContext, SyncError};
@@ -382,7 +382,12 @@ impl Node {
     /// aggregate, published to its bucket when the lead's is missing at the lead's cut-off.
     /// A parent mismatch is a fork: the node rebuilds its state from the publisher's
     /// verified history, then applies. State is saved; validators publish their history.
-    pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool, candidate: Option<Bytes>) -> Result<Followed, NodeError> {
+    pub async fn follow(
+        &mut self,
+        pace: Pace,
+        stop: &AtomicBool,
+        candidate: Option<Bytes>,
+    ) -> Result<Followed, NodeError> {
         let w = self.window;
         crate::telemetry::phase("follow");
         let started = std::time::Instant::now();
@@ -579,4 +584,3 @@ impl<E> Listeners<E> {
         }
     }
 }
-

@@ -94,7 +94,11 @@ pub fn load(
     if let Some(w) = window_in_weights(&weights)
         && w != info.window
     {
-        tracing::warn!(state_json = info.window, weights = w, "state.json lags the saved weights; using the weights' window");
+        tracing::warn!(
+            state_json = info.window,
+            weights = w,
+            "state.json lags the saved weights; using the weights' window"
+        );
         info.window = w;
     }
     Ok(Some((info, params)))

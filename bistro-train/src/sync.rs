@@ -164,12 +164,8 @@ impl SyncContext {
         let budget_end = tokio::time::Instant::now() + std::time::Duration::from_millis(budget_ms);
         let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid) && n.hotkey != skip_hotkey).map(|n| {
             let url = urls[&n.uid].clone();
-            let expect = slices::expectation(
-                params,
-                &indices,
-                self.meta(window, &n.hotkey),
-                self.hparams.max_slice_bytes,
-            );
+            let expect =
+                slices::expectation(params, &indices, self.meta(window, &n.hotkey), self.hparams.max_slice_bytes);
             let (uid, hotkey, permit) = (n.uid, n.hotkey.clone(), n.validator_permit);
             async move {
                 let fetch = async {
@@ -219,4 +215,3 @@ impl SyncContext {
         Ok(WindowSlices { window, seed, indices, theta_at_i, peers })
     }
 }
-

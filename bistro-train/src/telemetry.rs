@@ -140,10 +140,28 @@ mod tests {
     fn dashboard_names_recorded_series() {
         let dash = include_str!("../../docs/grafana/bistro.json");
         let known = [
-            super::BLOCK, super::WINDOW, super::CHAIN_WINDOW, super::PHASE, super::CATCHUP_LAG, super::LOSS,
-            super::HELDOUT_LOSS, super::TOKENS_PER_SECOND, super::PHASE_SECONDS, super::BYTES_UP, super::BYTES_DOWN,
-            super::SLICES, super::DECISIONS, super::AGGREGATES, super::FORKS, super::REPAIRS, super::UPLOADS,
-            super::MINER_E, super::MINER_SCORE, super::MINER_EMA, super::MINER_WEIGHT, super::RECOMPUTED,
+            super::BLOCK,
+            super::WINDOW,
+            super::CHAIN_WINDOW,
+            super::PHASE,
+            super::CATCHUP_LAG,
+            super::LOSS,
+            super::HELDOUT_LOSS,
+            super::TOKENS_PER_SECOND,
+            super::PHASE_SECONDS,
+            super::BYTES_UP,
+            super::BYTES_DOWN,
+            super::SLICES,
+            super::DECISIONS,
+            super::AGGREGATES,
+            super::FORKS,
+            super::REPAIRS,
+            super::UPLOADS,
+            super::MINER_E,
+            super::MINER_SCORE,
+            super::MINER_EMA,
+            super::MINER_WEIGHT,
+            super::RECOMPUTED,
         ];
         let mut used = 0;
         for (i, _) in dash.match_indices("bistro_") {

@@ -100,8 +100,12 @@ async fn endpoint_private() {
     let (url, _, conns) = recording_server(NOT_FOUND.to_string()).await;
     let port = url.rsplit(':').next().unwrap().to_string();
     let ctx = context(chain.clone(), &h, &model, false, false);
-    for ep in [url.clone(), format!("http://localhost:{port}"), format!("http://[::1]:{port}"), "http://169.254.169.254".into()]
-    {
+    for ep in [
+        url.clone(),
+        format!("http://localhost:{port}"),
+        format!("http://[::1]:{port}"),
+        "http://169.254.169.254".into(),
+    ] {
         match ctx.peer_bucket(&format!("s3://bkt?endpoint={ep}")) {
             Err(Rejection::Download(reason)) => assert!(reason.contains("internal address"), "{ep}: {reason}"),
             Err(other) => panic!("{ep}: unexpected rejection {other}"),
@@ -117,7 +121,11 @@ async fn endpoint_private() {
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let ws = ctx.collect(&params, w, "me").await.unwrap();
     let peer = ws.peers.iter().find(|p| p.hotkey == "ssrf-peer").expect("listed");
-    assert!(matches!(&peer.outcome, Err(Rejection::Download(r)) if r.contains("internal address")), "{:?}", peer.outcome);
+    assert!(
+        matches!(&peer.outcome, Err(Rejection::Download(r)) if r.contains("internal address")),
+        "{:?}",
+        peer.outcome
+    );
     assert_eq!(conns.load(Ordering::SeqCst), 0, "a connection reached the internal endpoint");
     // A name is checked by the client's own resolver when it connects.
     let name: reqwest::dns::Name = "localhost".parse().unwrap();
@@ -148,7 +156,11 @@ async fn no_foreign_credentials() {
     chain.set_commitment(1, "public-peer", &format!("s3://pub?endpoint={url}")).await.unwrap();
     chain.ensure_registered(1, "keyed-peer", 0).await.unwrap();
     chain
-        .set_commitment(1, "keyed-peer", &format!("s3://keyed?endpoint={url}&read_key=READER-KEY&read_secret=public-read"))
+        .set_commitment(
+            1,
+            "keyed-peer",
+            &format!("s3://keyed?endpoint={url}&read_key=READER-KEY&read_secret=public-read"),
+        )
         .await
         .unwrap();
     let ctx = context(chain.clone(), &h, &model, false, true);
@@ -241,7 +253,13 @@ async fn checkpoint_from_future() {
     let good = genesis.deep_clone().unwrap();
     good.scatter(0, &[5], &[0.25]).unwrap();
     let hash = state_hash(&good).unwrap();
-    vbucket.put(&bistro_train::state::checkpoint_key(w), Bytes::from(bistro_train::state::checkpoint_bytes(&good, w).unwrap())).await.unwrap();
+    vbucket
+        .put(
+            &bistro_train::state::checkpoint_key(w),
+            Bytes::from(bistro_train::state::checkpoint_bytes(&good, w).unwrap()),
+        )
+        .await
+        .unwrap();
     let idx = node.ctx.indices(&good, w).await.unwrap();
     let theta = bistro_train::slices::gather_params(&good, &idx).unwrap();
     let obj = AggregateObject {

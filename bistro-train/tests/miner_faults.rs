@@ -109,7 +109,9 @@ async fn miner_carries_on_through_bucket_chain_and_peer_faults() {
     // garbage never reaches the miner (under protocol v2 miners read no peer slices).
     let followed = ev
         .iter()
-        .filter(|e| matches!(e, MinerEvent::Followed(Followed::NoUpdate { reason, .. }) if reason.contains("no validator")))
+        .filter(
+            |e| matches!(e, MinerEvent::Followed(Followed::NoUpdate { reason, .. }) if reason.contains("no validator")),
+        )
         .count();
     assert!(followed >= 5, "windows not followed:\n{text}");
     assert!(summary.windows_merged >= 5, "{text}");

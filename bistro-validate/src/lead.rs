@@ -43,7 +43,8 @@ impl NormHistory {
 
     /// The median of every recorded norm, if any.
     pub fn median(&self, extra: &[f64]) -> Option<f64> {
-        let mut all: Vec<f64> = self.windows.iter().flat_map(|(_, n)| n.iter().copied()).chain(extra.iter().copied()).collect();
+        let mut all: Vec<f64> =
+            self.windows.iter().flat_map(|(_, n)| n.iter().copied()).chain(extra.iter().copied()).collect();
         if all.is_empty() {
             return None;
         }
@@ -103,11 +104,13 @@ pub fn decide(
         .filter_map(|(hk, _)| norms.get(hk).copied())
         .collect();
     let reference = history.median(&honest_now);
-    let mut d = Decision { contributions: Vec::new(), included: Vec::new(), excluded: Vec::new(), scored: by_hotkey.len() };
+    let mut d =
+        Decision { contributions: Vec::new(), included: Vec::new(), excluded: Vec::new(), scored: by_hotkey.len() };
     let mut peers: Vec<_> = ws.peers.iter().collect();
     peers.sort_by(|a, b| a.hotkey.cmp(&b.hotkey));
     for p in peers {
-        let exclude = |reason: &str, detail: String| Excluded { hotkey: p.hotkey.clone(), reason: reason.into(), detail };
+        let exclude =
+            |reason: &str, detail: String| Excluded { hotkey: p.hotkey.clone(), reason: reason.into(), detail };
         let values = match &p.outcome {
             Ok(v) => v,
             Err(r) => {
@@ -120,10 +123,16 @@ pub fn decide(
             Some(r) if r.e <= h.honest_tolerance => Ok(Some(r.e)),
             Some(r) => Err(exclude(
                 "dishonest",
-                format!("e = {:.3e} > tolerance {} (score {:.3})", r.e, h.honest_tolerance, honesty_score(r.e, h.honest_tolerance)),
+                format!(
+                    "e = {:.3e} > tolerance {} (score {:.3})",
+                    r.e,
+                    h.honest_tolerance,
+                    honesty_score(r.e, h.honest_tolerance)
+                ),
             )),
             None => {
-                let probation = || exclude("probation", "not yet scored honest; waits for its first recomputation".into());
+                let probation =
+                    || exclude("probation", "not yet scored honest; waits for its first recomputation".into());
                 match board.uids.values().find(|s| s.hotkey == p.hotkey) {
                     None => Err(probation()),
                     Some(s) if s.honest_windows == 0 => Err(probation()),

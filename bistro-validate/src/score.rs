@@ -49,8 +49,13 @@ impl Scoreboard {
     /// Fold a window score into the uid's EMA: `ema = alpha * ema + (1 - alpha) * score`;
     /// a uid whose hotkey changed starts again from 0 (and on probation).
     pub fn update(&mut self, uid: u16, hotkey: &str, window: u64, score: f64, alpha: f64) -> f64 {
-        let fresh =
-            || UidScore { hotkey: hotkey.to_string(), ema: 0.0, last_window: window, honest_windows: 0, penalty_until: 0 };
+        let fresh = || UidScore {
+            hotkey: hotkey.to_string(),
+            ema: 0.0,
+            last_window: window,
+            honest_windows: 0,
+            penalty_until: 0,
+        };
         let entry = self.uids.entry(uid).or_insert_with(fresh);
         if entry.hotkey != hotkey {
             *entry = fresh();

@@ -197,12 +197,26 @@ impl Scorer {
             let slice_flat: Vec<f32> = match peer.map(|p| &p.outcome) {
                 Some(Ok(values)) => values.iter().flatten().copied().collect(),
                 Some(Err(r)) => {
-                    out.push(MinerResult { uid: *uid, hotkey: hotkey.clone(), status: r.code().into(), r: f64::NAN, e: 1.0, recomputed: false });
+                    out.push(MinerResult {
+                        uid: *uid,
+                        hotkey: hotkey.clone(),
+                        status: r.code().into(),
+                        r: f64::NAN,
+                        e: 1.0,
+                        recomputed: false,
+                    });
                     continue;
                 }
                 None => {
                     let status = Rejection::Missing.code().into();
-                    out.push(MinerResult { uid: *uid, hotkey: hotkey.clone(), status, r: f64::NAN, e: 1.0, recomputed: false });
+                    out.push(MinerResult {
+                        uid: *uid,
+                        hotkey: hotkey.clone(),
+                        status,
+                        r: f64::NAN,
+                        e: 1.0,
+                        recomputed: false,
+                    });
                     continue;
                 }
             };
@@ -281,9 +295,9 @@ pub fn fold_scores(
             weight: 0.0,
         });
     }
-    board.uids.retain(|uid, s| {
-        mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey) && miners.iter().any(|(u, _)| u == uid)
-    });
+    board
+        .uids
+        .retain(|uid, s| mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey) && miners.iter().any(|(u, _)| u == uid));
     let weights = board.weights(h.temperature);
     for row in &mut rows {
         row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
@@ -434,7 +448,11 @@ impl Validator {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;
             if pace == Pace::Lockstep || now_ms() < final_cutoff {
                 for i in &decision.included {
-                    bistro_train::telemetry::decision(if i.e.is_some() { "included-recomputed" } else { "included-record" });
+                    bistro_train::telemetry::decision(if i.e.is_some() {
+                        "included-recomputed"
+                    } else {
+                        "included-record"
+                    });
                 }
                 for x in &decision.excluded {
                     bistro_train::telemetry::decision(&x.reason);

@@ -540,7 +540,8 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             };
             grads.push(g);
         }
-        let honest_trained = slots.iter().zip(&grads).filter(|(s, g)| s.strategy == Strategy::Honest && g.is_some()).count();
+        let honest_trained =
+            slots.iter().zip(&grads).filter(|(s, g)| s.strategy == Strategy::Honest && g.is_some()).count();
         // 2. The window ends: the seed exists; miners upload.
         chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(30)).await?;
         let seed = validators[0].node().ctx.seed(w).await?;
@@ -586,7 +587,10 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                         .iter()
                         .zip(gi.iter().zip(&r))
                         .map(|(t, (gg, rr))| {
-                            t.iter().zip(gg.iter().zip(rr)).map(|(&a, (&b, &x))| a - eta as f32 * b.abs() * x * 1.7).collect()
+                            t.iter()
+                                .zip(gg.iter().zip(rr))
+                                .map(|(&a, (&b, &x))| a - eta as f32 * b.abs() * x * 1.7)
+                                .collect()
                         })
                         .collect();
                     Some(encode(&v)?)
@@ -744,7 +748,10 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     let final_heldout_loss = mean_loss(v0, validators[0].node(), &heldout)?;
     let final_reference_loss = mean_loss(&reference, validators[0].node(), &heldout)?;
     let (backdoor_loss, backdoor_reference_loss) = if plan.contains(&Strategy::Backdoor) {
-        (Some(batch_loss(v0, validators[0].node(), &trigger)?), Some(batch_loss(&reference, validators[0].node(), &trigger)?))
+        (
+            Some(batch_loss(v0, validators[0].node(), &trigger)?),
+            Some(batch_loss(&reference, validators[0].node(), &trigger)?),
+        )
     } else {
         (None, None)
     };

@@ -101,7 +101,10 @@ fn lead_chain(s3_root: &Path) -> Vec<(u64, String)> {
         if let Some(set) = accepted_set(s3_root, "bucket-v0", w) {
             let parent = set["parent"].as_str().unwrap().to_string();
             if let Some(s) = &state {
-                assert_eq!(&parent, s, "aggregate of window {w} does not apply to the state before it: the lead's history broke");
+                assert_eq!(
+                    &parent, s,
+                    "aggregate of window {w} does not apply to the state before it: the lead's history broke"
+                );
             }
             out.push((w, parent));
             state = Some(set["state"].as_str().unwrap().to_string());

@@ -65,8 +65,8 @@ impl Net {
 fn saved_state(dir: &Path, model: &ModelConfig) -> (u64, String) {
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).expect("state.json")).expect("json");
-    let params =
-        bistro_model::load_safetensors(&dir.join("model.safetensors"), model, &candle_core::Device::Cpu).expect("model");
+    let params = bistro_model::load_safetensors(&dir.join("model.safetensors"), model, &candle_core::Device::Cpu)
+        .expect("model");
     (info["window"].as_u64().expect("window"), bistro_train::accepted::state_hash(&params).expect("hash"))
 }
 
@@ -149,7 +149,8 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
             windows.push((w, set));
         }
     }
-    let stalled = windows.iter().filter(|(_, s)| s.to_string().contains("\"stall-peer\",\"reason\":\"timeout\"")).count();
+    let stalled =
+        windows.iter().filter(|(_, s)| s.to_string().contains("\"stall-peer\",\"reason\":\"timeout\"")).count();
     assert!(stalled >= 3, "the stall peer was not cut off by the budget: {windows:?}");
     let sv_included = windows.iter().filter(|(_, s)| s["included"].to_string().contains("default-sv")).count();
     assert!(sv_included >= 1, "the split-view miner's slice never reached the lead: {windows:?}");
@@ -157,7 +158,8 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     // Every honest node's saved state is exactly what the lead's aggregates name.
     for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
         let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
-        let named = (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
+        let named =
+            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
         if let Some(expected) = named {
             assert_eq!(Some(hash.as_str()), expected.as_str(), "{hk} at window {w} is not on the lead's chain:\n{all}");
         }

@@ -88,7 +88,8 @@ async fn run() -> anyhow::Result<()> {
     let node = cli.node;
     let (cfg, chain): (MinerConfig, _) = node.prepare("miner", 0).await?;
     let state_dir = cfg.state_dir.clone();
-    let board = bistro_train::cli::start_status(node.metrics_addr, "miner", &cfg.hotkey, &cfg.hparams, chain.clone()).await?;
+    let board =
+        bistro_train::cli::start_status(node.metrics_addr, "miner", &cfg.hotkey, &cfg.hparams, chain.clone()).await?;
     let (countdown_chain, bpw) = (chain.clone(), cfg.hparams.blocks_per_window);
     let mut miner = Miner::new(cfg, chain).await.context("cannot start the miner")?;
     miner.on_event(print_event);

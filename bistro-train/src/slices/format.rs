@@ -136,7 +136,9 @@ pub(crate) fn parse_bounded(bytes: &[u8], max_bytes: u64, max_header: u64) -> Re
     };
     let n = u64::from_le_bytes([len[0], len[1], len[2], len[3], len[4], len[5], len[6], len[7]]);
     if n > max_header {
-        return Err(Rejection::Malformed(format!("header of {n} bytes exceeds the bound of {max_header} for this object")));
+        return Err(Rejection::Malformed(format!(
+            "header of {n} bytes exceeds the bound of {max_header} for this object"
+        )));
     }
     let (n, header) = SafeTensors::read_metadata(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();

@@ -133,9 +133,14 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let node = cli.node;
     let (node_cfg, chain) = node.prepare("validator", cli.devnet_stake).await?;
-    let board =
-        bistro_train::cli::start_status(node.metrics_addr, "validator", &node_cfg.hotkey, &node_cfg.hparams, chain.clone())
-            .await?;
+    let board = bistro_train::cli::start_status(
+        node.metrics_addr,
+        "validator",
+        &node_cfg.hotkey,
+        &node_cfg.hparams,
+        chain.clone(),
+    )
+    .await?;
     let cfg = ValidatorConfig {
         node: node_cfg,
         max_miners_per_window: cli.max_miners.max(1),

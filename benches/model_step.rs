@@ -13,7 +13,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn step(c: &mut Criterion) {
-    bistro_train::process::tune();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { bistro_train::process::tune() };
     let dev = Device::Cpu;
     let mut group = c.benchmark_group("train_step_fwd_bwd");
     group.sample_size(10);

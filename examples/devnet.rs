@@ -57,7 +57,8 @@ struct Cli {
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    bistro_train::process::block_on(run())?
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { bistro_train::process::block_on(run()) }?
 }
 
 async fn run() -> anyhow::Result<()> {

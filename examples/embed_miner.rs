@@ -18,7 +18,8 @@ use bistro_train::{HParams, storage::BucketOptions};
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    bistro_train::process::block_on(run())? // tune(), then a tokio runtime
+    // tune(), then a tokio runtime. SAFETY: first thing in `main`, no other thread exists yet.
+    unsafe { bistro_train::process::block_on(run()) }?
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {

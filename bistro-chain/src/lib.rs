@@ -7,8 +7,10 @@
 //! * [`Chain`]: blocks and block hashes, the metagraph, commitments (bucket URLs), weights;
 //! * [`devnet::Devnet`]: a local chain in a directory, safe for several processes at once;
 //! * [`wallet`]: Bittensor wallet paths and hotkey files;
-//! * [`cli::ChainArgs`]: the Bittensor-style command-line options shared by every binary.
+//! * `cli::ChainArgs` (feature `cli`, on by default): the Bittensor-style command-line
+//!   options shared by every binary.
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod devnet;
 pub mod subtensor;

@@ -12,6 +12,7 @@
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
 pub mod accepted;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
 pub mod endpoint;
@@ -19,9 +20,11 @@ pub mod history;
 pub mod hparams;
 pub mod miner;
 pub mod node;
+#[cfg(feature = "cli")]
 pub mod process;
 pub mod slices;
 pub mod state;
+#[cfg(feature = "cli")]
 pub mod status;
 pub mod step;
 pub mod storage;

@@ -8,11 +8,15 @@
 //! ```ignore
 //! #[global_allocator]
 //! static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
-//! fn main() -> anyhow::Result<()> { bistro_train::process::block_on(run())? }
+//! fn main() -> anyhow::Result<()> {
+//!     // SAFETY: first thing in `main`, no other thread exists yet.
+//!     unsafe { bistro_train::process::block_on(run()) }?
+//! }
 //! ```
 //!
 //! ([`block_on`] applies [`tune`] before the runtime's threads exist; a program that starts
-//! its own threads calls [`tune`] first instead.)
+//! its own threads calls [`tune`] first instead.) Both are `unsafe`: they set an
+//! environment variable, which is only sound while the process has a single thread.
 
 pub use mimalloc::MiMalloc;
 
@@ -38,19 +42,27 @@ pub fn keep_freed_memory() {
 /// matrix products; measured on the `small` step with 2 cores: 1.30-1.34 s -> 1.19-1.22 s.
 pub const CANDLE_SPIN_LIMIT: u32 = 100;
 
-/// Applies [`keep_freed_memory`] and [`CANDLE_SPIN_LIMIT`]. Call it first thing in `main`,
-/// before any other thread starts (it sets an environment variable).
-pub fn tune() {
+/// Applies [`keep_freed_memory`] and [`CANDLE_SPIN_LIMIT`] (Candle reads the latter from the
+/// environment variable `CANDLE_BARRIER_POOL_SPIN_LIMIT`, which this sets when unset).
+///
+/// # Safety
+/// Sets an environment variable: call it first thing in `main`, while the process has a
+/// single thread (no other thread may read or write the environment concurrently).
+pub unsafe fn tune() {
     keep_freed_memory();
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        // SAFETY: called at the start of `main`, before other threads exist (documented).
+        // SAFETY: the caller guarantees the process is still single-threaded.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT.to_string()) };
     }
 }
 
 /// [`tune`], then runs `fut` to completion on a new multi-threaded tokio runtime: the `main`
 /// of an async binary, with the settings applied before any runtime thread starts.
-pub fn block_on<F: std::future::Future>(fut: F) -> std::io::Result<F::Output> {
-    tune();
+///
+/// # Safety
+/// As for [`tune`]: call it first thing in `main`, before any other thread exists.
+pub unsafe fn block_on<F: std::future::Future>(fut: F) -> std::io::Result<F::Output> {
+    // SAFETY: forwarded to the caller.
+    unsafe { tune() };
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fut))
 }

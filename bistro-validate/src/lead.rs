@@ -141,7 +141,7 @@ pub fn decide(
                     }
                     Some(_) => match reference {
                         None => Err(exclude("unverified", "no recent included norms to bound it by".into())),
-                        Some(m) if !(norm <= h.outlier_norm_factor * m) => Err(exclude(
+                        Some(m) if norm.is_nan() || norm > h.outlier_norm_factor * m => Err(exclude(
                             "outlier",
                             format!("update norm {norm:.3e} > {} x recent median {m:.3e}", h.outlier_norm_factor),
                         )),

@@ -96,7 +96,7 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     chain.ensure_registered(1, "stall-peer", 0).await.unwrap();
     chain.set_commitment(1, "stall-peer", &stall.bucket_url("bucket-stall")).await.unwrap();
 
-    let mut children = vec![
+    let mut children = [
         net.spawn("validator", "v0", Some("v0"), &["--devnet.stake", "2000", "--max-windows", "5"]),
         net.spawn("validator", "v1", Some("v1"), &["--devnet.stake", "1000", "--max-windows", "5"]),
         net.spawn("miner", "m1", Some("m1"), &["--max-windows", "7"]),
@@ -117,9 +117,9 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     }
     // Wait for both validators to finish their windows.
     let deadline = Instant::now() + Duration::from_secs(240);
-    for i in 0..2 {
+    for (i, child) in children.iter_mut().enumerate().take(2) {
         loop {
-            if let Some(s) = children[i].try_wait().unwrap() {
+            if let Some(s) = child.try_wait().unwrap() {
                 assert!(s.success(), "validator v{i} failed:\n{}", net.log(&format!("v{i}")));
                 break;
             }

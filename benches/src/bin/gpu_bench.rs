@@ -89,7 +89,8 @@ fn train(r: &Run) -> BoxResult<f64> {
 }
 
 fn main() -> BoxResult<()> {
-    bistro_train::process::tune();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { bistro_train::process::tune() };
     if std::env::args().any(|a| a == "--cpu-smoke") {
         let run = Run {
             dev: &Device::Cpu,

@@ -25,7 +25,8 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    bistro_train::process::tune();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { bistro_train::process::tune() };
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: &str| -> String {
         args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())

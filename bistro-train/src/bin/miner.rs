@@ -80,7 +80,8 @@ fn record(board: &bistro_train::status::StatusBoard, e: &MinerEvent) {
 static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    bistro_train::process::block_on(run())?
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { bistro_train::process::block_on(run()) }?
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -34,6 +34,16 @@ pub struct Subtensor {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Subtensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subtensor")
+            .field("endpoint", &self.endpoint)
+            .field("signer", &self.signer.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 type ConnectFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, String>> + Send>,
 >;

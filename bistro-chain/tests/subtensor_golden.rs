@@ -365,7 +365,7 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
 #[tokio::test]
 async fn unreachable_endpoint_is_a_clear_error_within_the_timeout() {
     let start = std::time::Instant::now();
-    let e = Subtensor::connect("ws://127.0.0.1:9", None, Duration::from_secs(2)).await.err().expect("must fail");
+    let e = Subtensor::connect("ws://127.0.0.1:9", None, Duration::from_secs(2)).await.expect_err("must fail");
     assert!(start.elapsed() < Duration::from_secs(10));
     let text = e.to_string();
     assert!(text.contains("127.0.0.1:9") && text.contains("cannot connect"), "{text}");

@@ -95,6 +95,12 @@ pub struct MappedSafetensors {
     mmap: memmap2::Mmap,
 }
 
+impl std::fmt::Debug for MappedSafetensors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedSafetensors").field("path", &self.path).field("bytes", &self.mmap.len()).finish()
+    }
+}
+
 impl MappedSafetensors {
     /// Map `path` read-only.
     pub fn open(path: &Path) -> Result<Self> {

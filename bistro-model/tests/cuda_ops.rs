@@ -27,7 +27,7 @@ fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            println!("skipping the GPU comparison: no usable CUDA device ({e})");
+            eprintln!("SKIPPED the GPU comparison: no usable CUDA device ({e})");
             None
         }
     }

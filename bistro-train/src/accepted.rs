@@ -9,7 +9,7 @@
 //!
 //! A node applies an aggregate only when its own state hash equals the aggregate's
 //! `parent`; a mismatch is a fork, repaired from the publisher's verified checkpoint and
-//! aggregates ([`crate::node::Node::repair_from`]).
+//! aggregates ([`crate::history`], in [`crate::node::Node::follow`]).
 
 use std::collections::HashMap;
 

@@ -18,6 +18,8 @@ pub enum LogFormat {
 }
 
 /// Options every BISTRO node takes.
+// The doc comments are also `--help` text, where `<hotkey>` reads as a placeholder.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Clone, Debug, clap::Args)]
 pub struct NodeArgs {
     /// Chain and wallet.

@@ -565,6 +565,12 @@ pub type Listener<E> = Arc<dyn Fn(&E) + Send + Sync>;
 /// Callbacks that observe a node's events (`Miner::on_event`, `Validator::on_event`).
 pub struct Listeners<E>(Vec<Listener<E>>);
 
+impl<E> std::fmt::Debug for Listeners<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Listeners({})", self.0.len())
+    }
+}
+
 impl<E> Default for Listeners<E> {
     fn default() -> Self {
         Listeners(Vec::new())

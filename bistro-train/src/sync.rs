@@ -51,6 +51,20 @@ pub struct SyncContext {
     pub concurrency: usize,
 }
 
+impl std::fmt::Debug for SyncContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncContext")
+            .field("chain", &self.chain.describe())
+            .field("netuid", &self.netuid)
+            .field("hparams_hash", &self.hparams_hash)
+            .field("model_hash", &self.model_hash)
+            .field("bucket_options", &self.bucket_options)
+            .field("allow_local_buckets", &self.allow_local_buckets)
+            .field("allow_private_endpoints", &self.allow_private_endpoints)
+            .finish()
+    }
+}
+
 /// One peer's slice for a window, valid or rejected.
 #[derive(Clone, Debug)]
 pub struct PeerSlice {

@@ -154,6 +154,17 @@ pub struct Scorer {
     pub micro_batch_rows: usize,
 }
 
+impl std::fmt::Debug for Scorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scorer")
+            .field("hparams_hash", &self.hparams.hash())
+            .field("dataset", &self.dataset.describe())
+            .field("device", &self.device)
+            .field("micro_batch_rows", &self.micro_batch_rows)
+            .finish()
+    }
+}
+
 /// The raw result of scoring one miner.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MinerResult {

@@ -25,10 +25,8 @@ fn spawn(bin: &Path, dir: &Path, args: &[&str], log: &str) -> Child {
 
 #[test]
 fn miner_and_validator_binaries_work_together() {
-    let Some(miner) = miner_binary() else {
-        eprintln!("skipped: the miner binary is not built next to the validator (run `cargo test --workspace`)");
-        return;
-    };
+    let miner =
+        miner_binary().expect("the miner binary is not built next to the validator: run `cargo test --workspace`");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     bistro_train::hparams::write_test_network(dir, |h| h.windows_per_weights = 1).unwrap();

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 /// One line series.
+#[derive(Debug)]
 pub struct Series<'a> {
     /// Legend label.
     pub label: &'a str,

@@ -13,7 +13,7 @@
 //!
 //! [`cpu::diff_norms`] is the default (vectorisable, multi-threaded, deterministic: fixed
 //! blocks of [`BLOCK`] coordinates summed in f32 lanes, blocks combined in f64 in order).
-//! With the `cuda` feature, [`cuda::CudaDiffNorm`] runs the same computation on a GPU
+//! With the `cuda` feature, `cuda::CudaDiffNorm` runs the same computation on a GPU
 //! (NVRTC-compiled at run time, one thread block per chunk, fixed-order reduction).
 //! This crate is a leaf: it knows nothing of models or networks.
 

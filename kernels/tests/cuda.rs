@@ -29,7 +29,7 @@ fn nvrtc_compiles_the_kernel() {
             assert!(ptx.contains(".target sm_90"), "PTX must target sm_90 for driver 580");
         }
         // The library itself is missing (a cuda build run without the toolkit's libraries).
-        Err(e) if e.to_string().contains("load") => eprintln!("skipped: NVRTC is not available ({e})"),
+        Err(e) if e.to_string().contains("load") => eprintln!("SKIPPED: NVRTC is not available ({e})"),
         Err(e) => panic!("the CUDA source does not compile: {e}"),
     }
 }
@@ -39,7 +39,7 @@ fn cuda_kernel_matches_cpu() {
     let gpu = match CudaDiffNorm::new(0) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("skipped: no usable CUDA device ({e})");
+            eprintln!("SKIPPED: no usable CUDA device ({e})");
             return;
         }
     };

@@ -5,12 +5,12 @@ use bistro_model::ModelConfig;
 use candle_core::{Device, Tensor};
 
 /// A micro model with grouped-query attention (4 query heads, 2 kv heads).
-pub fn micro_gqa() -> ModelConfig {
+pub(crate) fn micro_gqa() -> ModelConfig {
     ModelConfig::new(97, 32, 48, 2, 4, 2, 32, 1e-5)
 }
 
 /// Deterministic pseudo-random token ids `[b, t]` below `vocab`.
-pub fn tokens(b: usize, t: usize, vocab: usize, salt: u64) -> Tensor {
+pub(crate) fn tokens(b: usize, t: usize, vocab: usize, salt: u64) -> Tensor {
     let mut x = salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let v: Vec<u32> = (0..b * t)
         .map(|_| {
@@ -22,6 +22,6 @@ pub fn tokens(b: usize, t: usize, vocab: usize, salt: u64) -> Tensor {
 }
 
 /// Labels equal to the inputs (Hugging Face convention), as i64.
-pub fn labels_of(ids: &Tensor) -> Tensor {
+pub(crate) fn labels_of(ids: &Tensor) -> Tensor {
     ids.to_dtype(candle_core::DType::I64).unwrap()
 }

@@ -7,14 +7,14 @@ use std::path::Path;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// Access key and secret of the in-process S3 server.
-pub const ACCESS_KEY: &str = "bistro-test";
+pub(crate) const ACCESS_KEY: &str = "bistro-test";
 /// Secret of the in-process S3 server.
-pub const SECRET_KEY: &str = "bistro-test-secret";
+pub(crate) const SECRET_KEY: &str = "bistro-test-secret";
 /// A second key of the server, published by nodes for peers' reads (`read_key` in the
 /// committed bucket URL).
-pub const READ_KEY: &str = "bistro-reader";
+pub(crate) const READ_KEY: &str = "bistro-reader";
 /// Its secret (public by design: it is committed on chain).
-pub const READ_SECRET: &str = "bistro-reader-public";
+pub(crate) const READ_SECRET: &str = "bistro-reader-public";
 
 fn auth() -> s3s::auth::SimpleAuth {
     let mut a = s3s::auth::SimpleAuth::new();
@@ -24,18 +24,18 @@ fn auth() -> s3s::auth::SimpleAuth {
 }
 
 /// The query suffix that publishes the read key in a bucket URL.
-pub fn read_params() -> String {
+pub(crate) fn read_params() -> String {
     format!("&read_key={READ_KEY}&read_secret={READ_SECRET}")
 }
 
 /// An `s3s-fs` server (a real S3 implementation that checks SigV4 signatures) serving the
 /// directory `root` on a free loopback port; a bucket is a directory under `root`.
-pub async fn start_s3s_fs(root: &Path) -> SocketAddr {
+pub(crate) async fn start_s3s_fs(root: &Path) -> SocketAddr {
     start_s3s_fs_at(root, "127.0.0.1:0".parse().expect("addr")).await
 }
 
 /// Like [`start_s3s_fs`] on a given address (to bring a server back on a known port).
-pub async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
+pub(crate) async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
     let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(auth());
@@ -57,7 +57,7 @@ pub async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
 
 /// Like [`start_s3s_fs_at`], stoppable: aborting the returned task closes the listener and
 /// every open connection (an S3 outage).
-pub async fn start_s3s_fs_stoppable(root: &Path, at: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+pub(crate) async fn start_s3s_fs_stoppable(root: &Path, at: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(auth());
@@ -80,7 +80,7 @@ pub async fn start_s3s_fs_stoppable(root: &Path, at: SocketAddr) -> (SocketAddr,
 
 /// A fake S3 endpoint that answers every request with headers for a 1 MB object and then
 /// closes the connection after a few bytes: a server dying mid-download.
-pub async fn start_dying_server() -> SocketAddr {
+pub(crate) async fn start_dying_server() -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

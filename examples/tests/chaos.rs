@@ -7,19 +7,13 @@
 
 mod support;
 
+use support::{accepted_set, binary, saved_state};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bistro_model::ModelConfig;
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} is not built: run `cargo test --workspace` (it builds the binaries)", bin.display());
-    bin
-}
 
 struct Proc {
     bin: &'static str,
@@ -70,25 +64,6 @@ impl Net {
     fn log(&self, hotkey: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{hotkey}.log"))).unwrap_or_default()
     }
-}
-
-fn saved_state(dir: &Path, model: &ModelConfig) -> (u64, String) {
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).expect("state.json")).expect("json");
-    let params = bistro_model::load_safetensors(&dir.join("model.safetensors"), model, &candle_core::Device::Cpu)
-        .expect("the saved model loads");
-    let _ = info["window"].as_u64().expect("window");
-    // The window atomic with the weights (state.json may lag it after a kill).
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let w = meta.metadata().as_ref().unwrap()["bistro_window"].parse().unwrap();
-    (w, bistro_train::accepted::state_hash(&params).expect("hash"))
-}
-
-fn accepted_set(s3_root: &Path, bucket: &str, window: u64) -> Option<serde_json::Value> {
-    let bytes = std::fs::read(s3_root.join(bucket).join(format!("aggregate-{window}.safetensors"))).ok()?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    serde_json::from_str(meta.metadata().as_ref()?.get("accepted")?).ok()
 }
 
 /// The lead's published history, checked link by link: each aggregate applies to the state

@@ -12,7 +12,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use support::{accepted_set, binary, saved_state};
+
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,16 +22,6 @@ use std::time::{Duration, Instant};
 use bistro_chain::Chain;
 use bistro_chain::devnet::Devnet;
 use bistro_examples::hostile::Endpoint;
-use bistro_model::ModelConfig;
-
-fn binary(name: &str) -> PathBuf {
-    // Integration tests run from target/<profile>/deps; the workspace's binaries sit one up.
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} is not built: run `cargo test --workspace` (it builds the binaries)", bin.display());
-    bin
-}
 
 struct Net {
     dir: PathBuf,
@@ -59,22 +51,6 @@ impl Net {
     fn log(&self, hotkey: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{hotkey}.log"))).unwrap_or_default()
     }
-}
-
-/// The state hash a node's saved state has, and the window it belongs to.
-fn saved_state(dir: &Path, model: &ModelConfig) -> (u64, String) {
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).expect("state.json")).expect("json");
-    let params = bistro_model::load_safetensors(&dir.join("model.safetensors"), model, &candle_core::Device::Cpu)
-        .expect("model");
-    (info["window"].as_u64().expect("window"), bistro_train::accepted::state_hash(&params).expect("hash"))
-}
-
-/// The accepted set (JSON) of the lead's aggregate of `window`, from its bucket on disk.
-fn accepted_set(s3_root: &Path, bucket: &str, window: u64) -> Option<serde_json::Value> {
-    let bytes = std::fs::read(s3_root.join(bucket).join(format!("aggregate-{window}.safetensors"))).ok()?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    serde_json::from_str(meta.metadata().as_ref()?.get("accepted")?).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,11 @@ pub struct ChainArgs {
     /// Block time of a newly created devnet, in milliseconds.
     #[arg(long = "devnet.block-ms", default_value_t = DEFAULT_BLOCK_TIME.as_millis() as u64)]
     pub devnet_block_ms: u64,
+
+    /// Create the devnet with commit-reveal weights, as new Bittensor subnets have: weights
+    /// are committed timelocked to the devnet's beacon and revealed this many blocks later.
+    #[arg(long = "devnet.commit-reveal", value_name = "BLOCKS")]
+    pub devnet_commit_reveal: Option<u64>,
 }
 
 impl ChainArgs {
@@ -103,7 +108,11 @@ impl ChainArgs {
     /// wallet (with `default_hotkey` when `--wallet.hotkey` is absent) signs extrinsics.
     pub async fn connect(&self, default_hotkey: &str) -> Result<Arc<dyn Chain>> {
         if self.is_devnet() {
-            let d = Devnet::open(&self.devnet_dir, Duration::from_millis(self.devnet_block_ms.max(1)))?;
+            let block_time = Duration::from_millis(self.devnet_block_ms.max(1));
+            let d = match self.devnet_commit_reveal {
+                Some(blocks) => Devnet::open_with_commit_reveal(&self.devnet_dir, block_time, blocks)?,
+                None => Devnet::open(&self.devnet_dir, block_time)?,
+            };
             return Ok(Arc::new(d));
         }
         let endpoint = self.endpoint()?;

@@ -10,6 +10,13 @@
 //!   several processes can share it and a killed process never leaves it half-written.
 //! * **Registration**: hotkeys register themselves (`ensure_registered`), with the stake
 //!   they ask for; stake > 0 gives a validator permit.
+//! * **Commit-reveal** (optional, [`Devnet::open_with_commit_reveal`]): like subtensor,
+//!   `set_weights` is refused and validators commit their weights timelocked to a beacon
+//!   round. The devnet's beacon is a BLS key of its own that "signs" round `r` when block `r`
+//!   exists; a commit is revealed with the real decryption code
+//!   ([`crate::commit_reveal::decrypt`]) once its round is due, and its weights applied. A
+//!   commit that does not decrypt with its round's signature (another round, tampered) or
+//!   whose payload names another hotkey is rejected, never applied.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,7 +27,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{BlockHash, Chain, ChainError, Metagraph, Neuron, Result};
+use crate::{BlockHash, Chain, ChainError, CommitRevealParams, Metagraph, Neuron, Result, WeightsMode};
 
 /// Most neurons a devnet subnet accepts.
 pub const MAX_NEURONS: usize = 256;
@@ -33,6 +40,33 @@ struct Subnet {
     commitments: BTreeMap<String, String>,
     /// Validator uid -> (block, [(uid, weight)]).
     weights: BTreeMap<u16, (u64, Vec<(u16, u16)>)>,
+    /// Timelocked weight commits waiting for their round.
+    #[serde(default)]
+    commits: Vec<PendingCommit>,
+    /// What happened to revealed commits, oldest first (bounded).
+    #[serde(default)]
+    reveals: Vec<RevealRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PendingCommit {
+    hotkey: String,
+    commit_hex: String,
+    reveal_round: u64,
+    committed_at: u64,
+}
+
+/// The outcome of one revealed commit on the devnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevealRecord {
+    /// The committing hotkey.
+    pub hotkey: String,
+    /// The round the commit named.
+    pub reveal_round: u64,
+    /// The block it was revealed at.
+    pub block: u64,
+    /// `applied`, or why it was rejected.
+    pub outcome: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -42,6 +76,12 @@ struct State {
     block_time_ms: u64,
     secret: String,
     subnets: BTreeMap<u16, Subnet>,
+    /// Commit-reveal: the beacon key's seed (hex) when on.
+    #[serde(default)]
+    beacon_seed: Option<String>,
+    /// Commit-reveal: blocks from a commit to its reveal.
+    #[serde(default)]
+    reveal_delay_blocks: u64,
 }
 
 /// A local devnet chain rooted at a directory.
@@ -51,6 +91,8 @@ pub struct Devnet {
     genesis_unix_ms: u64,
     block_time_ms: u64,
     secret: [u8; 32],
+    /// The beacon and reveal delay, when commit-reveal is on.
+    commit_reveal: Option<(crate::commit_reveal::DevnetBeacon, u64)>,
 }
 
 fn now_ms() -> u64 {
@@ -78,6 +120,17 @@ impl Devnet {
     /// Open the devnet in `dir`, creating it (with `block_time`) if it does not exist.
     /// An existing devnet keeps its own block time.
     pub fn open(dir: &Path, block_time: Duration) -> Result<Self> {
+        Self::open_inner(dir, block_time, None)
+    }
+
+    /// Like [`Devnet::open`], with commit-reveal weights on when the devnet is created:
+    /// commits are revealed `reveal_delay_blocks` blocks after they are made. An existing
+    /// devnet keeps its own settings.
+    pub fn open_with_commit_reveal(dir: &Path, block_time: Duration, reveal_delay_blocks: u64) -> Result<Self> {
+        Self::open_inner(dir, block_time, Some(reveal_delay_blocks.max(1)))
+    }
+
+    fn open_inner(dir: &Path, block_time: Duration, commit_reveal: Option<u64>) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| state_err(dir, format!("cannot create directory: {e}")))?;
         let path = dir.join("state.json");
         if !path.exists() {
@@ -90,9 +143,16 @@ impl Devnet {
                     block_time_ms: ms,
                     secret: fresh_secret(),
                     subnets: BTreeMap::new(),
+                    beacon_seed: commit_reveal.map(|_| fresh_secret()),
+                    reveal_delay_blocks: commit_reveal.unwrap_or(0),
                 };
                 write_state(&path, &st)?;
-                tracing::info!(dir = %dir.display(), block_time_ms = ms, "created a new local devnet");
+                tracing::info!(
+                    dir = %dir.display(),
+                    block_time_ms = ms,
+                    commit_reveal = commit_reveal.is_some(),
+                    "created a new local devnet"
+                );
             }
         }
         let st = read_state(&path)?;
@@ -103,11 +163,63 @@ impl Devnet {
         if st.block_time_ms == 0 {
             return Err(state_err(&path, "block_time_ms must be positive"));
         }
+        let commit_reveal = match &st.beacon_seed {
+            Some(seed) => {
+                let seed: [u8; 32] = hex::decode(seed)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| state_err(&path, "`beacon_seed` is not 32 hex bytes"))?;
+                Some((crate::commit_reveal::DevnetBeacon::from_seed(&seed), st.reveal_delay_blocks.max(1)))
+            }
+            None => None,
+        };
         Ok(Devnet {
             dir: dir.to_path_buf(),
             genesis_unix_ms: st.genesis_unix_ms,
             block_time_ms: st.block_time_ms,
             secret,
+            commit_reveal,
+        })
+    }
+
+    /// What happened to the revealed commits of `netuid` (after revealing any that are due).
+    pub fn reveals(&self, netuid: u16) -> Result<Vec<RevealRecord>> {
+        self.reveal_due()?;
+        Ok(self.read()?.subnets.get(&netuid).map(|s| s.reveals.clone()).unwrap_or_default())
+    }
+
+    /// Reveal every commit whose round is due: decrypt it with the beacon's signature of
+    /// its round, check the payload's hotkey, apply the weights. Writes only when one is due.
+    fn reveal_due(&self) -> Result<()> {
+        let Some((beacon, _)) = &self.commit_reveal else { return Ok(()) };
+        let block = self.current_block();
+        let due = |st: &State| st.subnets.values().any(|s| s.commits.iter().any(|c| c.reveal_round <= block));
+        if !due(&self.read()?) {
+            return Ok(());
+        }
+        self.update(|st| {
+            for (netuid, s) in st.subnets.iter_mut() {
+                let (ready, waiting): (Vec<PendingCommit>, Vec<PendingCommit>) =
+                    s.commits.drain(..).partition(|c| c.reveal_round <= block);
+                s.commits = waiting;
+                for c in ready {
+                    let outcome = reveal_one(s, *netuid, beacon, &c, block);
+                    match &outcome {
+                        Ok(()) => tracing::info!(netuid, hotkey = %c.hotkey, round = c.reveal_round, "revealed committed weights"),
+                        Err(e) => tracing::warn!(netuid, hotkey = %c.hotkey, round = c.reveal_round, error = %e, "commit rejected at reveal"),
+                    }
+                    s.reveals.push(RevealRecord {
+                        hotkey: c.hotkey.clone(),
+                        reveal_round: c.reveal_round,
+                        block,
+                        outcome: outcome.map(|()| "applied".to_string()).unwrap_or_else(|e| e),
+                    });
+                    if s.reveals.len() > 256 {
+                        s.reveals.remove(0);
+                    }
+                }
+            }
+            Ok(())
         })
     }
 
@@ -160,6 +272,67 @@ impl Devnet {
     }
 }
 
+/// Record `hotkey`'s weights on `s` at `block` and recompute incentives.
+fn apply_weights(s: &mut Subnet, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], block: u64) -> Result<()> {
+    let me = s.neurons.iter().find(|n| n.hotkey == hotkey).ok_or_else(|| ChainError::NotRegistered {
+        hotkey: hotkey.into(),
+        netuid,
+        hint: String::new(),
+    })?;
+    if !me.validator_permit {
+        return Err(ChainError::Weights(format!("{hotkey} has no validator permit (no stake)")));
+    }
+    if uids.len() != weights.len() {
+        return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
+    }
+    if let Some(bad) = uids.iter().find(|&&u| !s.neurons.iter().any(|n| n.uid == u)) {
+        return Err(ChainError::Weights(format!("uid {bad} is not registered")));
+    }
+    let uid = me.uid;
+    s.weights.insert(uid, (block, uids.iter().copied().zip(weights.iter().copied()).collect()));
+    // Incentive: the stake-weighted mean of the normalised weights.
+    let n = s.neurons.len();
+    let mut incentive = vec![0f64; n];
+    let mut total_stake = 0f64;
+    for (vuid, (_, ws)) in &s.weights {
+        let stake = s.neurons.iter().find(|x| x.uid == *vuid).map(|x| x.stake as f64).unwrap_or(0.0);
+        let sum: f64 = ws.iter().map(|&(_, w)| w as f64).sum();
+        if sum <= 0.0 || stake <= 0.0 {
+            continue;
+        }
+        total_stake += stake;
+        for &(u, w) in ws {
+            if let Some(slot) = incentive.get_mut(u as usize) {
+                *slot += stake * w as f64 / sum;
+            }
+        }
+    }
+    for nrn in s.neurons.iter_mut() {
+        nrn.incentive = if total_stake > 0.0 { incentive[nrn.uid as usize] / total_stake } else { 0.0 };
+    }
+    Ok(())
+}
+
+/// Reveal one due commit with the beacon's signature of its round (the chain's decryption),
+/// check that the payload names the committer, and apply its weights.
+fn reveal_one(
+    s: &mut Subnet,
+    netuid: u16,
+    beacon: &crate::commit_reveal::DevnetBeacon,
+    c: &PendingCommit,
+    block: u64,
+) -> std::result::Result<(), String> {
+    use parity_scale_codec::Decode;
+    let commit = hex::decode(&c.commit_hex).map_err(|e| format!("stored commit is not hex: {e}"))?;
+    let plain = crate::commit_reveal::decrypt(&commit, &beacon.sign(c.reveal_round)).map_err(|e| e.to_string())?;
+    let payload = crate::commit_reveal::WeightsTlockPayload::decode(&mut &plain[..])
+        .map_err(|e| format!("payload does not decode: {e}"))?;
+    if payload.hotkey != c.hotkey.as_bytes() {
+        return Err("the payload names another hotkey".into());
+    }
+    apply_weights(s, netuid, &c.hotkey, &payload.uids, &payload.values, block).map_err(|e| e.to_string())
+}
+
 fn read_state(path: &Path) -> Result<State> {
     let text = std::fs::read_to_string(path).map_err(|e| state_err(path, format!("cannot read: {e}")))?;
     let st: State = serde_json::from_str(&text).map_err(|e| {
@@ -208,6 +381,7 @@ impl Chain for Devnet {
     }
 
     async fn metagraph(&self, netuid: u16) -> Result<Metagraph> {
+        self.reveal_due()?;
         let st = self.read()?;
         let neurons = st.subnets.get(&netuid).map(|s| s.neurons.clone()).unwrap_or_default();
         Ok(Metagraph { netuid, block: self.current_block(), neurons })
@@ -239,7 +413,53 @@ impl Chain for Devnet {
         if uids.len() != weights.len() {
             return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
         }
+        if self.commit_reveal.is_some() {
+            return Err(ChainError::Weights(format!(
+                "CommitRevealEnabled: netuid {netuid} takes timelocked commits (commit_timelocked_weights), not set_weights"
+            )));
+        }
         let block = self.current_block();
+        self.update(|st| apply_weights(st.subnets.entry(netuid).or_default(), netuid, hotkey, uids, weights, block))
+    }
+
+    async fn weights_mode(&self, _netuid: u16) -> Result<WeightsMode> {
+        Ok(match &self.commit_reveal {
+            None => WeightsMode::Direct,
+            Some((beacon, delay)) => {
+                let round = self.current_block() + delay;
+                WeightsMode::CommitReveal(CommitRevealParams {
+                    reveal_round: round,
+                    reveal_block: round,
+                    beacon_public_key: beacon.public_key(),
+                    version: crate::commit_reveal::COMMIT_REVEAL_VERSION,
+                })
+            }
+        })
+    }
+
+    async fn commit_timelocked_weights(
+        &self,
+        netuid: u16,
+        hotkey: &str,
+        commit: &[u8],
+        reveal_round: u64,
+        version: u16,
+    ) -> Result<()> {
+        if self.commit_reveal.is_none() {
+            return Err(ChainError::Weights(format!("netuid {netuid}: commit-reveal is off on this devnet")));
+        }
+        if version != crate::commit_reveal::COMMIT_REVEAL_VERSION {
+            return Err(ChainError::Weights(format!("IncorrectCommitRevealVersion: {version}")));
+        }
+        if commit.len() > crate::commit_reveal::MAX_COMMIT_BYTES {
+            return Err(ChainError::Weights(format!("commit of {} bytes is too large", commit.len())));
+        }
+        let block = self.current_block();
+        if reveal_round <= block {
+            return Err(ChainError::Weights(format!(
+                "reveal round {reveal_round} is not in the future (block {block})"
+            )));
+        }
         self.update(|st| {
             let s = st.subnets.entry(netuid).or_default();
             let me = s.neurons.iter().find(|n| n.hotkey == hotkey).ok_or_else(|| ChainError::NotRegistered {
@@ -250,36 +470,21 @@ impl Chain for Devnet {
             if !me.validator_permit {
                 return Err(ChainError::Weights(format!("{hotkey} has no validator permit (no stake)")));
             }
-            if let Some(bad) = uids.iter().find(|&&u| !s.neurons.iter().any(|n| n.uid == u)) {
-                return Err(ChainError::Weights(format!("uid {bad} is not registered")));
+            if s.commits.iter().filter(|c| c.hotkey == hotkey).count() >= 10 {
+                return Err(ChainError::Weights(format!("{hotkey} has 10 unrevealed commits")));
             }
-            let uid = me.uid;
-            s.weights.insert(uid, (block, uids.iter().copied().zip(weights.iter().copied()).collect()));
-            // Incentive: the stake-weighted mean of the normalised weights.
-            let n = s.neurons.len();
-            let mut incentive = vec![0f64; n];
-            let mut total_stake = 0f64;
-            for (vuid, (_, ws)) in &s.weights {
-                let stake = s.neurons.iter().find(|x| x.uid == *vuid).map(|x| x.stake as f64).unwrap_or(0.0);
-                let sum: f64 = ws.iter().map(|&(_, w)| w as f64).sum();
-                if sum <= 0.0 || stake <= 0.0 {
-                    continue;
-                }
-                total_stake += stake;
-                for &(u, w) in ws {
-                    if let Some(slot) = incentive.get_mut(u as usize) {
-                        *slot += stake * w as f64 / sum;
-                    }
-                }
-            }
-            for nrn in s.neurons.iter_mut() {
-                nrn.incentive = if total_stake > 0.0 { incentive[nrn.uid as usize] / total_stake } else { 0.0 };
-            }
+            s.commits.push(PendingCommit {
+                hotkey: hotkey.to_string(),
+                commit_hex: hex::encode(commit),
+                reveal_round,
+                committed_at: block,
+            });
             Ok(())
         })
     }
 
     async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>> {
+        self.reveal_due()?;
         let st = self.read()?;
         Ok(st
             .subnets

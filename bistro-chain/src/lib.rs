@@ -7,11 +7,14 @@
 //! * [`Chain`]: blocks and block hashes, the metagraph, commitments (bucket URLs), weights;
 //! * [`devnet::Devnet`]: a local chain in a directory, safe for several processes at once;
 //! * [`wallet`]: Bittensor wallet paths and hotkey files;
+//! * [`commit_reveal`]: timelocked weight commits (subtensor's commit-reveal), and
+//!   [`submit_weights`], which sets weights the way a subnet takes them;
 //! * `cli::ChainArgs` (feature `cli`, on by default): the Bittensor-style command-line
 //!   options shared by every binary.
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod commit_reveal;
 pub mod devnet;
 pub mod subtensor;
 pub mod wallet;
@@ -139,6 +142,75 @@ fn async_stream<C: Chain + ?Sized>(
     })
 }
 
+/// How a subnet takes weights now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WeightsMode {
+    /// `set_weights` directly.
+    Direct,
+    /// Commit-reveal is on: commit the weights timelocked to a beacon round.
+    CommitReveal(CommitRevealParams),
+}
+
+/// What a timelocked commit needs, read from the chain at the time of committing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitRevealParams {
+    /// The beacon round to encrypt to (its signature is due when the chain reveals).
+    pub reveal_round: u64,
+    /// The block at (or after) which the chain reveals and applies the weights.
+    pub reveal_block: u64,
+    /// The beacon's public key (compressed G2): drand quicknet's on subtensor.
+    pub beacon_public_key: Vec<u8>,
+    /// The commit-reveal version the chain expects.
+    pub version: u16,
+}
+
+/// What [`submit_weights`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WeightsSubmission {
+    /// Set on chain now.
+    Set,
+    /// Committed; the chain applies them by itself at `reveal_block`.
+    Committed {
+        /// The beacon round the commit is encrypted to.
+        reveal_round: u64,
+        /// The block at which the chain reveals them.
+        reveal_block: u64,
+    },
+}
+
+/// Set `hotkey`'s weights the way `netuid` takes them: directly, or (commit-reveal on) as a
+/// timelocked commit of the SCALE payload `{ hotkey, uids, values, version_key }` that the
+/// chain decrypts and applies by itself once the reveal round's beacon signature is known.
+pub async fn submit_weights(
+    chain: &dyn Chain,
+    netuid: u16,
+    hotkey: &str,
+    uids: &[u16],
+    weights: &[u16],
+    version_key: u64,
+) -> Result<WeightsSubmission> {
+    match chain.weights_mode(netuid).await? {
+        WeightsMode::Direct => {
+            chain.set_weights(netuid, hotkey, uids, weights, version_key).await?;
+            Ok(WeightsSubmission::Set)
+        }
+        WeightsMode::CommitReveal(p) => {
+            let payload = commit_reveal::WeightsTlockPayload {
+                hotkey: chain.account_bytes(hotkey)?,
+                uids: uids.to_vec(),
+                values: weights.to_vec(),
+                version_key,
+            };
+            let commit = commit_reveal::commit_payload(&payload, p.reveal_round, &p.beacon_public_key)
+                .map_err(|e| ChainError::Weights(e.to_string()))?;
+            chain.commit_timelocked_weights(netuid, hotkey, &commit, p.reveal_round, p.version).await?;
+            Ok(WeightsSubmission::Committed { reveal_round: p.reveal_round, reveal_block: p.reveal_block })
+        }
+    }
+}
+
 /// What the protocol needs from a chain.
 #[async_trait]
 pub trait Chain: Send + Sync {
@@ -176,6 +248,30 @@ pub trait Chain: Send + Sync {
         weights: &[u16],
         version_key: u64,
     ) -> Result<()>;
+
+    /// How `netuid` takes weights now (direct, or commit-reveal with its parameters).
+    async fn weights_mode(&self, _netuid: u16) -> Result<WeightsMode> {
+        Ok(WeightsMode::Direct)
+    }
+
+    /// Commit `hotkey`'s weights as a timelocked `commit` to `reveal_round`
+    /// (`SubtensorModule.commit_timelocked_weights`).
+    async fn commit_timelocked_weights(
+        &self,
+        netuid: u16,
+        _hotkey: &str,
+        _commit: &[u8],
+        _reveal_round: u64,
+        _version: u16,
+    ) -> Result<()> {
+        Err(ChainError::Weights(format!("netuid {netuid}: this chain does not take timelocked commits")))
+    }
+
+    /// The bytes that identify `hotkey` inside a commit payload (the 32-byte account id on
+    /// subtensor; the name on the devnet).
+    fn account_bytes(&self, hotkey: &str) -> Result<Vec<u8>> {
+        Ok(hotkey.as_bytes().to_vec())
+    }
 
     /// The weights each validator uid last set: `(validator uid, [(uid, weight)])`.
     async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>>;

@@ -3,9 +3,12 @@
 //!
 //! Storage read: `System.Number` (via the block header), `Timestamp.Now`,
 //! `SubtensorModule.{SubnetworkN, Keys, Uids, ValidatorPermit, Incentive, Weights,
-//! TotalHotkeyAlpha, CommitRevealWeightsEnabled}`, `Commitments.CommitmentOf`.
-//! Extrinsics: `Commitments.set_commitment` (a `Raw<N>` field holding the bucket URL; the
-//! `Data` enum's variant index carries the length) and `SubtensorModule.set_weights`.
+//! TotalHotkeyAlpha, CommitRevealWeightsEnabled, RevealPeriodEpochs, Tempo,
+//! CommitRevealWeightsVersion, WeightsSetRateLimit, LastUpdate}`, `Drand.LastStoredRound`,
+//! `Commitments.CommitmentOf`. Extrinsics: `Commitments.set_commitment` (a `Raw<N>` field
+//! holding the bucket URL; the `Data` enum's variant index carries the length),
+//! `SubtensorModule.set_weights` and, on commit-reveal subnets,
+//! `SubtensorModule.commit_timelocked_weights` (see [`crate::commit_reveal`]).
 //!
 //! Every call has a timeout; a failed connection is dropped and re-established on the next
 //! call with exponential backoff, so a node never hangs on a dead endpoint.
@@ -20,7 +23,7 @@ use subxt::{OnlineClient, SubstrateConfig};
 use subxt_signer::sr25519::Keypair;
 use tokio::sync::Mutex;
 
-use crate::{BlockHash, Chain, ChainError, Metagraph, Neuron, Result};
+use crate::{BlockHash, Chain, ChainError, CommitRevealParams, Metagraph, Neuron, Result, WeightsMode, commit_reveal};
 
 /// Subtensor's nominal block time.
 pub const BLOCK_TIME: Duration = Duration::from_secs(12);
@@ -220,6 +223,76 @@ impl Subtensor {
         Ok(s)
     }
 
+    /// A per-subnet storage value (`SubtensorModule.<item>[netuid]`), `default` when unset.
+    async fn subnet_value<T>(&self, what: &str, item: &'static str, netuid: u16, default: T) -> Result<T>
+    where
+        T: subxt::ext::scale_decode::DecodeAsType + Send + 'static,
+    {
+        let v = self
+            .with_client(what, |c| async move {
+                let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+                match at
+                    .storage()
+                    .try_fetch(dynamic::storage::<(u16,), T>("SubtensorModule", item), (netuid,))
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        Ok(v.unwrap_or(default))
+    }
+
+    /// A plain storage value (`<pallet>.<item>`), `default` when unset.
+    async fn plain_value<T>(&self, what: &str, pallet: &'static str, item: &'static str, default: T) -> Result<T>
+    where
+        T: subxt::ext::scale_decode::DecodeAsType + Send + 'static,
+    {
+        let v = self
+            .with_client(what, |c| async move {
+                let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+                match at
+                    .storage()
+                    .try_fetch(dynamic::storage::<(), T>(pallet, item), ())
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        Ok(v.unwrap_or(default))
+    }
+
+    /// Refuse to submit weights before the subnet's rate limit (`WeightsSetRateLimit` blocks
+    /// since this uid's `LastUpdate`) has passed: the chain would reject them.
+    async fn check_rate_limit(&self, netuid: u16, hotkey: &str) -> Result<()> {
+        let limit: u64 = self.subnet_value("weights rate limit", "WeightsSetRateLimit", netuid, 0).await?;
+        if limit == 0 {
+            return Ok(());
+        }
+        let Some(uid) = self.metagraph(netuid).await?.uid_of(hotkey) else { return Ok(()) };
+        let last: Vec<u64> = match self.subnet_value("last update", "LastUpdate", netuid, Vec::new()).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read LastUpdate; not checking the rate limit here");
+                return Ok(());
+            }
+        };
+        let block = self.block_number().await?;
+        let since = block.saturating_sub(last.get(uid as usize).copied().unwrap_or(0));
+        if since < limit {
+            return Err(ChainError::Weights(format!(
+                "rate limit: netuid {netuid} takes weights every {limit} blocks; {} more to wait",
+                limit - since
+            )));
+        }
+        Ok(())
+    }
+
     async fn submit(&self, what: &str, hotkey: &str, call: subxt::tx::DynamicPayload<Vec<Value>>) -> Result<()> {
         let signer = self.signer(hotkey)?;
         self.with_client(what, |c| async move {
@@ -394,10 +467,65 @@ impl Chain for Subtensor {
             .await?;
         if cr {
             return Err(ChainError::Weights(format!(
-                "commit-reveal weights are enabled on netuid {netuid}; this client only sets weights directly (set_weights)"
+                "CommitRevealEnabled on netuid {netuid}: weights must be committed (bistro_chain::submit_weights does)"
             )));
         }
+        self.check_rate_limit(netuid, hotkey).await?;
         self.submit("set_weights", hotkey, set_weights_call(netuid, uids, weights, version_key)).await
+    }
+
+    async fn weights_mode(&self, netuid: u16) -> Result<WeightsMode> {
+        let enabled: bool =
+            self.subnet_value("commit-reveal flag", "CommitRevealWeightsEnabled", netuid, false).await?;
+        if !enabled {
+            return Ok(WeightsMode::Direct);
+        }
+        let tempo: u16 = self.subnet_value("tempo", "Tempo", netuid, 360).await?;
+        let period: u64 = self.subnet_value("reveal period", "RevealPeriodEpochs", netuid, 1).await?;
+        let version: u16 =
+            self.plain_value("commit-reveal version", "SubtensorModule", "CommitRevealWeightsVersion", 4).await?;
+        let last_round: u64 = self.plain_value("drand round", "Drand", "LastStoredRound", 0).await?;
+        if last_round == 0 {
+            return Err(ChainError::Weights(
+                "the chain has stored no drand pulse yet (Drand.LastStoredRound is 0)".into(),
+            ));
+        }
+        let block = self.block_number().await?;
+        let to_reveal = commit_reveal::blocks_until_reveal(block, netuid, tempo, period);
+        let round = commit_reveal::reveal_round(
+            last_round,
+            to_reveal,
+            BLOCK_TIME.as_secs(),
+            commit_reveal::QUICKNET_PERIOD_SECS,
+        );
+        let pk = hex::decode(commit_reveal::QUICKNET_PUBLIC_KEY).map_err(|e| ChainError::Config(e.to_string()))?;
+        Ok(WeightsMode::CommitReveal(CommitRevealParams {
+            reveal_round: round,
+            reveal_block: block + to_reveal,
+            beacon_public_key: pk,
+            version,
+        }))
+    }
+
+    async fn commit_timelocked_weights(
+        &self,
+        netuid: u16,
+        hotkey: &str,
+        commit: &[u8],
+        reveal_round: u64,
+        version: u16,
+    ) -> Result<()> {
+        self.check_rate_limit(netuid, hotkey).await?;
+        self.submit(
+            "commit_timelocked_weights",
+            hotkey,
+            commit_timelocked_weights_call(netuid, commit, reveal_round, version),
+        )
+        .await
+    }
+
+    fn account_bytes(&self, hotkey: &str) -> Result<Vec<u8>> {
+        Ok(account_id(hotkey)?.0.to_vec())
     }
 
     async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>> {
@@ -456,6 +584,26 @@ pub fn set_weights_call(
             Value::unnamed_composite(uids.iter().map(|&u| Value::u128(u as u128))),
             Value::unnamed_composite(weights.iter().map(|&w| Value::u128(w as u128))),
             Value::u128(version_key as u128),
+        ],
+    )
+}
+
+/// The `SubtensorModule.commit_timelocked_weights(netuid, commit, reveal_round,
+/// commit_reveal_version)` call.
+pub fn commit_timelocked_weights_call(
+    netuid: u16,
+    commit: &[u8],
+    reveal_round: u64,
+    version: u16,
+) -> subxt::tx::DynamicPayload<Vec<Value>> {
+    dynamic::transaction(
+        "SubtensorModule",
+        "commit_timelocked_weights",
+        vec![
+            Value::u128(netuid as u128),
+            Value::from_bytes(commit),
+            Value::u128(reveal_round as u128),
+            Value::u128(version as u128),
         ],
     )
 }

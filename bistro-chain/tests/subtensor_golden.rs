@@ -215,6 +215,20 @@ async fn storage_keys_values_and_call_data_equal_the_recording() {
     let golden_call = g["calls"].as_array().unwrap().iter().find(|c| c["function"] == "set_weights").unwrap();
     let data = at.transactions().call_data(&subtensor::set_weights_call(1, &[0, 1], &[100, 200], 0)).unwrap();
     assert_eq!(format!("0x{}", hex::encode(data)), golden_call["data_hex"].as_str().unwrap());
+
+    // commit_timelocked_weights through the recorded metadata: the same pallet index as the
+    // recorded set_weights (byte 0), call index 113, then netuid u16, the commit as a
+    // compact-length byte vector, reveal_round u64 and commit_reveal_version u16, SCALE.
+    let commit: Vec<u8> = (0u8..70).collect();
+    let data = at.transactions().call_data(&subtensor::commit_timelocked_weights_call(1, &commit, 1000, 4)).unwrap();
+    let set_weights_pallet = unhex(golden_call["data_hex"].as_str().unwrap())[0];
+    let mut expected = vec![set_weights_pallet, 113];
+    expected.extend(1u16.to_le_bytes());
+    expected.extend(compact(commit.len()));
+    expected.extend(&commit);
+    expected.extend(1000u64.to_le_bytes());
+    expected.extend(4u16.to_le_bytes());
+    assert_eq!(hex::encode(data), hex::encode(expected));
 }
 
 #[tokio::test]
@@ -274,7 +288,12 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
     let key = |entry: &str, parts: Vec<u8>| -> Vec<u8> {
         // Recompute keys with subxt from the real metadata.
         match entry {
-            "SubnetworkN" | "ValidatorPermit" | "Incentive" | "CommitRevealWeightsEnabled" => {
+            "SubnetworkN"
+            | "ValidatorPermit"
+            | "Incentive"
+            | "CommitRevealWeightsEnabled"
+            | "Tempo"
+            | "RevealPeriodEpochs" => {
                 let n = u16::from_le_bytes([parts[0], parts[1]]);
                 at.storage()
                     .entry(dynamic::storage::<(u16,), dynamic::Value>("SubtensorModule", entry))
@@ -297,6 +316,20 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
             [vec![0x08], 0u16.to_le_bytes().to_vec(), 65535u16.to_le_bytes().to_vec()].concat(),
         );
         s.insert(key("CommitRevealWeightsEnabled", 1u16.to_le_bytes().to_vec()), vec![1]);
+        s.insert(key("Tempo", 1u16.to_le_bytes().to_vec()), 99u16.to_le_bytes().to_vec());
+        s.insert(key("RevealPeriodEpochs", 1u16.to_le_bytes().to_vec()), 1u64.to_le_bytes().to_vec());
+        for (pallet, item, value) in [
+            ("Drand", "LastStoredRound", 5000u64.to_le_bytes().to_vec()),
+            ("SubtensorModule", "CommitRevealWeightsVersion", 4u16.to_le_bytes().to_vec()),
+        ] {
+            let k = at
+                .storage()
+                .entry(dynamic::storage::<(), dynamic::Value>(pallet, item))
+                .unwrap()
+                .fetch_key(())
+                .unwrap();
+            s.insert(k, value);
+        }
         for (uid, who) in [(0u16, &alice), (1, &bob)] {
             let k = at
                 .storage()
@@ -349,9 +382,17 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
     assert_eq!(chain.ensure_registered(1, BOB, 0).await.unwrap(), 1);
     let e = chain.ensure_registered(2, BOB, 0).await.unwrap_err().to_string();
     assert!(e.contains("not registered") && e.contains("btcli"), "{e}");
-    // Commit-reveal is on for netuid 1: a clear error, nothing submitted.
+    // Commit-reveal is on for netuid 1: set_weights is a clear error, nothing submitted...
     let e = chain.set_weights(1, ALICE, &[1], &[65535], 1).await.unwrap_err().to_string();
-    assert!(e.contains("commit-reveal"), "{e}");
+    assert!(e.contains("CommitRevealEnabled"), "{e}");
+    // ... and the commit parameters follow from the chain's state: block 67, tempo 99,
+    // netuid 1 -> the epoch ends in 31 blocks; 31 + 3 blocks of 12 s = 136 rounds of 3 s.
+    let bistro_chain::WeightsMode::CommitReveal(p) = chain.weights_mode(1).await.unwrap() else {
+        panic!("commit-reveal is on")
+    };
+    assert_eq!((p.reveal_block, p.reveal_round, p.version), (67 + 31, 5000 + 136, 4));
+    assert_eq!(hex::encode(&p.beacon_public_key), bistro_chain::commit_reveal::QUICKNET_PUBLIC_KEY);
+    assert_eq!(chain.account_bytes(ALICE).unwrap(), alice.0.to_vec());
     // The commitment call encodes as Commitments (18).set_commitment (0), netuid, one Raw<N> field.
     let data = at.transactions().call_data(&subtensor::set_commitment_call(1, url).unwrap()).unwrap();
     let mut want = vec![18u8, 0, 1, 0];

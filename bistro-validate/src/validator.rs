@@ -131,6 +131,18 @@ pub enum ValidatorEvent {
         /// `(uid, u16 weight)`.
         weights: Vec<(u16, u16)>,
     },
+    /// Weights were committed timelocked (commit-reveal subnet); the chain applies them by
+    /// itself at `reveal_block`.
+    WeightsCommitted {
+        /// The window.
+        window: u64,
+        /// `(uid, u16 weight)`.
+        weights: Vec<(u16, u16)>,
+        /// The beacon round the commit is encrypted to.
+        reveal_round: u64,
+        /// The block at which the chain reveals and applies them.
+        reveal_block: u64,
+    },
     /// Setting weights failed (retried next time).
     WeightsFailed {
         /// The window.
@@ -491,13 +503,26 @@ impl Validator {
         }
         if (w + 1).is_multiple_of(h.windows_per_weights) && !weights.is_empty() {
             let (uids, q) = quantize(&weights);
-            match self
-                .node
-                .chain
-                .set_weights(self.node.cfg.netuid, &self.node.cfg.hotkey, &uids, &q, PROTOCOL_VERSION as u64)
-                .await
+            let (netuid, hotkey) = (self.node.cfg.netuid, &self.node.cfg.hotkey);
+            match bistro_chain::submit_weights(
+                self.node.chain.as_ref(),
+                netuid,
+                hotkey,
+                &uids,
+                &q,
+                PROTOCOL_VERSION as u64,
+            )
+            .await
             {
-                Ok(()) => {
+                Ok(bistro_chain::WeightsSubmission::Committed { reveal_round, reveal_block }) => {
+                    self.emit(ValidatorEvent::WeightsCommitted {
+                        window: w,
+                        weights: uids.into_iter().zip(q).collect(),
+                        reveal_round,
+                        reveal_block,
+                    })
+                }
+                Ok(_) => {
                     self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() })
                 }
                 Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),

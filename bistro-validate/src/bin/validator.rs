@@ -70,6 +70,7 @@ fn record(board: &StatusBoard, e: &ValidatorEvent) {
                 .collect();
         }),
         ValidatorEvent::WeightsSet { .. } => board.count("weights set", 1),
+        ValidatorEvent::WeightsCommitted { .. } => board.count("weights committed", 1),
         ValidatorEvent::WeightsFailed { .. } => board.count("weights failed", 1),
     }
 }
@@ -116,6 +117,10 @@ fn print_event(e: &ValidatorEvent) {
         }
         ValidatorEvent::HeldOut { window, loss } => tracing::info!("window {window}: held-out loss {loss:.4}"),
         ValidatorEvent::WeightsSet { window, weights } => tracing::info!("window {window}: set weights {weights:?}"),
+        ValidatorEvent::WeightsCommitted { window, weights, reveal_round, reveal_block } => tracing::info!(
+            "window {window}: committed weights {weights:?} (commit-reveal: encrypted to beacon round {reveal_round}; \
+             the chain reveals and applies them at block {reveal_block})"
+        ),
         ValidatorEvent::WeightsFailed { window, reason } => {
             tracing::warn!("window {window}: set_weights failed: {reason}")
         }

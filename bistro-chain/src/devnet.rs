@@ -273,7 +273,8 @@ impl Devnet {
 }
 
 /// Record `hotkey`'s weights on `s` at `block` and recompute incentives.
-fn apply_weights(s: &mut Subnet, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], block: u64) -> Result<()> {
+/// `hotkey`'s neuron on `s`, when it is registered and holds a validator permit.
+fn permitted<'a>(s: &'a Subnet, netuid: u16, hotkey: &str) -> Result<&'a Neuron> {
     let me = s.neurons.iter().find(|n| n.hotkey == hotkey).ok_or_else(|| ChainError::NotRegistered {
         hotkey: hotkey.into(),
         netuid,
@@ -282,13 +283,17 @@ fn apply_weights(s: &mut Subnet, netuid: u16, hotkey: &str, uids: &[u16], weight
     if !me.validator_permit {
         return Err(ChainError::Weights(format!("{hotkey} has no validator permit (no stake)")));
     }
+    Ok(me)
+}
+
+fn apply_weights(s: &mut Subnet, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], block: u64) -> Result<()> {
+    let uid = permitted(s, netuid, hotkey)?.uid;
     if uids.len() != weights.len() {
         return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
     }
     if let Some(bad) = uids.iter().find(|&&u| !s.neurons.iter().any(|n| n.uid == u)) {
         return Err(ChainError::Weights(format!("uid {bad} is not registered")));
     }
-    let uid = me.uid;
     s.weights.insert(uid, (block, uids.iter().copied().zip(weights.iter().copied()).collect()));
     // Incentive: the stake-weighted mean of the normalised weights.
     let n = s.neurons.len();
@@ -462,14 +467,7 @@ impl Chain for Devnet {
         }
         self.update(|st| {
             let s = st.subnets.entry(netuid).or_default();
-            let me = s.neurons.iter().find(|n| n.hotkey == hotkey).ok_or_else(|| ChainError::NotRegistered {
-                hotkey: hotkey.into(),
-                netuid,
-                hint: String::new(),
-            })?;
-            if !me.validator_permit {
-                return Err(ChainError::Weights(format!("{hotkey} has no validator permit (no stake)")));
-            }
+            permitted(s, netuid, hotkey)?;
             if s.commits.iter().filter(|c| c.hotkey == hotkey).count() >= 10 {
                 return Err(ChainError::Weights(format!("{hotkey} has 10 unrevealed commits")));
             }

@@ -210,6 +210,7 @@ impl Scorer {
         let h = &self.hparams;
         let eta = h.learning_rate_at(ws.window) as f32;
         let model = Llama::new(theta_w)?;
+        let norm = bistro_kernels::NormKernel::for_device(cuda_ordinal(&self.device))?;
         let theta_flat: Vec<f32> = ws.theta_at_i.iter().flatten().copied().collect();
         let mut out = Vec::with_capacity(miners.len());
         for (uid, hotkey) in miners {
@@ -252,7 +253,7 @@ impl Scorer {
                 !stop.load(Ordering::Relaxed)
             })?;
             let gv: Vec<f32> = slices::gather_grads(&grad.grads, &ws.indices)?.into_iter().flatten().collect();
-            let norms = bistro_kernels::cpu::diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
+            let norms = norm.diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
             let e = norms.relative_errors()[0];
             out.push(MinerResult {
                 uid: *uid,
@@ -264,6 +265,16 @@ impl Scorer {
             });
         }
         Ok(out)
+    }
+}
+
+/// The CUDA device the norm kernel runs on for a scoring `device` (`None`: the CPU kernel).
+/// The gradient is recomputed on `device`; its values at the slice indices are gathered to
+/// the host once and, on CUDA, copied up once with the miner's slice for the kernel.
+pub fn cuda_ordinal(device: &Device) -> Option<usize> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
+        _ => None,
     }
 }
 
@@ -617,4 +628,15 @@ pub struct WindowOutcome {
     pub followed: Followed,
     /// The score rows of the window (empty when it was not scored).
     pub rows: Vec<ScoreRow>,
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn the_norm_kernel_follows_the_scoring_device() {
+        assert_eq!(cuda_ordinal(&Device::Cpu), None);
+        assert_eq!(bistro_kernels::NormKernel::for_device(cuda_ordinal(&Device::Cpu)).unwrap().name(), "cpu");
+    }
 }

@@ -5,9 +5,11 @@
 //! window. Every node must keep a loadable state, resume, and end on the lead's chain of
 //! accepted sets, with no window's update lost or applied twice.
 
+mod nodes;
+#[path = "../../bistro-train/tests/support/mod.rs"]
 mod support;
 
-use support::{accepted_set, binary, saved_state};
+use nodes::{accepted_set, binary, saved_state};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

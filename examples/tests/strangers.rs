@@ -10,9 +10,11 @@
 //! lead's aggregates name, no node reports a fork, the stall costs one bounded budget per
 //! window, and the honest miners train in every window.
 
+mod nodes;
+#[path = "../../bistro-train/tests/support/mod.rs"]
 mod support;
 
-use support::{accepted_set, binary, saved_state};
+use nodes::{accepted_set, binary, saved_state};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -1,8 +1,8 @@
 //! The gradient-difference norm on a CUDA GPU (cudarc, NVRTC-compiled at run time).
 //!
 //! Why NVRTC: the kernel needs no CUDA toolkit at build time, errors show on first use
-//! only, and the PTX targets whatever the loaded NVRTC emits (`compute_90` is requested,
-//! which driver 580 accepts). The reduction is deterministic: each thread block reduces a
+//! only, and the PTX targets the project's one baseline, [`crate::ptx::PTX_ARCH`]
+//! (`compute_80`: A100 and newer), like the fused ops. The reduction is deterministic: each thread block reduces a
 //! fixed chunk of coordinates with a fixed-shape shared-memory tree (f32), and the host sums
 //! the per-chunk partials in chunk order in f64 ([`crate::CUDA_BLOCK`] coordinates per
 //! chunk), so the CPU and GPU results differ only by f32 rounding inside chunks.
@@ -62,12 +62,13 @@ fn err(e: impl std::fmt::Display) -> KernelError {
 
 /// The kernel's PTX as NVRTC compiles it (needs libnvrtc, no GPU).
 pub fn ptx() -> Result<String, KernelError> {
-    let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some("compute_90"), ..Default::default() })
+    let ptx = compile_ptx_with_opts(SOURCE, CompileOptions { arch: Some(crate::ptx::PTX_ARCH), ..Default::default() })
         .map_err(err)?;
     Ok(ptx.to_src())
 }
 
 /// The compiled kernel on one device.
+#[derive(Debug)]
 pub struct CudaDiffNorm {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -75,6 +76,7 @@ pub struct CudaDiffNorm {
 }
 
 /// Inputs already on the device (to time the kernel without host transfers).
+#[derive(Debug)]
 pub struct DeviceInputs {
     theta: CudaSlice<f32>,
     gv: CudaSlice<f32>,

@@ -44,6 +44,54 @@ pub enum KernelError {
     Cuda(String),
 }
 
+/// The gradient-difference norm on the device the validator scores on: the CPU kernel, or
+/// (feature `cuda`) the CUDA kernel, behind one call.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum NormKernel {
+    /// [`cpu::diff_norms`].
+    Cpu,
+    /// `cuda::CudaDiffNorm` on one device.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaDiffNorm),
+}
+
+impl NormKernel {
+    /// The kernel for a scoring device: the CPU for `None`, CUDA device `ordinal` otherwise
+    /// (an error when this build has no `cuda` feature or the device cannot load it).
+    pub fn for_device(cuda_ordinal: Option<usize>) -> Result<Self, KernelError> {
+        match cuda_ordinal {
+            None => Ok(NormKernel::Cpu),
+            #[cfg(feature = "cuda")]
+            Some(i) => Ok(NormKernel::Cuda(cuda::CudaDiffNorm::new(i)?)),
+            #[cfg(not(feature = "cuda"))]
+            Some(i) => {
+                Err(KernelError::Cuda(format!("scoring on CUDA device {i} needs a build with the `cuda` feature")))
+            }
+        }
+    }
+
+    /// `cpu` or `cuda`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NormKernel::Cpu => "cpu",
+            #[cfg(feature = "cuda")]
+            NormKernel::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Per-miner `||g_m - g_v||^2` and `||g_v||^2` (see [`cpu::diff_norms`]); the CUDA kernel
+    /// copies the inputs to the device once and reduces in the same fixed order per chunk,
+    /// so it matches the CPU result to f32 rounding within chunks (`kernels/tests/cuda.rs`).
+    pub fn diff_norms(&self, theta: &[f32], gv: &[f32], eta: f32, slices: &[&[f32]]) -> Result<DiffNorms, KernelError> {
+        match self {
+            NormKernel::Cpu => cpu::diff_norms(theta, gv, eta, slices),
+            #[cfg(feature = "cuda")]
+            NormKernel::Cuda(k) => k.diff_norms(theta, gv, eta, slices),
+        }
+    }
+}
+
 /// Per-miner squared distances and the validator gradient's squared norm.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiffNorms {
@@ -83,4 +131,21 @@ pub(crate) fn check(theta: &[f32], gv: &[f32], eta: f32, slices: &[&[f32]]) -> R
         return Err(KernelError::Length(format!("slice {i} has {} values, expected {}", s.len(), theta.len())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod norm_kernel_tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_is_chosen_without_a_device_and_cuda_needs_the_feature() {
+        let k = NormKernel::for_device(None).unwrap();
+        assert_eq!(k.name(), "cpu");
+        let theta = [1.0f32, 2.0, 3.0];
+        let gv = [0.5f32, -1.0, 2.0];
+        let s = [0.6f32, 2.1, 2.0];
+        assert_eq!(k.diff_norms(&theta, &gv, 0.5, &[&s]).unwrap(), cpu::diff_norms(&theta, &gv, 0.5, &[&s]).unwrap());
+        #[cfg(not(feature = "cuda"))]
+        assert!(NormKernel::for_device(Some(0)).unwrap_err().to_string().contains("`cuda` feature"));
+    }
 }

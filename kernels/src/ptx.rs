@@ -8,6 +8,11 @@
 
 use std::borrow::Cow;
 
+/// The one PTX target of every kernel of the project (the fused ops and the norm): NVRTC
+/// compiles for `compute_80`, which A100 (sm_80), H100/H200 (sm_90) and newer run through
+/// the driver's JIT. One baseline for all, so a device that loads one kernel loads them all.
+pub const PTX_ARCH: &str = "compute_80";
+
 /// The newest PTX ISA version (major, minor) a driver of CUDA version `driver`
 /// (`cuDriverGetVersion`'s `1000 * major + 10 * minor`) accepts, if known.
 pub fn max_ptx_isa(driver: i32) -> Option<(u32, u32)> {

@@ -179,7 +179,7 @@ mod gpu {
         Ok(t_kernel / miners as f64)
     }
 
-    pub fn main() -> BoxResult<()> {
+    pub(crate) fn main() -> BoxResult<()> {
         let dev = Device::new_cuda(0)?;
         // `mem_get_info` reads the context current on this thread.
         dev.as_cuda_device()?.cuda_stream().context().bind_to_thread()?;

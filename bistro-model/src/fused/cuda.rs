@@ -1,5 +1,6 @@
 //! CUDA launches of the fused ops' kernels (`cuda_src.cu`), compiled once per process by
-//! NVRTC for `compute_80` (runs on A100, H100 and newer through the driver's JIT).
+//! NVRTC for the project's one PTX baseline, `bistro_kernels::ptx::PTX_ARCH` (`compute_80`:
+//! runs on A100, H100 and newer through the driver's JIT).
 
 use std::sync::OnceLock;
 
@@ -21,7 +22,11 @@ pub fn ptx() -> Result<&'static str> {
     let r = PTX.get_or_init(|| {
         compile_ptx_with_opts(
             SOURCE,
-            CompileOptions { arch: Some("compute_80"), use_fast_math: Some(false), ..Default::default() },
+            CompileOptions {
+                arch: Some(bistro_kernels::ptx::PTX_ARCH),
+                use_fast_math: Some(false),
+                ..Default::default()
+            },
         )
         .map(|p| p.to_src())
         .map_err(|e| format!("NVRTC could not compile the fused kernels: {e}"))
@@ -130,7 +135,7 @@ fn int(x: usize, what: &str) -> Result<i32> {
 }
 
 /// RMSNorm forward.
-pub fn rms_norm_fwd(
+pub(crate) fn rms_norm_fwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -157,7 +162,7 @@ pub fn rms_norm_fwd(
 
 /// RMSNorm backward: `[N + 1, D]` with `dx` then `dw`.
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_bwd(
+pub(crate) fn rms_norm_bwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -225,7 +230,7 @@ pub fn rms_norm_bwd(
 
 /// Heads between token-major and head-major, rotating when tables are given;
 /// `dims = [B, T, H, D]`, `to_tokens` for head-major input.
-pub fn heads(
+pub(crate) fn heads(
     s: &CudaStorage,
     l: &Layout,
     tables: Option<(&CudaStorage, &Layout, &CudaStorage, &Layout)>,
@@ -271,7 +276,7 @@ pub fn heads(
 }
 
 /// Causal softmax forward.
-pub fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, tq: usize, tk: usize, scale: f64) -> Result<CudaStorage> {
+pub(crate) fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, tq: usize, tk: usize, scale: f64) -> Result<CudaStorage> {
     let dev = s.device();
     let x = input(s, l)?;
     let n = l.shape().elem_count();
@@ -290,7 +295,7 @@ pub fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, tq: usize, tk: usize, sca
 }
 
 /// Causal softmax backward.
-pub fn causal_softmax_bwd(
+pub(crate) fn causal_softmax_bwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -318,7 +323,7 @@ pub fn causal_softmax_bwd(
 }
 
 /// SwiGLU forward.
-pub fn swiglu_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<CudaStorage> {
+pub(crate) fn swiglu_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<CudaStorage> {
     let dev = s1.device();
     let (g, u) = (input(s1, l1)?, input(s2, l2)?);
     let n = l1.shape().elem_count();
@@ -336,7 +341,7 @@ pub fn swiglu_fwd(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) 
 }
 
 /// SwiGLU backward: `[2, ..]` with `dg` then `du`.
-pub fn swiglu_bwd(
+pub(crate) fn swiglu_bwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -362,7 +367,7 @@ pub fn swiglu_bwd(
 }
 
 /// Cross-entropy forward (f32 logits).
-pub fn cross_entropy_fwd(
+pub(crate) fn cross_entropy_fwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -390,7 +395,7 @@ pub fn cross_entropy_fwd(
 
 /// Cross-entropy backward (f32 logits), from `[grad; loss]`.
 #[allow(clippy::too_many_arguments)]
-pub fn cross_entropy_bwd(
+pub(crate) fn cross_entropy_bwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,

@@ -1,4 +1,5 @@
-//! Test support: real S3 servers for the storage suite.
+//! Test support: real S3 servers for the storage suite and the multi-process tests (also
+//! included by `examples/tests`, so there is one copy).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -36,23 +37,30 @@ pub(crate) async fn start_s3s_fs(root: &Path) -> SocketAddr {
 
 /// Like [`start_s3s_fs`] on a given address (to bring a server back on a known port).
 pub(crate) async fn start_s3s_fs_at(root: &Path, at: SocketAddr) -> SocketAddr {
+    start_s3s_fs_stoppable(root, at).await.0
+}
+
+/// Like [`start_s3s_fs_at`], stoppable: aborting the returned task closes the listener and
+/// every open connection (an S3 outage).
+pub(crate) async fn start_s3s_fs_stoppable(root: &Path, at: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(auth());
     let service = builder.build();
     let listener = tokio::net::TcpListener::bind(at).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((sock, _)) = listener.accept().await else { break };
             let service = service.clone();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let _ = conn.serve_connection(TokioIo::new(sock), service).await;
             });
         }
     });
-    addr
+    (addr, task)
 }
 
 /// A fake S3 endpoint that answers every request with headers for a 1 MB object and then

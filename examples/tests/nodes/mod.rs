@@ -1,0 +1,34 @@
+//! Helpers of the multi-process tests: locate the workspace's binaries and read what the
+//! nodes left on disk.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+/// A workspace binary (`miner`, `validator`), built next to this test's directory.
+pub(crate) fn binary(name: &str) -> std::path::PathBuf {
+    // Integration tests run from target/<profile>/deps; the workspace's binaries sit one up.
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} is not built: run `cargo test --workspace` (it builds the binaries)", bin.display());
+    bin
+}
+
+/// The accepted set (JSON) of the aggregate of `window` in `bucket`, from the S3 server's
+/// directory on disk.
+pub(crate) fn accepted_set(s3_root: &Path, bucket: &str, window: u64) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(s3_root.join(bucket).join(format!("aggregate-{window}.safetensors"))).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    serde_json::from_str(meta.metadata().as_ref()?.get("accepted")?).ok()
+}
+
+/// A node's saved state: the window written atomically with the weights, and the state hash.
+pub(crate) fn saved_state(dir: &Path, model: &bistro_model::ModelConfig) -> (u64, String) {
+    let weights = dir.join("model.safetensors");
+    let params =
+        bistro_model::load_safetensors(&weights, model, &candle_core::Device::Cpu).expect("the saved model loads");
+    let bytes = std::fs::read(&weights).expect("weights");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+    let w = meta.metadata().as_ref().expect("metadata")["bistro_window"].parse().expect("window");
+    (w, bistro_train::accepted::state_hash(&params).expect("hash"))
+}

@@ -88,12 +88,13 @@ async fn run() -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         let bound = bistro_train::status::serve(addr, board.clone(), render).await?;
         println!("live page: http://{bound}/");
-        let b = board.clone();
+        let (b, tolerance) = (board.clone(), opts.hparams.honest_tolerance);
         opts.on_window = Some(WindowHook(std::sync::Arc::new(move |r: &WindowReport| {
             b.window(r.window, |w| {
                 w.heldout_loss = Some(r.heldout_loss);
                 w.reference_loss = Some(r.reference_loss);
                 w.outcome = Some(if r.forks == 0 { "applied".into() } else { format!("{} forked", r.forks) });
+                w.from = Some("validator-0".into());
                 w.included = Some(r.accepted.len());
                 w.excluded = Some(r.rejected.len());
             });
@@ -109,8 +110,9 @@ async fn run() -> anyhow::Result<()> {
                         hotkey: m.hotkey.clone(),
                         status: format!("{} ({})", m.status, m.strategy.name()),
                         e: m.e,
-                        score: 0.0,
-                        ema: 0.0,
+                        score: bistro_validate::honesty_score(m.e, tolerance),
+                        // The report keeps the weight, not the EMA: shown as "–".
+                        ema: f64::NAN,
                         weight: m.weight,
                     })
                     .collect();

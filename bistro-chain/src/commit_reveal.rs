@@ -51,6 +51,7 @@ pub struct WeightsTlockPayload {
 
 /// Errors of timelock encryption and decryption.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CommitRevealError {
     /// A key or signature does not decode.
     #[error("invalid {0}")]

@@ -28,6 +28,7 @@ pub type BlockHash = [u8; 32];
 
 /// Errors of chain access.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChainError {
     /// The requested block does not exist yet.
     #[error("block {0} has not been produced yet")]

@@ -57,6 +57,7 @@ fn is_internal_v4(v4: Ipv4Addr) -> bool {
 
 /// Why an endpoint was refused.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EndpointError {
     /// The endpoint is (or resolves to) an internal address.
     #[error("endpoint `{host}` is {addr}, an internal address; refused (allow it with --allow-private-endpoints)")]

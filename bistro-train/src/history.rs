@@ -15,6 +15,7 @@ use crate::sync::SyncContext;
 
 /// Why a history could not be used (never fatal: the node logs it and tries elsewhere).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HistoryError {
     /// An object is absent.
     #[error("{0} is not in the bucket")]

@@ -136,6 +136,7 @@ impl Default for HParams {
 
 /// Errors reading hyper-parameters.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HParamsError {
     /// The file could not be read.
     #[error("cannot read hparams file {path}: {source}")]

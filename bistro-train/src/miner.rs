@@ -25,6 +25,7 @@ pub type MinerConfig = NodeConfig;
 
 /// What a miner reports while it runs.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum MinerEvent {
     /// Ready: uid, the model and the window state it holds.
     Started {

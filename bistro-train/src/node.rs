@@ -24,6 +24,7 @@ use crate::sync::{SyncContext, SyncError};
 
 /// Errors that stop a node (a peer's bad data or a transient outage never does).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeError {
     /// Configuration is wrong.
     #[error("config: {0}")]
@@ -137,6 +138,7 @@ pub enum Pace {
 
 /// What happened to a window's accepted set at this node.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Followed {
     /// An aggregate was applied.
     Applied {

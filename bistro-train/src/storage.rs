@@ -30,6 +30,7 @@ use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, Retry
 
 /// Errors of bucket operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StorageError {
     /// The bucket URL cannot be used.
     #[error("invalid bucket URL `{url}`: {reason}")]

@@ -14,6 +14,7 @@ use crate::storage::{Bucket, BucketOptions, StorageError};
 
 /// Errors of window synchronisation (a peer's bad slice is never one: see [`Rejection`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SyncError {
     /// The chain failed.
     #[error(transparent)]

@@ -23,6 +23,7 @@ use crate::score::{Scoreboard, honesty_score, quantize};
 
 /// Errors that stop a validator.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ValidatorError {
     /// Configuration is wrong.
     #[error("validator config: {0}")]
@@ -85,6 +86,7 @@ pub struct ScoreRow {
 
 /// What a validator reports.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum ValidatorEvent {
     /// Ready.
     Started {

@@ -32,6 +32,7 @@ pub const CUDA_BLOCK: usize = 16 * 1024;
 
 /// Errors of the kernels.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KernelError {
     /// Inputs of different lengths.
     #[error("length mismatch: {0}")]

@@ -47,6 +47,7 @@ fn print_event(e: &MinerEvent) {
             _ => tracing::warn!("{}", f.describe()),
         },
         MinerEvent::Skipped { window, reason } => tracing::warn!("window {window}: skipped: {reason}"),
+        _ => {}
     }
 }
 
@@ -72,7 +73,7 @@ fn record(board: &bistro_train::status::StatusBoard, e: &MinerEvent) {
         MinerEvent::UploadFailed { .. } => board.count("uploads failed", 1),
         MinerEvent::Followed(f) => bistro_train::cli::board_followed(board, f),
         MinerEvent::Skipped { .. } => board.count("windows skipped", 1),
-        MinerEvent::PagesLoaded { .. } => {}
+        _ => {}
     }
 }
 

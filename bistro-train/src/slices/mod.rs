@@ -17,6 +17,7 @@ pub use indices::{SliceIndices, slice_len};
 /// Why a peer's slice was not accepted. Every variant is a normal outcome, logged and
 /// scored, never a crash.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Rejection {
     /// No object under the expected key.
     #[error("missing: no slice was uploaded")]

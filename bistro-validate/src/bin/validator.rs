@@ -72,6 +72,7 @@ fn record(board: &StatusBoard, e: &ValidatorEvent) {
         ValidatorEvent::WeightsSet { .. } => board.count("weights set", 1),
         ValidatorEvent::WeightsCommitted { .. } => board.count("weights committed", 1),
         ValidatorEvent::WeightsFailed { .. } => board.count("weights failed", 1),
+        _ => {}
     }
 }
 
@@ -124,6 +125,7 @@ fn print_event(e: &ValidatorEvent) {
         ValidatorEvent::WeightsFailed { window, reason } => {
             tracing::warn!("window {window}: set_weights failed: {reason}")
         }
+        _ => {}
     }
 }
 

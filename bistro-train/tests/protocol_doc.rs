@@ -1,5 +1,6 @@
-//! `docs/PROTOCOL.md` stays the truth: its table of hyper-parameter defaults equals
-//! `HParams::default()`, field for field, and names every field.
+//! The documents stay the truth: `docs/PROTOCOL.md`'s table of hyper-parameter defaults
+//! equals `HParams::default()`, field for field, and names every field; the README's list of
+//! library dependencies equals the manifests.
 
 use bistro_train::hparams::HParams;
 
@@ -29,5 +30,40 @@ fn protocol_doc_defaults_match_the_code() {
             _ => *documented == code,
         };
         assert!(same, "docs/PROTOCOL.md says `{name}` = {documented}, the code says {code}");
+    }
+}
+
+#[test]
+fn readme_crate_dependencies_match_the_manifests() {
+    let readme = include_str!("../../README.md");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dirs = [
+        ("bistro-model", "bistro-model"),
+        ("bistro-train", "bistro-train"),
+        ("bistro-validate", "bistro-validate"),
+        ("bistro-chain", "bistro-chain"),
+        ("bistro-kernels", "kernels"),
+    ];
+    for (name, dir) in dirs {
+        let manifest: toml::Table =
+            toml::from_str(&std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap()).unwrap();
+        let mut deps: Vec<String> = manifest["dependencies"]
+            .as_table()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("bistro-"))
+            .cloned()
+            .collect();
+        deps.sort();
+        let line = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("- `{name}` depends on ")))
+            .unwrap_or_else(|| panic!("README lists no dependencies of {name}"));
+        let listed: Vec<String> = if line.ends_with("nothing of the workspace") {
+            Vec::new()
+        } else {
+            line.split("depends on ").nth(1).unwrap().split(", ").map(|d| d.trim_matches('`').to_string()).collect()
+        };
+        assert_eq!(listed, deps, "README's dependencies of {name}");
     }
 }

@@ -1,6 +1,8 @@
 //! The devnet across processes: two handles (as two processes would) see the same blocks,
 //! registrations, commitments and weights; a torn or corrupt state file is a clear error.
 
+mod conformance;
+
 use std::time::Duration;
 
 use bistro_chain::devnet::Devnet;
@@ -69,4 +71,19 @@ async fn new_blocks_streams_every_block_once_in_order() {
     let blocks: Vec<u64> = d.new_blocks().take(4).map(|b| b.unwrap()).collect().await;
     assert_eq!(blocks.len(), 4);
     assert!(blocks.windows(2).all(|w| w[1] == w[0] + 1), "{blocks:?}");
+}
+
+#[tokio::test]
+async fn devnet_passes_the_chain_conformance_suite() {
+    for commit_reveal in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = if commit_reveal {
+            Devnet::open_with_commit_reveal(dir.path(), Duration::from_millis(50), 3).unwrap()
+        } else {
+            Devnet::open(dir.path(), Duration::from_millis(50)).unwrap()
+        };
+        d.ensure_registered(1, "miner", 0).await.unwrap();
+        d.ensure_registered(1, "val", 10).await.unwrap();
+        conformance::run(&d, 1, "val").await;
+    }
 }

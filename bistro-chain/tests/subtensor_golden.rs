@@ -3,6 +3,8 @@
 //! keys, decoded values, call data and the signer payload must equal the recording byte
 //! for byte, a commitment round-trips, and a wallet file signs what the fixture expects.
 
+mod conformance;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -393,6 +395,8 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
     assert_eq!((p.reveal_block, p.reveal_round, p.version), (67 + 31, 5000 + 136, 4));
     assert_eq!(hex::encode(&p.beacon_public_key), bistro_chain::commit_reveal::QUICKNET_PUBLIC_KEY);
     assert_eq!(chain.account_bytes(ALICE).unwrap(), alice.0.to_vec());
+    // The same suite the devnet passes.
+    conformance::run(&chain, 1, ALICE).await;
     // The commitment call encodes as Commitments (18).set_commitment (0), netuid, one Raw<N> field.
     let data = at.transactions().call_data(&subtensor::set_commitment_call(1, url).unwrap()).unwrap();
     let mut want = vec![18u8, 0, 1, 0];

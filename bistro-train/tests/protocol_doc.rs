@@ -47,13 +47,8 @@ fn readme_crate_dependencies_match_the_manifests() {
     for (name, dir) in dirs {
         let manifest: toml::Table =
             toml::from_str(&std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap()).unwrap();
-        let mut deps: Vec<String> = manifest["dependencies"]
-            .as_table()
-            .unwrap()
-            .keys()
-            .filter(|k| k.starts_with("bistro-"))
-            .cloned()
-            .collect();
+        let mut deps: Vec<String> =
+            manifest["dependencies"].as_table().unwrap().keys().filter(|k| k.starts_with("bistro-")).cloned().collect();
         deps.sort();
         let line = readme
             .lines()

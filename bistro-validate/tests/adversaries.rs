@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bistro_chain::Chain;
 use bistro_chain::devnet::Devnet;
-use bistro_model::{Llama, ModelConfig, Params};
+use bistro_model::{Llama, Params};
 use bistro_train::data::{Dataset, TextTokenizer};
 use bistro_train::hparams::HParams;
 use bistro_train::slices::{self, SliceIndices};
@@ -36,17 +36,12 @@ struct World {
 
 fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
-    let model_path = dir.path().join("model.toml");
-    std::fs::write(&model_path, toml::to_string(&model).unwrap()).unwrap();
-    let h = HParams {
-        model: model_path.display().to_string(),
-        seq_len: 64,
-        pages_per_window: 4,
-        rows_per_page: 2,
-        compression: 4,
-        ..HParams::default()
-    };
+    // The shared test network, with more pages so that `lazy` has half of them to skip.
+    let (h, model) = bistro_train::hparams::write_test_network(dir.path(), |h| {
+        h.pages_per_window = 4;
+        h.compression = 4;
+    })
+    .unwrap();
     let chain = Arc::new(Devnet::open(&dir.path().join("devnet"), Duration::from_millis(100)).unwrap());
     let ctx = SyncContext {
         chain: chain.clone(),

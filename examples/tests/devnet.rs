@@ -3,20 +3,19 @@
 //! holds the same parameters, and the shared model is the centralised reference.
 
 use bistro_examples::devnet::{DevnetOptions, Strategy, run_in_process};
-use bistro_model::ModelConfig;
 
 fn options(dir: &std::path::Path) -> DevnetOptions {
-    let model = ModelConfig::new(8192, 32, 64, 1, 2, 2, 64, 1e-5);
     std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("model.toml");
-    std::fs::write(&path, toml::to_string(&model).unwrap()).unwrap();
+    // The shared test network (a one-layer model), learning fast.
+    let (h, _) = bistro_train::hparams::write_test_network(dir, |h| {
+        h.pages_per_window = 2;
+        h.warmup_windows = 1;
+        h.learning_rate = 2.0;
+    })
+    .unwrap();
     let mut o = DevnetOptions::new(&dir.join("run"));
-    o.model = path.display().to_string();
-    o.hparams.seq_len = 64;
-    o.hparams.pages_per_window = 2;
-    o.hparams.rows_per_page = 2;
-    o.hparams.warmup_windows = 1;
-    o.hparams.learning_rate = 2.0;
+    o.model = h.model.clone();
+    o.hparams = h;
     o.compression = 2;
     o.heldout_pages = 4;
     o

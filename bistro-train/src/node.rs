@@ -132,7 +132,8 @@ pub enum Pace {
     /// then the fallback validators until theirs.
     Live,
     /// Look once, in fallback order, without waiting (drivers that run windows in lockstep,
-    /// such as the in-process devnet, and catch-up over windows long past).
+    /// such as the in-process devnet). `Live` also looks only once for a window whose
+    /// cut-offs have passed, so catching up never waits.
     Lockstep,
 }
 

@@ -223,20 +223,15 @@ impl Subtensor {
         Ok(s)
     }
 
-    /// A per-subnet storage value (`SubtensorModule.<item>[netuid]`), `default` when unset.
-    async fn subnet_value<T>(&self, what: &str, item: &'static str, netuid: u16, default: T) -> Result<T>
+    /// The value at storage `addr` under `key`, `default` when unset.
+    async fn value_or<A>(&self, what: &str, addr: A, key: A::KeyParts, default: A::Value) -> Result<A::Value>
     where
-        T: subxt::ext::scale_decode::DecodeAsType + Send + 'static,
+        A: subxt::storage::Address,
     {
         let v = self
             .with_client(what, |c| async move {
                 let at = c.at_current_block().await.map_err(|e| e.to_string())?;
-                match at
-                    .storage()
-                    .try_fetch(dynamic::storage::<(u16,), T>("SubtensorModule", item), (netuid,))
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
+                match at.storage().try_fetch(addr, key).await.map_err(|e| e.to_string())? {
                     Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
                     None => Ok(None),
                 }
@@ -245,26 +240,12 @@ impl Subtensor {
         Ok(v.unwrap_or(default))
     }
 
-    /// A plain storage value (`<pallet>.<item>`), `default` when unset.
-    async fn plain_value<T>(&self, what: &str, pallet: &'static str, item: &'static str, default: T) -> Result<T>
+    /// A per-subnet storage value (`SubtensorModule.<item>[netuid]`), `default` when unset.
+    async fn subnet_value<T>(&self, what: &str, item: &'static str, netuid: u16, default: T) -> Result<T>
     where
-        T: subxt::ext::scale_decode::DecodeAsType + Send + 'static,
+        T: subxt::ext::scale_decode::DecodeAsType,
     {
-        let v = self
-            .with_client(what, |c| async move {
-                let at = c.at_current_block().await.map_err(|e| e.to_string())?;
-                match at
-                    .storage()
-                    .try_fetch(dynamic::storage::<(), T>(pallet, item), ())
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
-                    None => Ok(None),
-                }
-            })
-            .await?;
-        Ok(v.unwrap_or(default))
+        self.value_or(what, dynamic::storage::<(u16,), T>("SubtensorModule", item), (netuid,), default).await
     }
 
     /// Refuse to submit weights before the subnet's rate limit (`WeightsSetRateLimit` blocks
@@ -448,23 +429,7 @@ impl Chain for Subtensor {
         if uids.len() != weights.len() {
             return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
         }
-        let cr: bool = self
-            .with_client("commit-reveal flag", |c| async move {
-                let at = c.at_current_block().await.map_err(|e| e.to_string())?;
-                match at
-                    .storage()
-                    .try_fetch(
-                        dynamic::storage::<(u16,), bool>("SubtensorModule", "CommitRevealWeightsEnabled"),
-                        (netuid,),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    Some(v) => v.decode().map_err(|e| e.to_string()),
-                    None => Ok(false),
-                }
-            })
-            .await?;
+        let cr: bool = self.subnet_value("commit-reveal flag", "CommitRevealWeightsEnabled", netuid, false).await?;
         if cr {
             return Err(ChainError::Weights(format!(
                 "CommitRevealEnabled on netuid {netuid}: weights must be committed (bistro_chain::submit_weights does)"
@@ -482,9 +447,16 @@ impl Chain for Subtensor {
         }
         let tempo: u16 = self.subnet_value("tempo", "Tempo", netuid, 360).await?;
         let period: u64 = self.subnet_value("reveal period", "RevealPeriodEpochs", netuid, 1).await?;
-        let version: u16 =
-            self.plain_value("commit-reveal version", "SubtensorModule", "CommitRevealWeightsVersion", 4).await?;
-        let last_round: u64 = self.plain_value("drand round", "Drand", "LastStoredRound", 0).await?;
+        let version: u16 = self
+            .value_or(
+                "commit-reveal version",
+                dynamic::storage::<(), u16>("SubtensorModule", "CommitRevealWeightsVersion"),
+                (),
+                4,
+            )
+            .await?;
+        let last_round: u64 =
+            self.value_or("drand round", dynamic::storage::<(), u64>("Drand", "LastStoredRound"), (), 0).await?;
         if last_round == 0 {
             return Err(ChainError::Weights(
                 "the chain has stored no drand pulse yet (Drand.LastStoredRound is 0)".into(),

@@ -109,9 +109,6 @@ pub struct Node {
     pub forks: u64,
     /// Forks repaired from a validator's verified history.
     pub repairs: u64,
-    /// The last applied aggregate's bytes when it came from another validator (a validator
-    /// republishes it as part of its history).
-    applied_bytes: Option<Bytes>,
 }
 
 impl std::fmt::Debug for Node {
@@ -291,7 +288,6 @@ impl Node {
             publishes_history: false,
             forks: 0,
             repairs: 0,
-            applied_bytes: None,
             cfg,
         };
         node.bootstrap().await?;
@@ -351,12 +347,6 @@ impl Node {
         Ok(out)
     }
 
-    /// Whether this node is the lead (first in fallback order) now.
-    pub async fn is_lead(&self) -> Result<bool, ChainError> {
-        let mg = self.chain.metagraph(self.cfg.netuid).await?;
-        Ok(validators_by_stake(&mg).first().is_some_and(|n| n.hotkey == self.cfg.hotkey))
-    }
-
     /// Save `theta_w` and its window to the state directory.
     pub fn save_state(&self) -> Result<(), state::StateError> {
         let info = StateInfo {
@@ -375,9 +365,13 @@ impl Node {
     /// When nodes stop waiting for the lead's aggregate of `window` (Unix ms), and when they
     /// stop waiting for any aggregate of it.
     pub async fn cutoffs_ms(&self, window: u64) -> Result<(u64, u64), ChainError> {
-        let d = self.ctx.deadline_ms(window).await?;
-        let lead = d + self.cfg.hparams.aggregate_wait_ms;
-        Ok((lead, lead + self.cfg.hparams.fallback_wait_ms))
+        Ok(self.cutoffs_after(self.ctx.deadline_ms(window).await?))
+    }
+
+    /// The two cut-offs of a window whose upload deadline is `deadline` (Unix ms).
+    fn cutoffs_after(&self, deadline: u64) -> (u64, u64) {
+        let lead = deadline + self.cfg.hparams.aggregate_wait_ms;
+        (lead, lead + self.cfg.hparams.fallback_wait_ms)
     }
 
     /// Wait for the held window's accepted set and apply it: the lead's aggregate, else the
@@ -395,11 +389,12 @@ impl Node {
         crate::telemetry::phase("follow");
         let started = std::time::Instant::now();
         let indices = self.ctx.indices(&self.params, w).await?;
-        let (lead_cutoff, final_cutoff) = self.cutoffs_ms(w).await?;
+        let deadline = self.ctx.deadline_ms(w).await?;
+        let (lead_cutoff, final_cutoff) = self.cutoffs_after(deadline);
         let publishers = self.publishers(false).await?;
         let mut found = None;
         if pace == Pace::Live {
-            sleep_until_ms(self.ctx.deadline_ms(w).await?, stop).await;
+            sleep_until_ms(deadline, stop).await;
         }
         // The lead alone until its cut-off (once, in lockstep).
         if let Some(lead) = publishers.first() {
@@ -434,6 +429,7 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let mut applied = None;
         let outcome = match found {
             None => {
                 let reason = if publishers.is_empty() {
@@ -444,7 +440,14 @@ impl Node {
                 self.window = w + 1;
                 Followed::NoUpdate { window: w, reason }
             }
-            Some((who, obj, bytes)) => self.apply(who, obj, bytes, &indices, &publishers).await?,
+            Some((who, obj, bytes)) => {
+                let outcome = self.apply(who, obj, &indices, &publishers).await?;
+                // A validator republishes what it applied from another validator.
+                if matches!(&outcome, Followed::Applied { from, .. } if from != &self.cfg.hotkey) {
+                    applied = Some(bytes);
+                }
+                outcome
+            }
         };
         crate::telemetry::phase_seconds("follow", started.elapsed().as_secs_f64());
         crate::telemetry::aggregate(match &outcome {
@@ -460,10 +463,6 @@ impl Node {
             tracing::error!(error = %e, "cannot save local state");
         }
         if self.publishes_history {
-            let applied = match &outcome {
-                Followed::Applied { .. } => self.applied_bytes.take(),
-                _ => None,
-            };
             crate::history::publish_history(
                 &self.bucket,
                 &self.cfg.hotkey,
@@ -499,7 +498,6 @@ impl Node {
         &mut self,
         who: String,
         obj: AggregateObject,
-        bytes: Bytes,
         indices: &crate::slices::SliceIndices,
         publishers: &[Publisher],
     ) -> Result<Followed, NodeError> {
@@ -555,9 +553,6 @@ impl Node {
             }
         }
         self.window = w + 1;
-        if who != self.cfg.hotkey {
-            self.applied_bytes = Some(bytes);
-        }
         Ok(Followed::Applied { window: w, from: who, set: obj.set, repaired })
     }
 }

@@ -167,7 +167,10 @@ pub fn decide(
 }
 
 /// Build the aggregate of a decision over `theta_w` (held in `params`, whose hash is
-/// `parent`): merged values at the window's indices, and the state they produce.
+/// `parent`): merged values at the window's indices, and the state they produce. The state
+/// is hashed by writing the new values into `params` and writing `theta_w[I]` back (only the
+/// window's coordinates change, so no copy of the whole model is needed); `params` holds
+/// `theta_w` again, bit for bit, when this returns, also on error.
 pub fn build(
     params: &Params,
     parent: &str,
@@ -177,9 +180,10 @@ pub fn build(
     h: &HParams,
 ) -> bistro_model::Result<AggregateObject> {
     let agg = slices::aggregate(&ws.theta_at_i, &decision.contributions, &h.aggregation);
-    let next = params.deep_clone()?;
-    slices::scatter_params(&next, &ws.indices, &agg.values)?;
-    let state = state_hash(&next)?;
+    let written = slices::scatter_params(params, &ws.indices, &agg.values);
+    let state = written.and_then(|()| state_hash(params));
+    slices::scatter_params(params, &ws.indices, &ws.theta_at_i)?;
+    let state = state?;
     Ok(AggregateObject {
         set: AcceptedSet {
             window: ws.window,

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bistro_chain::{Chain, ChainError, Metagraph};
 use bistro_model::{Llama, Params};
+use bistro_train::accepted::validators_by_stake;
 use bistro_train::data::{Dataset, TextTokenizer};
 use bistro_train::hparams::{HParams, PROTOCOL_VERSION};
 use bistro_train::node::{Followed, Listeners, Node, NodeConfig, NodeError, Pace, now_ms, sleep_until_ms};
@@ -478,7 +479,7 @@ impl Validator {
             bistro_train::accepted::encode(&expect, &obj)
                 .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
         );
-        let is_lead = self.node.is_lead().await?;
+        let is_lead = validators_by_stake(&mg).first().is_some_and(|n| n.hotkey == me);
         let mut candidate = Some(bytes.clone());
         if is_lead {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;

@@ -1,10 +1,13 @@
 //! Cross-entropy over the vocabulary, per row, with its backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{Real, for_float, max_all, simd_dispatch, slice, sum_map};
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// Target value meaning "no target" for [`CrossEntropyOp`].
 pub const NO_TARGET: u32 = u32::MAX;
@@ -12,13 +15,13 @@ pub const NO_TARGET: u32 = u32::MAX;
 /// Per-row cross-entropy `logsumexp(logits[r]) - logits[r, target[r]]` over `[N, V]` logits
 /// and `[N]` u32 targets ([`NO_TARGET`] rows give 0 and no gradient). Rows run in parallel.
 #[derive(Clone, Copy, Debug)]
-pub struct CrossEntropyOp;
+pub(crate) struct CrossEntropyOp;
 
 /// The backward op: `(logits, targets, [grad; loss] as [2, N]) -> (softmax(logits[r]) -
 /// onehot(target[r])) * grad[r]`. The forward's loss gives `logsumexp = loss + logits[target]`,
 /// so the backward reads each row twice instead of three times.
 #[derive(Clone, Copy, Debug)]
-pub struct CrossEntropyBackward;
+pub(crate) struct CrossEntropyBackward;
 
 #[inline(always)]
 fn logsumexp<T: Real>(row: &[T]) -> T {
@@ -84,12 +87,12 @@ fn dims(ll: &Layout, lt: &Layout) -> Result<(usize, usize)> {
     Ok((n, v))
 }
 
-impl CustomOp2 for CrossEntropyOp {
+impl Kernels<2> for CrossEntropyOp {
     fn name(&self) -> &'static str {
         "bistro-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
         let (n, v) = dims(l1, l2)?;
         let t = slice::<u32>(s2, l2, "cross-entropy")?;
         let out = for_float!(s1.dtype(), "cross-entropy", |T| fwd_cpu(slice::<T>(s1, l1, "cross-entropy")?, t, v));
@@ -97,48 +100,34 @@ impl CustomOp2 for CrossEntropyOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2)]: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = dims(l1, l2)?;
         Ok((super::cuda::cross_entropy_fwd(s1, l1, s2, l2, n, v)?, Shape::from(n)))
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        loss: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [logits, targets]: [&Tensor; 2], loss: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let grad_loss = Tensor::stack(&[&grad.to_dtype(loss.dtype())?, &loss.detach()], 0)?;
-        let g = logits.detach().apply_op3_no_bwd(targets, &grad_loss, &CrossEntropyBackward)?;
-        Ok((Some(g), None))
+        let g = logits.detach().apply_op3_no_bwd(targets, &grad_loss, &Fused(CrossEntropyBackward))?;
+        Ok([Some(g), None])
     }
 }
 
-impl CustomOp3 for CrossEntropyBackward {
+/// `(n, v)` of the backward's inputs, whose third is `[grad; loss]` as `[2, N]`.
+fn bwd_dims(ll: &Layout, lt: &Layout, lg: &Layout) -> Result<(usize, usize)> {
+    let (n, v) = dims(ll, lt)?;
+    if lg.shape().dims() != [2, lt.shape().elem_count()] {
+        bail!("cross-entropy backward: gradient and loss {:?} vs targets {:?}", lg.shape(), lt.shape());
+    }
+    Ok((n, v))
+}
+
+impl Kernels<3> for CrossEntropyBackward {
     fn name(&self) -> &'static str {
         "bistro-cross-entropy-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_n, v) = dims(l1, l2)?;
-        if l3.shape().dims() != [2, l2.shape().elem_count()] {
-            bail!("cross-entropy backward: gradient and loss {:?} vs targets {:?}", l3.shape(), l2.shape());
-        }
+    fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cpu<'_>; 3]) -> Result<(CpuStorage, Shape)> {
+        let (_n, v) = bwd_dims(l1, l2, l3)?;
         let t = slice::<u32>(s2, l2, "cross-entropy")?;
         let out = for_float!(s1.dtype(), "cross-entropy backward", |T| bwd_cpu(
             slice::<T>(s1, l1, "cross-entropy")?,
@@ -150,19 +139,8 @@ impl CustomOp3 for CrossEntropyBackward {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, v) = dims(l1, l2)?;
-        if l3.shape().dims() != [2, l2.shape().elem_count()] {
-            bail!("cross-entropy backward: gradient and loss {:?} vs targets {:?}", l3.shape(), l2.shape());
-        }
+    fn cuda(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cuda<'_>; 3]) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = bwd_dims(l1, l2, l3)?;
         super::cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3, n, v)
     }
 }

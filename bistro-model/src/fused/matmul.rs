@@ -7,15 +7,18 @@
 //! batch entry in parallel, where Candle runs them one after another.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::slice;
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// `C = op(A) op(B)`: `A: [.., M, K]` (`[.., K, M]` when `ta`), `B: [.., K, N]` (`[.., N,
 /// K]` when `tb`) with the same leading (batch) dimensions, `C: [.., M, N]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MatMulOp {
+pub(crate) struct MatMulOp {
     /// Use the transpose of the last two dimensions of `A`.
     pub ta: bool,
     /// Use the transpose of the last two dimensions of `B`.
@@ -109,12 +112,12 @@ fn cpu_run<T: candle_core::WithDType>(
     c
 }
 
-impl CustomOp2 for MatMulOp {
+impl Kernels<2> for MatMulOp {
     fn name(&self) -> &'static str {
         "bistro-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
         let (d, shape) = self.dims(l1, l2)?;
         let st = self.strides(d);
         let out = match (s1, s2) {
@@ -130,13 +133,7 @@ impl CustomOp2 for MatMulOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2)]: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (d, shape) = self.dims(l1, l2)?;
         let ((ars, acs), (brs, bcs)) = self.strides(d);
         // Candle's cuBLAS path takes the transposes as strides of rank-3 layouts.
@@ -156,9 +153,9 @@ impl CustomOp2 for MatMulOp {
         Ok((s1.matmul(s2, (d.batch, d.m, d.n, d.k), &la, &lb)?, shape))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _c: &Tensor, dc: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [a, b]: [&Tensor; 2], _c: &Tensor, dc: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let (a, b, dc) = (a.detach(), b.detach(), dc.contiguous()?);
-        let mm = |x: &Tensor, y: &Tensor, ta: bool, tb: bool| x.apply_op2_no_bwd(y, &MatMulOp { ta, tb });
+        let mm = |x: &Tensor, y: &Tensor, ta: bool, tb: bool| x.apply_op2_no_bwd(y, &Fused(MatMulOp { ta, tb }));
         let da = match (self.ta, self.tb) {
             (false, false) => mm(&dc, &b, false, true)?,
             (false, true) => mm(&dc, &b, false, false)?,
@@ -171,7 +168,7 @@ impl CustomOp2 for MatMulOp {
             (false, true) => mm(&dc, &a, true, false)?,
             (true, true) => mm(&dc, &a, true, true)?,
         };
-        Ok((Some(da), Some(db)))
+        Ok([Some(da), Some(db)])
     }
 }
 
@@ -185,5 +182,5 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         };
         return t(a, ta)?.matmul(&t(b, tb)?);
     }
-    a.contiguous()?.apply_op2(&b.contiguous()?, MatMulOp { ta, tb })
+    a.contiguous()?.apply_op2(&b.contiguous()?, Fused(MatMulOp { ta, tb }))
 }

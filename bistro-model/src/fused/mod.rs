@@ -13,6 +13,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod matmul;
+mod op;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -21,14 +22,17 @@ mod swiglu;
 use candle_core::{DType, Device, Result, Tensor, bail};
 
 pub use cpu::exp_f32;
-pub use cross_entropy::{CrossEntropyBackward, CrossEntropyOp, NO_TARGET};
+use cross_entropy::CrossEntropyOp;
+pub use cross_entropy::NO_TARGET;
 #[cfg(feature = "cuda")]
 pub use cuda::{SOURCE as CUDA_SOURCE, ptx as cuda_ptx};
-pub use matmul::{MatMulOp, matmul};
-pub use rms_norm::{RmsNormBackward, RmsNormOp};
-pub use rope::{HeadLayout, HeadsOp, RopeOp};
-pub use softmax::{CausalSoftmaxBackward, CausalSoftmaxOp};
-pub use swiglu::{SwiGluBackward, SwiGluOp};
+pub use matmul::matmul;
+use op::Fused;
+use rms_norm::RmsNormOp;
+pub use rope::HeadLayout;
+use rope::{HeadsOp, RopeOp};
+use softmax::CausalSoftmaxOp;
+use swiglu::SwiGluOp;
 
 use crate::ops;
 
@@ -47,7 +51,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !supported(x) {
         return ops::rms_norm(x, weight, eps);
     }
-    x.contiguous()?.apply_op2(&weight.to_dtype(x.dtype())?.contiguous()?, RmsNormOp { eps })
+    x.contiguous()?.apply_op2(&weight.to_dtype(x.dtype())?.contiguous()?, Fused(RmsNormOp { eps }))
 }
 
 /// Rotary embedding of `x: [B, T, H, D]` with `(cos, sin): [T', D/2]` (from
@@ -71,7 +75,7 @@ fn rope_op(x: &Tensor, layout: HeadLayout, cos: &Tensor, sin: &Tensor) -> Result
     let table_dtype = if x.device().is_cpu() { x.dtype() } else { DType::F32 };
     let cos = cos.to_dtype(table_dtype)?.contiguous()?;
     let sin = sin.to_dtype(table_dtype)?.contiguous()?;
-    x.contiguous()?.apply_op3(&cos, &sin, RopeOp { layout, backward: false })
+    x.contiguous()?.apply_op3(&cos, &sin, Fused(RopeOp { layout, backward: false }))
 }
 
 fn split_heads_composed(x: &Tensor, l: HeadLayout) -> Result<Tensor> {
@@ -93,7 +97,7 @@ pub fn split_heads(x: &Tensor, seq: usize, heads: usize) -> Result<Tensor> {
     if !supported(x) {
         return split_heads_composed(x, layout);
     }
-    x.contiguous()?.apply_op1(HeadsOp { layout, merge: false })
+    x.contiguous()?.apply_op1(Fused(HeadsOp { layout, merge: false }))
 }
 
 /// Head-major `y: [B, H, T, D]` as the flat token-major `[B*T, H*D]`.
@@ -102,7 +106,7 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     if !supported(y) {
         return y.transpose(1, 2)?.contiguous()?.reshape((b * t, h * d));
     }
-    y.contiguous()?.apply_op1(HeadsOp { layout: HeadLayout { seq: t, heads: h, flat: true }, merge: true })
+    y.contiguous()?.apply_op1(Fused(HeadsOp { layout: HeadLayout { seq: t, heads: h, flat: true }, merge: true }))
 }
 
 /// `softmax(scale * scores)` over the last dimension of `scores: [.., Tq, Tk]` under the
@@ -125,7 +129,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
         let s = (scores.to_dtype(acc)? * scale)?.broadcast_add(&mask)?;
         return ops::softmax_last(&s)?.to_dtype(scores.dtype());
     }
-    scores.contiguous()?.apply_op1(CausalSoftmaxOp { scale })
+    scores.contiguous()?.apply_op1(Fused(CausalSoftmaxOp { scale }))
 }
 
 /// SwiGLU `silu(gate) * up`, fused.
@@ -133,7 +137,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !supported(gate) || gate.dtype() != up.dtype() {
         return ops::silu(gate)? * up;
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGluOp)
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Fused(SwiGluOp))
 }
 
 /// Per-row cross-entropy of `logits: [N, V]` (f32/f64) against `targets: [N]` (u32,
@@ -143,7 +147,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !ok {
         bail!("cross-entropy: no fused kernel for {:?} on {:?}", logits.dtype(), logits.device().location());
     }
-    logits.contiguous()?.apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropyOp)
+    logits.contiguous()?.apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, Fused(CrossEntropyOp))
 }
 
 /// Sum of the causal-LM cross-entropy and the number of counted targets, as

@@ -1,14 +1,17 @@
 //! RMSNorm `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension, with its backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{Real, for_float, rows_per_task, simd_dispatch, slice, sum_map};
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// The forward op: `(x [.., D], w [D]) -> y [.., D]`; statistics in the input's float type.
 #[derive(Clone, Copy, Debug)]
-pub struct RmsNormOp {
+pub(crate) struct RmsNormOp {
     /// Added to the mean square before the square root.
     pub eps: f64,
 }
@@ -17,7 +20,7 @@ pub struct RmsNormOp {
 /// and row `N` holding `dw`. `dw` is summed over fixed groups of rows in a fixed order, so
 /// the result does not depend on the thread count.
 #[derive(Clone, Copy, Debug)]
-pub struct RmsNormBackward {
+pub(crate) struct RmsNormBackward {
     /// The forward op's `eps`.
     pub eps: f64,
 }
@@ -116,12 +119,12 @@ fn check_dims(lx: &Layout, lw: &Layout) -> Result<usize> {
     Ok(d)
 }
 
-impl CustomOp2 for RmsNormOp {
+impl Kernels<2> for RmsNormOp {
     fn name(&self) -> &'static str {
         "bistro-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
         check_dims(l1, l2)?;
         let out = for_float!(s1.dtype(), "rms-norm", |T| fwd_cpu(
             slice::<T>(s1, l1, "rms-norm")?,
@@ -132,44 +135,30 @@ impl CustomOp2 for RmsNormOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2)]: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = check_dims(l1, l2)?;
         super::cuda::rms_norm_fwd(s1, l1, s2, l2, d, self.eps)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, w]: [&Tensor; 2], _y: &Tensor, dy: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let d = w.elem_count();
         let dims = x.dims().to_vec();
         let n = x.elem_count() / d;
         let x2 = x.detach().reshape((n, d))?;
         let dy2 = dy.contiguous()?.reshape((n, d))?;
-        let both = x2.apply_op3_no_bwd(&w.detach(), &dy2, &RmsNormBackward { eps: self.eps })?;
+        let both = x2.apply_op3_no_bwd(&w.detach(), &dy2, &Fused(RmsNormBackward { eps: self.eps }))?;
         let dx = both.narrow(0, 0, n)?.reshape(dims)?;
         let dw = both.narrow(0, n, 1)?.reshape(d)?;
-        Ok((Some(dx), Some(dw)))
+        Ok([Some(dx), Some(dw)])
     }
 }
 
-impl CustomOp3 for RmsNormBackward {
+impl Kernels<3> for RmsNormBackward {
     fn name(&self) -> &'static str {
         "bistro-rms-norm-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cpu<'_>; 3]) -> Result<(CpuStorage, Shape)> {
         let d = check_dims(l1, l2)?;
         if l3.shape() != l1.shape() {
             bail!("rms-norm backward: gradient {:?} vs input {:?}", l3.shape(), l1.shape());
@@ -185,15 +174,7 @@ impl CustomOp3 for RmsNormBackward {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cuda<'_>; 3]) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = check_dims(l1, l2)?;
         super::cuda::rms_norm_bwd(s1, l1, s2, l2, s3, l3, d, self.eps)
     }

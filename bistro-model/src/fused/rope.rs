@@ -4,10 +4,13 @@
 //! ("rotate half", as Hugging Face's Llama) on the way. One pass, one graph node.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{Real, for_float, simd_dispatch, slice};
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// The geometry shared by [`RopeOp`] and [`HeadsOp`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +51,7 @@ impl HeadLayout {
 /// Rotary embedding: token-major in, head-major out; with `backward` set, the inverse
 /// rotation of a head-major gradient, token-major out. Tables `cos, sin: [T', D/2]`, `T' >= T`.
 #[derive(Clone, Copy, Debug)]
-pub struct RopeOp {
+pub(crate) struct RopeOp {
     /// The token-major geometry.
     pub layout: HeadLayout,
     /// Apply the inverse rotation, head-major to token-major.
@@ -57,7 +60,7 @@ pub struct RopeOp {
 
 /// Token-major to head-major (`merge == false`) or back, a plain transposing copy.
 #[derive(Clone, Copy, Debug)]
-pub struct HeadsOp {
+pub(crate) struct HeadsOp {
     /// The token-major geometry.
     pub layout: HeadLayout,
     /// Head-major to token-major.
@@ -154,20 +157,12 @@ impl RopeOp {
     }
 }
 
-impl CustomOp3 for RopeOp {
+impl Kernels<3> for RopeOp {
     fn name(&self) -> &'static str {
         if self.backward { "bistro-rope-backward" } else { "bistro-rope" }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cpu<'_>; 3]) -> Result<(CpuStorage, Shape)> {
         let (dims, out_shape) = self.geometry(l1)?;
         check_tables(l2, l3, dims)?;
         fn go<T: Real>(x: &[T], c: &[T], s: &[T], dims: [usize; 4], backward: bool) -> Vec<T> {
@@ -184,30 +179,15 @@ impl CustomOp3 for RopeOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cuda<'_>; 3]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (dims, out_shape) = self.geometry(l1)?;
         check_tables(l2, l3, dims)?;
         Ok((super::cuda::heads(s1, l1, Some((s2, l2, s3, l3)), dims, self.backward)?, out_shape))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = RopeOp { backward: !self.backward, ..*self };
-        Ok((Some(dy.contiguous()?.apply_op3_no_bwd(&cos.detach(), &sin.detach(), &op)?), None, None))
+    fn backward(&self, [_x, cos, sin]: [&Tensor; 3], _y: &Tensor, dy: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        let op = Fused(RopeOp { backward: !self.backward, ..*self });
+        Ok([Some(dy.contiguous()?.apply_op3_no_bwd(&cos.detach(), &sin.detach(), &op)?), None, None])
     }
 }
 
@@ -223,12 +203,12 @@ impl HeadsOp {
     }
 }
 
-impl CustomOp1 for HeadsOp {
+impl Kernels<1> for HeadsOp {
     fn name(&self) -> &'static str {
         if self.merge { "bistro-merge-heads" } else { "bistro-split-heads" }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s, l)]: [Cpu<'_>; 1]) -> Result<(CpuStorage, Shape)> {
         let (dims, out_shape) = self.geometry(l)?;
         fn go<T: Real>(x: &[T], dims: [usize; 4], merge: bool) -> Vec<T> {
             if merge { to_tokens(x, &[], &[], dims) } else { to_heads(x, &[], &[], dims) }
@@ -238,13 +218,13 @@ impl CustomOp1 for HeadsOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s, l)]: [Cuda<'_>; 1]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (dims, out_shape) = self.geometry(l)?;
         Ok((super::cuda::heads(s, l, None, dims, self.merge)?, out_shape))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let op = HeadsOp { merge: !self.merge, ..*self };
-        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
+    fn backward(&self, _x: [&Tensor; 1], _y: &Tensor, dy: &Tensor) -> Result<[Option<Tensor>; 1]> {
+        let op = Fused(HeadsOp { merge: !self.merge, ..*self });
+        Ok([Some(dy.contiguous()?.apply_op1_no_bwd(&op)?)])
     }
 }

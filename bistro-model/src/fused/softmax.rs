@@ -2,22 +2,25 @@
 //! no mask tensor.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{Real, for_float, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2};
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// `p = softmax(scale * s)` over the last dimension of `s: [.., Tq, Tk]` (`Tk >= Tq`), where
 /// query `i` sees keys `j <= i + Tk - Tq` and every other entry of `p` is 0.
 #[derive(Clone, Copy, Debug)]
-pub struct CausalSoftmaxOp {
+pub(crate) struct CausalSoftmaxOp {
     /// The factor applied to the scores before the softmax (`1/sqrt(head_dim)`).
     pub scale: f64,
 }
 
 /// The backward op: `(p, dp) -> ds = scale * p * (dp - sum_j p dp)`, zero above the diagonal.
 #[derive(Clone, Copy, Debug)]
-pub struct CausalSoftmaxBackward {
+pub(crate) struct CausalSoftmaxBackward {
     /// The forward op's scale.
     pub scale: f64,
 }
@@ -84,12 +87,12 @@ fn dims(l: &Layout) -> Result<(usize, usize)> {
     Ok((d[d.len() - 2], d[d.len() - 1]))
 }
 
-impl CustomOp1 for CausalSoftmaxOp {
+impl Kernels<1> for CausalSoftmaxOp {
     fn name(&self) -> &'static str {
         "bistro-causal-softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s, l)]: [Cpu<'_>; 1]) -> Result<(CpuStorage, Shape)> {
         let (tq, tk) = dims(l)?;
         let out = for_float!(s.dtype(), "causal softmax", |T| fwd_cpu(
             slice::<T>(s, l, "causal softmax")?,
@@ -101,27 +104,32 @@ impl CustomOp1 for CausalSoftmaxOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s, l)]: [Cuda<'_>; 1]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (tq, tk) = dims(l)?;
         Ok((super::cuda::causal_softmax_fwd(s, l, tq, tk, self.scale)?, l.shape().clone()))
     }
 
-    fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
-        let ds = p.detach().apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBackward { scale: self.scale })?;
-        Ok(Some(ds))
+    fn backward(&self, _s: [&Tensor; 1], p: &Tensor, dp: &Tensor) -> Result<[Option<Tensor>; 1]> {
+        let ds = p.detach().apply_op2_no_bwd(&dp.contiguous()?, &Fused(CausalSoftmaxBackward { scale: self.scale }))?;
+        Ok([Some(ds)])
     }
 }
 
-impl CustomOp2 for CausalSoftmaxBackward {
+/// `(tq, tk)` of the backward's inputs `p` and `dp`, which must have one shape.
+fn bwd_dims(lp: &Layout, ldp: &Layout) -> Result<(usize, usize)> {
+    if lp.shape() != ldp.shape() {
+        bail!("causal softmax backward: gradient {:?} vs output {:?}", ldp.shape(), lp.shape());
+    }
+    dims(lp)
+}
+
+impl Kernels<2> for CausalSoftmaxBackward {
     fn name(&self) -> &'static str {
         "bistro-causal-softmax-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (tq, tk) = dims(l1)?;
-        if l1.shape() != l2.shape() {
-            bail!("causal softmax backward: gradient {:?} vs output {:?}", l2.shape(), l1.shape());
-        }
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let (tq, tk) = bwd_dims(l1, l2)?;
         let out = for_float!(s1.dtype(), "causal softmax backward", |T| bwd_cpu(
             slice::<T>(s1, l1, "causal softmax")?,
             slice(s2, l2, "causal softmax")?,
@@ -133,17 +141,8 @@ impl CustomOp2 for CausalSoftmaxBackward {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (tq, tk) = dims(l1)?;
-        if l1.shape() != l2.shape() {
-            bail!("causal softmax backward: gradient {:?} vs output {:?}", l2.shape(), l1.shape());
-        }
+    fn cuda(&self, [(s1, l1), (s2, l2)]: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (tq, tk) = bwd_dims(l1, l2)?;
         Ok((super::cuda::causal_softmax_bwd(s1, l1, s2, l2, tq, tk, self.scale)?, l1.shape().clone()))
     }
 }

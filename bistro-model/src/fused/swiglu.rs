@@ -1,18 +1,21 @@
 //! SwiGLU `y = silu(g) * u` with its backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{Real, for_float, simd_dispatch, slice};
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// `(g, u) -> silu(g) * u`, element-wise over equal shapes.
 #[derive(Clone, Copy, Debug)]
-pub struct SwiGluOp;
+pub(crate) struct SwiGluOp;
 
 /// `(g, u, dy) -> [2, ..]` holding `dg` then `du`.
 #[derive(Clone, Copy, Debug)]
-pub struct SwiGluBackward;
+pub(crate) struct SwiGluBackward;
 
 const CHUNK: usize = 16_384;
 
@@ -60,12 +63,12 @@ fn same(a: &Layout, b: &Layout, what: &str) -> Result<()> {
     Ok(())
 }
 
-impl CustomOp2 for SwiGluOp {
+impl Kernels<2> for SwiGluOp {
     fn name(&self) -> &'static str {
         "bistro-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
         same(l1, l2, "up")?;
         let out =
             for_float!(s1.dtype(), "swiglu", |T| fwd_cpu(slice::<T>(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?));
@@ -73,40 +76,33 @@ impl CustomOp2 for SwiGluOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2)]: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
         same(l1, l2, "up")?;
         Ok((super::cuda::swiglu_fwd(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.detach().apply_op3_no_bwd(&u.detach(), &dy.contiguous()?, &SwiGluBackward)?;
+    fn backward(&self, [g, u]: [&Tensor; 2], _y: &Tensor, dy: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        let both = g.detach().apply_op3_no_bwd(&u.detach(), &dy.contiguous()?, &Fused(SwiGluBackward))?;
         let dims = g.dims();
         let dg = both.narrow(0, 0, 1)?.reshape(dims)?;
         let du = both.narrow(0, 1, 1)?.reshape(dims)?;
-        Ok((Some(dg), Some(du)))
+        Ok([Some(dg), Some(du)])
     }
 }
 
-impl CustomOp3 for SwiGluBackward {
+/// `[2, ..]`: the shape of `dg` and `du` stacked.
+fn stacked(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.shape().dims());
+    Shape::from(dims)
+}
+
+impl Kernels<3> for SwiGluBackward {
     fn name(&self) -> &'static str {
         "bistro-swiglu-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cpu<'_>; 3]) -> Result<(CpuStorage, Shape)> {
         same(l1, l2, "up")?;
         same(l1, l3, "gradient")?;
         let out = for_float!(s1.dtype(), "swiglu backward", |T| bwd_cpu(
@@ -114,25 +110,13 @@ impl CustomOp3 for SwiGluBackward {
             slice(s2, l2, "swiglu")?,
             slice(s3, l3, "swiglu")?,
         ));
-        let mut dims = vec![2];
-        dims.extend_from_slice(l1.shape().dims());
-        Ok((out, Shape::from(dims)))
+        Ok((out, stacked(l1)))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cuda<'_>; 3]) -> Result<(candle_core::CudaStorage, Shape)> {
         same(l1, l2, "up")?;
         same(l1, l3, "gradient")?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(l1.shape().dims());
-        Ok((super::cuda::swiglu_bwd(s1, l1, s2, l2, s3, l3)?, Shape::from(dims)))
+        Ok((super::cuda::swiglu_bwd(s1, l1, s2, l2, s3, l3)?, stacked(l1)))
     }
 }

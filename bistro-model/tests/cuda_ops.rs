@@ -35,16 +35,7 @@ fn gpu() -> Option<Device> {
 
 fn rand_t(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(bistro_kernels::rng::XorShift::new(seed).vec_f32(n, scale), shape, &Device::Cpu).unwrap()
 }
 
 /// Value and input gradients of `sum(f(inputs) * r)` on `dev` in `dtype`, back in f32 on the CPU.

@@ -9,15 +9,8 @@ use bistro_model::{Llama, ModelConfig, Params, ops};
 use candle_core::{D, DType, Device, Tensor, Var};
 
 fn rand_vec(n: usize, seed: u64, scale: f64) -> Vec<f64> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0 * scale
-        })
-        .collect()
+    let mut rng = bistro_kernels::rng::XorShift::new(seed);
+    (0..n).map(|_| rng.symmetric(scale)).collect()
 }
 
 fn rand_t(shape: &[usize], seed: u64, scale: f64) -> Tensor {

@@ -6,12 +6,8 @@
 //! `tiny` CPU step. Binaries opt in (a library never picks the allocator):
 //!
 //! ```ignore
-//! #[global_allocator]
-//! static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
-//! fn main() -> anyhow::Result<()> {
-//!     // SAFETY: first thing in `main`, no other thread exists yet.
-//!     unsafe { bistro_train::process::block_on(run()) }?
-//! }
+//! async fn run() -> anyhow::Result<()> { Ok(()) }
+//! bistro_train::node_main!(run); // mimalloc, then `block_on(run())` first thing in `main`
 //! ```
 //!
 //! ([`block_on`] applies [`tune`] before the runtime's threads exist; a program that starts
@@ -65,4 +61,25 @@ pub unsafe fn block_on<F: std::future::Future>(fut: F) -> std::io::Result<F::Out
     // SAFETY: forwarded to the caller.
     unsafe { tune() };
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fut))
+}
+
+/// The `main` of a node binary: mimalloc as the global allocator, then [`block_on`] of the
+/// named `async fn() -> anyhow::Result<()>` first thing in `main`, which is what makes the
+/// `unsafe` sound. The calling crate depends on `anyhow`.
+///
+/// ```ignore
+/// async fn run() -> anyhow::Result<()> { Ok(()) }
+/// bistro_train::node_main!(run);
+/// ```
+#[macro_export]
+macro_rules! node_main {
+    ($run:ident) => {
+        #[global_allocator]
+        static ALLOC: $crate::process::MiMalloc = $crate::process::MiMalloc;
+
+        fn main() -> anyhow::Result<()> {
+            // SAFETY: first thing in `main`, before any other thread exists.
+            unsafe { $crate::process::block_on($run()) }?
+        }
+    };
 }

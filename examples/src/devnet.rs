@@ -409,19 +409,8 @@ fn l2(v: &[Vec<f32>]) -> f64 {
 
 /// A deterministic pseudo-random direction with the shape of `like` (xorshift, seeded).
 fn direction(like: &[Vec<f32>], seed: u64) -> Vec<Vec<f32>> {
-    let mut x = seed | 1;
-    like.iter()
-        .map(|t| {
-            t.iter()
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect()
-        })
-        .collect()
+    let mut rng = bistro_kernels::rng::XorShift::new(seed);
+    like.iter().map(|t| rng.vec_f32(t.len(), 1.0)).collect()
 }
 
 fn node_config(opts: &DevnetOptions, h: &HParams, hotkey: &str, role: &str, stake: u64) -> anyhow::Result<NodeConfig> {

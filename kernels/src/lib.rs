@@ -21,6 +21,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod ptx;
+pub mod rng;
 
 /// Coordinates per block of the CPU's deterministic reduction. Long blocks keep each
 /// miner's slice a long sequential read: 8 miners of the `1b` slice ran at 18.9-20.0 GiB/s

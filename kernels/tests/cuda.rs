@@ -6,13 +6,8 @@ use bistro_kernels::cpu::diff_norms;
 use bistro_kernels::cuda::CudaDiffNorm;
 
 fn data(n: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
-    let mut x = seed.wrapping_add(0x9E3779B97F4A7C15);
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 - 0.5
-    };
+    let mut rng = bistro_kernels::rng::XorShift::new(seed);
+    let mut next = move || rng.uniform() as f32 - 0.5;
     let theta: Vec<f32> = (0..n).map(|_| next() * 0.1).collect();
     let gv: Vec<f32> = (0..n).map(|_| next() * 0.01).collect();
     let slices = (0..m)

@@ -11,13 +11,8 @@ pub(crate) fn micro_gqa() -> ModelConfig {
 
 /// Deterministic pseudo-random token ids `[b, t]` below `vocab`.
 pub(crate) fn tokens(b: usize, t: usize, vocab: usize, salt: u64) -> Tensor {
-    let mut x = salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let v: Vec<u32> = (0..b * t)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) % vocab as u64) as u32
-        })
-        .collect();
+    let mut rng = bistro_kernels::rng::XorShift::new(salt);
+    let v: Vec<u32> = (0..b * t).map(|_| rng.below(vocab as u64) as u32).collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 

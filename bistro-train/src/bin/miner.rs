@@ -77,13 +77,7 @@ fn record(board: &bistro_train::status::StatusBoard, e: &MinerEvent) {
     }
 }
 
-#[global_allocator]
-static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
-
-fn main() -> anyhow::Result<()> {
-    // SAFETY: first thing in `main`, before any other thread exists.
-    unsafe { bistro_train::process::block_on(run()) }?
-}
+bistro_train::node_main!(run);
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();

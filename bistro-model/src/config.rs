@@ -7,6 +7,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 
+/// Domain-separation tag of [`ModelConfig::hash`].
+pub const CONFIG_HASH_TAG: &[u8] = b"bistro/model-config/v1";
+
 /// Shape and numerics of the LLaMA-style model.
 ///
 /// Field names are those of Hugging Face's `LlamaConfig`, so a Hugging Face `config.json`
@@ -308,14 +311,15 @@ impl ModelConfig {
     }
 
     /// A stable hash of everything that changes the parameters or the computation
-    /// (hex sha256 of the canonical JSON). Goes into slice metadata.
-    pub fn hash(&self) -> String {
+    /// (hex sha256 of [`CONFIG_HASH_TAG`] and the canonical JSON). Goes into slice metadata.
+    pub fn hash(&self) -> Result<String> {
         // serde_json writes struct fields in declaration order: stable across platforms.
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let bytes =
+            serde_json::to_vec(self).map_err(|source| ModelError::Serialize { what: "model config", source })?;
         let mut h = Sha256::new();
-        h.update(b"bistro/model-config/v1");
+        h.update(CONFIG_HASH_TAG);
         h.update(&bytes);
-        hex::encode(h.finalize())
+        Ok(hex::encode(h.finalize()))
     }
 }
 
@@ -375,7 +379,7 @@ mod tests {
         let a = ModelConfig::preset("tiny").unwrap();
         let mut b = a.clone();
         b.num_hidden_layers += 1;
-        assert_ne!(a.hash(), b.hash());
-        assert_eq!(a.hash(), ModelConfig::preset("tiny").unwrap().hash());
+        assert_ne!(a.hash().unwrap(), b.hash().unwrap());
+        assert_eq!(a.hash().unwrap(), ModelConfig::preset("tiny").unwrap().hash().unwrap());
     }
 }

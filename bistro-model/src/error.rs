@@ -92,6 +92,16 @@ pub enum ModelError {
         source: std::io::Error,
     },
 
+    /// A value could not be serialised (for a hash or a file).
+    #[error("cannot serialise the {what}: {source}")]
+    Serialize {
+        /// What was being serialised.
+        what: &'static str,
+        /// The serialiser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// A parameter index or flat index was out of range.
     #[error("index out of range: {0}")]
     OutOfRange(String),

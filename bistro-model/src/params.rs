@@ -16,6 +16,9 @@ use sha2::{Digest, Sha256};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
+/// Domain-separation tag of the genesis key (see [`genesis_values`]).
+pub const GENESIS_TAG: &[u8] = b"bistro/genesis/v1";
+
 /// The kind of a parameter tensor, which decides its genesis initialisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ParamKind {
@@ -91,7 +94,7 @@ pub fn genesis_values(spec: &ParamSpec, seed: u64, initializer_range: f64) -> Ve
     }
     let a = (initializer_range * 3f64.sqrt()) as f32;
     let mut h = Sha256::new();
-    h.update(b"bistro/genesis/v1");
+    h.update(GENESIS_TAG);
     h.update(seed.to_le_bytes());
     h.update(spec.name.as_bytes());
     let key: [u8; 32] = h.finalize().into();

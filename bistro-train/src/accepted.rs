@@ -19,35 +19,18 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::hparams::PROTOCOL_VERSION;
+use crate::protocol::{AGGREGATE_METADATA_BYTES, PROTOCOL_VERSION, tags};
 use crate::slices::Rejection;
 use crate::slices::format::{header_bound, parse_bounded};
 
-/// Domain-separation tag of [`state_hash`].
-pub const STATE_HASH_TAG: &[u8] = b"bistro/state/v2";
-
 /// Metadata value of `kind` in an aggregate.
 const KIND: &str = "aggregate";
-
-/// Header bytes allowed for an aggregate's metadata (the included and excluded lists): room
-/// for about 4,000 hotkeys.
-pub const AGGREGATE_METADATA_BYTES: u64 = 1 << 20;
-
-/// Object key of the aggregate of `window`.
-pub fn aggregate_key(window: u64) -> String {
-    format!("aggregate-{window}.safetensors")
-}
-
-/// The window of an aggregate key.
-pub fn parse_aggregate_key(key: &str) -> Option<u64> {
-    key.strip_prefix("aggregate-")?.strip_suffix(".safetensors")?.parse().ok()
-}
 
 /// Hex sha256 of the full model state: `"bistro/state/v2"`, then for every parameter in
 /// canonical order its name length (u64 LE), name, element count (u64 LE) and values (f32 LE).
 pub fn state_hash(params: &Params) -> bistro_model::Result<String> {
     let mut h = Sha256::new();
-    h.update(STATE_HASH_TAG);
+    h.update(tags::STATE);
     let mut buf = Vec::new();
     for (i, spec) in params.specs().iter().enumerate() {
         h.update((spec.name.len() as u64).to_le_bytes());
@@ -300,7 +283,7 @@ mod tests {
         };
         let order: Vec<u16> = validators_by_stake(&mg).iter().map(|n| n.uid).collect();
         assert_eq!(order, vec![2, 3, 0]);
-        assert_eq!(parse_aggregate_key(&aggregate_key(12)), Some(12));
-        assert_eq!(parse_aggregate_key("aggregate-x.safetensors"), None);
+        assert_eq!(crate::protocol::parse_aggregate_key(&crate::protocol::aggregate_key(12)), Some(12));
+        assert_eq!(crate::protocol::parse_aggregate_key("aggregate-x.safetensors"), None);
     }
 }

@@ -132,7 +132,7 @@ impl HttpConnector for PeerConnector {
         let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(self.timeout)
-            .connect_timeout(Duration::from_secs(5).min(self.timeout));
+            .connect_timeout(crate::protocol::CONNECT_TIMEOUT.min(self.timeout));
         if !self.allow_internal {
             b = b.dns_resolver(Arc::new(GuardedResolver));
         }

@@ -104,7 +104,7 @@ impl SyncContext {
         indices: &SliceIndices,
         window: u64,
     ) -> Result<Option<(AggregateObject, Bytes)>, HistoryError> {
-        let key = accepted::aggregate_key(window);
+        let key = crate::protocol::aggregate_key(window);
         let expect = self.aggregate_expectation(params, indices, window);
         let fetched = match bucket.get(&key, expect.max_bytes()).await {
             Ok(f) => f,
@@ -138,7 +138,7 @@ impl SyncContext {
             .list("checkpoint-")
             .await
             .map_err(|source| HistoryError::Download { key: "checkpoint-*".into(), source })?;
-        let mut windows: Vec<u64> = list.iter().filter_map(|o| crate::state::parse_checkpoint_key(&o.key)).collect();
+        let mut windows: Vec<u64> = list.iter().filter_map(|o| crate::protocol::parse_checkpoint_key(&o.key)).collect();
         windows.sort_unstable_by(|a, b| b.cmp(a));
         windows.dedup();
         let mut last_err = HistoryError::Missing("a usable checkpoint".into());
@@ -196,7 +196,7 @@ impl SyncContext {
         c: u64,
         target: u64,
     ) -> Result<Rebuilt, HistoryError> {
-        let key = crate::state::checkpoint_key(c);
+        let key = crate::protocol::checkpoint_key(c);
         let limit = model_config.num_params() as u64 * 4 + (4 << 20);
         let f = bucket.get(&key, limit).await.map_err(|source| match source {
             StorageError::NotFound { .. } => HistoryError::Missing(key.clone()),
@@ -282,7 +282,7 @@ pub async fn publish_history(
     hparams: &crate::hparams::HParams,
 ) {
     if let Some(bytes) = applied
-        && let Err(e) = bucket.put(&accepted::aggregate_key(window), bytes.clone()).await
+        && let Err(e) = bucket.put(&crate::protocol::aggregate_key(window), bytes.clone()).await
     {
         tracing::warn!(window, error = %e, "cannot publish the applied aggregate");
     }
@@ -292,7 +292,7 @@ pub async fn publish_history(
     {
         match crate::state::checkpoint_bytes(params, cw) {
             Ok(b) => {
-                if let Err(e) = bucket.put(&crate::state::checkpoint_key(cw), Bytes::from(b)).await {
+                if let Err(e) = bucket.put(&crate::protocol::checkpoint_key(cw), Bytes::from(b)).await {
                     tracing::warn!(error = %e, "cannot publish checkpoint");
                 }
             }
@@ -313,7 +313,8 @@ pub async fn cleanup(bucket: &Bucket, hotkey: &str, window: u64, hparams: &crate
     for prefix in ["checkpoint-", "aggregate-"] {
         if let Ok(list) = bucket.list(prefix).await {
             for o in list {
-                let w = crate::state::parse_checkpoint_key(&o.key).or_else(|| accepted::parse_aggregate_key(&o.key));
+                let w = crate::protocol::parse_checkpoint_key(&o.key)
+                    .or_else(|| crate::protocol::parse_aggregate_key(&o.key));
                 if w.is_some_and(|w| w + keep < window) {
                     let _ = bucket.delete(&o.key).await;
                 }

@@ -6,8 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub use crate::protocol::PROTOCOL_VERSION;
 
 /// How accepted slices are combined, coordinate by coordinate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,13 +147,17 @@ pub enum HParamsError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for [`HParams`].
-    #[error("invalid hparams file {path}: {reason}")]
+    #[error("invalid hparams file {path}: {source}")]
     Parse {
         /// The file.
         path: std::path::PathBuf,
         /// What the parser said.
-        reason: String,
+        #[source]
+        source: Box<toml::de::Error>,
     },
+    /// The hyper-parameters could not be serialised (for their hash).
+    #[error("cannot serialise hparams: {0}")]
+    Serialize(#[source] Box<toml::ser::Error>),
     /// A value is out of range.
     #[error("invalid hparams: {0}")]
     Invalid(String),
@@ -165,7 +168,7 @@ impl HParams {
     pub fn from_file(path: &Path) -> Result<Self, HParamsError> {
         let text = std::fs::read_to_string(path).map_err(|source| HParamsError::Io { path: path.into(), source })?;
         let h: HParams =
-            toml::from_str(&text).map_err(|e| HParamsError::Parse { path: path.into(), reason: e.to_string() })?;
+            toml::from_str(&text).map_err(|e| HParamsError::Parse { path: path.into(), source: Box::new(e) })?;
         h.validate()?;
         Ok(h)
     }
@@ -241,13 +244,13 @@ impl HParams {
     }
 
     /// Hex sha256 of the canonical TOML (field order is the struct's), with the protocol version.
-    pub fn hash(&self) -> String {
-        let text = toml::to_string(self).unwrap_or_default();
+    pub fn hash(&self) -> Result<String, HParamsError> {
+        let text = toml::to_string(self).map_err(|e| HParamsError::Serialize(Box::new(e)))?;
         let mut h = Sha256::new();
-        h.update(b"bistro/hparams/v");
+        h.update(crate::protocol::tags::HPARAMS);
         h.update(PROTOCOL_VERSION.to_le_bytes());
         h.update(text.as_bytes());
-        hex::encode(h.finalize())
+        Ok(hex::encode(h.finalize()))
     }
 }
 
@@ -290,10 +293,10 @@ mod tests {
         h.validate().unwrap();
         let t = toml::to_string(&h).unwrap();
         assert_eq!(toml::from_str::<HParams>(&t).unwrap(), h);
-        assert_eq!(h.hash(), HParams::default().hash());
+        assert_eq!(h.hash().unwrap(), HParams::default().hash().unwrap());
         let mut g = h.clone();
         g.compression = 9;
-        assert_ne!(g.hash(), h.hash());
+        assert_ne!(g.hash().unwrap(), h.hash().unwrap());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod miner;
 pub mod node;
 #[cfg(feature = "cli")]
 pub mod process;
+pub mod protocol;
 pub mod slices;
 pub mod state;
 #[cfg(feature = "cli")]

@@ -254,7 +254,7 @@ impl Miner {
         let w = self.node.window;
         let started = Instant::now();
         let size = bytes.len();
-        let key = slices::slice_key(w, &self.node.cfg.hotkey);
+        let key = crate::protocol::slice_key(w, &self.node.cfg.hotkey);
         let body = Bytes::from(bytes);
         loop {
             crate::telemetry::phase("upload");

@@ -14,7 +14,7 @@ use candle_core::Device;
 
 use bytes::Bytes;
 
-use crate::accepted::{self, AcceptedSet, AggregateObject, state_hash, validators_by_stake};
+use crate::accepted::{AcceptedSet, AggregateObject, state_hash, validators_by_stake};
 use crate::data::{Dataset, TextTokenizer};
 use crate::history::{HistoryError, apply_checked, short};
 use crate::hparams::HParams;
@@ -29,6 +29,9 @@ pub enum NodeError {
     /// Configuration is wrong.
     #[error("config: {0}")]
     Config(String),
+    /// The hyper-parameters are invalid.
+    #[error(transparent)]
+    HParams(#[from] crate::hparams::HParamsError),
     /// The chain refused something fatal (e.g. the hotkey is not registered).
     #[error(transparent)]
     Chain(#[from] ChainError),
@@ -248,12 +251,12 @@ impl Node {
             chain: chain.clone(),
             netuid: cfg.netuid,
             hparams: cfg.hparams.clone(),
-            hparams_hash: cfg.hparams.hash(),
-            model_hash: model_config.hash(),
+            hparams_hash: cfg.hparams.hash()?,
+            model_hash: model_config.hash()?,
             bucket_options: cfg.bucket_options.clone(),
             allow_local_buckets: cfg.allow_local_buckets,
             allow_private_endpoints: cfg.allow_private_endpoints,
-            concurrency: 8,
+            concurrency: crate::protocol::PEER_CONCURRENCY,
         };
         let uid = match cfg.auto_register {
             Some(stake) => chain.ensure_registered(cfg.netuid, &cfg.hotkey, stake).await?,
@@ -413,7 +416,7 @@ impl Node {
             && (pace == Pace::Lockstep || now_ms() < final_cutoff)
         {
             tracing::info!(window = w, "the lead's aggregate is missing: publishing this validator's as a fallback");
-            if let Err(e) = self.bucket.put(&accepted::aggregate_key(w), bytes.clone()).await {
+            if let Err(e) = self.bucket.put(&crate::protocol::aggregate_key(w), bytes.clone()).await {
                 tracing::warn!(window = w, error = %e, "cannot publish the fallback aggregate");
             }
         }

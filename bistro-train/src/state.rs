@@ -8,6 +8,8 @@ use bistro_model::{ModelConfig, Params};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::CHECKPOINT_WINDOW_KEY;
+
 /// Errors of state persistence.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -34,19 +36,6 @@ pub struct StateInfo {
     pub hparams_hash: String,
     /// Hash of the model config.
     pub model_hash: String,
-}
-
-/// Metadata key of the window inside a checkpoint file.
-pub const CHECKPOINT_WINDOW_KEY: &str = "bistro_window";
-
-/// Object key of a published checkpoint of `theta_window`.
-pub fn checkpoint_key(window: u64) -> String {
-    format!("checkpoint-{window}.safetensors")
-}
-
-/// Parse the window out of a checkpoint key.
-pub fn parse_checkpoint_key(key: &str) -> Option<u64> {
-    key.strip_prefix("checkpoint-")?.strip_suffix(".safetensors")?.parse().ok()
 }
 
 /// Save `params` as `theta_window` in `dir` (parameters and `config.json` first, then the
@@ -80,7 +69,7 @@ pub fn load(
         .map_err(|e| StateError::File { path: json_path.clone(), reason: e.to_string() })?;
     let info: StateInfo = serde_json::from_str(&text)
         .map_err(|e| StateError::File { path: json_path.clone(), reason: format!("corrupt: {e}") })?;
-    if info.hparams_hash != hparams_hash || info.model_hash != config.hash() {
+    if info.hparams_hash != hparams_hash || info.model_hash != config.hash()? {
         return Err(StateError::File {
             path: json_path,
             reason: "saved with other hyper-parameters or another model; move it away to start fresh".into(),
@@ -127,7 +116,8 @@ pub fn checkpoint_bytes(params: &Params, window: u64) -> Result<Vec<u8>, StateEr
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), window.to_string());
-    let cfg = serde_json::to_string(params.config()).unwrap_or_default();
+    let cfg = serde_json::to_string(params.config())
+        .map_err(|source| bistro_model::ModelError::Serialize { what: "model config", source })?;
     meta.insert(bistro_model::checkpoint::CONFIG_METADATA_KEY.to_string(), cfg);
     Ok(bistro_model::checkpoint::to_safetensors_bytes(&tensors, meta)?)
 }

@@ -216,7 +216,7 @@ fn s3_store(
         .with_client_options(
             ClientOptions::new()
                 .with_timeout(t.timeout)
-                .with_connect_timeout(Duration::from_secs(5).min(t.timeout))
+                .with_connect_timeout(crate::protocol::CONNECT_TIMEOUT.min(t.timeout))
                 .with_allow_http(q.get("endpoint").is_some_and(|e| e.starts_with("http://"))),
         );
     b = match creds {

@@ -148,8 +148,8 @@ impl SyncContext {
         // A slow or hostile peer must not stall the window: short, bounded downloads, with
         // the peer's published read key (never this node's keys).
         let mut t = self.bucket_options.transfer.clone();
-        t.attempts = t.attempts.min(2);
-        t.timeout = t.timeout.min(std::time::Duration::from_secs(15));
+        t.attempts = t.attempts.min(crate::protocol::PEER_ATTEMPTS);
+        t.timeout = t.timeout.min(crate::protocol::PEER_TIMEOUT);
         Bucket::open_peer(url, &t, self.allow_private_endpoints).map_err(|e| Rejection::Download(e.to_string()))
     }
 
@@ -185,7 +185,7 @@ impl SyncContext {
             async move {
                 let fetch = async {
                     let bucket = self.peer_bucket(&url)?;
-                    let key = slices::slice_key(window, &hotkey);
+                    let key = crate::protocol::slice_key(window, &hotkey);
                     bucket.get(&key, expect.max_bytes).await.map_err(|e| match e {
                         StorageError::NotFound { .. } => Rejection::Missing,
                         StorageError::TooLarge { size, limit, .. } => Rejection::TooLarge { size, limit },

@@ -29,8 +29,8 @@ fn context(chain: Arc<Devnet>, h: &HParams, model: &ModelConfig, local: bool, pr
         chain,
         netuid: 1,
         hparams: h.clone(),
-        hparams_hash: h.hash(),
-        model_hash: model.hash(),
+        hparams_hash: h.hash().unwrap(),
+        model_hash: model.hash().unwrap(),
         bucket_options: BucketOptions {
             access_key_id: Some("OWN-KEY-ID".into()),
             secret_access_key: Some(Secret::new("own-secret-never-sent")),
@@ -202,7 +202,7 @@ async fn permit_holders_that_upload_are_miners() {
     chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let b = Bucket::open("memory://permits-staked-miner", &BucketOptions::default()).unwrap();
-    b.put(&bistro_train::slices::slice_key(w, "staked-miner"), Bytes::from_static(b"not a slice")).await.unwrap();
+    b.put(&bistro_train::protocol::slice_key(w, "staked-miner"), Bytes::from_static(b"not a slice")).await.unwrap();
     let ws = ctx.collect(&params, w, "me").await.unwrap();
     let listed: Vec<&str> = ws.peers.iter().map(|p| p.hotkey.as_str()).collect();
     assert_eq!(listed, vec!["staked-miner"], "a permit holder that uploads is a miner; one that does not is not");
@@ -221,11 +221,11 @@ async fn checkpoint_from_future() {
     chain.set_commitment(1, "evil-validator", vbucket.url()).await.unwrap();
     let genesis = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let future = bistro_train::state::checkpoint_bytes(&genesis, u64::MAX).unwrap();
-    vbucket.put(&bistro_train::state::checkpoint_key(u64::MAX), Bytes::from(future)).await.unwrap();
+    vbucket.put(&bistro_train::protocol::checkpoint_key(u64::MAX), Bytes::from(future)).await.unwrap();
     let tampered = genesis.deep_clone().unwrap();
     tampered.scatter(0, &[0, 1, 2], &[9.0, 9.0, 9.0]).unwrap();
     let bytes = bistro_train::state::checkpoint_bytes(&tampered, 1).unwrap();
-    vbucket.put(&bistro_train::state::checkpoint_key(1), Bytes::from(bytes)).await.unwrap();
+    vbucket.put(&bistro_train::protocol::checkpoint_key(1), Bytes::from(bytes)).await.unwrap();
 
     let cfg = |name: &str| NodeConfig {
         hparams: h.clone(),
@@ -255,7 +255,7 @@ async fn checkpoint_from_future() {
     let hash = state_hash(&good).unwrap();
     vbucket
         .put(
-            &bistro_train::state::checkpoint_key(w),
+            &bistro_train::protocol::checkpoint_key(w),
             Bytes::from(bistro_train::state::checkpoint_bytes(&good, w).unwrap()),
         )
         .await
@@ -275,7 +275,10 @@ async fn checkpoint_from_future() {
         values: theta,
     };
     let expect = node.ctx.aggregate_expectation(&good, &idx, w);
-    vbucket.put(&accepted::aggregate_key(w), Bytes::from(accepted::encode(&expect, &obj).unwrap())).await.unwrap();
+    vbucket
+        .put(&bistro_train::protocol::aggregate_key(w), Bytes::from(accepted::encode(&expect, &obj).unwrap()))
+        .await
+        .unwrap();
     let node = Node::join(cfg("joiner-2"), chain.clone(), "").await.unwrap();
     assert_eq!(node.window, w, "{}", node.origin);
     assert!(node.origin.contains("verified checkpoint of window 2"), "{}", node.origin);

@@ -62,3 +62,34 @@ fn readme_crate_dependencies_match_the_manifests() {
         assert_eq!(listed, deps, "README's dependencies of {name}");
     }
 }
+
+#[test]
+fn protocol_doc_states_the_fixed_constants() {
+    use bistro_train::protocol::{self, tags};
+    let doc = include_str!("../../docs/PROTOCOL.md");
+    for tag in [tags::STATE, tags::PAGES, tags::SLICE_INDICES, tags::HPARAMS, tags::MODEL_CONFIG, tags::GENESIS] {
+        let tag = std::str::from_utf8(tag).unwrap();
+        assert!(doc.contains(&format!("\"{tag}")), "docs/PROTOCOL.md does not name the tag {tag:?}");
+    }
+    assert!(doc.contains(&format!("version {}", protocol::PROTOCOL_VERSION)), "protocol version");
+    // Key formats: the document's pattern with its placeholders filled in is the code's key.
+    let pattern = |prefix: &str| -> String {
+        let at = doc.find(&format!("`{prefix}-{{")).unwrap_or_else(|| panic!("no `{prefix}-{{..}}` key in the doc"));
+        doc[at + 1..].split('`').next().unwrap().to_string()
+    };
+    let fill = |p: String| p.replace("{window}", "7").replace("{w}", "7").replace("{c}", "7").replace("{hotkey}", "hk");
+    assert_eq!(fill(pattern("slice")), protocol::slice_key(7, "hk"));
+    assert_eq!(fill(pattern("aggregate")), protocol::aggregate_key(7));
+    assert_eq!(fill(pattern("checkpoint")), protocol::checkpoint_key(7));
+    // Limits and the reward rule, as the document writes them.
+    let stated = [
+        format!("{} bytes per tensor", protocol::HEADER_BYTES_PER_TENSOR),
+        format!("{} KiB of metadata", protocol::SLICE_METADATA_BYTES / 1024),
+        format!("{} MiB of metadata", protocol::AGGREGATE_METADATA_BYTES >> 20),
+        format!("(e / tol)^{}", protocol::HONESTY_EXPONENT),
+        format!("{} s", protocol::PEER_TIMEOUT.as_secs()),
+    ];
+    for s in stated {
+        assert!(doc.contains(&s), "docs/PROTOCOL.md does not state `{s}`");
+    }
+}

@@ -61,7 +61,7 @@ fn setup() -> (Params, SliceIndices, SliceExpectation) {
     let cfg = micro();
     let params = Params::genesis(&cfg, 3, &Device::Cpu).unwrap();
     let idx = SliceIndices::select(params.specs(), &[1u8; 32], 4);
-    let meta = SliceMeta::new(5, "alice", 4, "hph", &cfg.hash());
+    let meta = SliceMeta::new(5, "alice", 4, "hph", &cfg.hash().unwrap());
     let exp = slices::expectation(&params, &idx, meta, 1 << 20);
     (params, idx, exp)
 }

@@ -17,7 +17,7 @@ pub fn honesty_score(e: f64, tol: f64) -> f64 {
     if !e.is_finite() {
         return 0.0;
     }
-    1.0 / (1.0 + (e / tol.max(1e-12)).powi(8))
+    1.0 / (1.0 + (e / tol.max(1e-12)).powi(bistro_train::protocol::HONESTY_EXPONENT))
 }
 
 /// One uid's running score.

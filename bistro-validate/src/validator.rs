@@ -172,7 +172,7 @@ pub struct Scorer {
 impl std::fmt::Debug for Scorer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scorer")
-            .field("hparams_hash", &self.hparams.hash())
+            .field("hparams_hash", &self.hparams.hash().ok())
             .field("dataset", &self.dataset.describe())
             .field("device", &self.device)
             .field("micro_batch_rows", &self.micro_batch_rows)
@@ -443,7 +443,7 @@ impl Validator {
         }
         // Restarted after publishing this window's accepted set (killed before saving the
         // state it produced): never decide a published window again; follow what was published.
-        let own = bistro_train::accepted::aggregate_key(w);
+        let own = bistro_train::protocol::aggregate_key(w);
         if self.node.bucket.head(&own).await.is_ok() {
             tracing::info!(window = w, "this validator already published the window's accepted set; following it");
             let f = self.node.follow(pace, stop, None).await?;
@@ -494,7 +494,7 @@ impl Validator {
                 for x in &decision.excluded {
                     bistro_train::telemetry::decision(&x.reason);
                 }
-                match self.node.bucket.put(&bistro_train::accepted::aggregate_key(w), bytes).await {
+                match self.node.bucket.put(&bistro_train::protocol::aggregate_key(w), bytes).await {
                     Ok(()) => self.emit(ValidatorEvent::Published {
                         window: w,
                         included: decision.included.len(),

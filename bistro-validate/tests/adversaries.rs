@@ -47,8 +47,8 @@ fn world() -> World {
         chain: chain.clone(),
         netuid: 1,
         hparams: h.clone(),
-        hparams_hash: h.hash(),
-        model_hash: model.hash(),
+        hparams_hash: h.hash().unwrap(),
+        model_hash: model.hash().unwrap(),
         bucket_options: BucketOptions::default(),
         allow_local_buckets: true,
         allow_private_endpoints: true,
@@ -155,7 +155,7 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
             let hk = &hotkeys[s];
             if let Some(bytes) = w.slice_for(s, hk, window, &idx, &honest_values) {
                 let bucket = Bucket::open(&format!("memory://adv-{hk}"), &BucketOptions::default()).unwrap();
-                bucket.put(&slices::slice_key(window, hk), Bytes::from(bytes)).await.unwrap();
+                bucket.put(&bistro_train::protocol::slice_key(window, hk), Bytes::from(bytes)).await.unwrap();
             }
         }
         let ws = w.ctx.collect(&w.params, window, "validator").await.unwrap();

@@ -46,9 +46,9 @@ pub fn uniform_below(rng: &mut impl RngCore, n: u64) -> u64 {
 }
 
 /// The 32-byte PRNG key for `(domain, network, hotkey, window)`.
-pub fn protocol_key(domain: &str, network: &str, hotkey: &str, window: u64) -> [u8; 32] {
+pub fn protocol_key(domain: &[u8], network: &str, hotkey: &str, window: u64) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(domain.as_bytes());
+    h.update(domain);
     h.update((network.len() as u64).to_le_bytes());
     h.update(network.as_bytes());
     h.update((hotkey.len() as u64).to_le_bytes());
@@ -63,7 +63,7 @@ pub fn draw_pages(page_starts: &[u64], network: &str, hotkey: &str, window: u64,
     if total == 0 {
         return Vec::new();
     }
-    let mut rng = ChaCha20Rng::from_seed(protocol_key("bistro/pages/v1", network, hotkey, window));
+    let mut rng = ChaCha20Rng::from_seed(protocol_key(crate::protocol::tags::PAGES, network, hotkey, window));
     (0..n)
         .map(|_| {
             let mut x = uniform_below(&mut rng, total);
@@ -100,7 +100,7 @@ mod tests {
     fn pinned_vector() {
         // Changing the recipe changes which data every node trains on: pin it.
         // The key is checked against an independent sha256 (Python hashlib).
-        let key = protocol_key("bistro/pages/v1", "devnet", "alice", 0);
+        let key = protocol_key(crate::protocol::tags::PAGES, "devnet", "alice", 0);
         assert_eq!(hex::encode(key), "21185e98a33887de6c7a085495b1c2c8606f46bfc2c294033d22c7a3e42036e4");
         let p = draw_pages(&[1000, 1000], "devnet", "alice", 0, 3);
         let at = |shard, row_offset| Page { shard, row_offset };

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use super::Rejection;
-use crate::hparams::PROTOCOL_VERSION;
+use crate::protocol::{HEADER_BYTES_PER_TENSOR, PROTOCOL_VERSION, SLICE_METADATA_BYTES};
 
 /// The metadata every slice carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,11 +63,6 @@ impl SliceMeta {
     }
 }
 
-/// The object key of a slice.
-pub fn slice_key(window: u64, hotkey: &str) -> String {
-    format!("slice-{window}-{hotkey}.safetensors")
-}
-
 /// Serialise slice values (one vector per parameter, canonical order) with `meta`.
 pub fn encode(meta: &SliceMeta, names: &[String], values: &[Vec<f32>]) -> Result<Vec<u8>, Rejection> {
     if names.len() != values.len() {
@@ -99,11 +94,6 @@ pub struct SliceExpectation {
     /// Largest accepted object, in bytes (see [`size_bound`]).
     pub max_bytes: u64,
 }
-
-/// Bytes of header JSON allowed per tensor entry beyond its name (dtype, shape, offsets).
-const HEADER_BYTES_PER_TENSOR: u64 = 128;
-/// Bytes of header JSON allowed for the metadata of a slice.
-const SLICE_METADATA_BYTES: u64 = 4096;
 
 /// The largest header a file of these tensors can honestly have, plus `metadata_bytes` of
 /// metadata: anything longer is rejected before it is parsed (a header bomb costs nothing).

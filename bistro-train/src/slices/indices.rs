@@ -37,7 +37,7 @@ impl SliceIndices {
     /// reported by `bistro_model`'s config validation long before.
     pub fn select(specs: &[ParamSpec], seed: &[u8], compression: usize) -> Self {
         let mut h = Sha256::new();
-        h.update(b"bistro/slice-indices/v1");
+        h.update(crate::protocol::tags::SLICE_INDICES);
         h.update(seed);
         let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
         let per_param = specs

@@ -11,7 +11,7 @@ use bistro_model::Params;
 use candle_core::Tensor;
 
 pub use aggregate::{Aggregate, Contribution, aggregate, update_norm};
-pub use format::{SliceExpectation, SliceMeta, decode, encode, header_bound, size_bound, slice_key};
+pub use format::{SliceExpectation, SliceMeta, decode, encode, header_bound, size_bound};
 pub use indices::{SliceIndices, slice_len};
 
 /// Why a peer's slice was not accepted. Every variant is a normal outcome, logged and

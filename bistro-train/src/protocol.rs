@@ -1,0 +1,85 @@
+//! What every node of a network must agree on that is not a network setting: the protocol
+//! version, the domain-separation tags of the consensus hashes, the object keys, the size
+//! limits on what peers publish, the reward rule and the limits on reading a peer.
+//!
+//! Network settings (window length, compression, learning rate, budgets, ...) are
+//! [`HParams`](crate::HParams), shared as one TOML file. Everything here is fixed by the
+//! code and changes only with [`PROTOCOL_VERSION`]; `docs/PROTOCOL.md` states the same
+//! values and `tests/protocol_doc.rs` checks that it does.
+
+use std::time::Duration;
+
+/// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Domain-separation tags: the first bytes hashed by each consensus hash, so that no hash
+/// of one kind can be replayed as another.
+pub mod tags {
+    /// [`crate::accepted::state_hash`]: the hash of a full model state.
+    pub const STATE: &[u8] = b"bistro/state/v2";
+    /// [`crate::data::pages::draw_pages`]: the key of a (network, hotkey, window)'s pages.
+    pub const PAGES: &[u8] = b"bistro/pages/v1";
+    /// [`crate::slices::SliceIndices::select`]: the seed of a window's slice coordinates.
+    pub const SLICE_INDICES: &[u8] = b"bistro/slice-indices/v1";
+    /// [`crate::HParams::hash`]: followed by [`super::PROTOCOL_VERSION`] (u32 LE).
+    pub const HPARAMS: &[u8] = b"bistro/hparams/v";
+    /// [`bistro_model::ModelConfig::hash`].
+    pub const MODEL_CONFIG: &[u8] = bistro_model::config::CONFIG_HASH_TAG;
+    /// [`bistro_model::params::genesis_values`]: the key of each parameter's genesis stream.
+    pub const GENESIS: &[u8] = bistro_model::params::GENESIS_TAG;
+}
+
+/// Object key of `hotkey`'s slice for `window`.
+pub fn slice_key(window: u64, hotkey: &str) -> String {
+    format!("slice-{window}-{hotkey}.safetensors")
+}
+
+/// Object key of the aggregate (the accepted set's update) of `window`.
+pub fn aggregate_key(window: u64) -> String {
+    format!("aggregate-{window}.safetensors")
+}
+
+/// The window of an aggregate key.
+pub fn parse_aggregate_key(key: &str) -> Option<u64> {
+    key.strip_prefix("aggregate-")?.strip_suffix(".safetensors")?.parse().ok()
+}
+
+/// Object key of a published checkpoint of `theta_window`.
+pub fn checkpoint_key(window: u64) -> String {
+    format!("checkpoint-{window}.safetensors")
+}
+
+/// The window of a checkpoint key.
+pub fn parse_checkpoint_key(key: &str) -> Option<u64> {
+    key.strip_prefix("checkpoint-")?.strip_suffix(".safetensors")?.parse().ok()
+}
+
+/// Metadata key of the window inside a checkpoint file.
+pub const CHECKPOINT_WINDOW_KEY: &str = "bistro_window";
+
+/// Bytes of header JSON allowed per tensor entry beyond its name (dtype, shape, offsets).
+pub const HEADER_BYTES_PER_TENSOR: u64 = 128;
+
+/// Bytes of header JSON allowed for the metadata of a slice.
+pub const SLICE_METADATA_BYTES: u64 = 4096;
+
+/// Header bytes allowed for an aggregate's metadata (the included and excluded lists): room
+/// for about 4,000 hotkeys.
+pub const AGGREGATE_METADATA_BYTES: u64 = 1 << 20;
+
+/// The exponent of the honesty score `1 / (1 + (e / tol)^k)`: 1 at `e = 0`, 0.5 at the
+/// tolerance, below 0.004 at twice the tolerance.
+pub const HONESTY_EXPONENT: i32 = 8;
+
+/// Longest a node waits for one object from a peer (a slow or hostile peer must not stall
+/// the window); the node's own transfer timeout applies when it is shorter.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Attempts at one object from a peer (the node's own setting applies when it is lower).
+pub const PEER_ATTEMPTS: u32 = 2;
+
+/// Longest a node waits to connect to any endpoint.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Peers' objects downloaded at once while collecting a window.
+pub const PEER_CONCURRENCY: usize = 8;

@@ -66,12 +66,15 @@ pub enum ChainError {
     #[error("wallet: {0}")]
     Wallet(String),
     /// The endpoint could not be reached or answered badly.
-    #[error("chain endpoint {endpoint}: {reason}")]
+    #[error("chain endpoint {endpoint}: {what}: {source}")]
     Endpoint {
         /// The endpoint.
         endpoint: String,
-        /// Why.
-        reason: String,
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A configuration value is invalid.
     #[error("chain config: {0}")]

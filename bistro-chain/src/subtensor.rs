@@ -48,7 +48,7 @@ impl std::fmt::Debug for Subtensor {
 }
 
 type ConnectFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, String>> + Send>,
+    Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, subxt::Error>> + Send>,
 >;
 
 /// How to (re)connect: to a URL, or through a ready client (tests).
@@ -67,15 +67,34 @@ impl Connector {
                 } else {
                     OnlineClient::<SubstrateConfig>::from_url(&url).await
                 };
-                r.map_err(|e| e.to_string())
+                r.map_err(subxt::Error::from)
             }),
             Connector::Fixed(c) => Box::pin(async move { Ok(c) }),
         }
     }
 }
 
-fn endpoint_err(endpoint: &str, e: impl std::fmt::Display) -> ChainError {
-    ChainError::Endpoint { endpoint: endpoint.to_string(), reason: e.to_string() }
+fn endpoint_err(endpoint: &str, what: String, e: impl std::error::Error + Send + Sync + 'static) -> ChainError {
+    ChainError::Endpoint { endpoint: endpoint.to_string(), what, source: Box::new(e) }
+}
+
+/// Whether the connection is still good after `e`: the node answered, but what it said did
+/// not decode or named a failure. Any other error (transport, RPC, a dropped subscription,
+/// one this code does not know) drops the client, so the next call reconnects.
+fn connection_survives(e: &subxt::Error) -> bool {
+    use subxt::Error as E;
+    matches!(
+        e,
+        E::StorageKeyError(_)
+            | E::StorageValueError(_)
+            | E::OtherCodecError(_)
+            | E::DispatchErrorDecodeError(_)
+            | E::ModuleErrorDetailsError(_)
+            | E::ModuleErrorDecodeError(_)
+            | E::ConstantError(_)
+            | E::CustomValueError(_)
+            | E::ExtrinsicDecodeErrorAt(_)
+    )
 }
 
 /// Parse an ss58 address into an account id.
@@ -171,21 +190,27 @@ impl Subtensor {
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut delay = Duration::from_millis(250);
-        let mut last = String::from("timed out");
+        let mut last: Option<subxt::Error> = None;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                return Err(endpoint_err(&self.endpoint, format!("cannot connect within {:?}: {last}", self.timeout)));
+                let what = format!("cannot connect within {:?}", self.timeout);
+                return Err(match last {
+                    Some(e) => endpoint_err(&self.endpoint, what, e),
+                    None => ChainError::Timeout(format!("{what} to {}", self.endpoint)),
+                });
             }
             match tokio::time::timeout(left, self.connector.connect()).await {
                 Ok(Ok(c)) => {
                     *guard = Some(c.clone());
                     return Ok(c);
                 }
-                Ok(Err(e)) => last = e,
-                Err(_) => last = "timed out".into(),
+                Ok(Err(e)) => {
+                    tracing::warn!(endpoint = %self.endpoint, error = %e, "subtensor connection failed; retrying");
+                    last = Some(e);
+                }
+                Err(_) => tracing::warn!(endpoint = %self.endpoint, "subtensor connection timed out; retrying"),
             }
-            tracing::warn!(endpoint = %self.endpoint, error = %last, "subtensor connection failed; retrying");
             tokio::time::sleep(delay.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
             delay = (delay * 2).min(Duration::from_secs(8));
         }
@@ -196,16 +221,16 @@ impl Subtensor {
     async fn with_client<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
     where
         F: FnOnce(OnlineClient<SubstrateConfig>) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, String>>,
+        Fut: std::future::Future<Output = std::result::Result<T, subxt::Error>>,
     {
         let client = self.client().await?;
         match tokio::time::timeout(self.timeout, f(client)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if e.contains("connection") || e.contains("Rpc") || e.contains("restart") {
+                if !connection_survives(&e) {
                     *self.client.lock().await = None;
                 }
-                Err(endpoint_err(&self.endpoint, format!("{what}: {e}")))
+                Err(endpoint_err(&self.endpoint, what.to_string(), e))
             }
             Err(_) => {
                 *self.client.lock().await = None;
@@ -230,9 +255,9 @@ impl Subtensor {
     {
         let v = self
             .with_client(what, |c| async move {
-                let at = c.at_current_block().await.map_err(|e| e.to_string())?;
-                match at.storage().try_fetch(addr, key).await.map_err(|e| e.to_string())? {
-                    Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
+                let at = c.at_current_block().await.map_err(subxt::Error::from)?;
+                match at.storage().try_fetch(addr, key).await.map_err(subxt::Error::from)? {
+                    Some(v) => v.decode().map(Some).map_err(subxt::Error::from),
                     None => Ok(None),
                 }
             })
@@ -277,13 +302,13 @@ impl Subtensor {
     async fn submit(&self, what: &str, hotkey: &str, call: subxt::tx::DynamicPayload<Vec<Value>>) -> Result<()> {
         let signer = self.signer(hotkey)?;
         self.with_client(what, |c| async move {
-            let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
             let progress = at
                 .transactions()
                 .sign_and_submit_then_watch_default(&call, signer.as_ref())
                 .await
-                .map_err(|e| e.to_string())?;
-            progress.wait_for_finalized_success().await.map_err(|e| e.to_string())?;
+                .map_err(subxt::Error::from)?;
+            progress.wait_for_finalized_success().await.map_err(subxt::Error::from)?;
             Ok(())
         })
         .await
@@ -302,7 +327,7 @@ impl Chain for Subtensor {
 
     async fn block_number(&self) -> Result<u64> {
         self.with_client("block number", |c| async move {
-            let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
             Ok(at.block_number())
         })
         .await
@@ -314,7 +339,7 @@ impl Chain for Subtensor {
             return Err(ChainError::FutureBlock(number));
         }
         self.with_client("block hash", |c| async move {
-            let at = c.at_block(number).await.map_err(|e| e.to_string())?;
+            let at = c.at_block(number).await.map_err(subxt::Error::from)?;
             Ok(at.block_hash().0)
         })
         .await
@@ -325,13 +350,13 @@ impl Chain for Subtensor {
         let known = number.min(current);
         let ts: u64 = self
             .with_client("block timestamp", |c| async move {
-                let at = c.at_block(known).await.map_err(|e| e.to_string())?;
+                let at = c.at_block(known).await.map_err(subxt::Error::from)?;
                 let v = at
                     .storage()
                     .fetch(dynamic::storage::<(), u64>("Timestamp", "Now"), ())
                     .await
-                    .map_err(|e| e.to_string())?;
-                v.decode().map_err(|e| e.to_string())
+                    .map_err(subxt::Error::from)?;
+                v.decode().map_err(subxt::Error::from)
             })
             .await?;
         Ok(ts + (number - known) * BLOCK_TIME.as_millis() as u64)
@@ -339,31 +364,31 @@ impl Chain for Subtensor {
 
     async fn metagraph(&self, netuid: u16) -> Result<Metagraph> {
         self.with_client("metagraph", |c| async move {
-            let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
             let block = at.block_number();
             let st = at.storage();
             let n: u16 = match st
                 .try_fetch(dynamic::storage::<(u16,), u16>("SubtensorModule", "SubnetworkN"), (netuid,))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(subxt::Error::from)?
             {
-                Some(v) => v.decode().map_err(|e| e.to_string())?,
+                Some(v) => v.decode().map_err(subxt::Error::from)?,
                 None => 0,
             };
             let permits: Vec<bool> = match st
                 .try_fetch(dynamic::storage::<(u16,), Vec<bool>>("SubtensorModule", "ValidatorPermit"), (netuid,))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(subxt::Error::from)?
             {
-                Some(v) => v.decode().map_err(|e| e.to_string())?,
+                Some(v) => v.decode().map_err(subxt::Error::from)?,
                 None => Vec::new(),
             };
             let incentive: Vec<u16> = match st
                 .try_fetch(dynamic::storage::<(u16,), Vec<u16>>("SubtensorModule", "Incentive"), (netuid,))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(subxt::Error::from)?
             {
-                Some(v) => v.decode().map_err(|e| e.to_string())?,
+                Some(v) => v.decode().map_err(subxt::Error::from)?,
                 None => Vec::new(),
             };
             let mut neurons = Vec::with_capacity(n as usize);
@@ -371,20 +396,20 @@ impl Chain for Subtensor {
                 let Some(key) = st
                     .try_fetch(dynamic::storage::<(u16, u16), [u8; 32]>("SubtensorModule", "Keys"), (netuid, uid))
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(subxt::Error::from)?
                 else {
                     continue;
                 };
-                let key: [u8; 32] = key.decode().map_err(|e| e.to_string())?;
+                let key: [u8; 32] = key.decode().map_err(subxt::Error::from)?;
                 let stake: u64 = match st
                     .try_fetch(
                         dynamic::storage::<([u8; 32], u16), u64>("SubtensorModule", "TotalHotkeyAlpha"),
                         (key, netuid),
                     )
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(subxt::Error::from)?
                 {
-                    Some(v) => v.decode().map_err(|e| e.to_string())?,
+                    Some(v) => v.decode().map_err(subxt::Error::from)?,
                     None => 0,
                 };
                 neurons.push(Neuron {
@@ -403,12 +428,12 @@ impl Chain for Subtensor {
     async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>> {
         let who = account_id(hotkey)?;
         self.with_client("commitment", |c| async move {
-            let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
             let addr = dynamic::storage::<(u16, [u8; 32]), Value>("Commitments", "CommitmentOf");
-            let Some(v) = at.storage().try_fetch(addr, (netuid, who.0)).await.map_err(|e| e.to_string())? else {
+            let Some(v) = at.storage().try_fetch(addr, (netuid, who.0)).await.map_err(subxt::Error::from)? else {
                 return Ok(None);
             };
-            let value: Value<()> = v.decode_as::<Value<()>>().map_err(|e| e.to_string())?;
+            let value: Value<()> = v.decode_as::<Value<()>>().map_err(subxt::Error::from)?;
             Ok(first_raw_field(&value).and_then(|b| String::from_utf8(b).ok()))
         })
         .await
@@ -504,12 +529,12 @@ impl Chain for Subtensor {
         let mg = self.metagraph(netuid).await?;
         let validators: Vec<u16> = mg.neurons.iter().filter(|n| n.validator_permit).map(|n| n.uid).collect();
         self.with_client("weights", |c| async move {
-            let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
             let mut out = Vec::new();
             for uid in validators {
                 let addr = dynamic::storage::<(u16, u16), Vec<(u16, u16)>>("SubtensorModule", "Weights");
-                if let Some(v) = at.storage().try_fetch(addr, (netuid, uid)).await.map_err(|e| e.to_string())? {
-                    out.push((uid, v.decode().map_err(|e| e.to_string())?));
+                if let Some(v) = at.storage().try_fetch(addr, (netuid, uid)).await.map_err(subxt::Error::from)? {
+                    out.push((uid, v.decode().map_err(subxt::Error::from)?));
                 }
             }
             Ok(out)
@@ -521,14 +546,14 @@ impl Chain for Subtensor {
         let who = account_id(hotkey)?;
         let uid: Option<u16> = self
             .with_client("registration", |c| async move {
-                let at = c.at_current_block().await.map_err(|e| e.to_string())?;
+                let at = c.at_current_block().await.map_err(subxt::Error::from)?;
                 match at
                     .storage()
                     .try_fetch(dynamic::storage::<(u16, [u8; 32]), u16>("SubtensorModule", "Uids"), (netuid, who.0))
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(subxt::Error::from)?
                 {
-                    Some(v) => v.decode().map(Some).map_err(|e| e.to_string()),
+                    Some(v) => v.decode().map(Some).map_err(subxt::Error::from),
                     None => Ok(None),
                 }
             })

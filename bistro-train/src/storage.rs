@@ -61,17 +61,18 @@ pub enum StorageError {
         limit: u64,
     },
     /// The server refused the credentials.
-    #[error("{bucket}: access denied for `{key}` (check the access key and secret): {reason}")]
+    #[error("{bucket}: access denied for `{key}` (check the access key and secret): {source}")]
     Auth {
         /// The bucket URL.
         bucket: String,
         /// The key.
         key: String,
         /// The server's answer.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The operation failed after all retries.
-    #[error("{bucket}: {op} `{key}` failed after {attempts} attempt(s): {reason}")]
+    #[error("{bucket}: {op} `{key}` failed after {attempts} attempt(s): {source}")]
     Failed {
         /// The bucket URL.
         bucket: String,
@@ -82,7 +83,8 @@ pub enum StorageError {
         /// Attempts made.
         attempts: u32,
         /// The last error.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -328,19 +330,15 @@ impl Bucket {
             }
             object_store::Error::Unauthenticated { source, .. }
             | object_store::Error::PermissionDenied { source, .. } => {
-                StorageError::Auth { bucket: self.url.clone(), key: key.into(), reason: source.to_string() }
+                StorageError::Auth { bucket: self.url.clone(), key: key.into(), source }
             }
-            other => {
-                let text = other.to_string();
-                if text.contains("SignatureDoesNotMatch")
-                    || text.contains("InvalidAccessKeyId")
-                    || text.contains("AccessDenied")
-                {
-                    StorageError::Auth { bucket: self.url.clone(), key: key.into(), reason: text }
-                } else {
-                    StorageError::Failed { bucket: self.url.clone(), op, key: key.into(), attempts, reason: text }
-                }
-            }
+            other => StorageError::Failed {
+                bucket: self.url.clone(),
+                op,
+                key: key.into(),
+                attempts,
+                source: Box::new(other),
+            },
         }
     }
 
@@ -361,7 +359,10 @@ impl Bucket {
                     op,
                     key: key.into(),
                     attempts: attempt,
-                    reason: format!("timed out after {:?}", self.transfer.timeout),
+                    source: Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("timed out after {:?}", self.transfer.timeout),
+                    )),
                 }),
             };
             match outcome {
@@ -385,8 +386,8 @@ impl Bucket {
             }
         }
         Err(match last {
-            Some(StorageError::Failed { bucket, op, key, reason, .. }) => {
-                StorageError::Failed { bucket, op, key, attempts, reason }
+            Some(StorageError::Failed { bucket, op, key, source, .. }) => {
+                StorageError::Failed { bucket, op, key, attempts, source }
             }
             Some(e) => e,
             None => StorageError::Failed {
@@ -394,7 +395,7 @@ impl Bucket {
                 op,
                 key: key.into(),
                 attempts,
-                reason: "no attempt".into(),
+                source: "no attempt".into(),
             },
         })
     }

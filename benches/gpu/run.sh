@@ -9,7 +9,9 @@
 #
 # It measures, in the same run: BISTRO's bf16 training step (125m, 1b: tokens/s, MFU, device
 # memory), the gradient-difference-norm kernel against a device-to-device copy, validator
-# throughput (1b miners per 24 s window), and PyTorch's step on the same configs and batches.
+# throughput (1b miners per 24 s window, with the device norm kernel), the honest `e` of a
+# GPU-computed gradient (f32 and bf16) against the CPU validator on the same window
+# (cross-hardware honesty), and PyTorch's step on the same configs and batches.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${GPU_BENCH_BIN:-benches/gpu/bin/gpu_bench}"
@@ -52,6 +54,9 @@ done
 echo "== bistro (gpu_bench)"
 if ldd "$BIN" | grep 'not found'; then echo "unresolved libraries (see above)" >&2; fi
 timeout 300 "$BIN" --peak-tflops "$PEAK" --seq "$SEQ" --batch-125m "$B125" --batch-1b "$B1B" --steps 5 2>&1 | tee -a "$RAW.log" | grep '^{' >> "$RAW"
+echo "== cross-hardware honesty: the miner's step on the GPU (f32, bf16) against the CPU validator"
+PREC_BIN="${PRECISION_BIN:-benches/gpu/bin/precision}"
+timeout 150 "$PREC_BIN" --device cuda --model tiny --windows 20 --every 10 2>&1 | tee -a "$RAW.log" | grep '^{' >> "$RAW"
 echo "== torch (same configs and batches, bf16 autocast, f32 master weights)"
 for m in "125m $B125" "1b $B1B"; do
   set -- $m
@@ -92,6 +97,13 @@ for r in rows:
         md += ["", f"Gradient-difference norm, {r['miners']} miners x {r['params']} params: kernel reads {r['kernel_read_gb_per_s']} GB/s, device-to-device copy {r['d2d_copy_gb_per_s']} GB/s (read + write), ratio {r['ratio']:.2f}."]
     if r.get("what") == "validator":
         md += ["", f"Validator: one 1b miner costs {r['recompute_s']:.3f} s (forward+backward on its batch) + {r['norm_s']*1e3:.2f} ms (norm): {r['miners_per_24s_window']:.1f} miners per 24 s window."]
+prec = [r for r in rows if r.get("what") == "honest_e_max"]
+if prec:
+    p = prec[0]
+    report["summary"]["honest_e_max"] = p
+    md += ["", f"Honest `e` against the CPU f32 validator ({p['model']}, {p['windows']} windows, largest seen): "
+           + ", ".join(f"{k} {v:.2e}" for k, v in p.items() if k not in ("what", "model", "windows"))
+           + " (tolerance 0.002)."]
 json.dump(report, open(f"{out}/report.json", "w"), indent=1)
 open(f"{out}/report.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))

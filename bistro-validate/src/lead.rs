@@ -21,8 +21,8 @@ use bistro_train::slices::{self, Contribution, update_norm};
 use bistro_train::sync::WindowSlices;
 use serde::{Deserialize, Serialize};
 
+use crate::recompute::MinerResult;
 use crate::score::{Scoreboard, honesty_score};
-use crate::validator::MinerResult;
 
 /// Update norms of the slices included in recent windows (the outlier bound's reference).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -2,17 +2,20 @@
 //!
 //! The validator side of BISTRO, built on `bistro-train`:
 //!
-//! * [`validator::Scorer`]: recompute `g_v` on a miner's pages at `theta_w` and compare it
+//! * [`recompute::Scorer`]: recompute `g_v` on a miner's pages at `theta_w` and compare it
 //!   with the gradient its slice implies (`R = -||g_m - g_v||`, `e = ||g_m - g_v|| / ||g_v||`),
 //!   through `bistro-kernels`' gradient-difference norm;
-//! * [`score`]: the reward rule on `e`, per-uid EMAs, softmax weights, u16 quantisation;
+//! * [`score`]: the reward rule on `e`, per-uid EMAs, softmax weights, u16 quantisation, and
+//!   [`score::fold_scores`], the one score -> EMA -> weights path;
 //! * [`lead`]: which slices enter a window's accepted set (protocol v2);
 //! * [`validator::Validator`]: the window loop that collects, scores, decides or follows the
 //!   accepted set, and sets weights.
 
 pub mod lead;
+pub mod recompute;
 pub mod score;
 pub mod validator;
 
-pub use score::{Scoreboard, honesty_score};
-pub use validator::{ScoreRow, Scorer, Validator, ValidatorConfig, ValidatorEvent};
+pub use recompute::Scorer;
+pub use score::{ScoreRow, Scoreboard, fold_scores, honesty_score};
+pub use validator::{Validator, ValidatorConfig, ValidatorEvent};

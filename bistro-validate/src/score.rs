@@ -10,7 +10,11 @@
 
 use std::collections::BTreeMap;
 
+use bistro_chain::Metagraph;
+use bistro_train::hparams::HParams;
 use serde::{Deserialize, Serialize};
+
+use crate::recompute::MinerResult;
 
 /// The per-window score of a relative error `e` with honest tolerance `tol`.
 pub fn honesty_score(e: f64, tol: f64) -> f64 {
@@ -120,6 +124,69 @@ impl Scoreboard {
 pub fn quantize(weights: &[(u16, f64)]) -> (Vec<u16>, Vec<u16>) {
     let max = weights.iter().map(|(_, w)| *w).fold(0.0, f64::max);
     weights.iter().map(|&(u, w)| (u, if max > 0.0 { (w / max * 65535.0).round() as u16 } else { 0 })).unzip()
+}
+
+/// One miner's result in one window.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ScoreRow {
+    /// The miner's uid.
+    pub uid: u16,
+    /// The miner's hotkey.
+    pub hotkey: String,
+    /// `ok`, or the rejection code (`missing`, `late`, `nan`, ...).
+    pub status: String,
+    /// `R = -||g_m - g_v||`.
+    pub r: f64,
+    /// `e = ||g_m - g_v|| / ||g_v||`.
+    pub e: f64,
+    /// The window score `honesty_score(e)`.
+    pub score: f64,
+    /// The EMA after this window.
+    pub ema: f64,
+    /// The weight share after this window.
+    pub weight: f64,
+}
+
+/// Turn a window's results into score rows: fold each into `board`'s EMA (honesty score
+/// of `e` with the network's tolerance; a recomputed slice above the tolerance is penalised,
+/// see [`Scoreboard::penalize`]), forget uids whose hotkey left `mg` or that did not
+/// act as miners, and fill in the weight shares. The one score -> EMA -> weights path of the
+/// validator, the devnet and the tests.
+pub fn fold_scores(
+    board: &mut Scoreboard,
+    results: &[MinerResult],
+    window: u64,
+    mg: &Metagraph,
+    miners: &[(u16, String)],
+    h: &HParams,
+) -> (Vec<ScoreRow>, Vec<(u16, f64)>) {
+    let mut rows = Vec::with_capacity(results.len());
+    for r in results {
+        let score = honesty_score(r.e, h.honest_tolerance);
+        if r.recomputed && r.e > h.honest_tolerance {
+            board.penalize(r.uid, &r.hotkey, window, h.penalty_windows);
+        }
+        let ema = board.update(r.uid, &r.hotkey, window, score, h.ema_alpha);
+        rows.push(ScoreRow {
+            uid: r.uid,
+            hotkey: r.hotkey.clone(),
+            status: r.status.clone(),
+            r: r.r,
+            e: r.e,
+            score,
+            ema,
+            weight: 0.0,
+        });
+    }
+    board
+        .uids
+        .retain(|uid, s| mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey) && miners.iter().any(|(u, _)| u == uid));
+    let weights = board.weights(h.temperature);
+    for row in &mut rows {
+        row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
+        bistro_train::telemetry::miner_score(&row.hotkey, row.e, row.score, row.ema, row.weight);
+    }
+    (rows, weights)
 }
 
 #[cfg(test)]

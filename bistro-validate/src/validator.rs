@@ -6,21 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use bistro_chain::{Chain, ChainError, Metagraph};
+use bistro_chain::{Chain, ChainError};
 use bistro_model::{Llama, Params};
 use bistro_train::accepted::validators_by_stake;
-use bistro_train::data::{Dataset, TextTokenizer};
-use bistro_train::hparams::{HParams, PROTOCOL_VERSION};
+use bistro_train::hparams::PROTOCOL_VERSION;
 use bistro_train::node::{Followed, Listeners, Node, NodeConfig, NodeError, Pace, now_ms, sleep_until_ms};
-use bistro_train::slices::{self, Rejection};
 use bistro_train::step;
-use bistro_train::sync::{SyncError, WindowSlices};
-use candle_core::Device;
-use rand_chacha::ChaCha20Rng;
-use rand_core::SeedableRng;
+use bistro_train::sync::SyncError;
 
 use crate::lead::{self, NormHistory};
-use crate::score::{Scoreboard, honesty_score, quantize};
+use crate::recompute::{Scorer, private_sample};
+use crate::score::{ScoreRow, Scoreboard, fold_scores, quantize};
 
 /// Errors that stop a validator.
 #[derive(Debug, thiserror::Error)]
@@ -62,27 +58,6 @@ pub struct ValidatorConfig {
     /// Pages of the fixed held-out set on which the shared model's loss is measured after
     /// every window (0: not measured).
     pub heldout_pages: usize,
-}
-
-/// One miner's result in one window.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct ScoreRow {
-    /// The miner's uid.
-    pub uid: u16,
-    /// The miner's hotkey.
-    pub hotkey: String,
-    /// `ok`, or the rejection code (`missing`, `late`, `nan`, ...).
-    pub status: String,
-    /// `R = -||g_m - g_v||`.
-    pub r: f64,
-    /// `e = ||g_m - g_v|| / ||g_v||`.
-    pub e: f64,
-    /// The window score `honesty_score(e)`.
-    pub score: f64,
-    /// The EMA after this window.
-    pub ema: f64,
-    /// The weight share after this window.
-    pub weight: f64,
 }
 
 /// What a validator reports.
@@ -153,194 +128,6 @@ pub enum ValidatorEvent {
         /// Why.
         reason: String,
     },
-}
-
-/// Recomputes gradients and scores one window. Pure: used by the validator loop and by tests.
-pub struct Scorer {
-    /// The network's hyper-parameters.
-    pub hparams: HParams,
-    /// Data.
-    pub dataset: Arc<Dataset>,
-    /// Tokenizer.
-    pub tokenizer: Arc<TextTokenizer>,
-    /// Compute device.
-    pub device: Device,
-    /// Rows per micro-batch.
-    pub micro_batch_rows: usize,
-}
-
-impl std::fmt::Debug for Scorer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scorer")
-            .field("hparams_hash", &self.hparams.hash().ok())
-            .field("dataset", &self.dataset.describe())
-            .field("device", &self.device)
-            .field("micro_batch_rows", &self.micro_batch_rows)
-            .finish()
-    }
-}
-
-/// The raw result of scoring one miner.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MinerResult {
-    /// uid.
-    pub uid: u16,
-    /// hotkey.
-    pub hotkey: String,
-    /// `ok` or a rejection code.
-    pub status: String,
-    /// `R = -||g_m - g_v||` (NaN when the slice was invalid and nothing was recomputed).
-    pub r: f64,
-    /// `e` (1 for a missing or invalid slice: `g_m = 0`).
-    pub e: f64,
-    /// Whether `g_v` was recomputed (a valid slice); invalid slices score `e = 1` without it.
-    pub recomputed: bool,
-}
-
-impl Scorer {
-    /// Score each `(uid, hotkey)` of `miners`, in that order: a missing or invalid slice
-    /// counts as `g_m = 0` (`e = 1`, nothing recomputed); a valid one is compared with `g_v`
-    /// recomputed on the miner's pages at `theta_w`. Stops at `budget_end` (miners not
-    /// reached are left out of the result) or when `stop` is set.
-    pub fn score(
-        &self,
-        theta_w: &Params,
-        ws: &WindowSlices,
-        miners: &[(u16, String)],
-        stop: &AtomicBool,
-        budget_end: Option<Instant>,
-    ) -> Result<Vec<MinerResult>, ValidatorError> {
-        let h = &self.hparams;
-        let eta = h.learning_rate_at(ws.window) as f32;
-        let model = Llama::new(theta_w)?;
-        let norm = bistro_kernels::NormKernel::for_device(cuda_ordinal(&self.device))?;
-        let theta_flat: Vec<f32> = ws.theta_at_i.iter().flatten().copied().collect();
-        let mut out = Vec::with_capacity(miners.len());
-        for (uid, hotkey) in miners {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let peer = ws.peers.iter().find(|p| &p.hotkey == hotkey);
-            let slice_flat: Vec<f32> = match peer.map(|p| &p.outcome) {
-                Some(Ok(values)) => values.iter().flatten().copied().collect(),
-                Some(Err(r)) => {
-                    out.push(MinerResult {
-                        uid: *uid,
-                        hotkey: hotkey.clone(),
-                        status: r.code().into(),
-                        r: f64::NAN,
-                        e: 1.0,
-                        recomputed: false,
-                    });
-                    continue;
-                }
-                None => {
-                    let status = Rejection::Missing.code().into();
-                    out.push(MinerResult {
-                        uid: *uid,
-                        hotkey: hotkey.clone(),
-                        status,
-                        r: f64::NAN,
-                        e: 1.0,
-                        recomputed: false,
-                    });
-                    continue;
-                }
-            };
-            if budget_end.is_some_and(|end| Instant::now() >= end) {
-                continue;
-            }
-            let pages = self.dataset.pages(&h.network, hotkey, ws.window, h.pages_per_window);
-            let batch = self.dataset.window_batch(&self.tokenizer, &pages, h.seq_len)?;
-            let grad = step::window_gradient(&model, theta_w, &batch, self.micro_batch_rows, &self.device, || {
-                !stop.load(Ordering::Relaxed)
-            })?;
-            let gv: Vec<f32> = slices::gather_grads(&grad.grads, &ws.indices)?.into_iter().flatten().collect();
-            let norms = norm.diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
-            let e = norms.relative_errors()[0];
-            out.push(MinerResult {
-                uid: *uid,
-                hotkey: hotkey.clone(),
-                status: "ok".into(),
-                r: -norms.sq_dist[0].sqrt(),
-                e,
-                recomputed: true,
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// The CUDA device the norm kernel runs on for a scoring `device` (`None`: the CPU kernel).
-/// The gradient is recomputed on `device`; its values at the slice indices are gathered to
-/// the host once and, on CUDA, copied up once with the miner's slice for the kernel.
-pub fn cuda_ordinal(device: &Device) -> Option<usize> {
-    match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
-        _ => None,
-    }
-}
-
-/// The order in which to recompute `miners`: a random permutation from this validator's
-/// own entropy, drawn after the upload deadline, so no miner can know in advance whether or
-/// when it will be checked; at most `max` of them.
-pub fn private_sample(miners: &[(u16, String)], max: usize) -> Vec<(u16, String)> {
-    let mut rng = ChaCha20Rng::from_os_rng();
-    let mut v = miners.to_vec();
-    let n = v.len();
-    for i in 0..n.saturating_sub(1) {
-        let j = i + bistro_train::data::pages::uniform_below(&mut rng, (n - i) as u64) as usize;
-        v.swap(i, j);
-    }
-    v.truncate(max);
-    v
-}
-
-/// The miners of a metagraph: registered uids without a validator permit.
-pub fn miners_of(mg: &Metagraph) -> Vec<(u16, String)> {
-    mg.neurons.iter().filter(|n| !n.validator_permit).map(|n| (n.uid, n.hotkey.clone())).collect()
-}
-
-/// Turn a window's results into score rows: fold each into `board`'s EMA (honesty score
-/// of `e` with the network's tolerance; a recomputed slice above the tolerance is penalised,
-/// see [`Scoreboard::penalize`]), forget uids whose hotkey left `mg` or that did not
-/// act as miners, and fill in the weight shares. The one score -> EMA -> weights path of the
-/// validator, the devnet and the tests.
-pub fn fold_scores(
-    board: &mut Scoreboard,
-    results: &[MinerResult],
-    window: u64,
-    mg: &Metagraph,
-    miners: &[(u16, String)],
-    h: &HParams,
-) -> (Vec<ScoreRow>, Vec<(u16, f64)>) {
-    let mut rows = Vec::with_capacity(results.len());
-    for r in results {
-        let score = honesty_score(r.e, h.honest_tolerance);
-        if r.recomputed && r.e > h.honest_tolerance {
-            board.penalize(r.uid, &r.hotkey, window, h.penalty_windows);
-        }
-        let ema = board.update(r.uid, &r.hotkey, window, score, h.ema_alpha);
-        rows.push(ScoreRow {
-            uid: r.uid,
-            hotkey: r.hotkey.clone(),
-            status: r.status.clone(),
-            r: r.r,
-            e: r.e,
-            score,
-            ema,
-            weight: 0.0,
-        });
-    }
-    board
-        .uids
-        .retain(|uid, s| mg.neuron(*uid).is_some_and(|n| n.hotkey == s.hotkey) && miners.iter().any(|(u, _)| u == uid));
-    let weights = board.weights(h.temperature);
-    for row in &mut rows {
-        row.weight = weights.iter().find(|(u, _)| *u == row.uid).map(|(_, w)| *w).unwrap_or(0.0);
-        bistro_train::telemetry::miner_score(&row.hotkey, row.e, row.score, row.ema, row.weight);
-    }
-    (rows, weights)
 }
 
 /// A validator node.
@@ -631,15 +418,4 @@ pub struct WindowOutcome {
     pub followed: Followed,
     /// The score rows of the window (empty when it was not scored).
     pub rows: Vec<ScoreRow>,
-}
-
-#[cfg(test)]
-mod device_tests {
-    use super::*;
-
-    #[test]
-    fn the_norm_kernel_follows_the_scoring_device() {
-        assert_eq!(cuda_ordinal(&Device::Cpu), None);
-        assert_eq!(bistro_kernels::NormKernel::for_device(cuda_ordinal(&Device::Cpu)).unwrap().name(), "cpu");
-    }
 }

@@ -16,8 +16,8 @@ use bistro_train::slices::{self, SliceIndices};
 use bistro_train::step;
 use bistro_train::storage::{Bucket, BucketOptions};
 use bistro_train::sync::SyncContext;
-use bistro_validate::score::{Scoreboard, honesty_score};
-use bistro_validate::validator::{Scorer, miners_of};
+use bistro_validate::recompute::{Scorer, miners_of};
+use bistro_validate::score::{Scoreboard, fold_scores};
 use bytes::Bytes;
 use candle_core::Device;
 
@@ -162,11 +162,10 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
         let mg = w.chain.metagraph(1).await.unwrap();
         let results = scorer.score(&w.params, &ws, &miners_of(&mg), &AtomicBool::new(false), None).unwrap();
         assert_eq!(results.len(), STRATEGIES.len());
+        // The validator's own score -> EMA -> weights path.
+        fold_scores(&mut board, &results, window, &mg, &miners_of(&mg), &w.h);
         for r in &results {
-            let s = r.hotkey[3..].to_string();
-            let score = honesty_score(r.e, w.h.honest_tolerance);
-            board.update(r.uid, &r.hotkey, window, score, w.h.ema_alpha);
-            all_e.entry(s).or_default().push(r.e);
+            all_e.entry(r.hotkey[3..].to_string()).or_default().push(r.e);
         }
         let status: BTreeMap<&str, &str> = results.iter().map(|r| (&r.hotkey[3..], r.status.as_str())).collect();
         assert_eq!(status["honest"], "ok");

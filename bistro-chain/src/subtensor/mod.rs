@@ -13,6 +13,9 @@
 //! Every call has a timeout; a failed connection is dropped and re-established on the next
 //! call with exponential backoff, so a node never hangs on a dead endpoint.
 
+mod codec;
+mod connection;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +25,12 @@ use subxt::utils::AccountId32;
 use subxt::{OnlineClient, SubstrateConfig};
 use subxt_signer::sr25519::Keypair;
 use tokio::sync::Mutex;
+
+use codec::first_raw_field;
+pub use codec::{
+    account_id, commit_timelocked_weights_call, keypair_from_seed_hex, raw_data, set_commitment_call, set_weights_call,
+};
+use connection::Connector;
 
 use crate::{BlockHash, Chain, ChainError, CommitRevealParams, Metagraph, Neuron, Result, WeightsMode, commit_reveal};
 
@@ -45,110 +54,6 @@ impl std::fmt::Debug for Subtensor {
             .field("timeout", &self.timeout)
             .finish()
     }
-}
-
-type ConnectFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, subxt::Error>> + Send>,
->;
-
-/// How to (re)connect: to a URL, or through a ready client (tests).
-#[derive(Clone)]
-enum Connector {
-    Url(String),
-    Fixed(OnlineClient<SubstrateConfig>),
-}
-
-impl Connector {
-    fn connect(&self) -> ConnectFuture {
-        match self.clone() {
-            Connector::Url(url) => Box::pin(async move {
-                let r = if url.starts_with("ws://") || url.starts_with("http://") {
-                    OnlineClient::<SubstrateConfig>::from_insecure_url(&url).await
-                } else {
-                    OnlineClient::<SubstrateConfig>::from_url(&url).await
-                };
-                r.map_err(subxt::Error::from)
-            }),
-            Connector::Fixed(c) => Box::pin(async move { Ok(c) }),
-        }
-    }
-}
-
-fn endpoint_err(endpoint: &str, what: String, e: impl std::error::Error + Send + Sync + 'static) -> ChainError {
-    ChainError::Endpoint { endpoint: endpoint.to_string(), what, source: Box::new(e) }
-}
-
-/// Whether the connection is still good after `e`: the node answered, but what it said did
-/// not decode or named a failure. Any other error (transport, RPC, a dropped subscription,
-/// one this code does not know) drops the client, so the next call reconnects.
-fn connection_survives(e: &subxt::Error) -> bool {
-    use subxt::Error as E;
-    matches!(
-        e,
-        E::StorageKeyError(_)
-            | E::StorageValueError(_)
-            | E::OtherCodecError(_)
-            | E::DispatchErrorDecodeError(_)
-            | E::ModuleErrorDetailsError(_)
-            | E::ModuleErrorDecodeError(_)
-            | E::ConstantError(_)
-            | E::CustomValueError(_)
-            | E::ExtrinsicDecodeErrorAt(_)
-    )
-}
-
-/// Parse an ss58 address into an account id.
-pub fn account_id(ss58: &str) -> Result<AccountId32> {
-    ss58.parse::<AccountId32>().map_err(|e| ChainError::Config(format!("`{ss58}` is not an ss58 address: {e}")))
-}
-
-/// A signer from a Bittensor hotkey file's `secretSeed` (hex, with or without `0x`).
-pub fn keypair_from_seed_hex(seed_hex: &str) -> Result<Keypair> {
-    let bytes = hex::decode(seed_hex.trim_start_matches("0x"))
-        .map_err(|_| ChainError::Wallet("secretSeed is not hex".into()))?;
-    let seed: [u8; 32] = bytes.try_into().map_err(|_| ChainError::Wallet("secretSeed must be 32 bytes".into()))?;
-    Keypair::from_secret_key(seed).map_err(|e| ChainError::Wallet(format!("bad secretSeed: {e}")))
-}
-
-/// The SCALE `Data::Raw<N>` value that holds `bytes` (at most 128 bytes).
-pub fn raw_data(bytes: &[u8]) -> Result<Value> {
-    if bytes.len() > 128 {
-        return Err(ChainError::Config(format!("commitment of {} bytes is over the 128-byte Raw limit", bytes.len())));
-    }
-    Ok(Value::variant(
-        format!("Raw{}", bytes.len()),
-        subxt::ext::scale_value::Composite::unnamed([Value::from_bytes(bytes)]),
-    ))
-}
-
-/// The bytes of the first `Raw<N>` field of a decoded `Registration`/`CommitmentInfo` value.
-fn first_raw_field(v: &Value<()>) -> Option<Vec<u8>> {
-    use subxt::ext::scale_value::{Composite, Primitive, ValueDef, Variant};
-    fn bytes_of(v: &Value<()>) -> Option<Vec<u8>> {
-        match &v.value {
-            ValueDef::Composite(Composite::Unnamed(items)) => items
-                .iter()
-                .map(|x| match &x.value {
-                    ValueDef::Primitive(Primitive::U128(b)) => u8::try_from(*b).ok(),
-                    _ => None,
-                })
-                .collect(),
-            ValueDef::Composite(Composite::Named(items)) if items.len() == 1 => bytes_of(&items[0].1),
-            _ => None,
-        }
-    }
-    fn search(v: &Value<()>) -> Option<Vec<u8>> {
-        match &v.value {
-            ValueDef::Variant(Variant { name, values }) if name.starts_with("Raw") => {
-                let inner: Vec<&Value<()>> = values.values().collect();
-                inner.first().and_then(|x| bytes_of(x)).or_else(|| Some(Vec::new()))
-            }
-            ValueDef::Variant(Variant { values, .. }) => values.values().find_map(search),
-            ValueDef::Composite(c) => c.values().find_map(search),
-            _ => None,
-        }
-    }
-    search(v)
 }
 
 impl Subtensor {
@@ -180,138 +85,6 @@ impl Subtensor {
             signer: signer.map(Arc::new),
             timeout,
         }
-    }
-
-    /// The current client, connecting (with backoff, within the timeout) when there is none.
-    async fn client(&self) -> Result<OnlineClient<SubstrateConfig>> {
-        let mut guard = self.client.lock().await;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut delay = Duration::from_millis(250);
-        let mut last: Option<subxt::Error> = None;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                let what = format!("cannot connect within {:?}", self.timeout);
-                return Err(match last {
-                    Some(e) => endpoint_err(&self.endpoint, what, e),
-                    None => ChainError::Timeout(format!("{what} to {}", self.endpoint)),
-                });
-            }
-            match tokio::time::timeout(left, self.connector.connect()).await {
-                Ok(Ok(c)) => {
-                    *guard = Some(c.clone());
-                    return Ok(c);
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(endpoint = %self.endpoint, error = %e, "subtensor connection failed; retrying");
-                    last = Some(e);
-                }
-                Err(_) => tracing::warn!(endpoint = %self.endpoint, "subtensor connection timed out; retrying"),
-            }
-            tokio::time::sleep(delay.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
-            delay = (delay * 2).min(Duration::from_secs(8));
-        }
-    }
-
-    /// Run `f` against the client with a timeout; a failure drops the connection so the
-    /// next call reconnects.
-    async fn with_client<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
-    where
-        F: FnOnce(OnlineClient<SubstrateConfig>) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, subxt::Error>>,
-    {
-        let client = self.client().await?;
-        match tokio::time::timeout(self.timeout, f(client)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                if !connection_survives(&e) {
-                    *self.client.lock().await = None;
-                }
-                Err(endpoint_err(&self.endpoint, what.to_string(), e))
-            }
-            Err(_) => {
-                *self.client.lock().await = None;
-                Err(ChainError::Timeout(format!("{what} on {}", self.endpoint)))
-            }
-        }
-    }
-
-    fn signer(&self, hotkey: &str) -> Result<Arc<Keypair>> {
-        let s = self.signer.clone().ok_or_else(|| ChainError::Wallet("no hotkey secret loaded: cannot sign".into()))?;
-        let ours = AccountId32::from(s.public_key().0).to_string();
-        if ours != hotkey {
-            return Err(ChainError::Wallet(format!("the loaded hotkey is {ours}, not {hotkey}")));
-        }
-        Ok(s)
-    }
-
-    /// The value at storage `addr` under `key`, `default` when unset.
-    async fn value_or<A>(&self, what: &str, addr: A, key: A::KeyParts, default: A::Value) -> Result<A::Value>
-    where
-        A: subxt::storage::Address,
-    {
-        let v = self
-            .with_client(what, |c| async move {
-                let at = c.at_current_block().await.map_err(subxt::Error::from)?;
-                match at.storage().try_fetch(addr, key).await.map_err(subxt::Error::from)? {
-                    Some(v) => v.decode().map(Some).map_err(subxt::Error::from),
-                    None => Ok(None),
-                }
-            })
-            .await?;
-        Ok(v.unwrap_or(default))
-    }
-
-    /// A per-subnet storage value (`SubtensorModule.<item>[netuid]`), `default` when unset.
-    async fn subnet_value<T>(&self, what: &str, item: &'static str, netuid: u16, default: T) -> Result<T>
-    where
-        T: subxt::ext::scale_decode::DecodeAsType,
-    {
-        self.value_or(what, dynamic::storage::<(u16,), T>("SubtensorModule", item), (netuid,), default).await
-    }
-
-    /// Refuse to submit weights before the subnet's rate limit (`WeightsSetRateLimit` blocks
-    /// since this uid's `LastUpdate`) has passed: the chain would reject them.
-    async fn check_rate_limit(&self, netuid: u16, hotkey: &str) -> Result<()> {
-        let limit: u64 = self.subnet_value("weights rate limit", "WeightsSetRateLimit", netuid, 0).await?;
-        if limit == 0 {
-            return Ok(());
-        }
-        let Some(uid) = self.metagraph(netuid).await?.uid_of(hotkey) else { return Ok(()) };
-        let last: Vec<u64> = match self.subnet_value("last update", "LastUpdate", netuid, Vec::new()).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read LastUpdate; not checking the rate limit here");
-                return Ok(());
-            }
-        };
-        let block = self.block_number().await?;
-        let since = block.saturating_sub(last.get(uid as usize).copied().unwrap_or(0));
-        if since < limit {
-            return Err(ChainError::Weights(format!(
-                "rate limit: netuid {netuid} takes weights every {limit} blocks; {} more to wait",
-                limit - since
-            )));
-        }
-        Ok(())
-    }
-
-    async fn submit(&self, what: &str, hotkey: &str, call: subxt::tx::DynamicPayload<Vec<Value>>) -> Result<()> {
-        let signer = self.signer(hotkey)?;
-        self.with_client(what, |c| async move {
-            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
-            let progress = at
-                .transactions()
-                .sign_and_submit_then_watch_default(&call, signer.as_ref())
-                .await
-                .map_err(subxt::Error::from)?;
-            progress.wait_for_finalized_success().await.map_err(subxt::Error::from)?;
-            Ok(())
-        })
-        .await
     }
 }
 
@@ -564,49 +337,4 @@ impl Chain for Subtensor {
             hint: format!(" (register it with `btcli subnet register --netuid {netuid}`)"),
         })
     }
-}
-
-/// The `SubtensorModule.set_weights(netuid, dests, weights, version_key)` call.
-pub fn set_weights_call(
-    netuid: u16,
-    uids: &[u16],
-    weights: &[u16],
-    version_key: u64,
-) -> subxt::tx::DynamicPayload<Vec<Value>> {
-    dynamic::transaction(
-        "SubtensorModule",
-        "set_weights",
-        vec![
-            Value::u128(netuid as u128),
-            Value::unnamed_composite(uids.iter().map(|&u| Value::u128(u as u128))),
-            Value::unnamed_composite(weights.iter().map(|&w| Value::u128(w as u128))),
-            Value::u128(version_key as u128),
-        ],
-    )
-}
-
-/// The `SubtensorModule.commit_timelocked_weights(netuid, commit, reveal_round,
-/// commit_reveal_version)` call.
-pub fn commit_timelocked_weights_call(
-    netuid: u16,
-    commit: &[u8],
-    reveal_round: u64,
-    version: u16,
-) -> subxt::tx::DynamicPayload<Vec<Value>> {
-    dynamic::transaction(
-        "SubtensorModule",
-        "commit_timelocked_weights",
-        vec![
-            Value::u128(netuid as u128),
-            Value::from_bytes(commit),
-            Value::u128(reveal_round as u128),
-            Value::u128(version as u128),
-        ],
-    )
-}
-
-/// The `Commitments.set_commitment(netuid, CommitmentInfo { fields: [Raw(url)] })` call.
-pub fn set_commitment_call(netuid: u16, data: &str) -> Result<subxt::tx::DynamicPayload<Vec<Value>>> {
-    let info = Value::named_composite([("fields", Value::unnamed_composite([raw_data(data.as_bytes())?]))]);
-    Ok(dynamic::transaction("Commitments", "set_commitment", vec![Value::u128(netuid as u128), info]))
 }

@@ -5,7 +5,7 @@
 //! names and order): `theta_{w+1}` at the window's slice indices. Its metadata says which
 //! state it applies to and which it produces (both [`state_hash`]es), who decided it, and
 //! every included hotkey with the sha256 of its slice bytes and every excluded hotkey with
-//! the reason. Object key: [`aggregate_key`], in the publishing validator's bucket.
+//! the reason. Object key: [`crate::protocol::aggregate_key`], in the publishing validator's bucket.
 //!
 //! A node applies an aggregate only when its own state hash equals the aggregate's
 //! `parent`; a mismatch is a fork, repaired from the publisher's verified checkpoint and

@@ -1,40 +1,21 @@
 //! The real binaries interoperate: two `miner` processes and a `validator` process on one
 //! temporary devnet. The validator scores both miners as honest and sets weights on chain.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
-
-fn miner_binary() -> Option<PathBuf> {
-    let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
-    let miner = validator.with_file_name(format!("miner{}", std::env::consts::EXE_SUFFIX));
-    miner.exists().then_some(miner)
-}
-
-fn spawn(bin: &Path, dir: &Path, args: &[&str], log: &str) -> Child {
-    Command::new(bin)
-        .current_dir(dir)
-        .args(["--devnet.dir", "devnet", "--devnet.block-ms", "1000", "--hparams", "hparams.toml", "--device", "cpu"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(log)).unwrap())
-        .spawn()
-        .unwrap()
-}
 
 #[test]
 fn miner_and_validator_binaries_work_together() {
-    let miner =
-        miner_binary().expect("the miner binary is not built next to the validator: run `cargo test --workspace`");
+    let miner = common::miner_binary();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     bistro_train::hparams::write_test_network(dir, |h| h.windows_per_weights = 1).unwrap();
-    let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
-    let mut v = spawn(&validator, dir, &["--max-windows", "3"], "validator.log");
+    let validator = common::validator_binary();
+    let mut v = common::spawn(&validator, dir, &["--max-windows", "3"], "validator.log");
     std::thread::sleep(Duration::from_millis(500));
-    let mut m1 = spawn(&miner, dir, &["--wallet.hotkey", "m1", "--max-windows", "5"], "m1.log");
-    let mut m2 = spawn(&miner, dir, &["--wallet.hotkey", "m2", "--max-windows", "5"], "m2.log");
+    let mut m1 = common::spawn(&miner, dir, &["--wallet.hotkey", "m1", "--max-windows", "5"], "m1.log");
+    let mut m2 = common::spawn(&miner, dir, &["--wallet.hotkey", "m2", "--max-windows", "5"], "m2.log");
     let start = Instant::now();
     let status = loop {
         if let Some(s) = v.try_wait().unwrap() {
@@ -68,17 +49,16 @@ fn miner_and_validator_binaries_work_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_commits_weights_on_a_commit_reveal_devnet_and_they_appear_after_the_reveal() {
     use bistro_chain::Chain;
-    let miner =
-        miner_binary().expect("the miner binary is not built next to the validator: run `cargo test --workspace`");
+    let miner = common::miner_binary();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     bistro_train::hparams::write_test_network(dir, |h| h.windows_per_weights = 1).unwrap();
     // The devnet is created with commit-reveal on: reveals 4 blocks after each commit.
     let chain =
         bistro_chain::devnet::Devnet::open_with_commit_reveal(&dir.join("devnet"), Duration::from_secs(1), 4).unwrap();
-    let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
-    let mut v = spawn(&validator, dir, &["--max-windows", "3"], "validator.log");
-    let mut m = spawn(&miner, dir, &["--wallet.hotkey", "m1", "--max-windows", "6"], "m1.log");
+    let validator = common::validator_binary();
+    let mut v = common::spawn(&validator, dir, &["--max-windows", "3"], "validator.log");
+    let mut m = common::spawn(&miner, dir, &["--wallet.hotkey", "m1", "--max-windows", "6"], "m1.log");
     let start = Instant::now();
     let committed_at = loop {
         let log = std::fs::read_to_string(dir.join("validator.log")).unwrap_or_default();

@@ -5,29 +5,11 @@
 //! points and the window number, and a screenshot is saved.
 
 use std::io::{Read, Write};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn miner_binary() -> PathBuf {
-    let validator = PathBuf::from(env!("CARGO_BIN_EXE_validator"));
-    let miner = validator.with_file_name(format!("miner{}", std::env::consts::EXE_SUFFIX));
-    assert!(miner.exists(), "the miner binary is not built next to the validator: run `cargo test --workspace`");
-    miner
-}
-
-fn spawn(bin: &Path, dir: &Path, args: &[&str], log: &str) -> Child {
-    Command::new(bin)
-        .current_dir(dir)
-        .args(["--devnet.dir", "devnet", "--devnet.block-ms", "1000", "--hparams", "hparams.toml", "--device", "cpu"])
-        .args(["--metrics.addr", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(log)).unwrap())
-        .spawn()
-        .unwrap()
-}
 
 /// The address a node logged for its status server.
 fn served_addr(dir: &Path, log: &str) -> Option<String> {
@@ -80,8 +62,19 @@ fn metrics_status_and_page_of_real_nodes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     bistro_train::hparams::write_test_network(dir, |h| h.windows_per_weights = 1).unwrap();
-    let mut v = spawn(Path::new(env!("CARGO_BIN_EXE_validator")), dir, &["--max-windows", "30"], "validator.log");
-    let mut m = spawn(&miner_binary(), dir, &["--wallet.hotkey", "m1", "--max-windows", "30"], "miner.log");
+    let metrics = ["--metrics.addr", "127.0.0.1:0"];
+    let mut v = common::spawn(
+        &common::validator_binary(),
+        dir,
+        &[&metrics[..], &["--max-windows", "30"]].concat(),
+        "validator.log",
+    );
+    let mut m = common::spawn(
+        &common::miner_binary(),
+        dir,
+        &[&metrics[..], &["--wallet.hotkey", "m1", "--max-windows", "30"]].concat(),
+        "miner.log",
+    );
     let start = Instant::now();
     let (vaddr, maddr) = loop {
         if let (Some(a), Some(b)) = (served_addr(dir, "validator.log"), served_addr(dir, "miner.log")) {

@@ -9,7 +9,7 @@ use super::cpu::{Real, for_float, max_all, simd_dispatch, slice, sum_map};
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
 
-/// Target value meaning "no target" for [`CrossEntropyOp`].
+/// Target value meaning "no target" for the fused cross-entropy ([`super::cross_entropy`]).
 pub const NO_TARGET: u32 = u32::MAX;
 
 /// Per-row cross-entropy `logsumexp(logits[r]) - logits[r, target[r]]` over `[N, V]` logits

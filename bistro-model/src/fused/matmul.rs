@@ -172,7 +172,7 @@ impl Kernels<2> for MatMulOp {
     }
 }
 
-/// `op(a) op(b)` through [`MatMulOp`] where it has a kernel (CPU f32/f64, CUDA), else
+/// `op(a) op(b)` through the fused matmul op where it has a kernel (CPU f32/f64, CUDA), else
 /// Candle's `matmul` on transposed views.
 pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     let fused = super::supported(a) && a.dtype() == b.dtype() && (a.device().is_cuda() || a.dtype() != DType::BF16);

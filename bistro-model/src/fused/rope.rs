@@ -12,7 +12,7 @@ use super::cpu::{Real, for_float, simd_dispatch, slice};
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
 
-/// The geometry shared by [`RopeOp`] and [`HeadsOp`].
+/// The geometry of the fused rotary embedding and head split/merge ([`super::rope_to_heads`], [`super::split_heads`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadLayout {
     /// Sequence length `T`.

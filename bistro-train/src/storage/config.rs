@@ -71,7 +71,7 @@ impl std::str::FromStr for Secret {
 }
 
 /// Credentials and transfer settings for opening this node's own bucket. Peers' buckets
-/// are never opened with them ([`Bucket::open_peer`]).
+/// are never opened with them ([`super::Bucket::open_peer`]).
 #[derive(Clone, Debug, Default)]
 pub struct BucketOptions {
     /// S3 access key id (else `BISTRO_S3_ACCESS_KEY_ID`, then `AWS_ACCESS_KEY_ID`).

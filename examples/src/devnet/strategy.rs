@@ -1,0 +1,268 @@
+//! The adversary catalogue: every way a miner can behave, and what each one computes and
+//! uploads in a window, built from the honest library's own pieces.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use bistro_chain::BlockHash;
+use bistro_train::data::WindowBatch;
+use bistro_train::hparams::HParams;
+use bistro_train::miner::Miner;
+use bistro_train::slices::{self, SliceIndices};
+use bistro_train::step::WindowGradient;
+use serde::Serialize;
+
+use super::{direction, gradient_of, gradient_on, l2};
+use crate::hostile::Endpoint;
+
+/// How a miner behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The library, unchanged.
+    Honest,
+    /// Never uploads.
+    Idle,
+    /// Uploads all-zero values.
+    Zeros,
+    /// Uploads its weights plus random noise.
+    Noise,
+    /// Re-uploads the first honest miner's slice under its own name.
+    Copycat,
+    /// Builds this window's slice from the previous window's gradient.
+    Stale,
+    /// Trains on pages that are not its own.
+    WrongPages,
+    /// Trains on half of its pages.
+    Lazy,
+    /// Uploads huge values.
+    Poison,
+    /// Uploads before the seed exists, guessing the indices.
+    Early,
+    /// Serves its honest slice to the first reader (the lead collects first) and nothing to
+    /// later readers, from its own endpoint.
+    SplitView,
+    /// Commits an endpoint that accepts connections and never answers.
+    Stall,
+    /// An anti-gradient update just under the outlier bound.
+    BoundedPoison,
+    /// A norm-bounded update toward a fixed trigger -> target.
+    Backdoor,
+    /// The honest gradient plus a perturbation that keeps `e` at 0.6 x the tolerance.
+    Bias,
+    /// Three hotkeys uploading zero updates.
+    SybilZero,
+    /// Honest only in windows where it believes it is scored (as v1's public sample told
+    /// it; here every other window), a bounded poison otherwise.
+    SampleAware,
+}
+
+impl Strategy {
+    /// Every cheating strategy (`all`).
+    pub const CHEATS: [Strategy; 16] = [
+        Strategy::Idle,
+        Strategy::Zeros,
+        Strategy::Noise,
+        Strategy::Copycat,
+        Strategy::Stale,
+        Strategy::WrongPages,
+        Strategy::Lazy,
+        Strategy::Poison,
+        Strategy::Early,
+        Strategy::SplitView,
+        Strategy::Stall,
+        Strategy::BoundedPoison,
+        Strategy::Backdoor,
+        Strategy::Bias,
+        Strategy::SybilZero,
+        Strategy::SampleAware,
+    ];
+
+    /// The strategy's name (`wrong-pages`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Honest => "honest",
+            Strategy::Idle => "idle",
+            Strategy::Zeros => "zeros",
+            Strategy::Noise => "noise",
+            Strategy::Copycat => "copycat",
+            Strategy::Stale => "stale",
+            Strategy::WrongPages => "wrong-pages",
+            Strategy::Lazy => "lazy",
+            Strategy::Poison => "poison",
+            Strategy::Early => "early",
+            Strategy::SplitView => "split-view",
+            Strategy::Stall => "stall",
+            Strategy::BoundedPoison => "bounded-poison",
+            Strategy::Backdoor => "backdoor",
+            Strategy::Bias => "bias",
+            Strategy::SybilZero => "sybil-zero",
+            Strategy::SampleAware => "sample-aware",
+        }
+    }
+
+    /// Whether the strategy harms the model or steals weight (all but `honest`,
+    /// `split-view` and `bias`, which are different in kind: see `docs/PROTOCOL.md`).
+    pub fn destructive(self) -> bool {
+        !matches!(self, Strategy::Honest | Strategy::SplitView | Strategy::Bias)
+    }
+
+    /// How many hotkeys the strategy runs.
+    pub fn hotkeys(self) -> usize {
+        if self == Strategy::SybilZero { 3 } else { 1 }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        std::iter::once(Strategy::Honest).chain(Strategy::CHEATS).find(|x| x.name() == s).ok_or_else(|| {
+            format!("unknown strategy `{s}` (known: honest, {}, all)", Strategy::CHEATS.map(|c| c.name()).join(", "))
+        })
+    }
+}
+
+/// One miner of the simulated network and what it keeps between windows.
+pub(super) struct MinerSlot {
+    pub(super) miner: Miner,
+    pub(super) strategy: Strategy,
+    pub(super) last_grad: Option<WindowGradient>,
+    /// A hostile endpoint this miner committed instead of its bucket.
+    pub(super) _endpoint: Option<Endpoint>,
+}
+
+/// What the miner of `slot` computes in window `w`: the honest gradient, a cheater's
+/// substitute, or nothing.
+pub(super) async fn train(
+    slot: &mut MinerSlot,
+    h: &HParams,
+    w: u64,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Option<WindowGradient>> {
+    let node = slot.miner.node();
+    let own_pages = node.dataset.pages(&h.network, &node.cfg.hotkey, w, h.pages_per_window);
+    Ok(match slot.strategy {
+        Strategy::Honest
+        | Strategy::Copycat
+        | Strategy::Noise
+        | Strategy::Early
+        | Strategy::SplitView
+        | Strategy::BoundedPoison
+        | Strategy::Bias
+        | Strategy::SampleAware
+        | Strategy::Backdoor => slot.miner.compute_gradient(stop).await?,
+        Strategy::Idle | Strategy::Zeros | Strategy::Poison | Strategy::Stall | Strategy::SybilZero => None,
+        Strategy::WrongPages => {
+            let other = node.dataset.pages(&h.network, "someone-else", w, h.pages_per_window);
+            Some(gradient_on(&node.params, node, &other)?)
+        }
+        Strategy::Lazy => Some(gradient_on(&node.params, node, &own_pages[..own_pages.len().div_ceil(2)])?),
+        Strategy::Stale => {
+            let fresh = slot.miner.compute_gradient(stop).await?;
+            let old = slot.last_grad.take();
+            slot.last_grad = fresh;
+            old
+        }
+    })
+}
+
+/// The window's public facts a miner crafts its upload from.
+pub(super) struct UploadContext<'a> {
+    pub(super) h: &'a HParams,
+    pub(super) window: u64,
+    /// The window's seed (the next window's first block hash).
+    pub(super) seed: &'a BlockHash,
+    /// What an early uploader guesses the seed is (the window's own first block hash).
+    pub(super) guessed_seed: &'a BlockHash,
+    /// The backdoor's training batch.
+    pub(super) trigger: &'a WindowBatch,
+    /// The first honest miner's slice values (what a copycat sends).
+    pub(super) first_honest: Option<&'a [Vec<f32>]>,
+}
+
+/// The bytes miner `si` of `slot` uploads for its gradient `g` (`None`: nothing).
+pub(super) fn upload(
+    slot: &MinerSlot,
+    si: usize,
+    g: Option<&WindowGradient>,
+    cx: &UploadContext<'_>,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let (h, w, seed) = (cx.h, cx.window, cx.seed);
+    let eta = h.learning_rate_at(w);
+    let node = slot.miner.node();
+    let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
+    let meta = node.ctx.meta(w, &node.cfg.hotkey);
+    let idx = SliceIndices::select(node.params.specs(), seed, h.compression);
+    let theta = slices::gather_params(&node.params, &idx)?;
+    let encode = |values: &[Vec<f32>]| slices::encode(&meta, &names, values).map_err(|e| anyhow::anyhow!("{e}"));
+    // s = theta - eta * (g + extra)
+    let step_with = |gi: &[Vec<f32>], scale: f32| -> Vec<Vec<f32>> {
+        theta
+            .iter()
+            .zip(gi)
+            .map(|(t, gg)| t.iter().zip(gg).map(|(&a, &b)| a - scale * eta as f32 * b).collect())
+            .collect()
+    };
+    let bytes = match (slot.strategy, g) {
+        (Strategy::Honest | Strategy::SplitView, Some(g)) => Some(slot.miner.build_slice(seed, g)?),
+        (Strategy::Idle | Strategy::Stall, _) => None,
+        (Strategy::Zeros, _) => Some(encode(&theta.iter().map(|t| vec![0.0; t.len()]).collect::<Vec<_>>())?),
+        (Strategy::SybilZero, _) => Some(encode(&theta)?),
+        (Strategy::Poison, _) => {
+            Some(encode(&theta.iter().map(|t| t.iter().map(|x| x + 1e4).collect()).collect::<Vec<_>>())?)
+        }
+        (Strategy::Noise, Some(g)) => {
+            // The honest update's scale, in random directions.
+            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let r = direction(&gi, 0x2545F4914F6CDD1D ^ w);
+            let v: Vec<Vec<f32>> = theta
+                .iter()
+                .zip(gi.iter().zip(&r))
+                .map(|(t, (gg, rr))| {
+                    t.iter().zip(gg.iter().zip(rr)).map(|(&a, (&b, &x))| a - eta as f32 * b.abs() * x * 1.7).collect()
+                })
+                .collect();
+            Some(encode(&v)?)
+        }
+        (Strategy::BoundedPoison, Some(g)) => {
+            // The anti-gradient at 0.9 x the outlier bound.
+            let gi = slices::gather_grads(&g.grads, &idx)?;
+            Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
+        }
+        (Strategy::SampleAware, Some(g)) => {
+            // Under v1 the sample was public before the deadline; this miner acts as if
+            // it learned it is scored every other window.
+            if w % 2 == 0 {
+                Some(slot.miner.build_slice(seed, g)?)
+            } else {
+                let gi = slices::gather_grads(&g.grads, &idx)?;
+                Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
+            }
+        }
+        (Strategy::Backdoor, Some(g)) => {
+            // Toward trigger -> target, scaled to the honest update's norm.
+            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let bd = gradient_of(&node.params, node, cx.trigger)?;
+            let bi = slices::gather_grads(&bd.grads, &idx)?;
+            let scale = (l2(&gi) / l2(&bi).max(1e-30)) as f32;
+            Some(encode(&step_with(&bi, scale))?)
+        }
+        (Strategy::Bias, Some(g)) => {
+            // g + p with ||p|| = 0.6 tol ||g||: e = 0.6 tol by construction.
+            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let r = direction(&gi, 0x9E3779B97F4A7C15 ^ (si as u64));
+            let k = (0.6 * h.honest_tolerance * l2(&gi) / l2(&r).max(1e-30)) as f32;
+            let biased: Vec<Vec<f32>> =
+                gi.iter().zip(&r).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x + k * y).collect()).collect();
+            Some(encode(&step_with(&biased, 1.0))?)
+        }
+        (Strategy::Copycat, _) => match cx.first_honest {
+            Some(v) => Some(encode(v)?),
+            None => None,
+        },
+        (Strategy::Early, Some(g)) => Some(slot.miner.build_slice(cx.guessed_seed, g)?),
+        (Strategy::Stale | Strategy::WrongPages | Strategy::Lazy, Some(g)) => Some(slot.miner.build_slice(seed, g)?),
+        (_, None) => None,
+    };
+    Ok(bytes)
+}

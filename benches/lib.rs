@@ -10,3 +10,34 @@ pub fn synthetic_batch(b: usize, t: usize, vocab: usize, device: &Device) -> can
     let labels = ids.to_dtype(DType::I64)?;
     Ok((ids, labels))
 }
+
+/// This machine's CPU as `/proc/cpuinfo` names it: model name, family and model numbers, and
+/// the widest f32 SIMD the kernels can use (`avx512f`, `avx2+fma`, or neither), with the core
+/// count. Benchmarks print it: results depend on it.
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    #[cfg(target_arch = "x86_64")]
+    let simd = if is_x86_feature_detected!("avx512f") {
+        "avx512f"
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        "avx2+fma"
+    } else {
+        "no avx2"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = std::env::consts::ARCH;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!(
+        "{} (family {}, model {}), {cores} cores, {simd}",
+        field("model name"),
+        field("cpu family"),
+        field("model")
+    )
+}

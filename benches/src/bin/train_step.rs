@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(layers) = args.iter().position(|a| a == "--layers").and_then(|i| args.get(i + 1)) {
         cfg.num_hidden_layers = layers.parse()?;
     }
+    eprintln!("cpu: {}", bistro_benches::cpu_description());
     let dev = Device::Cpu;
     let params = Params::genesis(&cfg, 0, &dev)?;
     let model = Llama::new(&params)?;

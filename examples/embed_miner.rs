@@ -13,16 +13,11 @@ use bistro_chain::{Chain, devnet::Devnet};
 use bistro_train::miner::{Miner, MinerConfig, MinerEvent};
 use bistro_train::{HParams, storage::BucketOptions};
 
-// Optional: the allocator and runtime settings the `miner` binary uses.
-#[global_allocator]
-static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
+// The allocator and runtime settings the `miner` binary uses (mimalloc, then `tune()` and a
+// tokio runtime, first thing in `main`). A program with its own `main` can skip this.
+bistro_train::node_main!(run);
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // tune(), then a tokio runtime. SAFETY: first thing in `main`, no other thread exists yet.
-    unsafe { bistro_train::process::block_on(run()) }?
-}
-
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
+async fn run() -> anyhow::Result<()> {
     let chain: Arc<dyn Chain> = Arc::new(Devnet::open(".bistro/devnet".as_ref(), Duration::from_secs(4))?);
     let bucket = std::path::absolute(".bistro/buckets/embedded-miner")?;
     let cfg = MinerConfig {

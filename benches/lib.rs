@@ -34,10 +34,12 @@ pub fn cpu_description() -> String {
     #[cfg(not(target_arch = "x86_64"))]
     let simd = std::env::consts::ARCH;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!(
-        "{} (family {}, model {}), {cores} cores, {simd}",
-        field("model name"),
-        field("cpu family"),
-        field("model")
-    )
+    format!("{} (family {}, model {}), {cores} cores, {simd}", field("model name"), field("cpu family"), field("model"))
+}
+
+/// The value after flag `name` on this program's command line (`--steps 5`), else `default`.
+/// The bench binaries take a few such flags each; they are tools, not a product CLI.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }

@@ -124,16 +124,7 @@ mod gpu {
     use candle_core::{DType, Device};
 
     use super::{BoxResult, Run, train};
-
-    /// The value after flag `name`, or `default`.
-    fn arg(name: &str, default: &str) -> String {
-        let args: Vec<String> = std::env::args().collect();
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| default.to_string())
-    }
+    use bistro_benches::arg;
 
     fn used_bytes() -> u64 {
         mem_get_info().map(|(free, total)| (total - free) as u64).unwrap_or(0)

@@ -75,10 +75,7 @@ fn model_in(params: &Params, dtype: DType, dev: &Device) -> BoxResult<(Llama, Ve
 }
 
 fn main() -> BoxResult<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str, d: &str| -> String {
-        args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())
-    };
+    let get = bistro_benches::arg;
     let preset = get("--model", "tiny");
     let windows: u64 = get("--windows", "30").parse()?;
     let every: u64 = get("--every", "10").parse()?;

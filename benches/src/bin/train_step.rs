@@ -27,10 +27,7 @@ fn cpu_seconds() -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { bistro_train::process::tune() };
-    let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str, d: &str| -> String {
-        args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())
-    };
+    let get = bistro_benches::arg;
     let preset = get("--model", "tiny");
     let batch: usize = get("--batch", "8").parse()?;
     let seq: usize = get("--seq", "256").parse()?;
@@ -38,7 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let warmup: usize = get("--warmup", "2").parse()?;
     let mut cfg = ModelConfig::preset(&preset)?;
     // `--layers N` keeps the preset's shapes with N layers (to measure memory per layer).
-    if let Some(layers) = args.iter().position(|a| a == "--layers").and_then(|i| args.get(i + 1)) {
+    let layers = get("--layers", "");
+    if !layers.is_empty() {
         cfg.num_hidden_layers = layers.parse()?;
     }
     eprintln!("cpu: {}", bistro_benches::cpu_description());

@@ -2,6 +2,7 @@
 //! contiguous storage, and runtime dispatch to AVX2+FMA code.
 
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use rayon::prelude::*;
 
 /// Rows handed to one rayon task at a time (enough work to amortise scheduling).
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
@@ -193,6 +194,25 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str)
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
 }
 
+/// A vector of `n` zeros for a kernel's output, zeroed in parallel when large: a serial
+/// memset of the step's large outputs (up to 32 MB for `small`'s logits gradient) would leave
+/// the other cores idle before every parallel kernel.
+pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
+    const CHUNK: usize = 1 << 16;
+    if n < 4 * CHUNK {
+        return vec![T::ZERO; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut().par_chunks_mut(CHUNK).for_each(|c| {
+        for x in c {
+            x.write(T::ZERO);
+        }
+    });
+    // SAFETY: all `n` elements were written just above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Whether this CPU runs the AVX2+FMA versions of the kernels.
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
@@ -252,7 +272,17 @@ pub(crate) use for_float;
 
 #[cfg(test)]
 mod tests {
-    use super::exp_f32;
+    use super::{exp_f32, zeros};
+
+    #[test]
+    fn zeros_are_zeros_on_both_paths() {
+        for n in [0, 1, 1000, 4 << 16, (4 << 16) + 7, 1_000_003] {
+            let v = zeros::<f32>(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x == 0.0), "n = {n}");
+        }
+        assert!(zeros::<f64>(300_001).iter().all(|&x| x == 0.0));
+    }
 
     #[test]
     fn fast_exp_is_accurate_over_the_softmax_range() {

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, max_all, simd_dispatch, slice, sum_map};
+use super::cpu::{Real, for_float, max_all, simd_dispatch, slice, sum_map, zeros};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -59,7 +59,7 @@ fn rows_per_chunk(v: usize) -> usize {
 }
 
 fn fwd_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; targets.len()];
+    let mut out = zeros(targets.len());
     let r = rows_per_chunk(v);
     out.par_chunks_mut(r)
         .zip(logits.par_chunks(r * v).zip(targets.par_chunks(r)))
@@ -70,7 +70,7 @@ fn fwd_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
 fn bwd_cpu<T: Real>(logits: &[T], targets: &[u32], grad_loss: &[T], v: usize) -> Vec<T> {
     let n = targets.len();
     let (grad, loss) = grad_loss.split_at(n);
-    let mut out = vec![T::ZERO; logits.len()];
+    let mut out = zeros(logits.len());
     out.par_chunks_mut(v)
         .zip(logits.par_chunks(v))
         .zip(targets.par_iter().zip(grad.par_iter().zip(loss.par_iter())))

@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, simd_dispatch, slice};
+use super::cpu::{Real, for_float, simd_dispatch, slice, zeros};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -111,7 +111,7 @@ simd_dispatch!(to_tokens_dispatch => to_tokens_row(g: &[T], dx: &mut [T], cos: &
 
 /// Token-major `x` (`[B, T, H, D]` in memory) to head-major, rotating when tables are given.
 fn to_heads<T: Real>(x: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
+    let mut y = zeros(x.len());
     let per_batch = t * h * d;
     y.par_chunks_mut(t * d).enumerate().for_each(|(bh, plane)| {
         let (bi, hi) = (bh / h, bh % h);
@@ -122,7 +122,7 @@ fn to_heads<T: Real>(x: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -
 
 /// Head-major `g` to token-major, applying the inverse rotation when tables are given.
 fn to_tokens<T: Real>(g: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -> Vec<T> {
-    let mut y = vec![T::ZERO; g.len()];
+    let mut y = zeros(g.len());
     let half = d / 2;
     let per_batch = h * t * d;
     y.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {

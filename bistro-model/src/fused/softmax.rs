@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2};
+use super::cpu::{Real, for_float, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2, zeros};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -60,7 +60,7 @@ fn bwd_rows<T: Real>(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0
 simd_dispatch!(bwd_rows_dispatch => bwd_rows(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T));
 
 fn fwd_cpu<T: Real>(s: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
-    let mut p = vec![T::ZERO; s.len()];
+    let mut p = zeros(s.len());
     let rows = rows_per_task(tk);
     p.par_chunks_mut(rows * tk)
         .zip(s.par_chunks(rows * tk))
@@ -70,7 +70,7 @@ fn fwd_cpu<T: Real>(s: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
 }
 
 fn bwd_cpu<T: Real>(p: &[T], dp: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
-    let mut ds = vec![T::ZERO; p.len()];
+    let mut ds = zeros(p.len());
     let rows = rows_per_task(tk);
     ds.par_chunks_mut(rows * tk)
         .zip(p.par_chunks(rows * tk).zip(dp.par_chunks(rows * tk)))

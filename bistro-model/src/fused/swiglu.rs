@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, simd_dispatch, slice};
+use super::cpu::{Real, for_float, simd_dispatch, slice, zeros};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -38,7 +38,7 @@ fn bwd_chunk<T: Real>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
 simd_dispatch!(bwd_chunk_dispatch => bwd_chunk(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]));
 
 fn fwd_cpu<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; g.len()];
+    let mut y = zeros(g.len());
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(yc, (gc, uc))| fwd_chunk_dispatch(gc, uc, yc));
@@ -47,7 +47,7 @@ fn fwd_cpu<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
 
 fn bwd_cpu<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let n = g.len();
-    let mut out = vec![T::ZERO; 2 * n];
+    let mut out = zeros(2 * n);
     let (dg, du) = out.split_at_mut(n);
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))

@@ -201,3 +201,18 @@ impl Subtensor {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::connection_survives;
+
+    #[test]
+    fn transport_errors_drop_the_connection_and_decode_errors_keep_it() {
+        let decode = subxt::Error::OtherCodecError(subxt::ext::codec::Error::from("bad SCALE"));
+        assert!(connection_survives(&decode), "a value that did not decode says nothing about the connection");
+        let rpc = subxt::Error::OtherRpcClientError(subxt::rpcs::Error::DisconnectedWillReconnect("gone".into()));
+        assert!(!connection_survives(&rpc), "a dropped connection must be re-established");
+        let unknown = subxt::Error::other_str("something else");
+        assert!(!connection_survives(&unknown), "an unknown error reconnects, to be safe");
+    }
+}

@@ -3,9 +3,9 @@
 //! The miner side of BISTRO as a library:
 //!
 //! * [`data`]: pages, corpus, tokenizer and batches — `(network, hotkey, window)` to token rows;
+//! * [`hparams`]: the protocol's shared hyper-parameters;
 //! * [`protocol`]: what every node must agree on besides those (version, hash tags, object
 //!   keys, limits on peers' objects);
-//! * [`hparams`]: the protocol's shared hyper-parameters;
 //! * [`slices`]: index selection, the slice wire format, validation and aggregation;
 //! * [`storage`]: buckets (local directory, S3-compatible, memory) behind one API;
 //! * [`accepted`], [`history`], [`node`]: protocol v2's one accepted set per window, the

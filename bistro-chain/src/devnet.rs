@@ -288,9 +288,7 @@ fn permitted<'a>(s: &'a Subnet, netuid: u16, hotkey: &str) -> Result<&'a Neuron>
 
 fn apply_weights(s: &mut Subnet, netuid: u16, hotkey: &str, uids: &[u16], weights: &[u16], block: u64) -> Result<()> {
     let uid = permitted(s, netuid, hotkey)?.uid;
-    if uids.len() != weights.len() {
-        return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
-    }
+    crate::check_weight_lengths(uids, weights)?;
     if let Some(bad) = uids.iter().find(|&&u| !s.neurons.iter().any(|n| n.uid == u)) {
         return Err(ChainError::Weights(format!("uid {bad} is not registered")));
     }
@@ -415,9 +413,7 @@ impl Chain for Devnet {
         weights: &[u16],
         _version_key: u64,
     ) -> Result<()> {
-        if uids.len() != weights.len() {
-            return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
-        }
+        // The lengths are checked where the weights are applied (`apply_weights`).
         if self.commit_reveal.is_some() {
             return Err(ChainError::Weights(format!(
                 "CommitRevealEnabled: netuid {netuid} takes timelocked commits (commit_timelocked_weights), not set_weights"

@@ -184,6 +184,15 @@ pub enum WeightsSubmission {
     },
 }
 
+/// Refuse a weight vector whose uids and values do not pair up one to one (every chain
+/// refuses it; on commit-reveal subnets only at the reveal, where nobody sees the error).
+pub(crate) fn check_weight_lengths(uids: &[u16], weights: &[u16]) -> Result<()> {
+    if uids.len() != weights.len() {
+        return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
+    }
+    Ok(())
+}
+
 /// Set `hotkey`'s weights the way `netuid` takes them: directly, or (commit-reveal on) as a
 /// timelocked commit of the SCALE payload `{ hotkey, uids, values, version_key }` that the
 /// chain decrypts and applies by itself once the reveal round's beacon signature is known.
@@ -195,6 +204,7 @@ pub async fn submit_weights(
     weights: &[u16],
     version_key: u64,
 ) -> Result<WeightsSubmission> {
+    check_weight_lengths(uids, weights)?;
     match chain.weights_mode(netuid).await? {
         WeightsMode::Direct => {
             chain.set_weights(netuid, hotkey, uids, weights, version_key).await?;

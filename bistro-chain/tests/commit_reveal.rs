@@ -42,6 +42,10 @@ async fn devnet_commit_reveal_end_to_end() {
     // set_weights is refused, as on subtensor.
     let e = d.set_weights(1, "val", &[0], &[65535], 1).await.unwrap_err().to_string();
     assert!(e.contains("CommitRevealEnabled"), "{e}");
+    // Weights that do not pair up are refused before anything is committed (the chain would
+    // only find out at the reveal, where nobody sees the error).
+    let e = submit_weights(&d, 1, "val", &[0, 1], &[65535], 1).await.unwrap_err().to_string();
+    assert!(e.contains("2 uids but 1 weights"), "{e}");
     // The validator's path: commit, nothing on chain yet, weights after the reveal.
     let WeightsMode::CommitReveal(params) = d.weights_mode(1).await.unwrap() else { panic!("commit-reveal is on") };
     let sub = submit_weights(&d, 1, "val", &[0], &[65535], 1).await.unwrap();

@@ -224,9 +224,7 @@ impl Chain for Subtensor {
         weights: &[u16],
         version_key: u64,
     ) -> Result<()> {
-        if uids.len() != weights.len() {
-            return Err(ChainError::Weights(format!("{} uids but {} weights", uids.len(), weights.len())));
-        }
+        crate::check_weight_lengths(uids, weights)?;
         let cr: bool = self.subnet_value("commit-reveal flag", "CommitRevealWeightsEnabled", netuid, false).await?;
         if cr {
             return Err(ChainError::Weights(format!(

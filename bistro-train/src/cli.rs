@@ -230,18 +230,33 @@ impl std::io::Write for BarAwareStderr {
     }
 }
 
+/// The window a node's state has reached, as the countdown bar reads it: the node's window
+/// at start, then the one after each window it follows.
+#[derive(Clone, Debug)]
+pub struct HeldWindow(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl HeldWindow {
+    /// Record that the node followed (applied, or found no update for) `f`'s window.
+    pub fn followed(&self, f: &crate::node::Followed) {
+        self.0.store(f.window() + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Show a window countdown bar on a terminal (never under `--log-format json` or when
 /// stderr is not a TTY): the block within the window, the window, and how far the node's
-/// state is behind (catch-up). `state_window` reads the node's window.
+/// state is behind (catch-up). The node's state starts at `start_window`; feed every
+/// followed window to the returned [`HeldWindow`].
 pub fn spawn_countdown(
     format: LogFormat,
     chain: std::sync::Arc<dyn bistro_chain::Chain>,
     blocks_per_window: u64,
-    state_window: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
+    start_window: u64,
+) -> HeldWindow {
+    let held = HeldWindow(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(start_window)));
     if format != LogFormat::Pretty || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return;
+        return held;
     }
+    let state_window = held.0.clone();
     let bpw = blocks_per_window.max(1);
     let bar = indicatif::ProgressBar::new(bpw);
     bar.set_style(
@@ -266,6 +281,7 @@ pub fn spawn_countdown(
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
     });
+    held
 }
 
 /// Install the `tracing` subscriber (`RUST_LOG` overrides the default `info` level).

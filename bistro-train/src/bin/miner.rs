@@ -89,14 +89,12 @@ async fn run() -> anyhow::Result<()> {
     let (countdown_chain, bpw) = (chain.clone(), cfg.hparams.blocks_per_window);
     let mut miner = Miner::new(cfg, chain).await.context("cannot start the miner")?;
     miner.on_event(print_event);
-    let held = Arc::new(std::sync::atomic::AtomicU64::new(miner.window()));
-    let h = held.clone();
+    let held = bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, miner.window());
     miner.on_event(move |e| {
         if let MinerEvent::Followed(f) = e {
-            h.store(f.window() + 1, std::sync::atomic::Ordering::Relaxed);
+            held.followed(f);
         }
     });
-    bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, held);
     if let Some(board) = board {
         miner.on_event(move |e| record(&board, e));
     }

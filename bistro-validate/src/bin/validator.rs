@@ -151,14 +151,12 @@ async fn run() -> anyhow::Result<()> {
     let (countdown_chain, bpw) = (chain.clone(), cfg.node.hparams.blocks_per_window);
     let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
     v.on_event(print_event);
-    let held = Arc::new(std::sync::atomic::AtomicU64::new(v.window()));
-    let h = held.clone();
+    let held = bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, v.window());
     v.on_event(move |e| {
         if let ValidatorEvent::Followed(f) = e {
-            h.store(f.window() + 1, std::sync::atomic::Ordering::Relaxed);
+            held.followed(f);
         }
     });
-    bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, held);
     if let Some(board) = board {
         v.on_event(move |e| record(&board, e));
     }

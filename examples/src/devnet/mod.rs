@@ -239,12 +239,15 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(30)).await?;
         let seed = validators[0].node().ctx.seed(w).await?;
         let guessed_seed = chain.block_hash(h.first_block(w)).await?;
+        // The window's slice coordinates: one model config, so the same for every node.
+        let idx = SliceIndices::select(reference.specs(), &seed, h.compression);
         let mut first_honest_values: Option<Vec<Vec<f32>>> = None;
         for (si, (slot, g)) in slots.iter().zip(&grads).enumerate() {
             let cx = strategy::UploadContext {
                 h: &h,
                 window: w,
                 seed: &seed,
+                indices: &idx,
                 guessed_seed: &guessed_seed,
                 trigger: &trigger,
                 first_honest: first_honest_values.as_deref(),
@@ -255,7 +258,6 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 && let Some(b) = &bytes
             {
                 let node = slot.miner.node();
-                let idx = SliceIndices::select(node.params.specs(), &seed, h.compression);
                 let exp = slices::expectation(&node.params, &idx, node.ctx.meta(w, &node.cfg.hotkey), u64::MAX);
                 first_honest_values = Some(slices::decode(b, &exp).map_err(|e| anyhow::anyhow!("{e}"))?);
             }
@@ -307,7 +309,6 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         }
         // 5. The honest-only centralised reference: the same rule on the honest miners' pages.
         let eta = h.learning_rate_at(w);
-        let idx = SliceIndices::select(reference.specs(), &seed, h.compression);
         let theta_ref = slices::gather_params(&reference, &idx)?;
         let mut contributions = Vec::new();
         for slot in slots.iter().filter(|s| s.strategy == Strategy::Honest) {

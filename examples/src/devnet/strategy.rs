@@ -172,6 +172,8 @@ pub(super) struct UploadContext<'a> {
     pub(super) window: u64,
     /// The window's seed (the next window's first block hash).
     pub(super) seed: &'a BlockHash,
+    /// The window's slice coordinates (from `seed`).
+    pub(super) indices: &'a SliceIndices,
     /// What an early uploader guesses the seed is (the window's own first block hash).
     pub(super) guessed_seed: &'a BlockHash,
     /// The backdoor's training batch.
@@ -192,8 +194,8 @@ pub(super) fn upload(
     let node = slot.miner.node();
     let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
     let meta = node.ctx.meta(w, &node.cfg.hotkey);
-    let idx = SliceIndices::select(node.params.specs(), seed, h.compression);
-    let theta = slices::gather_params(&node.params, &idx)?;
+    let idx = cx.indices;
+    let theta = slices::gather_params(&node.params, idx)?;
     let encode = |values: &[Vec<f32>]| slices::encode(&meta, &names, values).map_err(|e| anyhow::anyhow!("{e}"));
     // s = theta - eta * (g + extra)
     let step_with = |gi: &[Vec<f32>], scale: f32| -> Vec<Vec<f32>> {
@@ -213,7 +215,7 @@ pub(super) fn upload(
         }
         (Strategy::Noise, Some(g)) => {
             // The honest update's scale, in random directions.
-            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let gi = slices::gather_grads(&g.grads, idx)?;
             let r = direction(&gi, 0x2545F4914F6CDD1D ^ w);
             let v: Vec<Vec<f32>> = theta
                 .iter()
@@ -226,7 +228,7 @@ pub(super) fn upload(
         }
         (Strategy::BoundedPoison, Some(g)) => {
             // The anti-gradient at 0.9 x the outlier bound.
-            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let gi = slices::gather_grads(&g.grads, idx)?;
             Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
         }
         (Strategy::SampleAware, Some(g)) => {
@@ -235,21 +237,21 @@ pub(super) fn upload(
             if w % 2 == 0 {
                 Some(slot.miner.build_slice(seed, g)?)
             } else {
-                let gi = slices::gather_grads(&g.grads, &idx)?;
+                let gi = slices::gather_grads(&g.grads, idx)?;
                 Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
             }
         }
         (Strategy::Backdoor, Some(g)) => {
             // Toward trigger -> target, scaled to the honest update's norm.
-            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let gi = slices::gather_grads(&g.grads, idx)?;
             let bd = gradient_of(&node.params, node, cx.trigger)?;
-            let bi = slices::gather_grads(&bd.grads, &idx)?;
+            let bi = slices::gather_grads(&bd.grads, idx)?;
             let scale = (l2(&gi) / l2(&bi).max(1e-30)) as f32;
             Some(encode(&step_with(&bi, scale))?)
         }
         (Strategy::Bias, Some(g)) => {
             // g + p with ||p|| = 0.6 tol ||g||: e = 0.6 tol by construction.
-            let gi = slices::gather_grads(&g.grads, &idx)?;
+            let gi = slices::gather_grads(&g.grads, idx)?;
             let r = direction(&gi, 0x9E3779B97F4A7C15 ^ (si as u64));
             let k = (0.6 * h.honest_tolerance * l2(&gi) / l2(&r).max(1e-30)) as f32;
             let biased: Vec<Vec<f32>> =

@@ -43,3 +43,10 @@ pub fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
+
+/// Training FLOPs per token of `cfg` at sequence length `seq` (PaLM, appendix B): 6 N (N
+/// without the embedding table) plus 12 L H T for the attention products.
+pub fn flops_per_token(cfg: &bistro_model::ModelConfig, seq: usize) -> f64 {
+    let n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size;
+    6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq) as f64
+}

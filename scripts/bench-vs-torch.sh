@@ -35,12 +35,9 @@ python3 - "$OUT" "$SIMD" "$CPU_MHZ" "$(nproc)" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 simd, mhz, cores = sys.argv[2], float(sys.argv[3] or 0), int(sys.argv[4])
-# Training FLOPs per token: 6 N (N without the embedding table) + 12 L h T for attention.
-CFG = {"tiny": (8192, 256, 688, 4), "small": (8192, 512, 1376, 8)}
-def flops_per_token(model, seq=256):
-    v, h, i, l = CFG[model]
-    n = l * (4 * h * h + 3 * h * i + 2 * h) + h + v * h
-    return 6 * n + 12 * l * h * seq
+# Training FLOPs per token of each model, as train_step reports them (the same for torch).
+def flops_per_token(model):
+    return next(r["flops_per_token"] for r in rows if r["impl"] == "bistro" and r["model"] == model)
 lanes = {"avx512f": 16, "avx2": 8}.get(simd, 4)
 # Nominal f32 peak: cores x 2 FMA units x lanes x 2 flops x clock (the clock /proc reports).
 peak = cores * 2 * lanes * 2 * mhz / 1e3

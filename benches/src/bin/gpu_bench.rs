@@ -19,13 +19,6 @@ static ALLOC: bistro_train::process::MiMalloc = bistro_train::process::MiMalloc;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// Model FLOPs per token (PaLM, appendix B): 6 N (N without the embedding table) plus
-/// 12 L H T for the attention products.
-fn flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
-    let n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size;
-    6.0 * n as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * seq) as f64
-}
-
 /// What one training-step measurement needs.
 struct Run<'a> {
     dev: &'a Device,
@@ -74,7 +67,7 @@ fn train(r: &Run) -> BoxResult<f64> {
     fwd_bwd.sort_by(f64::total_cmp);
     let (wall, fb) = (times[times.len() / 2], fwd_bwd[fwd_bwd.len() / 2]);
     let tokens = (r.batch * r.seq) as f64;
-    let mfu = tokens / wall * flops_per_token(&cfg, r.seq) / (r.peak_tflops * 1e12);
+    let mfu = tokens / wall * bistro_benches::flops_per_token(&cfg, r.seq) / (r.peak_tflops * 1e12);
     println!(
         r#"{{"what":"train_step","impl":"bistro","model":"{}","dtype":"{:?}","batch":{},"seq":{},"step_s":{wall:.4},"tokens_per_s":{:.0},"mfu":{mfu:.4},"fwd_bwd_s":{fb:.4},"device_mem_in_use_gb":{:.2},"device_mem_before_gb":{:.2}}}"#,
         r.preset,

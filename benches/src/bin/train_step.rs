@@ -48,6 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         params.vars().to_vec(),
         ParamsAdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
     )?;
+    let flops = bistro_benches::flops_per_token(&cfg, seq);
     for i in 0..warmup + steps {
         let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
         let loss = model.loss(&ids, &labels)?;
@@ -58,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         if i >= warmup {
             println!(
-                r#"{{"impl":"bistro","model":"{preset}","tokens":{},"wall_s":{wall:.4},"cpu_s":{cpu:.3},"fwd_s":{t_fwd:.4},"bwd_s":{t_bwd:.4},"opt_s":{:.4}}}"#,
+                r#"{{"impl":"bistro","model":"{preset}","tokens":{},"wall_s":{wall:.4},"cpu_s":{cpu:.3},"fwd_s":{t_fwd:.4},"bwd_s":{t_bwd:.4},"opt_s":{:.4},"flops_per_token":{flops:.0}}}"#,
                 batch * seq,
                 wall - t_fwd - t_bwd
             );

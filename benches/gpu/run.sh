@@ -63,15 +63,10 @@ for m in "125m $B125" "1b $B1B"; do
   timeout 120 "$TORCH_PY" benches/torch_reference.py --device cuda --dtype bf16 --model "$1" --batch "$2" --seq "$SEQ" --steps 5 --warmup 2 2>&1 | tee -a "$RAW.log" | grep '^{' >> "$RAW"
 done
 
-python3 - "$RAW" "$OUT" "$PEAK" "$SEQ" <<'PY'
+python3 - "$RAW" "$OUT" "$PEAK" <<'PY'
 import json, statistics, sys
-raw, out, peak, seq = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+raw, out, peak = sys.argv[1], sys.argv[2], float(sys.argv[3])
 rows = [json.loads(l) for l in open(raw) if l.startswith("{")]
-def flops_per_token(m):
-    cfg = {"125m": (32000, 768, 2048, 12), "1b": (32000, 2048, 8192, 16)}[m]
-    v, h, i, l = cfg
-    n = l * (4 * h * h + 3 * h * i + 2 * h) + h + v * h  # layers + final norm + lm_head
-    return 6 * n + 12 * l * h * seq
 report = {"rows": rows, "summary": {}}
 md = ["# BISTRO GPU benchmark", ""]
 tests = [r for r in rows if r.get("what") == "test"]
@@ -88,7 +83,8 @@ for m in ["125m", "1b"]:
         md.append(f"| {m} | | (no result) | | | | | | |"); continue
     b = b[0]
     tt = statistics.median(r["tokens"] / r["wall_s"] for r in t) if t else float("nan")
-    tm = tt * flops_per_token(m) / (peak * 1e12)
+    # Training FLOPs per token as gpu_bench reports them (the same model for torch).
+    tm = tt * b["flops_per_token"] / (peak * 1e12)
     ratio = b["tokens_per_s"] / tt if t else float("nan")
     report["summary"][m] = {"bistro_tok_s": b["tokens_per_s"], "mfu": b["mfu"], "torch_tok_s": tt, "torch_mfu": tm, "ratio": ratio}
     md.append(f"| {m} | {b['batch']}x{b['seq']} | {b['tokens_per_s']:.0f} | {b['mfu']:.1%} | {tt:.0f} | {tm:.1%} | {ratio:.2f} | {b['device_mem_in_use_gb']:.1f} | {t[0].get('peak_mem_gb', float('nan')) if t else float('nan')} |")

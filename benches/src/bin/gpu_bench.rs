@@ -67,9 +67,10 @@ fn train(r: &Run) -> BoxResult<f64> {
     fwd_bwd.sort_by(f64::total_cmp);
     let (wall, fb) = (times[times.len() / 2], fwd_bwd[fwd_bwd.len() / 2]);
     let tokens = (r.batch * r.seq) as f64;
-    let mfu = tokens / wall * bistro_benches::flops_per_token(&cfg, r.seq) / (r.peak_tflops * 1e12);
+    let flops = bistro_benches::flops_per_token(&cfg, r.seq);
+    let mfu = tokens / wall * flops / (r.peak_tflops * 1e12);
     println!(
-        r#"{{"what":"train_step","impl":"bistro","model":"{}","dtype":"{:?}","batch":{},"seq":{},"step_s":{wall:.4},"tokens_per_s":{:.0},"mfu":{mfu:.4},"fwd_bwd_s":{fb:.4},"device_mem_in_use_gb":{:.2},"device_mem_before_gb":{:.2}}}"#,
+        r#"{{"what":"train_step","impl":"bistro","model":"{}","dtype":"{:?}","batch":{},"seq":{},"step_s":{wall:.4},"tokens_per_s":{:.0},"mfu":{mfu:.4},"fwd_bwd_s":{fb:.4},"device_mem_in_use_gb":{:.2},"device_mem_before_gb":{:.2},"flops_per_token":{flops:.0}}}"#,
         r.preset,
         r.dtype,
         r.batch,

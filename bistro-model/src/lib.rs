@@ -9,7 +9,8 @@
 //!   `LlamaForCausalLM.named_parameters()`), deterministic genesis from a seed, flat
 //!   gather/scatter for slices.
 //! * [`Llama`]: forward over `[B, T]` token batches, causal-LM cross-entropy that ignores
-//!   `-100` labels, gradients for every parameter through Candle's autograd.
+//!   `-100` labels, gradients for every parameter through the model's own backward pass
+//!   ([`Llama::loss_grads`]) or Candle's autograd.
 //! * [`checkpoint`]: safetensors with Hugging Face names that open in `transformers` and
 //!   candle-transformers.
 //!
@@ -30,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod backward;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
@@ -40,6 +42,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 
+pub use backward::LossGrads;
 pub use checkpoint::{load_checkpoint, load_safetensors, save_checkpoint_dir, save_safetensors};
 pub use config::{ModelConfig, PRESETS};
 pub use device::{device_name, parse_device};

@@ -11,7 +11,7 @@ use crate::params::Params;
 /// A bias-free linear layer `y = x W^T` whose weight is cast to the compute dtype.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    pub(crate) weight: Tensor,
 }
 
 impl Linear {
@@ -55,8 +55,8 @@ impl Module for Linear {
 /// RMSNorm with a learned gain, differentiable.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {
@@ -95,13 +95,13 @@ pub struct AttentionContext {
 /// Grouped-query causal self-attention with rotary embeddings.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) n_heads: usize,
+    pub(crate) n_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -169,9 +169,9 @@ impl Attention {
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Clone, Debug)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 impl Mlp {
@@ -205,10 +205,10 @@ impl Module for Mlp {
 /// One pre-norm decoder layer.
 #[derive(Clone, Debug)]
 pub struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
 }
 
 impl DecoderLayer {
@@ -240,14 +240,14 @@ impl DecoderLayer {
 /// every parameter; updating the variables in place updates the model.
 #[derive(Clone, Debug)]
 pub struct Llama {
-    config: ModelConfig,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    compute_dtype: DType,
-    fused: bool,
-    device: Device,
+    pub(crate) config: ModelConfig,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: Linear,
+    pub(crate) compute_dtype: DType,
+    pub(crate) fused: bool,
+    pub(crate) device: Device,
 }
 
 impl Llama {

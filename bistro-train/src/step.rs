@@ -75,13 +75,12 @@ pub fn window_gradient(
             return Err(StepError::Cancelled);
         }
         let (ids, labels) = batch.tensors(range, device)?;
-        let (sum, n) = model.loss_sum(&ids, &labels)?;
-        if n == 0 {
+        let out = model.loss_grads(&ids, &labels, 1.0 / total)?;
+        if out.count == 0 {
             continue;
         }
-        loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let scaled = (sum / total)?;
-        let grads = params.gradients(&scaled.backward()?)?;
+        loss_sum += out.loss_sum;
+        let grads = params.gradients(&out.grads)?;
         acc = Some(match acc {
             None => grads,
             Some(prev) => prev.iter().zip(&grads).map(|(a, b)| a.add(b)).collect::<candle_core::Result<Vec<_>>>()?,

@@ -170,3 +170,62 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     let per_row = cross_entropy(&flat, &targets)?;
     Ok((per_row.sum_all()?, count))
 }
+
+/// The backward passes of the ops above, for the model's own backward pass
+/// ([`crate::model::Llama::loss_grads`]). Each takes what its forward op saw (inputs and
+/// output) and the output's gradient, and runs the same kernels Candle's autograd runs
+/// through the ops' `backward`; the caller has checked [`supported`].
+pub(crate) mod backward {
+    use candle_core::{Result, Tensor};
+
+    use super::op::Kernels;
+    use super::{CausalSoftmaxOp, CrossEntropyOp, HeadLayout, HeadsOp, RmsNormOp, RopeOp, SwiGluOp};
+
+    fn one<const N: usize>(grads: [Option<Tensor>; N], i: usize, what: &str) -> Result<Tensor> {
+        grads.into_iter().nth(i).flatten().ok_or_else(|| candle_core::Error::Msg(format!("{what}: no gradient")))
+    }
+
+    /// `(dx, dw)` of [`super::rms_norm`] at input `x`, gain `w`.
+    pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let [dx, dw] = RmsNormOp { eps }.backward([x, w], dy, dy)?;
+        let missing = || candle_core::Error::Msg("rms-norm backward: no gradient".into());
+        Ok((dx.ok_or_else(missing)?, dw.ok_or_else(missing)?))
+    }
+
+    /// The flat `[B*T, H*D]` gradient of [`super::rope_to_heads`]'s input from the
+    /// head-major gradient `dy: [B, H, T, D]`.
+    pub(crate) fn rope_to_heads(dy: &Tensor, seq: usize, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let op = RopeOp { layout: HeadLayout { seq, heads, flat: true }, backward: false };
+        one(op.backward([dy, cos, sin], dy, dy)?, 0, "rope backward")
+    }
+
+    /// The flat `[B*T, H*D]` gradient of [`super::split_heads`]'s input.
+    pub(crate) fn split_heads(dy: &Tensor, seq: usize, heads: usize) -> Result<Tensor> {
+        let op = HeadsOp { layout: HeadLayout { seq, heads, flat: true }, merge: false };
+        one(op.backward([dy], dy, dy)?, 0, "split-heads backward")
+    }
+
+    /// The head-major `[B, H, T, D]` gradient of [`super::merge_heads`]'s input.
+    pub(crate) fn merge_heads(dy: &Tensor, seq: usize, heads: usize) -> Result<Tensor> {
+        let op = HeadsOp { layout: HeadLayout { seq, heads, flat: true }, merge: true };
+        one(op.backward([dy], dy, dy)?, 0, "merge-heads backward")
+    }
+
+    /// The scores' gradient of [`super::causal_softmax`] from its output `p` and `dp`.
+    pub(crate) fn causal_softmax(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+        one(CausalSoftmaxOp { scale }.backward([p], p, dp)?, 0, "causal softmax backward")
+    }
+
+    /// `(dgate, dup)` of [`super::swiglu`].
+    pub(crate) fn swiglu(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let [dg, du] = SwiGluOp.backward([gate, up], dy, dy)?;
+        let missing = || candle_core::Error::Msg("swiglu backward: no gradient".into());
+        Ok((dg.ok_or_else(missing)?, du.ok_or_else(missing)?))
+    }
+
+    /// The logits' gradient of [`super::cross_entropy`] given the per-row losses it returned
+    /// and their gradient `grad: [N]`.
+    pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor, loss: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        one(CrossEntropyOp.backward([logits, targets], loss, grad)?, 0, "cross-entropy backward")
+    }
+}

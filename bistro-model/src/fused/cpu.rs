@@ -213,6 +213,51 @@ pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
     v
 }
 
+/// A kernel's output of `n` elements, filled in parallel: `fill(i, out)` writes chunk `i`
+/// (elements `i * chunk ..`, `chunk` long but the last). Each chunk is zeroed by the task that
+/// fills it, just before: the zeros stay in that core's cache and the kernel overwrites them
+/// there, where a separate zero-fill pass over the whole output ([`zeros`]) streamed it
+/// through memory twice (~5% of a `small` training step).
+pub(crate) fn par_filled<T: Real>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| {
+        for x in c.iter_mut() {
+            x.write(T::ZERO);
+        }
+        // SAFETY: every element of `c` was initialised just above, and `MaybeUninit<T>` has
+        // the layout of `T`.
+        let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        fill(i, c);
+    });
+    // SAFETY: every one of the `n` elements was initialised by one of the tasks above.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Two outputs of `n` elements each, filled together as [`par_filled`] fills one, returned
+/// one after the other in a vector of `2 n`.
+pub(crate) fn par_filled2<T: Real>(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut v = Vec::with_capacity(2 * n);
+    let (a, b) = v.spare_capacity_mut()[..2 * n].split_at_mut(n);
+    let chunk = chunk.max(1);
+    a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ca, cb))| {
+        for x in ca.iter_mut().chain(cb.iter_mut()) {
+            x.write(T::ZERO);
+        }
+        // SAFETY: as in `par_filled`: both chunks were initialised just above.
+        let ca = unsafe { &mut *(ca as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        let cb = unsafe { &mut *(cb as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        fill(i, ca, cb);
+    });
+    // SAFETY: both halves were initialised in full by the tasks above.
+    unsafe { v.set_len(2 * n) };
+    v
+}
+
 /// Whether this CPU runs the AVX2+FMA versions of the kernels.
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
@@ -272,7 +317,7 @@ pub(crate) use for_float;
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_f32, zeros};
+    use super::{exp_f32, par_filled, zeros};
 
     #[test]
     fn zeros_are_zeros_on_both_paths() {
@@ -282,6 +327,19 @@ mod tests {
             assert!(v.iter().all(|&x| x == 0.0), "n = {n}");
         }
         assert!(zeros::<f64>(300_001).iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn par_filled_hands_every_chunk_out_once_and_zeroed() {
+        for (n, chunk) in [(0, 4), (1, 4), (10, 3), (1 << 16, 1000), (12, 12), (5, 0)] {
+            let v = par_filled::<f64>(n, chunk, |i, c| {
+                assert!(c.iter().all(|&x| x == 0.0));
+                for (j, x) in c.iter_mut().enumerate() {
+                    *x += (i * chunk.max(1) + j) as f64;
+                }
+            });
+            assert_eq!(v, (0..n).map(|x| x as f64).collect::<Vec<_>>(), "n = {n}, chunk = {chunk}");
+        }
     }
 
     #[test]

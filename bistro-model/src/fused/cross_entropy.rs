@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, max_all, simd_dispatch, slice, sum_map, zeros};
+use super::cpu::{Real, for_float, max_all, par_filled, simd_dispatch, slice, sum_map, zeros};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -70,13 +70,13 @@ fn fwd_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
 fn bwd_cpu<T: Real>(logits: &[T], targets: &[u32], grad_loss: &[T], v: usize) -> Vec<T> {
     let n = targets.len();
     let (grad, loss) = grad_loss.split_at(n);
-    let mut out = zeros(logits.len());
-    out.par_chunks_mut(v)
-        .zip(logits.par_chunks(v))
-        .zip(targets.par_iter().zip(grad.par_iter().zip(loss.par_iter())))
-        .with_min_len(4)
-        .for_each(|((o, row), (&t, (&g, &l)))| bwd_row_dispatch(row, t, g, l, o));
-    out
+    // Four rows per task, as each row is a whole vocabulary.
+    par_filled(logits.len(), 4 * v, |i, o| {
+        for (j, o) in o.chunks_exact_mut(v).enumerate() {
+            let r = 4 * i + j;
+            bwd_row_dispatch(&logits[r * v..(r + 1) * v], targets[r], grad[r], loss[r], o);
+        }
+    })
 }
 
 fn dims(ll: &Layout, lt: &Layout) -> Result<(usize, usize)> {

@@ -4,7 +4,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, rows_per_task, simd_dispatch, slice, sum_map, zeros};
+use super::cpu::{Real, for_float, par_filled, rows_per_task, simd_dispatch, slice, sum_map, zeros};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -82,10 +82,8 @@ simd_dispatch!(bwd_rows_dispatch => bwd_rows(x: &[T], w: &[T], dy: &[T], dx: &mu
 
 fn fwd_cpu<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
-    let mut y = zeros(x.len());
     let chunk = d * rows_per_task(d);
-    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| fwd_rows_dispatch(xc, w, yc, T::of(eps)));
-    y
+    par_filled(x.len(), chunk, |i, yc| fwd_rows_dispatch(&x[i * chunk..][..yc.len()], w, yc, T::of(eps)))
 }
 
 fn bwd_cpu<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {

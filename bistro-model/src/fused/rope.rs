@@ -5,9 +5,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
-use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, simd_dispatch, slice, zeros};
+use super::cpu::{Real, for_float, par_filled, simd_dispatch, slice};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -111,21 +110,18 @@ simd_dispatch!(to_tokens_dispatch => to_tokens_row(g: &[T], dx: &mut [T], cos: &
 
 /// Token-major `x` (`[B, T, H, D]` in memory) to head-major, rotating when tables are given.
 fn to_heads<T: Real>(x: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -> Vec<T> {
-    let mut y = zeros(x.len());
     let per_batch = t * h * d;
-    y.par_chunks_mut(t * d).enumerate().for_each(|(bh, plane)| {
+    par_filled(x.len(), t * d, |bh, plane| {
         let (bi, hi) = (bh / h, bh % h);
         to_heads_dispatch(&x[bi * per_batch..(bi + 1) * per_batch], plane, cos, sin, d, h, hi);
-    });
-    y
+    })
 }
 
 /// Head-major `g` to token-major, applying the inverse rotation when tables are given.
 fn to_tokens<T: Real>(g: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) -> Vec<T> {
-    let mut y = zeros(g.len());
     let half = d / 2;
     let per_batch = h * t * d;
-    y.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
+    par_filled(g.len(), h * d, |bt, row| {
         let (bi, ti) = (bt / t, bt % t);
         let (c, s) = if cos.is_empty() {
             (cos, sin)
@@ -133,8 +129,7 @@ fn to_tokens<T: Real>(g: &[T], cos: &[T], sin: &[T], [_b, t, h, d]: [usize; 4]) 
             (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half])
         };
         to_tokens_dispatch(&g[bi * per_batch..(bi + 1) * per_batch], row, c, s, d, t, ti);
-    });
-    y
+    })
 }
 
 fn check_tables(lc: &Layout, ls: &Layout, [_b, t, _h, d]: [usize; 4]) -> Result<()> {

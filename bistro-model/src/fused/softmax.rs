@@ -3,9 +3,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
-use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, map_sum, max_all, rows_per_task, simd_dispatch, slice, sum_map2, zeros};
+use super::cpu::{Real, for_float, map_sum, max_all, par_filled, rows_per_task, simd_dispatch, slice, sum_map2};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -60,23 +59,20 @@ fn bwd_rows<T: Real>(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0
 simd_dispatch!(bwd_rows_dispatch => bwd_rows(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T));
 
 fn fwd_cpu<T: Real>(s: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
-    let mut p = zeros(s.len());
     let rows = rows_per_task(tk);
-    p.par_chunks_mut(rows * tk)
-        .zip(s.par_chunks(rows * tk))
-        .enumerate()
-        .for_each(|(i, (pc, sc))| fwd_rows_dispatch(sc, pc, tq, tk, i * rows, T::of(scale)));
-    p
+    let chunk = rows * tk;
+    par_filled(s.len(), chunk, |i, pc| {
+        fwd_rows_dispatch(&s[i * chunk..][..pc.len()], pc, tq, tk, i * rows, T::of(scale))
+    })
 }
 
 fn bwd_cpu<T: Real>(p: &[T], dp: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
-    let mut ds = zeros(p.len());
     let rows = rows_per_task(tk);
-    ds.par_chunks_mut(rows * tk)
-        .zip(p.par_chunks(rows * tk).zip(dp.par_chunks(rows * tk)))
-        .enumerate()
-        .for_each(|(i, (dc, (pc, gc)))| bwd_rows_dispatch(pc, gc, dc, tq, tk, i * rows, T::of(scale)));
-    ds
+    let chunk = rows * tk;
+    par_filled(p.len(), chunk, |i, dc| {
+        let r = i * chunk..i * chunk + dc.len();
+        bwd_rows_dispatch(&p[r.clone()], &dp[r], dc, tq, tk, i * rows, T::of(scale))
+    })
 }
 
 fn dims(l: &Layout) -> Result<(usize, usize)> {

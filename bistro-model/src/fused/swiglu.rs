@@ -2,9 +2,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
-use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, simd_dispatch, slice, zeros};
+use super::cpu::{Real, for_float, par_filled, par_filled2, simd_dispatch, slice};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -38,22 +37,17 @@ fn bwd_chunk<T: Real>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
 simd_dispatch!(bwd_chunk_dispatch => bwd_chunk(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]));
 
 fn fwd_cpu<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
-    let mut y = zeros(g.len());
-    y.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(yc, (gc, uc))| fwd_chunk_dispatch(gc, uc, yc));
-    y
+    par_filled(g.len(), CHUNK, |i, yc| {
+        let r = i * CHUNK..i * CHUNK + yc.len();
+        fwd_chunk_dispatch(&g[r.clone()], &u[r], yc)
+    })
 }
 
 fn bwd_cpu<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
-    let n = g.len();
-    let mut out = zeros(2 * n);
-    let (dg, du) = out.split_at_mut(n);
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
-        .for_each(|((dgc, duc), ((gc, uc), dyc))| bwd_chunk_dispatch(gc, uc, dyc, dgc, duc));
-    out
+    par_filled2(g.len(), CHUNK, |i, dgc, duc| {
+        let r = i * CHUNK..i * CHUNK + dgc.len();
+        bwd_chunk_dispatch(&g[r.clone()], &u[r.clone()], &dy[r], dgc, duc)
+    })
 }
 
 fn same(a: &Layout, b: &Layout, what: &str) -> Result<()> {

@@ -245,7 +245,10 @@ pub(crate) fn par_filled2<T: Real>(
     let (a, b) = v.spare_capacity_mut()[..2 * n].split_at_mut(n);
     let chunk = chunk.max(1);
     a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ca, cb))| {
-        for x in ca.iter_mut().chain(cb.iter_mut()) {
+        for x in ca.iter_mut() {
+            x.write(T::ZERO);
+        }
+        for x in cb.iter_mut() {
             x.write(T::ZERO);
         }
         // SAFETY: as in `par_filled`: both chunks were initialised just above.

@@ -13,7 +13,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::fused::{self, backward as bwd};
+use crate::fused::{self, Causal, backward as bwd};
 use crate::model::{DecoderLayer, Linear, Llama};
 use crate::ops;
 
@@ -107,8 +107,8 @@ impl DecoderLayer {
         let v = fused::split_heads(&linear(&a, &att.v_proj)?, t, att.n_kv_heads)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let scale = 1.0 / (att.head_dim as f64).sqrt();
-        let p = fused::causal_softmax(&fused::matmul(&q, &k, false, true)?, scale)?;
-        let y = fused::merge_heads(&fused::matmul(&p, &v, false, false)?)?;
+        let p = fused::causal_softmax(&fused::causal_matmul(&q, &k, false, true, Causal::OutLower)?, scale)?;
+        let y = fused::merge_heads(&fused::causal_matmul(&p, &v, false, false, Causal::ALower)?)?;
         let h = (&x + linear(&y, &att.o_proj)?)?;
         let post = &self.post_attention_layernorm;
         let b = fused::rms_norm(&h, &post.weight.detach(), post.eps)?;
@@ -139,12 +139,12 @@ impl DecoderLayer {
         // h = x + o_proj(merge(p v)): the attention branch.
         let (dy, dw_o) = linear_backward(&s.y, &att.o_proj, &dh)?;
         let dyh = bwd::merge_heads(&dy, t, att.n_heads)?;
-        let dp = fused::matmul(&dyh, &s.v, false, true)?;
-        let dv = self.repeat_kv_backward(fused::matmul(&s.p, &dyh, true, false)?)?;
+        let dp = fused::causal_matmul(&dyh, &s.v, false, true, Causal::OutLower)?;
+        let dv = self.repeat_kv_backward(fused::causal_matmul(&s.p, &dyh, true, false, Causal::AUpper)?)?;
         let scale = 1.0 / (att.head_dim as f64).sqrt();
         let dscores = bwd::causal_softmax(&s.p, &dp, scale)?;
-        let dq = fused::matmul(&dscores, &s.k, false, false)?;
-        let dk = self.repeat_kv_backward(fused::matmul(&dscores, &s.q, true, false)?)?;
+        let dq = fused::causal_matmul(&dscores, &s.k, false, false, Causal::ALower)?;
+        let dk = self.repeat_kv_backward(fused::causal_matmul(&dscores, &s.q, true, false, Causal::AUpper)?)?;
         let dq = bwd::rope_to_heads(&dq, t, att.n_heads, &geo.cos, &geo.sin)?;
         let dk = bwd::rope_to_heads(&dk, t, att.n_kv_heads, &geo.cos, &geo.sin)?;
         let dv = bwd::split_heads(&dv, t, att.n_kv_heads)?;

@@ -146,8 +146,10 @@ impl Attention {
             let k = fused::rope_to_heads(&self.k_proj.forward_with(x, f)?, t, self.n_kv_heads, &ctx.cos, &ctx.sin)?;
             let v = fused::split_heads(&self.v_proj.forward_with(x, f)?, t, self.n_kv_heads)?;
             let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-            let probs = fused::causal_softmax(&fused::matmul(&q, &k, false, true)?, scale)?;
-            let y = fused::merge_heads(&fused::matmul(&probs, &v, false, false)?)?;
+            // Only the blocks on and below the diagonal of Q Kᵀ and of P are computed.
+            let scores = fused::causal_matmul(&q, &k, false, true, fused::Causal::OutLower)?;
+            let probs = fused::causal_softmax(&scores, scale)?;
+            let y = fused::merge_heads(&fused::causal_matmul(&probs, &v, false, false, fused::Causal::ALower)?)?;
             return self.o_proj.forward_with(&y, f);
         };
         // The composed reference: explicit transposes, RoPE, additive mask, softmax.

@@ -23,6 +23,39 @@ pub(crate) struct MatMulOp {
     pub ta: bool,
     /// Use the transpose of the last two dimensions of `B`.
     pub tb: bool,
+    /// Which part of a causal-attention product to compute (CPU; CUDA computes all of it).
+    pub causal: Causal,
+}
+
+/// The part of a square causal-attention product that is computed, in row blocks
+/// (`Causal::block`): the rest is known to be zero or is never read, so skipping it saves
+/// up to half of the product without changing what is read downstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Causal {
+    /// All of it.
+    Full,
+    /// `C` (`T x T`) is only read on and below its diagonal (by the causal softmax and its
+    /// backward): blocks wholly above it are zeroed instead of computed. `Q Kᵀ`, `dO Vᵀ`.
+    OutLower,
+    /// `op(A)` (`T x T`) is zero above its diagonal (attention probabilities and their
+    /// gradient): row block `r` sums over the first `r + 1` blocks only. `P V`, `dS K`.
+    ALower,
+    /// `op(A)` (`T x T`) is zero below its diagonal (their transposes): row block `r` sums
+    /// from block `r` on. `Pᵀ dO`, `dSᵀ Q`.
+    AUpper,
+}
+
+impl Causal {
+    /// Rows per block. Measured on `[4, 8, 256, 64]` attention products (AVX-512 Xeon,
+    /// fastest of 40): `P V` 0.86 ms in full, 0.54 ms with blocks of 32, 0.75 with 64;
+    /// `Q Kᵀ` (`k = 64`, so little work per skipped block) 0.97 ms in full, 1.04 with blocks
+    /// of 32, 0.97 with 128.
+    fn block(self) -> usize {
+        match self {
+            Causal::OutLower => 128,
+            _ => 32,
+        }
+    }
 }
 
 /// The shape of one product: `batch` products of `[m, k] x [k, n]`.
@@ -46,6 +79,19 @@ impl MatMulOp {
         if k != k2 {
             bail!("matmul: inner dimensions differ: {:?} x {:?} ({self:?})", la.shape(), lb.shape());
         }
+        let square = match self.causal {
+            Causal::Full => true,
+            Causal::OutLower => m == n,
+            Causal::ALower | Causal::AUpper => m == k,
+        };
+        if !square {
+            bail!(
+                "matmul: {:?} needs a square causal matrix, got {:?} x {:?} ({self:?})",
+                self.causal,
+                la.shape(),
+                lb.shape()
+            );
+        }
         let batch = da[..r - 2].iter().product();
         let mut out = da[..r - 2].to_vec();
         out.extend([m, n]);
@@ -60,11 +106,99 @@ impl MatMulOp {
     }
 }
 
-/// A pointer to the output that the column bands write through, each to its own columns.
+/// `C = op(A) op(B)` for one `m x n x k` product through gemm, `C` row-major with row
+/// stride `c_rs`, `A` and `B` under the (row, column) strides given; `C` is only written.
+///
+/// # Safety
+/// `c`, `a` and `b` must hold the matrices under those strides, and no one else may access
+/// the written elements of `C` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_at<T: candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
+    c_rs: usize,
+    a: *const T,
+    (ars, acs): (isize, isize),
+    b: *const T,
+    (brs, bcs): (isize, isize),
+    par: gemm::Parallelism,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs as isize,
+            false,
+            a,
+            acs,
+            ars,
+            b,
+            bcs,
+            brs,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// One (batch entry's) product of shape `d` into `c`, all of it or the [`Causal`] part.
+///
+/// # Safety
+/// As for [`gemm_at`], with `C` of `m x n` and `op(A)`, `op(B)` of `m x k`, `k x n`; the
+/// causal variants need the square shapes [`MatMulOp::dims`] checks.
+unsafe fn product<T: candle_core::WithDType>(
+    d: Bmnk,
+    c: *mut T,
+    a: *const T,
+    b: *const T,
+    op: MatMulOp,
+    par: gemm::Parallelism,
+) {
+    let ((sa, sb), causal) = (op.strides(d), op.causal);
+    if causal == Causal::Full {
+        // SAFETY: forwarded to the caller.
+        unsafe { gemm_at((d.m, d.n, d.k), c, d.n, a, sa, b, sb, par) };
+        return;
+    }
+    for r0 in (0..d.m).step_by(causal.block()) {
+        let r1 = (r0 + causal.block()).min(d.m);
+        let rows = r1 - r0;
+        // SAFETY: row block r0..r1 of C and of op(A) lies inside the matrices; `k0..k1` and
+        // the columns `0..cols` lie inside op(A), op(B) and C, which are square where used.
+        unsafe {
+            let c_r = c.add(r0 * d.n);
+            let a_r = a.offset(r0 as isize * sa.0);
+            match causal {
+                Causal::OutLower => {
+                    gemm_at((rows, r1, d.k), c_r, d.n, a_r, sa, b, sb, par);
+                    for r in 0..rows {
+                        std::ptr::write_bytes(c_r.add(r * d.n + r1), 0, d.n - r1);
+                    }
+                }
+                Causal::ALower => gemm_at((rows, d.n, r1), c_r, d.n, a_r, sa, b, sb, par),
+                Causal::AUpper => {
+                    let (a_k, b_k) = (a_r.offset(r0 as isize * sa.1), b.offset(r0 as isize * sb.0));
+                    gemm_at((rows, d.n, d.k - r0), c_r, d.n, a_k, sa, b_k, sb, par)
+                }
+                Causal::Full => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// A pointer to the output that parallel tasks write through, each to its own elements.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
 
-// SAFETY: the bands write disjoint elements (see `cpu_run`) and the buffer outlives them.
+// SAFETY: the tasks write disjoint elements (see `cpu_run`) and the buffer outlives them.
 unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as for `Send`.
 unsafe impl<T> Sync for SendPtr<T> {}
@@ -75,100 +209,64 @@ impl<T> SendPtr<T> {
     }
 }
 
-fn cpu_run<T: candle_core::WithDType>(
-    a: &[T],
-    b: &[T],
-    d: Bmnk,
-    ((ars, acs), (brs, bcs)): ((isize, isize), (isize, isize)),
-) -> Vec<T> {
+fn cpu_run<T: candle_core::WithDType>(a: &[T], b: &[T], d: Bmnk, op: MatMulOp) -> Vec<T> {
+    let (sa, sb) = op.strides(d);
     let (mk, kn, mn) = (d.m * d.k, d.k * d.n, d.m * d.n);
     if mn == 0 || d.k == 0 {
         return vec![T::zero(); d.batch * mn];
     }
-    // The product overwrites every element of `c` (read_dst = false), so `c` is not zeroed
-    // first: that memset was ~3% of a `small` training step.
+    // The product overwrites every element of `c` (read_dst = false; the causal variants
+    // zero what they skip), so `c` is not zeroed first: that memset was ~3% of a `small`
+    // training step.
     let mut c: Vec<T> = Vec::with_capacity(d.batch * mn);
     let threads = rayon::current_num_threads();
-    let one = |a: &[T], b: &[T], c: &mut [std::mem::MaybeUninit<T>], par: gemm::Parallelism| {
-        // SAFETY: `a`, `b` and `c` hold one [m,k], [k,n] and [m,n] matrix each under the
-        // strides given (checked by `dims`); `c` is only written (read_dst = false), every
-        // element of it, as k > 0.
-        unsafe {
-            gemm::gemm(
-                d.m,
-                d.n,
-                d.k,
-                c.as_mut_ptr().cast::<T>(),
-                1,
-                d.n as isize,
-                false,
-                a.as_ptr(),
-                acs,
-                ars,
-                b.as_ptr(),
-                bcs,
-                brs,
-                T::zero(),
-                T::one(),
-                false,
-                false,
-                false,
-                par,
-            )
-        }
-    };
-    let spare = &mut c.spare_capacity_mut()[..d.batch * mn];
-    if d.batch == 1 && threads > 1 && d.n >= 64 * threads {
+    let c_ptr = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<T>());
+    if d.batch == 1 && threads > 1 && d.n >= 64 * threads && op.causal == Causal::Full {
         // One product: its columns split into one band per thread, each a single-threaded
         // gemm. gemm's own threading synchronises its threads at every block, and a thread
         // of a shared VM that is descheduled there stalls the others; the split needs one
         // join. Measured on the `small` step (AVX-512 Xeon, interleaved runs):
         // median 0.912 -> 0.893 s, lower quartile 0.888 -> 0.864 s (30 steps each).
         let width = d.n.div_ceil(threads).next_multiple_of(16);
-        let bands = d.n.div_ceil(width);
-        let c_ptr = SendPtr(spare.as_mut_ptr().cast::<T>());
-        (0..bands).into_par_iter().for_each(|i| {
+        (0..d.n.div_ceil(width)).into_par_iter().for_each(|i| {
             let c0 = i * width;
             let w = width.min(d.n - c0);
             // SAFETY: the band writes columns c0..c0 + w of every row of C (row stride n),
-            // which no other band touches, and reads columns c0..c0 + w of op(B); every
-            // element of C is written (read_dst = false, k > 0).
+            // which no other band touches, and reads columns c0..c0 + w of op(B).
             unsafe {
-                gemm::gemm(
-                    d.m,
-                    w,
-                    d.k,
+                gemm_at(
+                    (d.m, w, d.k),
                     c_ptr.get().add(c0),
-                    1,
-                    d.n as isize,
-                    false,
+                    d.n,
                     a.as_ptr(),
-                    acs,
-                    ars,
-                    b.as_ptr().offset(c0 as isize * bcs),
-                    bcs,
-                    brs,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
+                    sa,
+                    b.as_ptr().offset(c0 as isize * sb.1),
+                    sb,
                     gemm::Parallelism::None,
                 )
             }
         });
-    } else if d.batch >= 2 * threads && threads > 1 {
-        spare
-            .par_chunks_mut(mn)
-            .enumerate()
-            .for_each(|(i, ci)| one(&a[i * mk..(i + 1) * mk], &b[i * kn..(i + 1) * kn], ci, gemm::Parallelism::None));
     } else {
-        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        for (i, ci) in spare.chunks_mut(mn).enumerate() {
-            one(&a[i * mk..(i + 1) * mk], &b[i * kn..(i + 1) * kn], ci, par);
+        // Batched products (attention) run one gemm per batch entry in parallel.
+        let (par, each) = if d.batch >= 2 * threads && threads > 1 {
+            (true, gemm::Parallelism::None)
+        } else if threads > 1 {
+            (false, gemm::Parallelism::Rayon(threads))
+        } else {
+            (false, gemm::Parallelism::None)
+        };
+        let run = |i: usize| {
+            // SAFETY: entry i's matrices are the i-th [m,k], [k,n] and [m,n] blocks (checked
+            // by `dims`); each entry writes only its own block of C.
+            unsafe { product(d, c_ptr.get().add(i * mn), a[i * mk..].as_ptr(), b[i * kn..].as_ptr(), op, each) }
+        };
+        if par {
+            (0..d.batch).into_par_iter().for_each(run);
+        } else {
+            (0..d.batch).for_each(run);
         }
     }
-    // SAFETY: every one of the batch * mn elements was written by `gemm` above.
+    // SAFETY: every one of the batch * mn elements was written above.
     unsafe { c.set_len(d.batch * mn) };
     c
 }
@@ -180,13 +278,12 @@ impl Kernels<2> for MatMulOp {
 
     fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
         let (d, shape) = self.dims(l1, l2)?;
-        let st = self.strides(d);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(cpu_run(slice::<f32>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st))
+                CpuStorage::F32(cpu_run(slice::<f32>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, *self))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(cpu_run(slice::<f64>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, st))
+                CpuStorage::F64(cpu_run(slice::<f64>(s1, l1, "matmul")?, slice(s2, l2, "matmul")?, d, *self))
             }
             _ => bail!("matmul: no CPU kernel for {:?} x {:?}", s1.dtype(), s2.dtype()),
         };
@@ -216,7 +313,11 @@ impl Kernels<2> for MatMulOp {
 
     fn backward(&self, [a, b]: [&Tensor; 2], _c: &Tensor, dc: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let (a, b, dc) = (a.detach(), b.detach(), dc.contiguous()?);
-        let mm = |x: &Tensor, y: &Tensor, ta: bool, tb: bool| x.apply_op2_no_bwd(y, &Fused(MatMulOp { ta, tb }));
+        // Full products: correct whichever part the forward computed (the gradient of a
+        // causal product's skipped part is zero, or is never used).
+        let mm = |x: &Tensor, y: &Tensor, ta: bool, tb: bool| {
+            x.apply_op2_no_bwd(y, &Fused(MatMulOp { ta, tb, causal: Causal::Full }))
+        };
         let da = match (self.ta, self.tb) {
             (false, false) => mm(&dc, &b, false, true)?,
             (false, true) => mm(&dc, &b, false, false)?,
@@ -243,12 +344,22 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         };
         return t(a, ta)?.matmul(&t(b, tb)?);
     }
-    a.contiguous()?.apply_op2(&b.contiguous()?, Fused(MatMulOp { ta, tb }))
+    a.contiguous()?.apply_op2(&b.contiguous()?, Fused(MatMulOp { ta, tb, causal: Causal::Full }))
+}
+
+/// [`matmul`] of a causal-attention product that computes only the [`Causal`] part on the
+/// CPU (all of it elsewhere, and for dtypes without a fused kernel). Its backward pass runs
+/// full products.
+pub fn causal_matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, causal: Causal) -> Result<Tensor> {
+    if causal == Causal::Full || !(super::supported(a) && a.device().is_cpu() && a.dtype() == b.dtype()) {
+        return matmul(a, b, ta, tb);
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, Fused(MatMulOp { ta, tb, causal }))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Bmnk, MatMulOp, cpu_run};
+    use super::{Bmnk, Causal, MatMulOp, cpu_run};
 
     /// `op(A) op(B)` the slow way, in f64.
     fn naive(a: &[f64], b: &[f64], d: Bmnk, op: MatMulOp) -> Vec<f64> {
@@ -282,12 +393,57 @@ mod tests {
             let a: Vec<f64> = (0..batch * m * k).map(|_| rng.uniform() - 0.5).collect();
             let b: Vec<f64> = (0..batch * k * n).map(|_| rng.uniform() - 0.5).collect();
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let op = MatMulOp { ta, tb };
+                let op = MatMulOp { ta, tb, causal: Causal::Full };
                 let want = naive(&a, &b, d, op);
                 for threads in [&pool, &rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap()] {
-                    let got = threads.install(|| cpu_run(&a, &b, d, op.strides(d)));
+                    let got = threads.install(|| cpu_run(&a, &b, d, op));
                     for (x, y) in got.iter().zip(&want) {
                         assert!((x - y).abs() < 1e-12, "{batch}x{m}x{n}x{k} {op:?}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn causal_products_equal_the_full_product_where_it_is_read() {
+        // T = 150: two full blocks and a partial one; batch 5 (per-entry threads) and 1.
+        let t = 150;
+        let mut rng = bistro_kernels::rng::XorShift::new(3);
+        for batch in [1, 5] {
+            for (causal, k_or_n) in [(Causal::OutLower, 20), (Causal::ALower, 20), (Causal::AUpper, 20)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let op = MatMulOp { ta, tb, causal };
+                    let d = match causal {
+                        Causal::OutLower => Bmnk { batch, m: t, n: t, k: k_or_n },
+                        _ => Bmnk { batch, m: t, n: k_or_n, k: t },
+                    };
+                    let mut a: Vec<f64> = (0..batch * d.m * d.k).map(|_| rng.uniform() - 0.5).collect();
+                    let b: Vec<f64> = (0..batch * d.k * d.n).map(|_| rng.uniform() - 0.5).collect();
+                    // op(A) triangular as the variant promises: zero above (ALower) or below
+                    // (AUpper) its diagonal.
+                    if causal != Causal::OutLower {
+                        for bi in 0..batch {
+                            for i in 0..t {
+                                for p in 0..t {
+                                    let zero = if causal == Causal::ALower { p > i } else { p < i };
+                                    let at = if ta { p * t + i } else { i * t + p };
+                                    if zero {
+                                        a[bi * t * t + at] = 0.0;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let want = naive(&a, &b, d, op);
+                    let got = cpu_run(&a, &b, d, op);
+                    for (idx, (x, y)) in got.iter().zip(&want).enumerate() {
+                        let (i, j) = ((idx / d.n) % d.m, idx % d.n);
+                        if causal == Causal::OutLower && j > i {
+                            assert!(x.is_finite(), "{op:?}: unread entry ({i}, {j}) is {x}");
+                            continue;
+                        }
+                        assert!((x - y).abs() < 1e-12, "{op:?} batch {batch} ({i}, {j}): {x} vs {y}");
                     }
                 }
             }

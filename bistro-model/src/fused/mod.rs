@@ -26,7 +26,7 @@ use cross_entropy::CrossEntropyOp;
 pub use cross_entropy::NO_TARGET;
 #[cfg(feature = "cuda")]
 pub use cuda::{SOURCE as CUDA_SOURCE, ptx as cuda_ptx};
-pub use matmul::matmul;
+pub use matmul::{Causal, causal_matmul, matmul};
 use op::Fused;
 use rms_norm::RmsNormOp;
 pub use rope::HeadLayout;

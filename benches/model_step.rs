@@ -1,5 +1,6 @@
-//! One training step (forward + backward) of the `tiny` and `small` presets on the CPU,
-//! with the fused ops (the default) and with the composed reference ops.
+//! One training step (forward + backward) of the `tiny` and `small` presets on the CPU:
+//! the model's own backward pass (the default), the fused ops through Candle's autograd,
+//! and the composed reference ops.
 //!
 //! Criterion reports throughput in elements/s, where an element is one token, so the
 //! figure is tokens/s. Batch shapes match `benches/torch_reference.py`
@@ -23,12 +24,18 @@ fn step(c: &mut Criterion) {
         let params = Params::genesis(&cfg, 0, &dev).expect("genesis");
         let (ids, labels) = bistro_benches::synthetic_batch(b, t, cfg.vocab_size, &dev).expect("batch");
         group.throughput(Throughput::Elements((b * t) as u64));
-        for (kind, fused) in [("fused", true), ("composed", false)] {
+        // The model's own backward pass (what miners and validators run), the fused ops
+        // through Candle's autograd, and the composed reference ops through autograd.
+        for (kind, fused, own) in [("own", true, true), ("fused", true, false), ("composed", false, false)] {
             let model = Llama::new(&params).expect("model").with_fused_ops(fused);
+            let scale = 1.0 / (b * (t - 1)) as f64;
             group.bench_function(format!("{preset}_{b}x{t}_{kind}"), |bench| {
                 bench.iter(|| {
-                    let loss = model.loss(&ids, &labels).expect("loss");
-                    let grads = loss.backward().expect("backward");
+                    let grads = if own {
+                        model.loss_grads(&ids, &labels, scale).expect("loss and gradient").grads
+                    } else {
+                        model.loss(&ids, &labels).expect("loss").backward().expect("backward")
+                    };
                     std::hint::black_box(grads);
                 })
             });

@@ -212,14 +212,13 @@ impl Llama {
         }
         let f = fused::rms_norm(&x, &self.norm.weight.detach(), self.norm.eps)?;
         let logits = linear(&f, &self.lm_head)?;
-        let per_row = fused::cross_entropy(&logits, &targets)?;
+        // The loss and its gradient in one pass over the logits.
+        let (per_row, dlogits) = bwd::cross_entropy_with_loss(&logits, &targets, scale)?;
+        drop(logits);
         let loss_sum = per_row.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
 
         // Backward.
         let mut store = empty_store()?;
-        let grad_rows = Tensor::full(scale, batch * seq, &self.device)?;
-        let dlogits = bwd::cross_entropy(&logits, &targets, &per_row, &grad_rows)?;
-        drop(logits);
         let (df, dw_head) = linear_backward(&f, &self.lm_head, &dlogits)?;
         drop(dlogits);
         store.insert(&self.lm_head.weight, dw_head);

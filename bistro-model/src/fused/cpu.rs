@@ -234,17 +234,18 @@ pub(crate) fn par_filled<T: Real>(n: usize, chunk: usize, fill: impl Fn(usize, &
     v
 }
 
-/// Two outputs of `n` elements each, filled together as [`par_filled`] fills one, returned
-/// one after the other in a vector of `2 n`.
-pub(crate) fn par_filled2<T: Real>(
-    n: usize,
-    chunk: usize,
+/// Fills `a` and `b` in parallel in matching chunks (`chunk_a` and `chunk_b` elements, the
+/// same number of chunks): each task zeroes its two chunks, then `fill(i, a_i, b_i)`.
+fn fill_pair<T: Real>(
+    a: &mut [std::mem::MaybeUninit<T>],
+    chunk_a: usize,
+    b: &mut [std::mem::MaybeUninit<T>],
+    chunk_b: usize,
     fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
-) -> Vec<T> {
-    let mut v = Vec::with_capacity(2 * n);
-    let (a, b) = v.spare_capacity_mut()[..2 * n].split_at_mut(n);
-    let chunk = chunk.max(1);
-    a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ca, cb))| {
+) {
+    let (chunk_a, chunk_b) = (chunk_a.max(1), chunk_b.max(1));
+    assert_eq!(a.len().div_ceil(chunk_a), b.len().div_ceil(chunk_b), "fill_pair: chunk counts differ");
+    a.par_chunks_mut(chunk_a).zip(b.par_chunks_mut(chunk_b)).enumerate().for_each(|(i, (ca, cb))| {
         for x in ca.iter_mut() {
             x.write(T::ZERO);
         }
@@ -256,9 +257,38 @@ pub(crate) fn par_filled2<T: Real>(
         let cb = unsafe { &mut *(cb as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
         fill(i, ca, cb);
     });
-    // SAFETY: both halves were initialised in full by the tasks above.
+}
+
+/// Two outputs of `n` elements each, filled together as [`par_filled`] fills one, returned
+/// one after the other in a vector of `2 n`.
+pub(crate) fn par_filled2<T: Real>(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut v = Vec::with_capacity(2 * n);
+    let (a, b) = v.spare_capacity_mut()[..2 * n].split_at_mut(n);
+    fill_pair(a, chunk, b, chunk, fill);
+    // SAFETY: both halves were initialised in full by `fill_pair`.
     unsafe { v.set_len(2 * n) };
     v
+}
+
+/// Two outputs of `len_a` and `len_b` elements, filled together in matching chunks as
+/// [`par_filled`] fills one.
+pub(crate) fn par_filled_pair<T: Real>(
+    (len_a, chunk_a): (usize, usize),
+    (len_b, chunk_b): (usize, usize),
+    fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
+) -> (Vec<T>, Vec<T>) {
+    let (mut a, mut b) = (Vec::with_capacity(len_a), Vec::with_capacity(len_b));
+    fill_pair(&mut a.spare_capacity_mut()[..len_a], chunk_a, &mut b.spare_capacity_mut()[..len_b], chunk_b, fill);
+    // SAFETY: both were initialised in full by `fill_pair`.
+    unsafe {
+        a.set_len(len_a);
+        b.set_len(len_b);
+    }
+    (a, b)
 }
 
 /// Whether this CPU runs the AVX2+FMA versions of the kernels.

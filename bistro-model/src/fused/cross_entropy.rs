@@ -4,7 +4,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, max_all, par_filled, simd_dispatch, slice, sum_map, zeros};
+use super::cpu::{
+    Real, for_float, map_sum, max_all, par_filled, par_filled_pair, simd_dispatch, slice, sum_map, zeros,
+};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -53,6 +55,75 @@ fn bwd_row<T: Real>(row: &[T], target: u32, g: T, loss: T, out: &mut [T]) {
     out[target as usize] -= g;
 }
 simd_dispatch!(bwd_row_dispatch => bwd_row(row: &[T], target: u32, g: T, loss: T, out: &mut [T]));
+
+/// Forward and backward of rows in one go: `loss[r]` and `dl[r] = (softmax(logits[r]) -
+/// onehot(target[r])) * g`. Each row's `exp` is computed once, written to `dl` while it is
+/// summed, then scaled in place while the row is still in cache; the separate forward and
+/// backward compute it twice and read the logits three times.
+#[inline(always)]
+fn loss_grad_rows<T: Real>(logits: &[T], targets: &[u32], g: T, dl: &mut [T], loss: &mut [T]) {
+    let v = logits.len() / targets.len().max(1);
+    for (((row, &t), out), l) in logits.chunks_exact(v).zip(targets).zip(dl.chunks_exact_mut(v)).zip(loss.iter_mut()) {
+        if t == NO_TARGET || t as usize >= v {
+            continue; // zeros already
+        }
+        let max = max_all(row);
+        let sum = map_sum(row, out, |x| (x - max).exp_());
+        let inv = g / sum;
+        for o in out.iter_mut() {
+            *o = *o * inv;
+        }
+        out[t as usize] -= g;
+        *l = max + sum.ln_() - row[t as usize];
+    }
+}
+simd_dispatch!(loss_grad_rows_dispatch => loss_grad_rows(logits: &[T], targets: &[u32], g: T, dl: &mut [T], loss: &mut [T]));
+
+/// Rows per task of [`loss_and_grad`]: each row is a whole vocabulary.
+const LOSS_GRAD_ROWS: usize = 4;
+
+fn loss_grad_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize, g: f64) -> (Vec<T>, Vec<T>) {
+    let n = targets.len();
+    let (dl, loss) = par_filled_pair((n * v, LOSS_GRAD_ROWS * v), (n, LOSS_GRAD_ROWS), |i, dl, loss| {
+        let r = i * LOSS_GRAD_ROWS..i * LOSS_GRAD_ROWS + loss.len();
+        loss_grad_rows_dispatch(&logits[r.start * v..r.end * v], &targets[r], T::of(g), dl, loss)
+    });
+    (loss, dl)
+}
+
+/// The per-row losses `[N]` of [`super::cross_entropy`] and the logits' gradient `[N, V]` for
+/// a gradient of `g` on every row's loss, in one pass on the CPU (the forward op and its
+/// backward elsewhere). For the model's own backward pass, which needs both at once.
+pub(crate) fn loss_and_grad(logits: &Tensor, targets: &Tensor, g: f64) -> Result<(Tensor, Tensor)> {
+    let (n, v) = logits.dims2()?;
+    let targets = targets.to_dtype(candle_core::DType::U32)?.contiguous()?;
+    if !logits.device().is_cpu() {
+        let loss = super::cross_entropy(logits, &targets)?;
+        let grad = Tensor::full(g, n, logits.device())?.to_dtype(loss.dtype())?;
+        let dl = super::backward::cross_entropy(logits, &targets, &loss, &grad)?;
+        return Ok((loss, dl));
+    }
+    let logits = logits.contiguous()?;
+    let (ls, ll) = logits.storage_and_layout();
+    let (ts, tl) = targets.storage_and_layout();
+    let (candle_core::Storage::Cpu(ls), candle_core::Storage::Cpu(ts)) = (&*ls, &*ts) else {
+        bail!("cross-entropy: logits and targets must be on the CPU");
+    };
+    dims(ll, tl)?;
+    let t = slice::<u32>(ts, tl, "cross-entropy")?;
+    let dev = logits.device();
+    match ls {
+        CpuStorage::F32(_) => {
+            let (loss, dl) = loss_grad_cpu(slice::<f32>(ls, ll, "cross-entropy")?, t, v, g);
+            Ok((Tensor::from_vec(loss, n, dev)?, Tensor::from_vec(dl, (n, v), dev)?))
+        }
+        CpuStorage::F64(_) => {
+            let (loss, dl) = loss_grad_cpu(slice::<f64>(ls, ll, "cross-entropy")?, t, v, g);
+            Ok((Tensor::from_vec(loss, n, dev)?, Tensor::from_vec(dl, (n, v), dev)?))
+        }
+        other => bail!("cross-entropy: no CPU kernel for {:?}", other.dtype()),
+    }
+}
 
 fn rows_per_chunk(v: usize) -> usize {
     (65_536 / v.max(1)).max(1)
@@ -142,5 +213,40 @@ impl Kernels<3> for CrossEntropyBackward {
     fn cuda(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cuda<'_>; 3]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = bwd_dims(l1, l2, l3)?;
         super::cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3, n, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{NO_TARGET, loss_and_grad};
+
+    #[test]
+    fn one_pass_equals_the_forward_and_backward_ops() {
+        // 11 rows (not a multiple of the rows per task), two without a target.
+        let (n, v) = (11, 37);
+        let mut rng = bistro_kernels::rng::XorShift::new(5);
+        let logits: Vec<f64> = (0..n * v).map(|_| 8.0 * (rng.uniform() - 0.5)).collect();
+        let mut targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        targets[3] = NO_TARGET;
+        targets[10] = NO_TARGET;
+        for dtype in [DType::F64, DType::F32] {
+            let l = Tensor::from_vec(logits.clone(), (n, v), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let t = Tensor::from_vec(targets.clone(), n, &Device::Cpu).unwrap();
+            let (loss, dl) = loss_and_grad(&l, &t, 0.25).unwrap();
+            let want_loss = crate::fused::cross_entropy(&l, &t).unwrap();
+            let g = Tensor::full(0.25f64, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let want_dl = crate::fused::backward::cross_entropy(&l, &t, &want_loss, &g).unwrap();
+            let tol = if dtype == DType::F64 { 1e-13 } else { 1e-6 };
+            let flat = |x: &Tensor| x.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for (a, b) in flat(&loss).iter().zip(flat(&want_loss)) {
+                assert!((a - b).abs() <= tol * b.abs().max(1.0), "{dtype:?} loss {a} vs {b}");
+            }
+            for (a, b) in flat(&dl).iter().zip(flat(&want_dl)) {
+                assert!((a - b).abs() <= tol, "{dtype:?} gradient {a} vs {b}");
+            }
+            assert!(flat(&dl)[3 * v..4 * v].iter().all(|&x| x == 0.0), "a row without a target has no gradient");
+        }
     }
 }

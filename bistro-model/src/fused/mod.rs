@@ -223,6 +223,8 @@ pub(crate) mod backward {
         Ok((dg.ok_or_else(missing)?, du.ok_or_else(missing)?))
     }
 
+    pub(crate) use super::cross_entropy::loss_and_grad as cross_entropy_with_loss;
+
     /// The logits' gradient of [`super::cross_entropy`] given the per-row losses it returned
     /// and their gradient `grad: [N]`.
     pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor, loss: &Tensor, grad: &Tensor) -> Result<Tensor> {

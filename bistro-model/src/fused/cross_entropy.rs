@@ -71,7 +71,7 @@ fn loss_grad_rows<T: Real>(logits: &[T], targets: &[u32], g: T, dl: &mut [T], lo
         let sum = map_sum(row, out, |x| (x - max).exp_());
         let inv = g / sum;
         for o in out.iter_mut() {
-            *o = *o * inv;
+            *o *= inv;
         }
         out[t as usize] -= g;
         *l = max + sum.ln_() - row[t as usize];

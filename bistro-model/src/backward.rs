@@ -227,7 +227,7 @@ impl Llama {
         for (layer, s) in self.layers.iter().zip(saved).rev() {
             dx = layer.backward(s, dx, &geo, &mut store)?;
         }
-        let d_embed = self.embed_tokens.detach().zeros_like()?.index_add(&ids, &dx, 0)?;
+        let d_embed = bwd::embedding(&ids, &dx, self.config.vocab_size)?;
         store.insert(&self.embed_tokens, d_embed);
         Ok(LossGrads { loss_sum, count, grads: store })
     }

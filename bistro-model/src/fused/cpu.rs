@@ -1,6 +1,8 @@
 //! CPU helpers shared by the fused kernels: a float trait, a vectorisable `exp`, slices of
 //! contiguous storage, and runtime dispatch to AVX2+FMA code.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use rayon::prelude::*;
 
@@ -162,9 +164,10 @@ pub(crate) fn sum_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     s
 }
 
-/// Writes `dst[i] = f(src[i])` and returns `sum(dst)`, with lane accumulators.
+/// Writes `dst[i] = f(src[i])` for every `i` (`dst` may be uninitialised) and returns
+/// `sum(dst)`, with lane accumulators.
 #[inline(always)]
-pub(crate) fn map_sum<T: Real>(src: &[T], dst: &mut [T], f: impl Fn(T) -> T) -> T {
+pub(crate) fn map_sum<T: Real>(src: &[T], dst: &mut [MaybeUninit<T>], f: impl Fn(T) -> T) -> T {
     let n = src.len().min(dst.len());
     let (src, dst) = (&src[..n], &mut dst[..n]);
     let mut acc = [T::ZERO; LANES];
@@ -172,7 +175,7 @@ pub(crate) fn map_sum<T: Real>(src: &[T], dst: &mut [T], f: impl Fn(T) -> T) -> 
     for (cs, cd) in src[..full].chunks_exact(LANES).zip(dst[..full].chunks_exact_mut(LANES)) {
         for i in 0..LANES {
             let v = f(cs[i]);
-            cd[i] = v;
+            cd[i].write(v);
             acc[i] += v;
         }
     }
@@ -182,10 +185,29 @@ pub(crate) fn map_sum<T: Real>(src: &[T], dst: &mut [T], f: impl Fn(T) -> T) -> 
     }
     for i in full..n {
         let v = f(src[i]);
-        dst[i] = v;
+        dst[i].write(v);
         s += v;
     }
     s
+}
+
+/// `x` as initialised.
+///
+/// # Safety
+/// Every element of `x` must have been written.
+#[inline(always)]
+pub(crate) unsafe fn assume_init<T>(x: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and the caller vouches that every
+    // element is initialised.
+    unsafe { &mut *(x as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// Writes `v` to every element of `x`.
+#[inline(always)]
+pub(crate) fn fill<T: Copy>(x: &mut [MaybeUninit<T>], v: T) {
+    for o in x {
+        o.write(v);
+    }
 }
 
 /// The contiguous elements of `s` under layout `l`, as `&[T]`.
@@ -217,73 +239,80 @@ pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
 /// (elements `i * chunk ..`, `chunk` long but the last). Each chunk is zeroed by the task that
 /// fills it, just before: the zeros stay in that core's cache and the kernel overwrites them
 /// there, where a separate zero-fill pass over the whole output ([`zeros`]) streamed it
-/// through memory twice (~5% of a `small` training step).
+/// through memory twice (~5% of a `small` training step). Kernels that write every element
+/// use [`par_written`] and skip the zeros.
 pub(crate) fn par_filled<T: Real>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+    // SAFETY: every chunk is initialised (zeroed) before `fill` sees it.
+    unsafe {
+        par_written(n, chunk, |i, c| {
+            self::fill(c, T::ZERO);
+            fill(i, assume_init(c))
+        })
+    }
+}
+
+/// A kernel's output of `n` elements, written in parallel by `write(i, out)` for chunk `i`
+/// (elements `i * chunk ..`), with no zeroing pass.
+///
+/// # Safety
+/// `write` must write every element of every chunk it is given.
+pub(crate) unsafe fn par_written<T: Send>(
+    n: usize,
+    chunk: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| {
-        for x in c.iter_mut() {
-            x.write(T::ZERO);
-        }
-        // SAFETY: every element of `c` was initialised just above, and `MaybeUninit<T>` has
-        // the layout of `T`.
-        let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-        fill(i, c);
-    });
-    // SAFETY: every one of the `n` elements was initialised by one of the tasks above.
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| write(i, c));
+    // SAFETY: the caller's `write` wrote every element of every chunk, and the chunks
+    // cover all `n`.
     unsafe { v.set_len(n) };
     v
 }
 
-/// Fills `a` and `b` in parallel in matching chunks (`chunk_a` and `chunk_b` elements, the
-/// same number of chunks): each task zeroes its two chunks, then `fill(i, a_i, b_i)`.
-fn fill_pair<T: Real>(
-    a: &mut [std::mem::MaybeUninit<T>],
+/// Writes `a` and `b` in parallel in matching chunks (`chunk_a` and `chunk_b` elements, the
+/// same number of chunks) with `write(i, a_i, b_i)`.
+fn write_pair<T: Send>(
+    a: &mut [MaybeUninit<T>],
     chunk_a: usize,
-    b: &mut [std::mem::MaybeUninit<T>],
+    b: &mut [MaybeUninit<T>],
     chunk_b: usize,
-    fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
+    write: impl Fn(usize, &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]) + Sync + Send,
 ) {
     let (chunk_a, chunk_b) = (chunk_a.max(1), chunk_b.max(1));
-    assert_eq!(a.len().div_ceil(chunk_a), b.len().div_ceil(chunk_b), "fill_pair: chunk counts differ");
-    a.par_chunks_mut(chunk_a).zip(b.par_chunks_mut(chunk_b)).enumerate().for_each(|(i, (ca, cb))| {
-        for x in ca.iter_mut() {
-            x.write(T::ZERO);
-        }
-        for x in cb.iter_mut() {
-            x.write(T::ZERO);
-        }
-        // SAFETY: as in `par_filled`: both chunks were initialised just above.
-        let ca = unsafe { &mut *(ca as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-        let cb = unsafe { &mut *(cb as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-        fill(i, ca, cb);
-    });
+    assert_eq!(a.len().div_ceil(chunk_a), b.len().div_ceil(chunk_b), "write_pair: chunk counts differ");
+    a.par_chunks_mut(chunk_a).zip(b.par_chunks_mut(chunk_b)).enumerate().for_each(|(i, (ca, cb))| write(i, ca, cb));
 }
 
-/// Two outputs of `n` elements each, filled together as [`par_filled`] fills one, returned
-/// one after the other in a vector of `2 n`.
-pub(crate) fn par_filled2<T: Real>(
+/// Two outputs of `n` elements each, written together in matching chunks by `write(i, a_i,
+/// b_i)`, returned one after the other in a vector of `2 n`.
+///
+/// # Safety
+/// `write` must write every element of both chunks it is given.
+pub(crate) unsafe fn par_written2<T: Send>(
     n: usize,
     chunk: usize,
-    fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
+    write: impl Fn(usize, &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
     let mut v = Vec::with_capacity(2 * n);
     let (a, b) = v.spare_capacity_mut()[..2 * n].split_at_mut(n);
-    fill_pair(a, chunk, b, chunk, fill);
-    // SAFETY: both halves were initialised in full by `fill_pair`.
+    write_pair(a, chunk, b, chunk, write);
+    // SAFETY: the caller's `write` wrote both halves in full.
     unsafe { v.set_len(2 * n) };
     v
 }
 
-/// Two outputs of `len_a` and `len_b` elements, filled together in matching chunks as
-/// [`par_filled`] fills one.
-pub(crate) fn par_filled_pair<T: Real>(
+/// Two outputs of `len_a` and `len_b` elements, written together in matching chunks.
+///
+/// # Safety
+/// `write` must write every element of both chunks it is given.
+pub(crate) unsafe fn par_written_pair<T: Send>(
     (len_a, chunk_a): (usize, usize),
     (len_b, chunk_b): (usize, usize),
-    fill: impl Fn(usize, &mut [T], &mut [T]) + Sync + Send,
+    write: impl Fn(usize, &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]) + Sync + Send,
 ) -> (Vec<T>, Vec<T>) {
     let (mut a, mut b) = (Vec::with_capacity(len_a), Vec::with_capacity(len_b));
-    fill_pair(&mut a.spare_capacity_mut()[..len_a], chunk_a, &mut b.spare_capacity_mut()[..len_b], chunk_b, fill);
-    // SAFETY: both were initialised in full by `fill_pair`.
+    write_pair(&mut a.spare_capacity_mut()[..len_a], chunk_a, &mut b.spare_capacity_mut()[..len_b], chunk_b, write);
+    // SAFETY: the caller's `write` wrote both in full.
     unsafe {
         a.set_len(len_a);
         b.set_len(len_b);

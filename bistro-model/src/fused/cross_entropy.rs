@@ -4,8 +4,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use super::cpu::{
-    Real, for_float, map_sum, max_all, par_filled, par_filled_pair, simd_dispatch, slice, sum_map, zeros,
+    Real, assume_init, fill, for_float, map_sum, max_all, par_filled, par_written_pair, simd_dispatch, slice, sum_map,
+    zeros,
 };
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
@@ -61,33 +64,47 @@ simd_dispatch!(bwd_row_dispatch => bwd_row(row: &[T], target: u32, g: T, loss: T
 /// summed, then scaled in place while the row is still in cache; the separate forward and
 /// backward compute it twice and read the logits three times.
 #[inline(always)]
-fn loss_grad_rows<T: Real>(logits: &[T], targets: &[u32], g: T, dl: &mut [T], loss: &mut [T]) {
+fn loss_grad_rows<T: Real>(
+    logits: &[T],
+    targets: &[u32],
+    g: T,
+    dl: &mut [MaybeUninit<T>],
+    loss: &mut [MaybeUninit<T>],
+) {
     let v = logits.len() / targets.len().max(1);
     for (((row, &t), out), l) in logits.chunks_exact(v).zip(targets).zip(dl.chunks_exact_mut(v)).zip(loss.iter_mut()) {
         if t == NO_TARGET || t as usize >= v {
-            continue; // zeros already
+            fill(out, T::ZERO);
+            l.write(T::ZERO);
+            continue;
         }
         let max = max_all(row);
         let sum = map_sum(row, out, |x| (x - max).exp_());
+        // SAFETY: `map_sum` wrote every element of `out` (`row` has its length).
+        let out = unsafe { assume_init(out) };
         let inv = g / sum;
         for o in out.iter_mut() {
             *o *= inv;
         }
         out[t as usize] -= g;
-        *l = max + sum.ln_() - row[t as usize];
+        l.write(max + sum.ln_() - row[t as usize]);
     }
 }
-simd_dispatch!(loss_grad_rows_dispatch => loss_grad_rows(logits: &[T], targets: &[u32], g: T, dl: &mut [T], loss: &mut [T]));
+simd_dispatch!(loss_grad_rows_dispatch => loss_grad_rows(logits: &[T], targets: &[u32], g: T, dl: &mut [MaybeUninit<T>], loss: &mut [MaybeUninit<T>]));
 
 /// Rows per task of [`loss_and_grad`]: each row is a whole vocabulary.
 const LOSS_GRAD_ROWS: usize = 4;
 
 fn loss_grad_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize, g: f64) -> (Vec<T>, Vec<T>) {
     let n = targets.len();
-    let (dl, loss) = par_filled_pair((n * v, LOSS_GRAD_ROWS * v), (n, LOSS_GRAD_ROWS), |i, dl, loss| {
-        let r = i * LOSS_GRAD_ROWS..i * LOSS_GRAD_ROWS + loss.len();
-        loss_grad_rows_dispatch(&logits[r.start * v..r.end * v], &targets[r], T::of(g), dl, loss)
-    });
+    // SAFETY: `loss_grad_rows` writes every element of its rows' gradient and losses, and
+    // each task gets matching whole rows of both.
+    let (dl, loss) = unsafe {
+        par_written_pair((n * v, LOSS_GRAD_ROWS * v), (n, LOSS_GRAD_ROWS), |i, dl, loss| {
+            let r = i * LOSS_GRAD_ROWS..i * LOSS_GRAD_ROWS + loss.len();
+            loss_grad_rows_dispatch(&logits[r.start * v..r.end * v], &targets[r], T::of(g), dl, loss)
+        })
+    };
     (loss, dl)
 }
 

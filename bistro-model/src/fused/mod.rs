@@ -12,6 +12,7 @@ mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod embedding;
 mod matmul;
 mod op;
 mod rms_norm;
@@ -224,6 +225,7 @@ pub(crate) mod backward {
     }
 
     pub(crate) use super::cross_entropy::loss_and_grad as cross_entropy_with_loss;
+    pub(crate) use super::embedding::grad as embedding;
 
     /// The logits' gradient of [`super::cross_entropy`] given the per-row losses it returned
     /// and their gradient `grad: [N]`.

@@ -4,7 +4,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 
-use super::cpu::{Real, for_float, map_sum, max_all, par_filled, rows_per_task, simd_dispatch, slice, sum_map2};
+use std::mem::MaybeUninit;
+
+use super::cpu::{
+    Real, assume_init, fill, for_float, map_sum, max_all, par_written, rows_per_task, simd_dispatch, slice, sum_map2,
+};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -26,53 +30,61 @@ pub(crate) struct CausalSoftmaxBackward {
 
 /// Rows of one or more `[Tq, Tk]` blocks; `row0` is the index of the first row overall.
 #[inline(always)]
-fn fwd_rows<T: Real>(s: &[T], p: &mut [T], tq: usize, tk: usize, row0: usize, scale: T) {
+fn fwd_rows<T: Real>(s: &[T], p: &mut [MaybeUninit<T>], tq: usize, tk: usize, row0: usize, scale: T) {
     for (k, (sr, pr)) in s.chunks_exact(tk).zip(p.chunks_exact_mut(tk)).enumerate() {
         let visible = ((row0 + k) % tq) + (tk - tq) + 1;
-        let (sv, pv) = (&sr[..visible], &mut pr[..visible]);
+        let (pv, rest) = pr.split_at_mut(visible);
+        let sv = &sr[..visible];
         let max = max_all(sv) * scale;
         let sum = map_sum(sv, pv, |x| (x * scale - max).exp_());
+        // SAFETY: `map_sum` wrote every element of `pv` (`sv` has its length).
+        let pv = unsafe { assume_init(pv) };
         let inv = T::ONE / sum;
         for o in pv.iter_mut() {
             *o *= inv;
         }
-        for o in pr[visible..].iter_mut() {
-            *o = T::ZERO;
-        }
+        fill(rest, T::ZERO);
     }
 }
-simd_dispatch!(fwd_rows_dispatch => fwd_rows(s: &[T], p: &mut [T], tq: usize, tk: usize, row0: usize, scale: T));
+simd_dispatch!(fwd_rows_dispatch => fwd_rows(s: &[T], p: &mut [MaybeUninit<T>], tq: usize, tk: usize, row0: usize, scale: T));
 
 #[inline(always)]
-fn bwd_rows<T: Real>(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T) {
+fn bwd_rows<T: Real>(p: &[T], dp: &[T], ds: &mut [MaybeUninit<T>], tq: usize, tk: usize, row0: usize, scale: T) {
     for (k, ((pr, gr), dr)) in p.chunks_exact(tk).zip(dp.chunks_exact(tk)).zip(ds.chunks_exact_mut(tk)).enumerate() {
         let visible = ((row0 + k) % tq) + (tk - tq) + 1;
         let dot = sum_map2(&pr[..visible], &gr[..visible], |a, b| a * b);
-        for ((o, &a), &b) in dr[..visible].iter_mut().zip(&pr[..visible]).zip(&gr[..visible]) {
-            *o = scale * a * (b - dot);
+        let (dv, rest) = dr.split_at_mut(visible);
+        for ((o, &a), &b) in dv.iter_mut().zip(&pr[..visible]).zip(&gr[..visible]) {
+            o.write(scale * a * (b - dot));
         }
-        for o in dr[visible..].iter_mut() {
-            *o = T::ZERO;
-        }
+        fill(rest, T::ZERO);
     }
 }
-simd_dispatch!(bwd_rows_dispatch => bwd_rows(p: &[T], dp: &[T], ds: &mut [T], tq: usize, tk: usize, row0: usize, scale: T));
+simd_dispatch!(bwd_rows_dispatch => bwd_rows(p: &[T], dp: &[T], ds: &mut [MaybeUninit<T>], tq: usize, tk: usize, row0: usize, scale: T));
 
 fn fwd_cpu<T: Real>(s: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
     let rows = rows_per_task(tk);
     let chunk = rows * tk;
-    par_filled(s.len(), chunk, |i, pc| {
-        fwd_rows_dispatch(&s[i * chunk..][..pc.len()], pc, tq, tk, i * rows, T::of(scale))
-    })
+    // SAFETY: `fwd_rows` writes every element of each whole row it is given, and chunks are
+    // whole rows.
+    unsafe {
+        par_written(s.len(), chunk, |i, pc| {
+            fwd_rows_dispatch(&s[i * chunk..][..pc.len()], pc, tq, tk, i * rows, T::of(scale))
+        })
+    }
 }
 
 fn bwd_cpu<T: Real>(p: &[T], dp: &[T], tq: usize, tk: usize, scale: f64) -> Vec<T> {
     let rows = rows_per_task(tk);
     let chunk = rows * tk;
-    par_filled(p.len(), chunk, |i, dc| {
-        let r = i * chunk..i * chunk + dc.len();
-        bwd_rows_dispatch(&p[r.clone()], &dp[r], dc, tq, tk, i * rows, T::of(scale))
-    })
+    // SAFETY: `bwd_rows` writes every element of each whole row it is given, and chunks are
+    // whole rows.
+    unsafe {
+        par_written(p.len(), chunk, |i, dc| {
+            let r = i * chunk..i * chunk + dc.len();
+            bwd_rows_dispatch(&p[r.clone()], &dp[r], dc, tq, tk, i * rows, T::of(scale))
+        })
+    }
 }
 
 fn dims(l: &Layout) -> Result<(usize, usize)> {

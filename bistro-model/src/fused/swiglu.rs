@@ -3,7 +3,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 
-use super::cpu::{Real, for_float, par_filled, par_filled2, simd_dispatch, slice};
+use std::mem::MaybeUninit;
+
+use super::cpu::{Real, for_float, par_written, par_written2, simd_dispatch, slice};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -19,35 +21,41 @@ pub(crate) struct SwiGluBackward;
 const CHUNK: usize = 16_384;
 
 #[inline(always)]
-fn fwd_chunk<T: Real>(g: &[T], u: &[T], y: &mut [T]) {
+fn fwd_chunk<T: Real>(g: &[T], u: &[T], y: &mut [MaybeUninit<T>]) {
     for ((o, &a), &b) in y.iter_mut().zip(g).zip(u) {
-        *o = a / (T::ONE + (-a).exp_()) * b;
+        o.write(a / (T::ONE + (-a).exp_()) * b);
     }
 }
-simd_dispatch!(fwd_chunk_dispatch => fwd_chunk(g: &[T], u: &[T], y: &mut [T]));
+simd_dispatch!(fwd_chunk_dispatch => fwd_chunk(g: &[T], u: &[T], y: &mut [MaybeUninit<T>]));
 
 #[inline(always)]
-fn bwd_chunk<T: Real>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+fn bwd_chunk<T: Real>(g: &[T], u: &[T], dy: &[T], dg: &mut [MaybeUninit<T>], du: &mut [MaybeUninit<T>]) {
     for ((((a, b), d), og), ou) in g.iter().zip(u).zip(dy).zip(dg.iter_mut()).zip(du.iter_mut()) {
         let s = T::ONE / (T::ONE + (-*a).exp_());
-        *og = *d * *b * s * (T::ONE + *a * (T::ONE - s));
-        *ou = *d * *a * s;
+        og.write(*d * *b * s * (T::ONE + *a * (T::ONE - s)));
+        ou.write(*d * *a * s);
     }
 }
-simd_dispatch!(bwd_chunk_dispatch => bwd_chunk(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]));
+simd_dispatch!(bwd_chunk_dispatch => bwd_chunk(g: &[T], u: &[T], dy: &[T], dg: &mut [MaybeUninit<T>], du: &mut [MaybeUninit<T>]));
 
 fn fwd_cpu<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
-    par_filled(g.len(), CHUNK, |i, yc| {
-        let r = i * CHUNK..i * CHUNK + yc.len();
-        fwd_chunk_dispatch(&g[r.clone()], &u[r], yc)
-    })
+    // SAFETY: `fwd_chunk` writes every element of its chunk (the inputs have its length).
+    unsafe {
+        par_written(g.len(), CHUNK, |i, yc| {
+            let r = i * CHUNK..i * CHUNK + yc.len();
+            fwd_chunk_dispatch(&g[r.clone()], &u[r], yc)
+        })
+    }
 }
 
 fn bwd_cpu<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
-    par_filled2(g.len(), CHUNK, |i, dgc, duc| {
-        let r = i * CHUNK..i * CHUNK + dgc.len();
-        bwd_chunk_dispatch(&g[r.clone()], &u[r.clone()], &dy[r], dgc, duc)
-    })
+    // SAFETY: `bwd_chunk` writes every element of both chunks (the inputs have their length).
+    unsafe {
+        par_written2(g.len(), CHUNK, |i, dgc, duc| {
+            let r = i * CHUNK..i * CHUNK + dgc.len();
+            bwd_chunk_dispatch(&g[r.clone()], &u[r.clone()], &dy[r], dgc, duc)
+        })
+    }
 }
 
 fn same(a: &Layout, b: &Layout, what: &str) -> Result<()> {

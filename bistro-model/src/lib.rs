@@ -25,8 +25,13 @@
 //! let model = Llama::new(&params)?;
 //! let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu)?;
 //! let labels = Tensor::new(&[[1i64, 2, 3, 4]], &Device::Cpu)?;
-//! let loss = model.loss(&ids, &labels)?;
-//! let grads = loss.backward()?;
+//! // The summed loss and the gradient of the mean loss (scale 1 / 3 targets) for every
+//! // parameter, through the model's own backward pass.
+//! let out = model.loss_grads(&ids, &labels, 1.0 / 3.0)?;
+//! assert_eq!(out.count, 3);
+//! assert_eq!(params.gradients(&out.grads)?.len(), params.len());
+//! // The same gradient through Candle's autograd.
+//! let grads = model.loss(&ids, &labels)?.backward()?;
 //! assert_eq!(params.gradients(&grads)?.len(), params.len());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -1,10 +1,11 @@
 //! One full training step (forward, backward, AdamW) of a preset, timed per step, for the
-
 //! side-by-side comparison with PyTorch (`scripts/bench-vs-torch.sh`).
 //!
 //! Prints one JSON line per measured step: `{"impl":"bistro","model":..,"tokens":..,
-//! "wall_s":..,"cpu_s":..}`; the same AdamW settings as `benches/torch_reference.py`
-//! (lr 1e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1).
+//! "wall_s":..,"cpu_s":..,"grad_s":..,"opt_s":..}`; the same AdamW settings as
+//! `benches/torch_reference.py` (lr 1e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1). The
+//! gradient comes from the model's own backward pass, or from Candle's autograd with
+//! `--autograd`.
 
 use bistro_model::optim::AdamW;
 use bistro_model::{Llama, ModelConfig, Params};

@@ -2,25 +2,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use bistro_model::{Llama, ModelConfig, Params};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
-
-/// A copy of the model's weights in `dtype`, with its variables in canonical order.
-fn model_in(params: &Params, dtype: DType, fused: bool) -> (Llama, Vec<Var>) {
-    let mut map = HashMap::new();
-    let mut vars = Vec::new();
-    for (s, v) in params.specs().iter().zip(params.vars()) {
-        let var = Var::from_tensor(&v.as_tensor().to_dtype(dtype).unwrap()).unwrap();
-        map.insert(s.name.clone(), var.as_tensor().clone());
-        vars.push(var);
-    }
-    let vb = VarBuilder::from_tensors(map, dtype, &Device::Cpu);
-    let model = Llama::load(vb, params.config()).unwrap().with_compute_dtype(dtype).with_fused_ops(fused);
-    (model, vars)
-}
+use candle_core::{DType, Device, Tensor};
+use common::model_in;
 
 fn l2(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()

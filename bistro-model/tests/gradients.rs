@@ -2,11 +2,8 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use bistro_model::{Llama, ModelConfig, ParamKind, Params};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
 
 #[test]
 fn every_parameter_receives_a_nonzero_gradient() {
@@ -48,16 +45,7 @@ fn ignored_labels_do_not_count() {
 
 /// An f64 copy of the model (same weights), with its variables.
 fn f64_model(params: &Params) -> (Llama, Vec<Var>) {
-    let mut map = HashMap::new();
-    let mut vars = Vec::new();
-    for (s, v) in params.specs().iter().zip(params.vars()) {
-        let var = Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-        map.insert(s.name.clone(), var.as_tensor().clone());
-        vars.push(var);
-    }
-    let vb = VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
-    let model = Llama::load(vb, params.config()).unwrap().with_compute_dtype(DType::F64);
-    (model, vars)
+    common::model_in(params, DType::F64, true)
 }
 
 #[test]

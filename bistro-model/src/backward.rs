@@ -60,17 +60,20 @@ struct Saved {
     m: Tensor,
 }
 
-/// `x W^T` and its backward: `(dx, dW)` for the output gradient `dy`.
+/// `x Wᵀ` of a bias-free linear layer.
 fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
     fused::matmul(x, &l.weight.detach(), false, true)
 }
 
+/// The backward of [`linear`] at input `x`: `(dx, dW) = (dy W, dyᵀ x)`.
 fn linear_backward(x: &Tensor, l: &Linear, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let dx = fused::matmul(dy, &l.weight.detach(), false, false)?;
     let dw = fused::matmul(dy, x, true, false)?;
     Ok((dx, dw))
 }
 
+/// What every layer of one pass shares: the batch shape and the rotary tables (in the
+/// dtype the rope kernel takes on this device).
 struct Geometry {
     batch: usize,
     seq: usize,
@@ -79,16 +82,8 @@ struct Geometry {
 }
 
 impl DecoderLayer {
-    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let rep = self.self_attn.n_heads / self.self_attn.n_kv_heads;
-        if rep == 1 {
-            return Ok(x);
-        }
-        let (b, nkv, t, hd) = x.dims4()?;
-        x.unsqueeze(2)?.expand((b, nkv, rep, t, hd))?.reshape((b, nkv * rep, t, hd))
-    }
-
-    /// The gradient of [`Self::repeat_kv`]'s input: the repeated heads' gradients summed.
+    /// The gradient of the attention's `repeat_kv` input: the repeated heads' gradients
+    /// summed.
     fn repeat_kv_backward(&self, dx: Tensor) -> candle_core::Result<Tensor> {
         let (nh, nkv) = (self.self_attn.n_heads, self.self_attn.n_kv_heads);
         if nh == nkv {
@@ -98,6 +93,8 @@ impl DecoderLayer {
         dx.reshape((b, nkv, nh / nkv, t, hd))?.sum(2)
     }
 
+    /// The layer's output for input `x` (the fused forward of [`DecoderLayer::forward`]),
+    /// with what its backward needs.
     fn forward_saving(&self, x: Tensor, geo: &Geometry) -> candle_core::Result<(Tensor, Saved)> {
         let att = &self.self_attn;
         let t = geo.seq;
@@ -105,7 +102,7 @@ impl DecoderLayer {
         let q = fused::rope_to_heads(&linear(&a, &att.q_proj)?, t, att.n_heads, &geo.cos, &geo.sin)?;
         let k = fused::rope_to_heads(&linear(&a, &att.k_proj)?, t, att.n_kv_heads, &geo.cos, &geo.sin)?;
         let v = fused::split_heads(&linear(&a, &att.v_proj)?, t, att.n_kv_heads)?;
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let (k, v) = (att.repeat_kv(k)?, att.repeat_kv(v)?);
         let scale = 1.0 / (att.head_dim as f64).sqrt();
         let p = fused::causal_softmax(&fused::causal_matmul(&q, &k, false, true, Causal::OutLower)?, scale)?;
         let y = fused::merge_heads(&fused::causal_matmul(&p, &v, false, false, Causal::ALower)?)?;

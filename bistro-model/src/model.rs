@@ -121,7 +121,8 @@ impl Attention {
         })
     }
 
-    fn repeat_kv(&self, x: Tensor) -> CResult<Tensor> {
+    /// Keys or values `[B, kv_heads, T, D]` repeated to `[B, heads, T, D]`.
+    pub(crate) fn repeat_kv(&self, x: Tensor) -> CResult<Tensor> {
         let rep = self.n_heads / self.n_kv_heads;
         if rep == 1 {
             return Ok(x);

@@ -12,10 +12,9 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::fused::{self, Causal, backward as bwd};
-use crate::model::{DecoderLayer, Linear, Llama};
-use crate::ops;
+use crate::model::{AttentionContext, AttentionCore, DecoderLayer, Linear, Llama};
 
 /// The loss and gradient of one batch, from [`Llama::loss_grads`].
 #[derive(Debug)]
@@ -41,15 +40,8 @@ struct Saved {
     x: Tensor,
     /// `input_layernorm(x)`.
     a: Tensor,
-    /// Queries, keys and values, head-major `[B, heads, T, D]` (keys and values repeated to
-    /// the query heads).
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    /// Attention probabilities `[B, heads, T, T]`.
-    p: Tensor,
-    /// The heads merged back, `[B*T, H]` (the input of `o_proj`).
-    y: Tensor,
+    /// The attention's intermediates.
+    att: AttentionCore,
     /// `x + attention`.
     h: Tensor,
     /// `post_attention_layernorm(h)`.
@@ -72,15 +64,6 @@ fn linear_backward(x: &Tensor, l: &Linear, dy: &Tensor) -> candle_core::Result<(
     Ok((dx, dw))
 }
 
-/// What every layer of one pass shares: the batch shape and the rotary tables (in the
-/// dtype the rope kernel takes on this device).
-struct Geometry {
-    batch: usize,
-    seq: usize,
-    cos: Tensor,
-    sin: Tensor,
-}
-
 impl DecoderLayer {
     /// The gradient of the attention's `repeat_kv` input: the repeated heads' gradients
     /// summed.
@@ -95,32 +78,30 @@ impl DecoderLayer {
 
     /// The layer's output for input `x` (the fused forward of [`DecoderLayer::forward`]),
     /// with what its backward needs.
-    fn forward_saving(&self, x: Tensor, geo: &Geometry) -> candle_core::Result<(Tensor, Saved)> {
-        let att = &self.self_attn;
-        let t = geo.seq;
+    fn forward_saving(&self, x: Tensor, ctx: &AttentionContext) -> candle_core::Result<(Tensor, Saved)> {
         let a = fused::rms_norm(&x, &self.input_layernorm.weight.detach(), self.input_layernorm.eps)?;
-        let q = fused::rope_to_heads(&linear(&a, &att.q_proj)?, t, att.n_heads, &geo.cos, &geo.sin)?;
-        let k = fused::rope_to_heads(&linear(&a, &att.k_proj)?, t, att.n_kv_heads, &geo.cos, &geo.sin)?;
-        let v = fused::split_heads(&linear(&a, &att.v_proj)?, t, att.n_kv_heads)?;
-        let (k, v) = (att.repeat_kv(k)?, att.repeat_kv(v)?);
-        let scale = 1.0 / (att.head_dim as f64).sqrt();
-        let p = fused::causal_softmax(&fused::causal_matmul(&q, &k, false, true, Causal::OutLower)?, scale)?;
-        let y = fused::merge_heads(&fused::causal_matmul(&p, &v, false, false, Causal::ALower)?)?;
-        let h = (&x + linear(&y, &att.o_proj)?)?;
+        let att = self.self_attn.fused_core(&a, ctx, &linear)?;
+        let h = (&x + linear(&att.y, &self.self_attn.o_proj)?)?;
         let post = &self.post_attention_layernorm;
         let b = fused::rms_norm(&h, &post.weight.detach(), post.eps)?;
         let g = linear(&b, &self.mlp.gate_proj)?;
         let u = linear(&b, &self.mlp.up_proj)?;
         let m = fused::swiglu(&g, &u)?;
         let out = (&h + linear(&m, &self.mlp.down_proj)?)?;
-        Ok((out, Saved { x, a, q, k, v, p, y, h, b, g, u, m }))
+        Ok((out, Saved { x, a, att, h, b, g, u, m }))
     }
 
     /// The gradient of the layer's input from its output's `dout`, with every weight's
     /// gradient put in `store`.
-    fn backward(&self, s: Saved, dout: Tensor, geo: &Geometry, store: &mut GradStore) -> candle_core::Result<Tensor> {
+    fn backward(
+        &self,
+        s: Saved,
+        dout: Tensor,
+        ctx: &AttentionContext,
+        store: &mut GradStore,
+    ) -> candle_core::Result<Tensor> {
         let (att, mlp) = (&self.self_attn, &self.mlp);
-        let t = geo.seq;
+        let (t, (cos, sin)) = (ctx.seq(), ctx.tables());
         // out = h + down(m): the MLP branch.
         let (dm, dw_down) = linear_backward(&s.m, &mlp.down_proj, &dout)?;
         let (dg, du) = bwd::swiglu(&s.g, &s.u, &dm)?;
@@ -134,16 +115,16 @@ impl DecoderLayer {
         store.insert(&mlp.up_proj.weight, dw_up);
         store.insert(&post.weight, dw_post);
         // h = x + o_proj(merge(p v)): the attention branch.
-        let (dy, dw_o) = linear_backward(&s.y, &att.o_proj, &dh)?;
+        let c = &s.att;
+        let (dy, dw_o) = linear_backward(&c.y, &att.o_proj, &dh)?;
         let dyh = bwd::merge_heads(&dy, t, att.n_heads)?;
-        let dp = fused::causal_matmul(&dyh, &s.v, false, true, Causal::OutLower)?;
-        let dv = self.repeat_kv_backward(fused::causal_matmul(&s.p, &dyh, true, false, Causal::AUpper)?)?;
-        let scale = 1.0 / (att.head_dim as f64).sqrt();
-        let dscores = bwd::causal_softmax(&s.p, &dp, scale)?;
-        let dq = fused::causal_matmul(&dscores, &s.k, false, false, Causal::ALower)?;
-        let dk = self.repeat_kv_backward(fused::causal_matmul(&dscores, &s.q, true, false, Causal::AUpper)?)?;
-        let dq = bwd::rope_to_heads(&dq, t, att.n_heads, &geo.cos, &geo.sin)?;
-        let dk = bwd::rope_to_heads(&dk, t, att.n_kv_heads, &geo.cos, &geo.sin)?;
+        let dp = fused::causal_matmul(&dyh, &c.v, false, true, Causal::OutLower)?;
+        let dv = self.repeat_kv_backward(fused::causal_matmul(&c.p, &dyh, true, false, Causal::AUpper)?)?;
+        let dscores = bwd::causal_softmax(&c.p, &dp, att.scale())?;
+        let dq = fused::causal_matmul(&dscores, &c.k, false, false, Causal::ALower)?;
+        let dk = self.repeat_kv_backward(fused::causal_matmul(&dscores, &c.q, true, false, Causal::AUpper)?)?;
+        let dq = bwd::rope_to_heads(&dq, t, att.n_heads, cos, sin)?;
+        let dk = bwd::rope_to_heads(&dk, t, att.n_kv_heads, cos, sin)?;
         let dv = bwd::split_heads(&dv, t, att.n_kv_heads)?;
         let (da_q, dw_q) = linear_backward(&s.a, &att.q_proj, &dq)?;
         let (da_k, dw_k) = linear_backward(&s.a, &att.k_proj, &dk)?;
@@ -181,29 +162,15 @@ impl Llama {
             let grads = (sum * scale)?.backward()?;
             return Ok(LossGrads { loss_sum, count, grads });
         }
-        let (batch, seq) = input_ids.dims2()?;
-        if seq == 0 || seq > self.config.max_position_embeddings {
-            return Err(ModelError::OutOfRange(format!(
-                "sequence length {seq} (must be 1..={})",
-                self.config.max_position_embeddings
-            )));
-        }
-        let dtype = self.embed_tokens.dtype();
-        let vocab = self.config.vocab_size;
-        let (targets, count) = ops::shifted_targets(labels, vocab)?;
-        let targets: Vec<u32> = targets.into_iter().map(|x| x.unwrap_or(fused::NO_TARGET)).collect();
-        let targets = Tensor::from_vec(targets, batch * seq, &self.device)?;
-        let (cos, sin) = ops::rope_tables(self.config.head_dim(), self.config.rope_theta, seq, &self.device)?;
-        let table_dtype = if self.device.is_cpu() { dtype } else { DType::F32 };
-        let geo = Geometry { batch, seq, cos: cos.to_dtype(table_dtype)?, sin: sin.to_dtype(table_dtype)? };
-        debug_assert_eq!(geo.batch * geo.seq, targets.elem_count());
+        let ctx = AttentionContext::new(&self.config, input_ids.dims2()?, self.compute_dtype, true, &self.device)?;
+        let (targets, count) = fused::loss_targets(labels, self.config.vocab_size, &self.device)?;
 
         // Forward, keeping what the backward needs.
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed_tokens.detach().index_select(&ids, 0)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (next, s) = layer.forward_saving(x, &geo)?;
+            let (next, s) = layer.forward_saving(x, &ctx)?;
             saved.push(s);
             x = next;
         }
@@ -222,7 +189,7 @@ impl Llama {
         let (mut dx, dw_norm) = bwd::rms_norm(&x, &self.norm.weight.detach(), self.norm.eps, &df)?;
         store.insert(&self.norm.weight, dw_norm);
         for (layer, s) in self.layers.iter().zip(saved).rev() {
-            dx = layer.backward(s, dx, &geo, &mut store)?;
+            dx = layer.backward(s, dx, &ctx, &mut store)?;
         }
         let d_embed = bwd::embedding(&ids, &dx, self.config.vocab_size)?;
         store.insert(&self.embed_tokens, d_embed);

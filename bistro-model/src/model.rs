@@ -92,6 +92,58 @@ pub struct AttentionContext {
     fused: bool,
 }
 
+impl AttentionContext {
+    /// The context of a pass over `batch` sequences of `seq` tokens computing in `dtype`:
+    /// the rotary tables in the dtype the rope kernels take (`dtype` on the CPU, f32 on
+    /// CUDA) and, for the composed path (`!fused`), the additive causal mask.
+    pub(crate) fn new(
+        cfg: &ModelConfig,
+        (batch, seq): (usize, usize),
+        dtype: DType,
+        fused: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        if seq == 0 || seq > cfg.max_position_embeddings {
+            return Err(ModelError::OutOfRange(format!(
+                "sequence length {seq} (must be 1..={})",
+                cfg.max_position_embeddings
+            )));
+        }
+        let (cos, sin) = ops::rope_tables(cfg.head_dim(), cfg.rope_theta, seq, device)?;
+        let table = if device.is_cpu() { dtype } else { DType::F32 };
+        let mask = if fused { None } else { Some(ops::causal_mask(seq, seq, DType::F32, device)?) };
+        Ok(AttentionContext { batch, seq, cos: cos.to_dtype(table)?, sin: sin.to_dtype(table)?, mask, fused })
+    }
+
+    /// Tokens per sequence.
+    pub(crate) fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// The rotary tables `(cos, sin)`.
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+}
+
+/// A projection `x Wᵀ` through one of a layer's linear layers: with the weight as the model
+/// holds it (tracked by Candle's autograd) or detached (the model's own backward pass).
+pub(crate) type Project<'a> = &'a dyn Fn(&Tensor, &Linear) -> CResult<Tensor>;
+
+/// The fused attention's intermediates: what its output projection and its backward pass
+/// need.
+pub(crate) struct AttentionCore {
+    /// Queries, head-major `[B, heads, T, D]`.
+    pub(crate) q: Tensor,
+    /// Keys and values, head-major and repeated to the query heads.
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    /// Attention probabilities `[B, heads, T, T]`.
+    pub(crate) p: Tensor,
+    /// The heads merged back, `[B*T, H]`: the input of `o_proj`.
+    pub(crate) y: Tensor,
+}
+
 /// Grouped-query causal self-attention with rotary embeddings.
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -131,6 +183,27 @@ impl Attention {
         x.unsqueeze(2)?.expand((b, nkv, rep, t, hd))?.reshape((b, nkv * rep, t, hd))
     }
 
+    /// `1 / sqrt(head_dim)`, the factor on the attention scores.
+    pub(crate) fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// The fused attention over the normalised stream `a: [B*T, H]` up to its output
+    /// projection: rotary + head split in one pass, the causal products (only the blocks
+    /// on and below the diagonal of `Q Kᵀ` and of `P`), scale + mask + softmax in one pass,
+    /// heads merged back in one pass. `project` applies `q`/`k`/`v_proj`.
+    pub(crate) fn fused_core(&self, a: &Tensor, ctx: &AttentionContext, project: Project) -> CResult<AttentionCore> {
+        use crate::fused::{self, Causal};
+        let t = ctx.seq;
+        let q = fused::rope_to_heads(&project(a, &self.q_proj)?, t, self.n_heads, &ctx.cos, &ctx.sin)?;
+        let k = fused::rope_to_heads(&project(a, &self.k_proj)?, t, self.n_kv_heads, &ctx.cos, &ctx.sin)?;
+        let v = fused::split_heads(&project(a, &self.v_proj)?, t, self.n_kv_heads)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let p = fused::causal_softmax(&fused::causal_matmul(&q, &k, false, true, Causal::OutLower)?, self.scale())?;
+        let y = fused::merge_heads(&fused::causal_matmul(&p, &v, false, false, Causal::ALower)?)?;
+        Ok(AttentionCore { q, k, v, p, y })
+    }
+
     /// Attention over the flat residual stream `x: [B*T, H]`.
     pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> CResult<Tensor> {
         let (b, t, f) = (ctx.batch, ctx.seq, ctx.fused);
@@ -138,20 +211,9 @@ impl Attention {
         let split = |y: Tensor, heads: usize| -> CResult<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let Some(mask) = &ctx.mask else {
-            // Fused: rotary + head split in one pass, one product node for Q K^T,
-            // scale + mask + softmax in one pass, heads merged back in one pass.
-            use crate::fused;
-            let q = fused::rope_to_heads(&self.q_proj.forward_with(x, f)?, t, self.n_heads, &ctx.cos, &ctx.sin)?;
-            let k = fused::rope_to_heads(&self.k_proj.forward_with(x, f)?, t, self.n_kv_heads, &ctx.cos, &ctx.sin)?;
-            let v = fused::split_heads(&self.v_proj.forward_with(x, f)?, t, self.n_kv_heads)?;
-            let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-            // Only the blocks on and below the diagonal of Q Kᵀ and of P are computed.
-            let scores = fused::causal_matmul(&q, &k, false, true, fused::Causal::OutLower)?;
-            let probs = fused::causal_softmax(&scores, scale)?;
-            let y = fused::merge_heads(&fused::causal_matmul(&probs, &v, false, false, fused::Causal::ALower)?)?;
-            return self.o_proj.forward_with(&y, f);
+            let core = self.fused_core(x, ctx, &|x, l| l.forward_with(x, true))?;
+            return self.o_proj.forward_with(&core.y, f);
         };
         // The composed reference: explicit transposes, RoPE, additive mask, softmax.
         let v = split(self.v_proj.forward_with(x, f)?, self.n_kv_heads)?;
@@ -159,7 +221,7 @@ impl Attention {
         let q = ops::apply_rope(&split(self.q_proj.forward_with(x, f)?, self.n_heads)?, &ctx.cos, &ctx.sin)?;
         let k = ops::apply_rope(&split(self.k_proj.forward_with(x, f)?, self.n_kv_heads)?, &ctx.cos, &ctx.sin)?;
         let k = self.repeat_kv(k)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale())?;
         let acc = ops::accum_dtype(scores.dtype());
         let scores = scores.to_dtype(acc)?.broadcast_add(&mask.to_dtype(acc)?)?;
         let probs = ops::softmax_last(&scores)?.to_dtype(q.dtype())?;
@@ -312,16 +374,8 @@ impl Llama {
     /// Logits as `[B*T, V]`: the residual stream stays flat `[B*T, H]` through the layers.
     fn flat_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if t == 0 || t > self.config.max_position_embeddings {
-            return Err(ModelError::OutOfRange(format!(
-                "sequence length {t} (must be 1..={})",
-                self.config.max_position_embeddings
-            )));
-        }
+        let ctx = AttentionContext::new(&self.config, (b, t), self.compute_dtype, self.fused, &self.device)?;
         let ids = input_ids.to_dtype(DType::U32)?;
-        let (cos, sin) = ops::rope_tables(self.config.head_dim(), self.config.rope_theta, t, &self.device)?;
-        let mask = if self.fused { None } else { Some(ops::causal_mask(t, t, DType::F32, &self.device)?) };
-        let ctx = AttentionContext { batch: b, seq: t, cos, sin, mask, fused: self.fused };
         let emb = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         let mut x = emb.to_dtype(self.compute_dtype)?;
         for layer in &self.layers {

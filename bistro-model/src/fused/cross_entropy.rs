@@ -92,7 +92,7 @@ fn loss_grad_rows<T: Real>(
 }
 simd_dispatch!(loss_grad_rows_dispatch => loss_grad_rows(logits: &[T], targets: &[u32], g: T, dl: &mut [MaybeUninit<T>], loss: &mut [MaybeUninit<T>]));
 
-/// Rows per task of [`loss_and_grad`]: each row is a whole vocabulary.
+/// Rows per task of the backward kernels: each row is a whole vocabulary.
 const LOSS_GRAD_ROWS: usize = 4;
 
 fn loss_grad_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize, g: f64) -> (Vec<T>, Vec<T>) {
@@ -158,10 +158,9 @@ fn fwd_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
 fn bwd_cpu<T: Real>(logits: &[T], targets: &[u32], grad_loss: &[T], v: usize) -> Vec<T> {
     let n = targets.len();
     let (grad, loss) = grad_loss.split_at(n);
-    // Four rows per task, as each row is a whole vocabulary.
-    par_filled(logits.len(), 4 * v, |i, o| {
+    par_filled(logits.len(), LOSS_GRAD_ROWS * v, |i, o| {
         for (j, o) in o.chunks_exact_mut(v).enumerate() {
-            let r = 4 * i + j;
+            let r = LOSS_GRAD_ROWS * i + j;
             bwd_row_dispatch(&logits[r * v..(r + 1) * v], targets[r], grad[r], loss[r], o);
         }
     })

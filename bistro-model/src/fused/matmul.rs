@@ -171,8 +171,9 @@ unsafe fn product<T: candle_core::WithDType>(
     for r0 in (0..d.m).step_by(causal.block()) {
         let r1 = (r0 + causal.block()).min(d.m);
         let rows = r1 - r0;
-        // SAFETY: row block r0..r1 of C and of op(A) lies inside the matrices; `k0..k1` and
-        // the columns `0..cols` lie inside op(A), op(B) and C, which are square where used.
+        // SAFETY: row block r0..r1 of C and of op(A) lies inside the matrices, and so do the
+        // columns 0..r1 of C (OutLower: C is m x m) and the inner ranges 0..r1 (ALower) and
+        // r0..k (AUpper) of op(A) and op(B) (op(A) is m x m).
         unsafe {
             let c_r = c.add(r0 * d.n);
             let a_r = a.offset(r0 as isize * sa.0);

@@ -151,6 +151,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, Fused(CrossEntropyOp))
 }
 
+/// The target of every position of `labels: [B, T]` for [`cross_entropy`], flat `[B*T]`
+/// ([`NO_TARGET`] where none: the last position of each row and ignored labels), and the
+/// number of counted targets; labels outside `0..vocab` are an error.
+pub(crate) fn loss_targets(labels: &Tensor, vocab: usize, device: &Device) -> Result<(Tensor, usize)> {
+    let (targets, count) = ops::shifted_targets(labels, vocab)?;
+    let targets: Vec<u32> = targets.into_iter().map(|x| x.unwrap_or(NO_TARGET)).collect();
+    let n = targets.len();
+    Ok((Tensor::from_vec(targets, n, device)?, count))
+}
+
 /// Sum of the causal-LM cross-entropy and the number of counted targets, as
 /// [`ops::causal_lm_loss_sum`] but through the fused [`cross_entropy`]: the logits are used
 /// in place (no shifted copy), the last position of each row simply has no target.
@@ -164,9 +174,7 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     if !(supported(logits) && logits.dtype() != DType::BF16) {
         return ops::causal_lm_loss_sum(&logits.reshape((b, t, v))?, labels);
     }
-    let (targets, count) = ops::shifted_targets(labels, v)?;
-    let targets: Vec<u32> = targets.into_iter().map(|x| x.unwrap_or(NO_TARGET)).collect();
-    let targets = Tensor::from_vec(targets, b * t, logits.device())?;
+    let (targets, count) = loss_targets(labels, v, logits.device())?;
     let flat = if logits.rank() == 2 { logits.clone() } else { logits.reshape((b * t, v))? };
     let per_row = cross_entropy(&flat, &targets)?;
     Ok((per_row.sum_all()?, count))
@@ -186,11 +194,14 @@ pub(crate) mod backward {
         grads.into_iter().nth(i).flatten().ok_or_else(|| candle_core::Error::Msg(format!("{what}: no gradient")))
     }
 
+    fn both([a, b]: [Option<Tensor>; 2], what: &str) -> Result<(Tensor, Tensor)> {
+        let missing = || candle_core::Error::Msg(format!("{what}: no gradient"));
+        Ok((a.ok_or_else(missing)?, b.ok_or_else(missing)?))
+    }
+
     /// `(dx, dw)` of [`super::rms_norm`] at input `x`, gain `w`.
     pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let [dx, dw] = RmsNormOp { eps }.backward([x, w], dy, dy)?;
-        let missing = || candle_core::Error::Msg("rms-norm backward: no gradient".into());
-        Ok((dx.ok_or_else(missing)?, dw.ok_or_else(missing)?))
+        both(RmsNormOp { eps }.backward([x, w], dy, dy)?, "rms-norm backward")
     }
 
     /// The flat `[B*T, H*D]` gradient of [`super::rope_to_heads`]'s input from the
@@ -219,9 +230,7 @@ pub(crate) mod backward {
 
     /// `(dgate, dup)` of [`super::swiglu`].
     pub(crate) fn swiglu(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let [dg, du] = SwiGluOp.backward([gate, up], dy, dy)?;
-        let missing = || candle_core::Error::Msg("swiglu backward: no gradient".into());
-        Ok((dg.ok_or_else(missing)?, du.ok_or_else(missing)?))
+        both(SwiGluOp.backward([gate, up], dy, dy)?, "swiglu backward")
     }
 
     pub(crate) use super::cross_entropy::loss_and_grad as cross_entropy_with_loss;

@@ -154,8 +154,17 @@ impl Llama {
     ///
     /// With the fused ops (the default) this runs the model's own backward pass, which
     /// is faster than Candle's autograd and gives the same gradient up to rounding;
-    /// otherwise it is `(scale * loss_sum).backward()`.
+    /// otherwise it is `(scale * loss_sum).backward()`. On the CPU it runs on a thread of
+    /// Rayon's global pool, whose threads run the kernels' parallel parts.
     pub fn loss_grads(&self, input_ids: &Tensor, labels: &Tensor, scale: f64) -> Result<LossGrads> {
+        if self.device.is_cpu() {
+            return fused::on_pool(|| self.loss_grads_here(input_ids, labels, scale));
+        }
+        self.loss_grads_here(input_ids, labels, scale)
+    }
+
+    /// [`Self::loss_grads`] on the calling thread.
+    fn loss_grads_here(&self, input_ids: &Tensor, labels: &Tensor, scale: f64) -> Result<LossGrads> {
         if !self.own_backward() {
             let (sum, count) = self.loss_sum(input_ids, labels)?;
             let loss_sum = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;

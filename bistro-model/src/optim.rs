@@ -117,6 +117,30 @@ impl InplaceOp2 for Update<'_> {
     }
 }
 
+impl AdamW {
+    /// One update of every parameter with a gradient in `grads` (the CPU or CUDA kernel).
+    fn update(&mut self, grads: &GradStore) -> Result<()> {
+        let p = &self.params;
+        let t = self.step_t as i32;
+        for (var, moments) in self.vars.iter().zip(self.moments.iter_mut()) {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            let update = Update {
+                moments: Mutex::new(moments),
+                lr: p.lr as f32,
+                decay: (1.0 - p.lr * p.weight_decay) as f32,
+                beta1: p.beta1 as f32,
+                beta2: p.beta2 as f32,
+                scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
+                scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
+                eps: p.eps as f32,
+            };
+            var.as_tensor().inplace_op2(&g, &update)?;
+        }
+        Ok(())
+    }
+}
+
 impl Optimizer for AdamW {
     type Config = ParamsAdamW;
 
@@ -145,24 +169,10 @@ impl Optimizer for AdamW {
             return f.step(grads);
         }
         self.step_t += 1;
-        let p = &self.params;
-        let t = self.step_t as i32;
-        for (var, moments) in self.vars.iter().zip(self.moments.iter_mut()) {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let g = g.to_dtype(DType::F32)?.contiguous()?;
-            let update = Update {
-                moments: Mutex::new(moments),
-                lr: p.lr as f32,
-                decay: (1.0 - p.lr * p.weight_decay) as f32,
-                beta1: p.beta1 as f32,
-                beta2: p.beta2 as f32,
-                scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
-                scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
-                eps: p.eps as f32,
-            };
-            var.as_tensor().inplace_op2(&g, &update)?;
+        if self.vars.first().is_some_and(|v| v.device().is_cpu()) {
+            return crate::fused::on_pool(|| self.update(grads));
         }
-        Ok(())
+        self.update(grads)
     }
 
     fn learning_rate(&self) -> f64 {

@@ -95,7 +95,9 @@ pub fn exp_f32(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to an integer
     let x = x.clamp(-87.336_54, 88.376_26);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // y = ROUND + n with n = round(x log2 e): same exponent as ROUND, so y - ROUND is exact.
+    let y = x * LOG2E + ROUND;
+    let n = y - ROUND;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -104,7 +106,10 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n built from y's bits, which are ROUND's plus n: integer arithmetic on the bits
+    // vectorises, where `n as i32` (a saturating cast) became per-lane scalar code in every
+    // loop over this function (softmax, SwiGLU, cross-entropy).
+    let scale = f32::from_bits(y.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     e * scale
 }
 
@@ -427,6 +432,23 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
+        // The exponent from y's bits is the rounded integer itself: the same result, bit for
+        // bit, as scaling by 2^(n as i32).
+        let by_cast = |x: f32| {
+            let x = x.clamp(-87.336_54, 88.376_26);
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+            let mut p = 1.987_569_1e-4_f32;
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
+                p = p * r + c;
+            }
+            (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        };
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp_f32(x).to_bits(), by_cast(x).to_bits(), "x = {x}");
+            x += 0.0071;
+        }
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
         assert!(exp_f32(f32::NAN).is_nan());

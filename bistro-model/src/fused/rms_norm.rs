@@ -4,7 +4,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu::{Real, for_float, par_filled, rows_per_task, simd_dispatch, slice, sum_map, zeros};
+use std::mem::MaybeUninit;
+
+use super::cpu::{Real, assume_init, fill, for_float, par_written, rows_per_task, simd_dispatch, slice, sum_map};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -32,19 +34,19 @@ fn rstd<T: Real>(x: &[T], eps: T) -> T {
 }
 
 #[inline(always)]
-fn fwd_rows<T: Real>(x: &[T], w: &[T], y: &mut [T], eps: T) {
+fn fwd_rows<T: Real>(x: &[T], w: &[T], y: &mut [MaybeUninit<T>], eps: T) {
     let d = w.len();
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
         let r = rstd(xr, eps);
         for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-            *yv = xv * r * wv;
+            yv.write(xv * r * wv);
         }
     }
 }
-simd_dispatch!(fwd_rows_dispatch => fwd_rows(x: &[T], w: &[T], y: &mut [T], eps: T));
+simd_dispatch!(fwd_rows_dispatch => fwd_rows(x: &[T], w: &[T], y: &mut [MaybeUninit<T>], eps: T));
 
 #[inline(always)]
-fn bwd_rows<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps: T) {
+fn bwd_rows<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], dw: &mut [T], eps: T) {
     let d = w.len();
     let inv_d = T::ONE / T::of(d as f64);
     for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
@@ -53,7 +55,7 @@ fn bwd_rows<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps
         let c = dot3(dyr, w, xr) * r * inv_d;
         for ((((o, &xv), &g), &wv), acc) in dxr.iter_mut().zip(xr).zip(dyr).zip(w).zip(dw.iter_mut()) {
             let xhat = xv * r;
-            *o = r * (g * wv - xhat * c);
+            o.write(r * (g * wv - xhat * c));
             *acc += g * xhat;
         }
     }
@@ -78,19 +80,25 @@ fn dot3<T: Real>(a: &[T], b: &[T], c: &[T]) -> T {
     }
     s
 }
-simd_dispatch!(bwd_rows_dispatch => bwd_rows(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps: T));
+simd_dispatch!(bwd_rows_dispatch => bwd_rows(x: &[T], w: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], dw: &mut [T], eps: T));
 
 fn fwd_cpu<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let chunk = d * rows_per_task(d);
-    par_filled(x.len(), chunk, |i, yc| fwd_rows_dispatch(&x[i * chunk..][..yc.len()], w, yc, T::of(eps)))
+    // SAFETY: `fwd_rows` writes every element of the whole rows it is given, and chunks are
+    // whole rows.
+    unsafe { par_written(x.len(), chunk, |i, yc| fwd_rows_dispatch(&x[i * chunk..][..yc.len()], w, yc, T::of(eps))) }
 }
 
 fn bwd_cpu<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let n = x.len() / d;
-    let mut out = zeros((n + 1) * d);
-    let (dx, dw) = out.split_at_mut(n * d);
+    // `dx` is written in full by `bwd_rows`; only the `dw` row starts at zero.
+    let mut out = Vec::with_capacity((n + 1) * d);
+    let (dx, dw) = out.spare_capacity_mut()[..(n + 1) * d].split_at_mut(n * d);
+    fill(dw, T::ZERO);
+    // SAFETY: just filled.
+    let dw = unsafe { assume_init(dw) };
     let chunk = d * rows_per_task(d);
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(chunk)
@@ -106,6 +114,9 @@ fn bwd_cpu<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
             *a += b;
         }
     }
+    // SAFETY: `bwd_rows` wrote every row of `dx` (the chunks are whole rows) and `dw` was
+    // filled above.
+    unsafe { out.set_len((n + 1) * d) };
     out
 }
 

@@ -23,7 +23,7 @@ mod swiglu;
 use candle_core::{DType, Device, Result, Tensor, bail};
 
 pub use cpu::exp_f32;
-pub(crate) use cpu::on_pool;
+pub(crate) use cpu::{has_avx2_fma, on_pool};
 use cross_entropy::CrossEntropyOp;
 pub use cross_entropy::NO_TARGET;
 #[cfg(feature = "cuda")]

@@ -231,7 +231,8 @@ fn cpu_run<T: candle_core::WithDType>(a: &[T], b: &[T], d: Bmnk, op: MatMulOp) -
     // step (AVX-512 Xeon, interleaved runs): median 0.912 -> 0.893 s, lower quartile 0.888
     // -> 0.864 s (30 steps each). The bands are column bands, except for products with a
     // transposed `A` (the weight gradients `dYᵀ X`), whose row bands measured 7-14% faster
-    // in isolation (`[512|1376|8192, 512] x 1024`) and 1-3% on the `small` step.
+    // in isolation (`[512|1376|8192, 512] x 1024`) and 1-3% on the `small` step (with gemm's
+    // AVX2 kernels, built without `x86-v4`: the same step time or up to 2% faster).
     let rows = op.ta && d.m >= 64 * threads;
     let banded = d.batch == 1 && threads > 1 && op.causal == Causal::Full && (rows || d.n >= 64 * threads);
     if banded {

@@ -286,39 +286,9 @@ pub(crate) unsafe fn par_written<T: Send>(
     v
 }
 
-/// Writes `a` and `b` in parallel in matching chunks (`chunk_a` and `chunk_b` elements, the
-/// same number of chunks) with `write(i, a_i, b_i)`.
-fn write_pair<T: Send>(
-    a: &mut [MaybeUninit<T>],
-    chunk_a: usize,
-    b: &mut [MaybeUninit<T>],
-    chunk_b: usize,
-    write: impl Fn(usize, &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]) + Sync + Send,
-) {
-    let (chunk_a, chunk_b) = (chunk_a.max(1), chunk_b.max(1));
-    assert_eq!(a.len().div_ceil(chunk_a), b.len().div_ceil(chunk_b), "write_pair: chunk counts differ");
-    a.par_chunks_mut(chunk_a).zip(b.par_chunks_mut(chunk_b)).enumerate().for_each(|(i, (ca, cb))| write(i, ca, cb));
-}
-
-/// Two outputs of `n` elements each, written together in matching chunks by `write(i, a_i,
-/// b_i)`, returned one after the other in a vector of `2 n`.
-///
-/// # Safety
-/// `write` must write every element of both chunks it is given.
-pub(crate) unsafe fn par_written2<T: Send>(
-    n: usize,
-    chunk: usize,
-    write: impl Fn(usize, &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]) + Sync + Send,
-) -> Vec<T> {
-    let mut v = Vec::with_capacity(2 * n);
-    let (a, b) = v.spare_capacity_mut()[..2 * n].split_at_mut(n);
-    write_pair(a, chunk, b, chunk, write);
-    // SAFETY: the caller's `write` wrote both halves in full.
-    unsafe { v.set_len(2 * n) };
-    v
-}
-
-/// Two outputs of `len_a` and `len_b` elements, written together in matching chunks.
+/// Two outputs of `len_a` and `len_b` elements, written together in matching chunks
+/// (`chunk_a` and `chunk_b` elements, the same number of chunks) by `write(i, a_i, b_i)`,
+/// returned one after the other in one vector of `len_a + len_b`.
 ///
 /// # Safety
 /// `write` must write every element of both chunks it is given.
@@ -326,15 +296,15 @@ pub(crate) unsafe fn par_written_pair<T: Send>(
     (len_a, chunk_a): (usize, usize),
     (len_b, chunk_b): (usize, usize),
     write: impl Fn(usize, &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]) + Sync + Send,
-) -> (Vec<T>, Vec<T>) {
-    let (mut a, mut b) = (Vec::with_capacity(len_a), Vec::with_capacity(len_b));
-    write_pair(&mut a.spare_capacity_mut()[..len_a], chunk_a, &mut b.spare_capacity_mut()[..len_b], chunk_b, write);
-    // SAFETY: the caller's `write` wrote both in full.
-    unsafe {
-        a.set_len(len_a);
-        b.set_len(len_b);
-    }
-    (a, b)
+) -> Vec<T> {
+    let (chunk_a, chunk_b) = (chunk_a.max(1), chunk_b.max(1));
+    assert_eq!(len_a.div_ceil(chunk_a), len_b.div_ceil(chunk_b), "par_written_pair: chunk counts differ");
+    let mut v = Vec::with_capacity(len_a + len_b);
+    let (a, b) = v.spare_capacity_mut()[..len_a + len_b].split_at_mut(len_a);
+    a.par_chunks_mut(chunk_a).zip(b.par_chunks_mut(chunk_b)).enumerate().for_each(|(i, (ca, cb))| write(i, ca, cb));
+    // SAFETY: the caller's `write` wrote both parts in full.
+    unsafe { v.set_len(len_a + len_b) };
+    v
 }
 
 /// Whether this CPU runs the AVX2+FMA versions of the kernels.

@@ -28,6 +28,15 @@ pub(crate) struct CrossEntropyOp;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CrossEntropyBackward;
 
+/// The forward and backward in one op, CPU only (see [`loss_and_grad`]): `(logits [N, V],
+/// targets [N]) -> [N * V + N]`, the logits' gradient for a gradient `g` on every row's loss,
+/// then the per-row losses.
+#[derive(Clone, Copy, Debug)]
+struct CrossEntropyLossGrad {
+    /// The gradient of every row's loss.
+    g: f64,
+}
+
 #[inline(always)]
 fn logsumexp<T: Real>(row: &[T]) -> T {
     let max = max_all(row);
@@ -95,17 +104,17 @@ simd_dispatch!(loss_grad_rows_dispatch => loss_grad_rows(logits: &[T], targets: 
 /// Rows per task of the backward kernels: each row is a whole vocabulary.
 const LOSS_GRAD_ROWS: usize = 4;
 
-fn loss_grad_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize, g: f64) -> (Vec<T>, Vec<T>) {
+/// The logits' gradient `[N * V]` followed by the per-row losses `[N]`, in one vector.
+fn loss_grad_cpu<T: Real>(logits: &[T], targets: &[u32], v: usize, g: f64) -> Vec<T> {
     let n = targets.len();
     // SAFETY: `loss_grad_rows` writes every element of its rows' gradient and losses, and
     // each task gets matching whole rows of both.
-    let (dl, loss) = unsafe {
+    unsafe {
         par_written_pair((n * v, LOSS_GRAD_ROWS * v), (n, LOSS_GRAD_ROWS), |i, dl, loss| {
             let r = i * LOSS_GRAD_ROWS..i * LOSS_GRAD_ROWS + loss.len();
             loss_grad_rows_dispatch(&logits[r.start * v..r.end * v], &targets[r], T::of(g), dl, loss)
         })
-    };
-    (loss, dl)
+    }
 }
 
 /// The per-row losses `[N]` of [`super::cross_entropy`] and the logits' gradient `[N, V]` for
@@ -120,26 +129,9 @@ pub(crate) fn loss_and_grad(logits: &Tensor, targets: &Tensor, g: f64) -> Result
         let dl = super::backward::cross_entropy(logits, &targets, &loss, &grad)?;
         return Ok((loss, dl));
     }
-    let logits = logits.contiguous()?;
-    let (ls, ll) = logits.storage_and_layout();
-    let (ts, tl) = targets.storage_and_layout();
-    let (candle_core::Storage::Cpu(ls), candle_core::Storage::Cpu(ts)) = (&*ls, &*ts) else {
-        bail!("cross-entropy: logits and targets must be on the CPU");
-    };
-    dims(ll, tl)?;
-    let t = slice::<u32>(ts, tl, "cross-entropy")?;
-    let dev = logits.device();
-    match ls {
-        CpuStorage::F32(_) => {
-            let (loss, dl) = loss_grad_cpu(slice::<f32>(ls, ll, "cross-entropy")?, t, v, g);
-            Ok((Tensor::from_vec(loss, n, dev)?, Tensor::from_vec(dl, (n, v), dev)?))
-        }
-        CpuStorage::F64(_) => {
-            let (loss, dl) = loss_grad_cpu(slice::<f64>(ls, ll, "cross-entropy")?, t, v, g);
-            Ok((Tensor::from_vec(loss, n, dev)?, Tensor::from_vec(dl, (n, v), dev)?))
-        }
-        other => bail!("cross-entropy: no CPU kernel for {:?}", other.dtype()),
-    }
+    let both = logits.contiguous()?.apply_op2_no_bwd(&targets, &Fused(CrossEntropyLossGrad { g }))?;
+    // The losses copied out, so that holding them does not keep the gradient's buffer.
+    Ok((both.narrow(0, n * v, n)?.copy()?, both.narrow(0, 0, n * v)?.reshape((n, v))?))
 }
 
 fn rows_per_chunk(v: usize) -> usize {
@@ -229,6 +221,29 @@ impl Kernels<3> for CrossEntropyBackward {
     fn cuda(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Cuda<'_>; 3]) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = bwd_dims(l1, l2, l3)?;
         super::cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3, n, v)
+    }
+}
+
+impl Kernels<2> for CrossEntropyLossGrad {
+    fn name(&self) -> &'static str {
+        "bistro-cross-entropy-loss-grad"
+    }
+
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = dims(l1, l2)?;
+        let t = slice::<u32>(s2, l2, "cross-entropy")?;
+        let out = for_float!(s1.dtype(), "cross-entropy", |T| loss_grad_cpu(
+            slice::<T>(s1, l1, "cross-entropy")?,
+            t,
+            v,
+            self.g
+        ));
+        Ok((out, Shape::from(n * v + n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, _: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
+        bail!("{}: CPU only (elsewhere the forward and backward ops run)", self.name())
     }
 }
 

@@ -2,9 +2,12 @@
 //! selected them, in parallel over the table.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Result, Storage, Tensor, bail};
+use candle_core::{CpuStorage, Result, Shape, Tensor, bail};
 
-use super::cpu::{Real, par_filled, rows_per_task, slice};
+use super::cpu::{Real, for_float, par_filled, rows_per_task, slice};
+#[cfg(feature = "cuda")]
+use super::op::Cuda;
+use super::op::{Cpu, Fused, Kernels};
 
 /// `d_table[v] = sum of dx[p] over positions p with ids[p] == v`, positions in increasing
 /// order (the order `index_add` adds them in, so the result is the same to the bit).
@@ -36,6 +39,43 @@ fn grad_cpu<T: Real>(ids: &[u32], dx: &[T], vocab: usize, dim: usize) -> Vec<T> 
     })
 }
 
+/// `(ids [N] u32, dx [N, H]) -> [vocab, H]`: the embedding table's gradient, CPU only (see
+/// [`grad`]); ids at or above `vocab` are an error.
+#[derive(Clone, Copy, Debug)]
+struct EmbeddingGrad {
+    /// Rows of the table.
+    vocab: usize,
+}
+
+impl Kernels<2> for EmbeddingGrad {
+    fn name(&self) -> &'static str {
+        "bistro-embedding-grad"
+    }
+
+    fn cpu(&self, [(s1, l1), (s2, l2)]: [Cpu<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let (n, dim) = l2.shape().dims2()?;
+        let ids = slice::<u32>(s1, l1, "embedding gradient")?;
+        if ids.len() != n {
+            bail!("embedding gradient: {} ids for {n} rows", ids.len());
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            bail!("embedding gradient: id {bad} outside the vocabulary of {}", self.vocab);
+        }
+        let out = for_float!(s2.dtype(), "embedding gradient", |T| grad_cpu(
+            ids,
+            slice::<T>(s2, l2, "embedding gradient")?,
+            self.vocab,
+            dim
+        ));
+        Ok((out, Shape::from((self.vocab, dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, _: [Cuda<'_>; 2]) -> Result<(candle_core::CudaStorage, Shape)> {
+        bail!("{}: CPU only (elsewhere `index_add` runs)", self.name())
+    }
+}
+
 /// The gradient `[vocab, H]` of an embedding lookup `table.index_select(ids, 0)` from the
 /// gradient `dx: [N, H]` of its output; ids at or above `vocab` are an error.
 pub(crate) fn grad(ids: &Tensor, dx: &Tensor, vocab: usize) -> Result<Tensor> {
@@ -47,28 +87,7 @@ pub(crate) fn grad(ids: &Tensor, dx: &Tensor, vocab: usize) -> Result<Tensor> {
     if !dx.device().is_cpu() {
         return Tensor::zeros((vocab, dim), dx.dtype(), dx.device())?.index_add(&ids, dx, 0);
     }
-    let (ids, dx) = (ids.contiguous()?, dx.contiguous()?);
-    let (is, il) = ids.storage_and_layout();
-    let (ds, dl) = dx.storage_and_layout();
-    let (Storage::Cpu(is), Storage::Cpu(ds)) = (&*is, &*ds) else { bail!("embedding gradient: not on the CPU") };
-    let id_slice = slice::<u32>(is, il, "embedding gradient")?;
-    if let Some(bad) = id_slice.iter().find(|&&id| id as usize >= vocab) {
-        bail!("embedding gradient: id {bad} outside the vocabulary of {vocab}");
-    }
-    let dev = dx.device();
-    match ds {
-        CpuStorage::F32(_) => Tensor::from_vec(
-            grad_cpu(id_slice, slice::<f32>(ds, dl, "embedding gradient")?, vocab, dim),
-            (vocab, dim),
-            dev,
-        ),
-        CpuStorage::F64(_) => Tensor::from_vec(
-            grad_cpu(id_slice, slice::<f64>(ds, dl, "embedding gradient")?, vocab, dim),
-            (vocab, dim),
-            dev,
-        ),
-        other => bail!("embedding gradient: no CPU kernel for {:?}", other.dtype()),
-    }
+    ids.contiguous()?.apply_op2_no_bwd(&dx.contiguous()?, &Fused(EmbeddingGrad { vocab }))
 }
 
 #[cfg(test)]

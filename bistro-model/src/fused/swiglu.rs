@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 
 use std::mem::MaybeUninit;
 
-use super::cpu::{Real, for_float, par_written, par_written2, simd_dispatch, slice};
+use super::cpu::{Real, for_float, par_written, par_written_pair, simd_dispatch, slice};
 #[cfg(feature = "cuda")]
 use super::op::Cuda;
 use super::op::{Cpu, Fused, Kernels};
@@ -51,7 +51,7 @@ fn fwd_cpu<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
 fn bwd_cpu<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     // SAFETY: `bwd_chunk` writes every element of both chunks (the inputs have their length).
     unsafe {
-        par_written2(g.len(), CHUNK, |i, dgc, duc| {
+        par_written_pair((g.len(), CHUNK), (g.len(), CHUNK), |i, dgc, duc| {
             let r = i * CHUNK..i * CHUNK + dgc.len();
             bwd_chunk_dispatch(&g[r.clone()], &u[r.clone()], &dy[r], dgc, duc)
         })

@@ -157,7 +157,9 @@ impl Kernels<2> for RmsNormOp {
         let dy2 = dy.contiguous()?.reshape((n, d))?;
         let both = x2.apply_op3_no_bwd(&w.detach(), &dy2, &Fused(RmsNormBackward { eps: self.eps }))?;
         let dx = both.narrow(0, 0, n)?.reshape(dims)?;
-        let dw = both.narrow(0, n, 1)?.reshape(d)?;
+        // `dw` copied out: it is kept until the optimizer step, and as a view it would keep
+        // the whole `[N + 1, D]` buffer (all of `dx`) alive with it.
+        let dw = both.narrow(0, n, 1)?.reshape(d)?.copy()?;
         Ok([Some(dx), Some(dw)])
     }
 }

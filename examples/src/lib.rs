@@ -2,4 +2,5 @@
 
 pub mod devnet;
 pub mod hostile;
+pub mod learning;
 pub mod svg;

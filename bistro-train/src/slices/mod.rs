@@ -6,6 +6,7 @@
 pub mod aggregate;
 pub mod format;
 pub mod indices;
+pub mod quant;
 
 use bistro_model::Params;
 use candle_core::Tensor;

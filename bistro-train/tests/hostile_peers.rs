@@ -133,6 +133,31 @@ async fn endpoint_private() {
     assert!(r.is_err_and(|e| e.to_string().contains("internal address")));
 }
 
+/// Red team 3, F12: `region=` carried an IP-literal host through the URL's userinfo into
+/// the host object_store builds (`https://b.s3.x@127.0.0.1:PORT/...`), past the endpoint
+/// check. Every component of a peer's URL is now validated before a client exists.
+#[tokio::test]
+async fn f12_no_url_component_reaches_an_internal_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    let (url, _, conns) = recording_server(NOT_FOUND.to_string()).await;
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let ctx = context(chain, &h, &model, false, false);
+    for bad in [
+        format!("s3://bkt?region=x%40127.0.0.1%3A{port}%2F"),
+        format!("s3://bkt?region=x&endpoint=http://u:p@127.0.0.1:{port}"),
+        format!("s3://bkt?endpoint=http://8.8.8.8&proxy=http://127.0.0.1:{port}"),
+        format!("s3://u@bkt?endpoint=http://127.0.0.1:{port}"),
+    ] {
+        match ctx.peer_bucket(&bad) {
+            Err(Rejection::Download(reason)) => assert!(reason.contains("refused"), "{bad}: {reason}"),
+            Err(other) => panic!("{bad}: unexpected rejection {other}"),
+            Ok(_) => panic!("{bad} was opened"),
+        }
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 0, "a connection reached the internal endpoint");
+}
+
 #[tokio::test]
 async fn redirects_are_never_followed() {
     // Internal endpoints allowed here (both servers are on loopback): the point is that the

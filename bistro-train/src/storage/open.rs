@@ -112,6 +112,7 @@ impl Bucket {
         if !parsed.scheme().eq_ignore_ascii_case("s3") {
             return Self::open(url, &BucketOptions { transfer: transfer.clone(), ..Default::default() });
         }
+        crate::endpoint::check_peer_url(&parsed).map_err(|e| invalid(e.to_string()))?;
         let q: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
         if let Some(ep) = q.get("endpoint")
             && !allow_internal

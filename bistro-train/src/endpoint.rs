@@ -116,13 +116,12 @@ pub fn check_peer_url(u: &url::Url) -> Result<(), EndpointError> {
             return bad("query", format!("parameter `{k}` given twice"));
         }
         match k.as_ref() {
-            "region" => {
+            "region"
                 if v.is_empty()
                     || v.len() > 32
-                    || !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                {
-                    return bad("region", format!("`{v}` is not 1-32 characters of a-z, 0-9 and '-'"));
-                }
+                    || !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+            {
+                return bad("region", format!("`{v}` is not 1-32 characters of a-z, 0-9 and '-'"));
             }
             "path_style" if v != "true" && v != "false" => {
                 return bad("path_style", format!("`{v}` is not true or false"));

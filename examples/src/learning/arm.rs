@@ -213,7 +213,7 @@ pub fn run_arm(
     for w in 0..lab.opts.windows {
         arm.window(lab, w)?;
         let done = w + 1;
-        if done % lab.opts.eval_every == 0 || done == lab.opts.windows {
+        if done.is_multiple_of(lab.opts.eval_every) || done == lab.opts.windows {
             let loss = lab.heldout_loss(arm.public())?;
             if !loss.is_finite() {
                 bail!("{}: held-out loss {loss} after {done} windows", spec.label());
@@ -552,8 +552,9 @@ fn top_k(x: &[f32], density: f64) -> Vec<u32> {
     for (c, chunk) in x.chunks(CHUNK).enumerate() {
         let k = k_of(chunk.len(), density);
         let mut order: Vec<u32> = (0..chunk.len() as u32).collect();
-        let key = |i: &u32| (std::cmp::Reverse(OrdF32(chunk[*i as usize].abs())), *i);
-        order.select_nth_unstable_by_key(k - 1, key);
+        order.select_nth_unstable_by(k - 1, |&a, &b| {
+            chunk[b as usize].abs().total_cmp(&chunk[a as usize].abs()).then(a.cmp(&b))
+        });
         let mut sel: Vec<u32> = order[..k].iter().map(|i| i + (c * CHUNK) as u32).collect();
         sel.sort_unstable();
         out.extend(sel);
@@ -571,15 +572,6 @@ fn thresholds(x: &[f32], density: f64) -> Vec<f32> {
             a[k - 1]
         })
         .collect()
-}
-
-#[derive(Clone, Copy, PartialEq, PartialOrd)]
-struct OrdF32(f32);
-impl Eq for OrdF32 {}
-impl Ord for OrdF32 {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&o.0)
-    }
 }
 
 fn sparse_bytes(codec: &Codec, k: usize) -> usize {
@@ -731,7 +723,7 @@ impl Rounds {
         let mut decoded = Vec::new();
         let mut deltas = Vec::new();
         let ef_epoch_start =
-            matches!(self.spec, ArmSpec::SparseLoCo { ef_reset, .. } if ef_reset > 0 && round % ef_reset == 0);
+            matches!(self.spec, ArmSpec::SparseLoCo { ef_reset, .. } if ef_reset > 0 && round.is_multiple_of(ef_reset));
         if ef_epoch_start {
             for t in self.miners.iter_mut().chain(self.replay.as_mut()) {
                 if let Some(e) = &mut t.ef {

@@ -256,7 +256,6 @@ impl Node {
             bucket_options: cfg.bucket_options.clone(),
             allow_local_buckets: cfg.allow_local_buckets,
             allow_private_endpoints: cfg.allow_private_endpoints,
-            concurrency: crate::protocol::PEER_CONCURRENCY,
         };
         let uid = match cfg.auto_register {
             Some(stake) => chain.ensure_registered(cfg.netuid, &cfg.hotkey, stake).await?,

@@ -80,6 +80,3 @@ pub const PEER_ATTEMPTS: u32 = 2;
 
 /// Longest a node waits to connect to any endpoint.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Peers' objects downloaded at once while collecting a window.
-pub const PEER_CONCURRENCY: usize = 8;

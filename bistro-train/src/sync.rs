@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use bistro_chain::{BlockHash, Chain, ChainError, Metagraph};
 use bistro_model::Params;
-use futures::StreamExt;
 
 use crate::hparams::HParams;
 use crate::slices::{self, Contribution, Rejection, SliceIndices, SliceMeta};
@@ -48,8 +47,6 @@ pub struct SyncContext {
     /// Whether peers' endpoints may be internal addresses (loopback, private, link-local):
     /// the local devnet and tests only (see [`crate::endpoint`]).
     pub allow_private_endpoints: bool,
-    /// Downloads in flight at once.
-    pub concurrency: usize,
 }
 
 impl std::fmt::Debug for SyncContext {
@@ -166,9 +163,12 @@ impl SyncContext {
 
     /// Download and validate every committed peer's slice of `window` against `params`
     /// (= `theta_w`), all in parallel under one total time budget (`collect_budget_ms`): a
-    /// peer whose endpoint has not delivered by then is rejected as `timeout`. Lateness is
-    /// judged by this node's clock (it collects after the deadline), never by the peer
-    /// server's `Last-Modified`.
+    /// peer whose endpoint has not delivered by then is rejected as `timeout`. Every download
+    /// starts at once, so each peer's deadline is the budget's end whatever its place in the
+    /// metagraph: a stalling endpoint costs only its own download, never another peer's
+    /// (red team 3, F4: with 8 downloads at a time, 8 stalling peers at low uids starved
+    /// every peer after them). Lateness is judged by this node's clock (it collects after
+    /// the deadline), never by the peer server's `Last-Modified`.
     pub async fn collect(&self, params: &Params, window: u64, skip_hotkey: &str) -> Result<WindowSlices, SyncError> {
         let seed = self.seed(window).await?;
         let indices = SliceIndices::select(params.specs(), &seed, self.hparams.compression);
@@ -217,8 +217,7 @@ impl SyncContext {
         });
         crate::telemetry::phase("collect");
         let started = std::time::Instant::now();
-        let got: Vec<(bool, PeerSlice)> =
-            futures::stream::iter(jobs).buffer_unordered(self.concurrency.max(1)).collect().await;
+        let got: Vec<(bool, PeerSlice)> = futures::future::join_all(jobs).await;
         crate::telemetry::phase_seconds("collect", started.elapsed().as_secs_f64());
         // A permit holder that uploaded nothing is a validator this window, not a miner.
         let mut peers: Vec<PeerSlice> = got

@@ -38,7 +38,6 @@ fn context(chain: Arc<Devnet>, h: &HParams, model: &ModelConfig, local: bool, pr
         },
         allow_local_buckets: local,
         allow_private_endpoints: private,
-        concurrency: 4,
     }
 }
 
@@ -156,6 +155,48 @@ async fn f12_no_url_component_reaches_an_internal_host() {
         }
     }
     assert_eq!(conns.load(Ordering::SeqCst), 0, "a connection reached the internal endpoint");
+}
+
+/// Red team 3, F4: with 8 downloads at a time, 8 stalling endpoints at the lowest uids held
+/// every slot for the whole budget and every peer after them timed out. Every download now
+/// starts at once: the stallers cost only their own downloads.
+#[tokio::test]
+async fn f4_stalling_peers_at_low_uids_do_not_starve_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    // An endpoint that accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    for i in 0..8 {
+        let hk = format!("stall-{i}");
+        chain.ensure_registered(1, &hk, 0).await.unwrap();
+        chain.set_commitment(1, &hk, &format!("s3://stall{i}?endpoint={url}")).await.unwrap();
+    }
+    chain.ensure_registered(1, "after-them", 0).await.unwrap();
+    chain.set_commitment(1, "after-them", "memory://f4-after-them").await.unwrap();
+    let ctx = context(chain.clone(), &h, &model, true, true);
+    let w = h.window_of(chain.block_number().await.unwrap());
+    chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
+    let b = Bucket::open("memory://f4-after-them", &BucketOptions::default()).unwrap();
+    b.put(&bistro_train::protocol::slice_key(w, "after-them"), Bytes::from_static(b"not a slice")).await.unwrap();
+    let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
+    let started = Instant::now();
+    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let took = started.elapsed();
+    let outcome = |hk: &str| ws.peers.iter().find(|p| p.hotkey == hk).map(|p| p.outcome.clone());
+    let last = outcome("after-them");
+    assert!(matches!(last, Some(Err(Rejection::Malformed(_)))), "the peer after the stallers: {last:?}");
+    for i in 0..8 {
+        let o = outcome(&format!("stall-{i}"));
+        assert!(matches!(o, Some(Err(Rejection::Timeout { .. }))), "stall-{i}: {o:?}");
+    }
+    assert!(took < Duration::from_millis(h.collect_budget_ms) + Duration::from_secs(2), "collection took {took:?}");
 }
 
 #[tokio::test]

@@ -61,6 +61,16 @@ pub struct MinerResult {
     pub recomputed: bool,
 }
 
+impl MinerResult {
+    /// Whether this window says anything about the miner. A download that ran out of this
+    /// validator's collection budget (`timeout`) does not: it may be the validator's own
+    /// network or another peer's load as much as the miner's endpoint, so it is neither
+    /// scored nor penalised (red team 3, F4).
+    pub fn observed(&self) -> bool {
+        self.status != Rejection::Timeout { budget_ms: 0 }.code()
+    }
+}
+
 impl Scorer {
     /// Score each `(uid, hotkey)` of `miners`, in that order: a missing or invalid slice
     /// counts as `g_m = 0` (`e = 1`, nothing recomputed); a valid one is compared with `g_v`

@@ -162,6 +162,21 @@ pub fn fold_scores(
 ) -> (Vec<ScoreRow>, Vec<(u16, f64)>) {
     let mut rows = Vec::with_capacity(results.len());
     for r in results {
+        if !r.observed() {
+            // Not observed: the EMA, the record and any penalty stay as they were.
+            let ema = board.uids.get(&r.uid).filter(|s| s.hotkey == r.hotkey).map_or(0.0, |s| s.ema);
+            rows.push(ScoreRow {
+                uid: r.uid,
+                hotkey: r.hotkey.clone(),
+                status: r.status.clone(),
+                r: r.r,
+                e: f64::NAN,
+                score: f64::NAN,
+                ema,
+                weight: 0.0,
+            });
+            continue;
+        }
         let score = honesty_score(r.e, h.honest_tolerance);
         if r.recomputed && r.e > h.honest_tolerance {
             board.penalize(r.uid, &r.hotkey, window, h.penalty_windows);
@@ -201,6 +216,39 @@ mod tests {
         assert!(honesty_score(0.1, 0.05) < 0.004);
         assert!(honesty_score(0.3, 0.05) < 1e-6);
         assert_eq!(honesty_score(f64::NAN, 0.05), 0.0);
+    }
+
+    /// Red team 3, F4: a download that ran out of the validator's budget is not observed:
+    /// no score, no EMA decay, no penalty; a missing slice still scores 0.
+    #[test]
+    fn f4_a_timeout_is_not_observed() {
+        let neuron = |uid: u16, hotkey: &str| bistro_chain::Neuron {
+            uid,
+            hotkey: hotkey.into(),
+            stake: 0,
+            validator_permit: false,
+            incentive: 0.0,
+        };
+        let mg = Metagraph { netuid: 1, block: 0, neurons: vec![neuron(0, "slow"), neuron(1, "gone")] };
+        let miners = vec![(0u16, "slow".to_string()), (1, "gone".to_string())];
+        let h = HParams::default();
+        let result = |uid: u16, hotkey: &str, status: &str, e: f64| MinerResult {
+            uid,
+            hotkey: hotkey.into(),
+            status: status.into(),
+            r: f64::NAN,
+            e,
+            recomputed: false,
+        };
+        let mut board = Scoreboard::default();
+        let honest = [result(0, "slow", "ok", 1e-7), result(1, "gone", "ok", 1e-7)];
+        fold_scores(&mut board, &honest, 0, &mg, &miners, &h);
+        let before = board.uids[&0].clone();
+        let window = [result(0, "slow", "timeout", 1.0), result(1, "gone", "missing", 1.0)];
+        let (rows, _) = fold_scores(&mut board, &window, 1, &mg, &miners, &h);
+        assert_eq!(board.uids[&0], before, "a timeout changed the record");
+        assert!(rows[0].score.is_nan() && rows[0].ema == before.ema, "{:?}", rows[0]);
+        assert!(board.uids[&1].ema < before.ema, "a missing slice still counts");
     }
 
     #[test]

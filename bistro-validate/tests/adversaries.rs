@@ -52,7 +52,6 @@ fn world() -> World {
         bucket_options: BucketOptions::default(),
         allow_local_buckets: true,
         allow_private_endpoints: true,
-        concurrency: 4,
     };
     let params = Params::genesis(&model, 0, &Device::Cpu).unwrap();
     World {

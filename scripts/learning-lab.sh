@@ -6,11 +6,13 @@
 #   ARMS="r0:lr=3e-3 d2:h=32,bits=2" NETWORKS=devnet scripts/learning-lab.sh
 #
 # Reports go to docs/learning/runs/<network>--<arm>.json; an existing report is kept
-# (delete it to rerun that arm). WINDOWS overrides the 384 windows.
+# (delete it to rerun that arm). WINDOWS overrides the 384 windows; LR is the inner AdamW
+# learning rate of D2/D3 where the arm names none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/bistro/target}"
-cargo build --release -p bistro-examples --example learning
+# SKIP_BUILD=1 uses the binary already built (e.g. while another build holds the target dir).
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -p bistro-examples --example learning
 BIN="$CARGO_TARGET_DIR/release/examples/learning"
 RUNS="${RUNS:-docs/learning/runs}"
 WINDOWS="${WINDOWS:-384}"

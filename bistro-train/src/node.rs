@@ -398,10 +398,17 @@ impl Node {
         if pace == Pace::Live {
             sleep_until_ms(deadline, stop).await;
         }
+        // Live, every fetch runs under the cut-off it serves: a publisher that stalls instead
+        // of answering costs at most that wait, and is not asked again in this window (red
+        // team 3, F3: one stalling lead held every node for two 15 s attempts per poll).
+        let mut stalled: std::collections::HashSet<String> = std::collections::HashSet::new();
         // The lead alone until its cut-off (once, in lockstep).
         if let Some(lead) = publishers.first() {
             loop {
-                found = self.try_publisher(lead, &indices, w).await;
+                found = self.try_publisher_until(lead, &indices, w, pace, lead_cutoff, &mut stalled).await;
+                if stalled.contains(&lead.hotkey) {
+                    break;
+                }
                 if found.is_some() || pace == Pace::Lockstep || now_ms() >= lead_cutoff || stop.load(Ordering::Relaxed)
                 {
                     break;
@@ -421,7 +428,10 @@ impl Node {
         }
         while found.is_none() && !publishers.is_empty() {
             for p in &publishers {
-                found = self.try_publisher(p, &indices, w).await;
+                if stalled.contains(&p.hotkey) {
+                    continue;
+                }
+                found = self.try_publisher_until(p, &indices, w, pace, final_cutoff, &mut stalled).await;
                 if found.is_some() {
                     break;
                 }
@@ -478,6 +488,31 @@ impl Node {
             crate::history::cleanup(&self.bucket, &self.cfg.hotkey, self.window, &self.cfg.hparams).await;
         }
         Ok(outcome)
+    }
+
+    /// [`Self::try_publisher`] under `cutoff_ms` (Unix ms) when live; a publisher that has
+    /// not answered by then goes into `stalled`.
+    async fn try_publisher_until(
+        &self,
+        p: &Publisher,
+        indices: &crate::slices::SliceIndices,
+        w: u64,
+        pace: Pace,
+        cutoff_ms: u64,
+        stalled: &mut std::collections::HashSet<String>,
+    ) -> Option<(String, AggregateObject, Bytes)> {
+        if pace == Pace::Lockstep {
+            return self.try_publisher(p, indices, w).await;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(cutoff_ms.saturating_sub(now_ms()));
+        match tokio::time::timeout_at(until, self.try_publisher(p, indices, w)).await {
+            Ok(found) => found,
+            Err(_) => {
+                tracing::warn!(window = w, validator = %p.hotkey, "no answer by the cut-off: not asked again this window");
+                stalled.insert(p.hotkey.clone());
+                None
+            }
+        }
     }
 
     async fn try_publisher(

@@ -199,6 +199,55 @@ async fn f4_stalling_peers_at_low_uids_do_not_starve_the_rest() {
     assert!(took < Duration::from_millis(h.collect_budget_ms) + Duration::from_secs(2), "collection took {took:?}");
 }
 
+/// Red team 3, F3: a lead whose endpoint stalls instead of answering 404 held every
+/// follower for two 15 s attempts per poll, so the network stopped while it lasted. Every
+/// fetch now runs under the window's cut-off: the stall costs this window's wait, no more.
+#[tokio::test]
+async fn f3_a_stalling_lead_costs_at_most_the_window_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (chain, h, _model) = network(dir);
+    let cfg = NodeConfig {
+        hparams: h.clone(),
+        netuid: 1,
+        hotkey: "follower".to_string(),
+        bucket_url: format!("file://{}", dir.join("follower").display()),
+        bucket_options: BucketOptions::default(),
+        state_dir: dir.join("state-follower"),
+        device: Device::Cpu,
+        micro_batch_rows: 8,
+        auto_register: Some(0),
+        allow_local_buckets: true,
+        allow_private_endpoints: true,
+    };
+    let mut node = Node::join(cfg, chain.clone(), "").await.unwrap();
+    // Then the lead's endpoint starts to stall: it accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    chain.ensure_registered(1, "stalling-lead", 5000).await.unwrap();
+    chain.set_commitment(1, "stalling-lead", &format!("s3://lead?endpoint={url}")).await.unwrap();
+    let w = node.window;
+    chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let out = node.follow(bistro_train::node::Pace::Live, &stop, None).await.unwrap();
+    let took = started.elapsed();
+    assert!(matches!(out, bistro_train::node::Followed::NoUpdate { .. }), "{out:?}");
+    let wait =
+        Duration::from_millis(h.aggregate_wait_ms + h.fallback_wait_ms) + Duration::from_secs(h.upload_grace_secs);
+    assert!(
+        took < wait + Duration::from_secs(3),
+        "following a stalling lead took {took:?} (the window's wait is {wait:?})"
+    );
+    assert_eq!(node.window, w + 1, "the node moved on to the next window");
+}
+
 #[tokio::test]
 async fn redirects_are_never_followed() {
     // Internal endpoints allowed here (both servers are on loopback): the point is that the

@@ -327,20 +327,29 @@ impl Node {
         Ok(())
     }
 
+    /// The lead: the first validator by stake among those with a usable commitment. Every
+    /// role uses this one rule (red team 3, F7: the validator led by stake alone, followers
+    /// skipped validators without a bucket, so a top-stake permit holder that does not run
+    /// BISTRO left the network with no lead at all).
+    pub async fn lead(&self) -> Result<Option<String>, ChainError> {
+        Ok(self.publishers(false).await?.into_iter().next().map(|p| p.hotkey))
+    }
+
     /// The validators that may publish the accepted set, in fallback order (the lead
-    /// first), with their buckets; this node's own bucket stands for itself. Validators
-    /// whose bucket cannot be opened are skipped with a log line.
+    /// first), with their buckets: permit holders by stake that committed a bucket URL this
+    /// node can open (this node's own bucket stands for itself, once it is committed).
+    /// Validators whose bucket cannot be opened are skipped with a log line.
     async fn publishers(&self, exclude_self: bool) -> Result<Vec<Publisher>, ChainError> {
         let mg = self.chain.metagraph(self.cfg.netuid).await?;
         let mut out = Vec::new();
         for n in validators_by_stake(&mg) {
+            let Some(url) = self.chain.commitment(self.cfg.netuid, &n.hotkey).await? else { continue };
             if n.hotkey == self.cfg.hotkey {
                 if !exclude_self {
                     out.push(Publisher { hotkey: n.hotkey, bucket: self.bucket.clone() });
                 }
                 continue;
             }
-            let Some(url) = self.chain.commitment(self.cfg.netuid, &n.hotkey).await? else { continue };
             match self.ctx.peer_bucket(&url) {
                 Ok(bucket) => out.push(Publisher { hotkey: n.hotkey, bucket }),
                 Err(e) => tracing::warn!(validator = %n.hotkey, reason = %e, "cannot read this validator's bucket"),

@@ -248,6 +248,36 @@ async fn f3_a_stalling_lead_costs_at_most_the_window_wait() {
     assert_eq!(node.window, w + 1, "the node moved on to the next window");
 }
 
+/// Red team 3, F7: the validator decided it led by stake alone while followers skipped
+/// validators without a committed bucket, so a top-stake permit holder that does not run
+/// BISTRO left the network without a lead. One rule now: the first validator by stake
+/// among those with a usable commitment.
+#[tokio::test]
+async fn f7_a_permit_holder_without_a_bucket_does_not_lead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (chain, h, _model) = network(dir);
+    let cfg = NodeConfig {
+        hparams: h.clone(),
+        netuid: 1,
+        hotkey: "small-validator".to_string(),
+        bucket_url: format!("file://{}", dir.join("small-validator").display()),
+        bucket_options: BucketOptions::default(),
+        state_dir: dir.join("state-small-validator"),
+        device: Device::Cpu,
+        micro_batch_rows: 8,
+        auto_register: Some(1000),
+        allow_local_buckets: true,
+        allow_private_endpoints: true,
+    };
+    let node = Node::join(cfg, chain.clone(), "").await.unwrap();
+    chain.ensure_registered(1, "passive-delegate", 5000).await.unwrap();
+    assert_eq!(node.lead().await.unwrap().as_deref(), Some("small-validator"));
+    // Once the delegate commits a bucket it can serve, it leads.
+    chain.set_commitment(1, "passive-delegate", "memory://passive-delegate").await.unwrap();
+    assert_eq!(node.lead().await.unwrap().as_deref(), Some("passive-delegate"));
+}
+
 #[tokio::test]
 async fn redirects_are_never_followed() {
     // Internal endpoints allowed here (both servers are on loopback): the point is that the

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bistro_chain::{Chain, ChainError};
 use bistro_model::{Llama, Params};
-use bistro_train::accepted::validators_by_stake;
 use bistro_train::hparams::PROTOCOL_VERSION;
 use bistro_train::node::{Followed, Listeners, Node, NodeConfig, NodeError, Pace, now_ms, sleep_until_ms};
 use bistro_train::step;
@@ -266,7 +265,7 @@ impl Validator {
             bistro_train::accepted::encode(&expect, &obj)
                 .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
         );
-        let is_lead = validators_by_stake(&mg).first().is_some_and(|n| n.hotkey == me);
+        let is_lead = self.node.lead().await?.is_some_and(|lead| lead == me);
         let mut candidate = Some(bytes.clone());
         if is_lead {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;

@@ -78,6 +78,9 @@ pub enum ArmSpec {
         outer_lr: f64,
         /// Outer Nesterov momentum.
         momentum: f64,
+        /// The inner AdamW's epsilon.
+        #[serde(default = "default_eps")]
+        eps: f64,
     },
     /// D3: top-k with error feedback reset every `ef_reset` rounds.
     SparseLoCo {
@@ -108,10 +111,12 @@ impl ArmSpec {
             ArmSpec::QuantSlices { bits, lr } => {
                 format!("D1 {bits}-bit slices c={}, Adam lr {lr:e}", d1_compression(*bits))
             }
-            ArmSpec::DiLoCo { h, bits, keep_moments, outer_lr, momentum, .. } => {
+            ArmSpec::DiLoCo { h, bits, keep_moments, outer_lr, momentum, inner_lr, eps } => {
                 let q = if *bits == 0 { "f32".to_string() } else { format!("{bits}-bit") };
                 let m = if *keep_moments { ", moments kept" } else { "" };
-                format!("D2 H={h} {q}{m} (outer {outer_lr}, μ {momentum})")
+                let lr = if *inner_lr == 3e-3 { String::new() } else { format!(", inner lr {inner_lr:e}") };
+                let e = if *eps == 1e-8 { String::new() } else { format!(", eps {eps:e}") };
+                format!("D2 H={h} {q}{m} (outer {outer_lr}, μ {momentum}{lr}{e})")
             }
             ArmSpec::SparseLoCo { h, bits, ef_reset, .. } => {
                 let e = if *ef_reset == 0 { "EF never reset".to_string() } else { format!("EF reset/{ef_reset}") };
@@ -156,6 +161,7 @@ impl ArmSpec {
                 inner_lr: take("lr", inner_lr)?,
                 outer_lr: take("outer", 1.0)?,
                 momentum: take("mu", 0.0)?,
+                eps: take("eps", 1e-8)?,
             },
             "d3" => ArmSpec::SparseLoCo {
                 h: take("h", 8.0)? as u64,
@@ -173,6 +179,10 @@ impl ArmSpec {
         }
         Ok(spec)
     }
+}
+
+fn default_eps() -> f64 {
+    1e-8
 }
 
 /// D1's compression: the smallest that keeps `bits` per value plus a scale per block in the budget.
@@ -263,7 +273,7 @@ struct Central {
 impl Central {
     fn new(lab: &Lab, lr: f64) -> anyhow::Result<Self> {
         let params = lab.genesis()?;
-        let opt = adamw(&params, lr)?;
+        let opt = adamw(&params, lr, 1e-8)?;
         Ok(Central { params, opt, lr })
     }
 }
@@ -499,22 +509,24 @@ struct Trainer {
     micro_rows: usize,
     /// Error feedback (D3).
     ef: Option<Flat>,
+    /// AdamW's epsilon.
+    eps: f64,
     seconds: f64,
 }
 
 impl Trainer {
-    fn new(lab: &Lab, micro_rows: usize, lr: f64, ef: bool) -> anyhow::Result<Self> {
+    fn new(lab: &Lab, micro_rows: usize, lr: f64, eps: f64, ef: bool) -> anyhow::Result<Self> {
         let params = lab.genesis()?;
-        let opt = adamw(&params, lr)?;
+        let opt = adamw(&params, lr, eps)?;
         let ef = ef.then(|| params.specs().iter().map(|s| vec![0.0; s.numel()]).collect());
-        Ok(Trainer { params, opt, micro_rows, ef, seconds: 0.0 })
+        Ok(Trainer { params, opt, micro_rows, ef, eps, seconds: 0.0 })
     }
 
     /// Start a round from the public model (fresh moments unless kept).
     fn start(&mut self, public: &Params, keep_moments: bool, lr: f64) -> anyhow::Result<()> {
         self.params.assign(public)?;
         if !keep_moments {
-            self.opt = adamw(&self.params, lr)?;
+            self.opt = adamw(&self.params, lr, self.eps)?;
         }
         Ok(())
     }
@@ -636,19 +648,19 @@ struct Rounds {
 impl Rounds {
     fn new(lab: &Lab, spec: ArmSpec, verify: bool) -> anyhow::Result<Self> {
         let public = lab.genesis()?;
-        let (bits, ef, lr) = match &spec {
-            ArmSpec::DiLoCo { bits, inner_lr, .. } => (*bits, false, *inner_lr),
-            ArmSpec::SparseLoCo { bits, inner_lr, .. } => (*bits, true, *inner_lr),
+        let (bits, ef, lr, eps) = match &spec {
+            ArmSpec::DiLoCo { bits, inner_lr, eps, .. } => (*bits, false, *inner_lr, *eps),
+            ArmSpec::SparseLoCo { bits, inner_lr, .. } => (*bits, true, *inner_lr, 1e-8),
             _ => bail!("not a round-based arm"),
         };
         let codec = if bits == 0 { None } else { Some(Codec::new(bits)?) };
         let miners = lab
             .hotkeys
             .iter()
-            .map(|_| Trainer::new(lab, lab.opts.micro_rows, lr, ef))
+            .map(|_| Trainer::new(lab, lab.opts.micro_rows, lr, eps, ef))
             .collect::<anyhow::Result<_>>()?;
         let verify = verify && spec.verifiable();
-        let replay = if verify { Some(Trainer::new(lab, lab.opts.replay_micro_rows, lr, ef)?) } else { None };
+        let replay = if verify { Some(Trainer::new(lab, lab.opts.replay_micro_rows, lr, eps, ef)?) } else { None };
         Ok(Rounds {
             momentum: public.specs().iter().map(|s| vec![0.0; s.numel()]).collect(),
             public,
@@ -962,7 +974,11 @@ impl Arm for Rounds {
             }
             if self.replay.is_some() && round == adversary_window(lab.opts.windows / h, 1) {
                 for name in ["wrong-pages", "lazy"] {
-                    let mut t = Trainer::new(lab, lab.opts.micro_rows, lr, false)?;
+                    let eps = match self.spec {
+                        ArmSpec::DiLoCo { eps, .. } => eps,
+                        _ => 1e-8,
+                    };
+                    let mut t = Trainer::new(lab, lab.opts.micro_rows, lr, eps, false)?;
                     t.start(&self.public, false, lr)?;
                     self.cheaters.push((name.to_string(), t));
                 }

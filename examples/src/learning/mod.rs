@@ -245,8 +245,8 @@ pub fn adam_step(opt: &mut AdamW, p: &Params, grads: Vec<Tensor>) -> anyhow::Res
 }
 
 /// A fresh AdamW over `p` (betas 0.9/0.95, weight decay 0.1, the lab's R0 settings).
-pub fn adamw(p: &Params, lr: f64) -> anyhow::Result<AdamW> {
-    let cfg = candle_nn::ParamsAdamW { lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+pub fn adamw(p: &Params, lr: f64, eps: f64) -> anyhow::Result<AdamW> {
+    let cfg = candle_nn::ParamsAdamW { lr, beta1: 0.9, beta2: 0.95, eps, weight_decay: 0.1 };
     Ok(AdamW::new(p.vars().to_vec(), cfg)?)
 }
 

@@ -38,6 +38,11 @@ pub struct ArmReport {
 }
 
 impl ArmReport {
+    /// The arm's label from its spec (reports keep the label of the binary that ran them).
+    pub fn name(&self) -> String {
+        self.spec.label()
+    }
+
     /// Held-out loss after `w` windows (the last evaluation at or before `w`).
     pub fn loss_at(&self, w: u64) -> Option<f64> {
         self.curve.iter().rev().find(|(x, _)| *x <= w).map(|(_, l)| *l)
@@ -119,7 +124,9 @@ impl LabTable {
                 let _ = writeln!(
                     s,
                     "{} windows, {:.0} training tokens per window over 4 miners; R0 = {} (best of the sweep).\n",
-                    r.windows, r.tokens_per_window, r.label
+                    r.windows,
+                    r.tokens_per_window,
+                    r.name()
                 );
             }
             let _ = writeln!(
@@ -138,7 +145,7 @@ impl LabTable {
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
-                    a.label,
+                    a.name(),
                     if a.verifiable { "yes" } else { "no" },
                     at(96),
                     at(192),
@@ -183,7 +190,7 @@ impl LabTable {
                     let _ = writeln!(
                         s,
                         "| {} | {} | {:.2e} | {:.2e} | {} | {} | {} | {:.2} | {} |",
-                        a.label,
+                        a.name(),
                         v.honest.len(),
                         v.max_bin_deviation(),
                         v.max_rel_error(),
@@ -201,7 +208,7 @@ impl LabTable {
                     let _ = writeln!(
                         s,
                         "**Choice by rule on `{net}`:** {} at L/L_R0 = {:.4} after {} windows ({} KB/window upload).\n",
-                        c.label,
+                        c.name(),
                         c.final_loss() / r.final_loss(),
                         c.windows,
                         kb(c.upload_bytes_per_window)
@@ -224,11 +231,12 @@ impl LabTable {
         self.by_network
             .iter()
             .map(|(net, arms)| {
+                let labels: Vec<String> = arms.iter().map(|a| a.name()).collect();
                 let series: Vec<crate::svg::Series> = arms
                     .iter()
                     .enumerate()
                     .map(|(i, a)| crate::svg::Series {
-                        label: &a.label,
+                        label: &labels[i],
                         color: COLOURS[i % COLOURS.len()],
                         points: a.curve.iter().map(|&(w, l)| (w as f64, l)).collect(),
                     })
@@ -238,7 +246,7 @@ impl LabTable {
                 // Bars: the fraction of genesis-to-R0 progress each arm made.
                 let bars: Vec<(String, f64)> = arms
                     .iter()
-                    .map(|a| (a.label.clone(), ((genesis - a.final_loss()) / (genesis - r0)).clamp(0.0, 1.0)))
+                    .map(|a| (a.name(), ((genesis - a.final_loss()) / (genesis - r0)).clamp(0.0, 1.0)))
                     .collect();
                 let svg = crate::svg::chart(
                     &format!("held-out loss, page seed {net}"),

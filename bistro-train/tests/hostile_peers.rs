@@ -78,6 +78,23 @@ fn network(dir: &std::path::Path) -> (Arc<Devnet>, HParams, ModelConfig) {
     (chain, h, model)
 }
 
+/// A devnet node `name` with a local bucket and state under `dir`, registered with `stake`.
+fn node_config(dir: &std::path::Path, h: &HParams, name: &str, stake: u64) -> NodeConfig {
+    NodeConfig {
+        hparams: h.clone(),
+        netuid: 1,
+        hotkey: name.to_string(),
+        bucket_url: format!("file://{}", dir.join(name).display()),
+        bucket_options: BucketOptions::default(),
+        state_dir: dir.join(format!("state-{name}")),
+        device: Device::Cpu,
+        micro_batch_rows: 8,
+        auto_register: Some(stake),
+        allow_local_buckets: true,
+        allow_private_endpoints: true,
+    }
+}
+
 #[test]
 fn file_scheme_case() {
     let tmp = tempfile::tempdir().unwrap();
@@ -207,20 +224,7 @@ async fn f3_a_stalling_lead_costs_at_most_the_window_wait() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (chain, h, _model) = network(dir);
-    let cfg = NodeConfig {
-        hparams: h.clone(),
-        netuid: 1,
-        hotkey: "follower".to_string(),
-        bucket_url: format!("file://{}", dir.join("follower").display()),
-        bucket_options: BucketOptions::default(),
-        state_dir: dir.join("state-follower"),
-        device: Device::Cpu,
-        micro_batch_rows: 8,
-        auto_register: Some(0),
-        allow_local_buckets: true,
-        allow_private_endpoints: true,
-    };
-    let mut node = Node::join(cfg, chain.clone(), "").await.unwrap();
+    let mut node = Node::join(node_config(dir, &h, "follower", 0), chain.clone(), "").await.unwrap();
     // Then the lead's endpoint starts to stall: it accepts connections and never answers.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -257,20 +261,7 @@ async fn f7_a_permit_holder_without_a_bucket_does_not_lead() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (chain, h, _model) = network(dir);
-    let cfg = NodeConfig {
-        hparams: h.clone(),
-        netuid: 1,
-        hotkey: "small-validator".to_string(),
-        bucket_url: format!("file://{}", dir.join("small-validator").display()),
-        bucket_options: BucketOptions::default(),
-        state_dir: dir.join("state-small-validator"),
-        device: Device::Cpu,
-        micro_batch_rows: 8,
-        auto_register: Some(1000),
-        allow_local_buckets: true,
-        allow_private_endpoints: true,
-    };
-    let node = Node::join(cfg, chain.clone(), "").await.unwrap();
+    let node = Node::join(node_config(dir, &h, "small-validator", 1000), chain.clone(), "").await.unwrap();
     chain.ensure_registered(1, "passive-delegate", 5000).await.unwrap();
     assert_eq!(node.lead().await.unwrap().as_deref(), Some("small-validator"));
     // Once the delegate commits a bucket it can serve, it leads.
@@ -372,19 +363,7 @@ async fn checkpoint_from_future() {
     let bytes = bistro_train::state::checkpoint_bytes(&tampered, 1).unwrap();
     vbucket.put(&bistro_train::protocol::checkpoint_key(1), Bytes::from(bytes)).await.unwrap();
 
-    let cfg = |name: &str| NodeConfig {
-        hparams: h.clone(),
-        netuid: 1,
-        hotkey: name.to_string(),
-        bucket_url: format!("file://{}", dir.join(name).display()),
-        bucket_options: BucketOptions::default(),
-        state_dir: dir.join(format!("state-{name}")),
-        device: Device::Cpu,
-        micro_batch_rows: 8,
-        auto_register: Some(0),
-        allow_local_buckets: true,
-        allow_private_endpoints: true,
-    };
+    let cfg = |name: &str| node_config(dir, &h, name, 0);
     let start = Instant::now();
     let node = Node::join(cfg("joiner"), chain.clone(), "").await.unwrap();
     assert!(start.elapsed() < Duration::from_secs(20), "the joiner waited on a peer's window number");

@@ -263,29 +263,24 @@ trait Arm {
     }
 }
 
-/// R0.
+/// R0: one trainer on the union of the miners' pages.
 struct Central {
-    params: Params,
-    opt: AdamW,
+    trainer: Trainer,
     lr: f64,
 }
 
 impl Central {
     fn new(lab: &Lab, lr: f64) -> anyhow::Result<Self> {
-        let params = lab.genesis()?;
-        let opt = adamw(&params, lr, 1e-8)?;
-        Ok(Central { params, opt, lr })
+        Ok(Central { trainer: Trainer::new(lab, lab.opts.micro_rows, lr, 1e-8, false)?, lr })
     }
 }
 
 impl Arm for Central {
     fn window(&mut self, lab: &Lab, w: u64) -> anyhow::Result<()> {
-        let g = gradient(&self.params, &lab.union_batch(w)?, lab.opts.micro_rows)?;
-        self.opt.set_learning_rate(warmup_lr(self.lr, w, WARMUP));
-        adam_step(&mut self.opt, &self.params, g)
+        self.trainer.step(&lab.union_batch(w)?, warmup_lr(self.lr, w, WARMUP))
     }
     fn public(&self) -> &Params {
-        &self.params
+        &self.trainer.params
     }
     fn bytes(&self) -> (f64, f64) {
         (0.0, 0.0)
@@ -773,8 +768,12 @@ impl Rounds {
             }
             deltas.push(delta);
         }
-        if self.report.is_some() {
-            self.check_round(lab, round, &theta, &deltas, sent0, &seed, &lengths)?;
+        if let (true, Some(codec)) = (self.report.is_some(), self.codec)
+            && let Some(mut replay) = self.replay.take()
+        {
+            let checked = self.check_round(lab, round, &theta, &deltas, sent0, &seed, &lengths, &codec, &mut replay);
+            self.replay = Some(replay);
+            checked?;
         }
         // The lead's outer step.
         let avg = mean(&decoded);
@@ -809,25 +808,10 @@ impl Rounds {
         Ok(())
     }
 
+    /// The validator's check of miner 0's upload of `round` against its replay (and, in
+    /// one round, the cheaters').
     #[allow(clippy::too_many_arguments)]
     fn check_round(
-        &mut self,
-        lab: &Lab,
-        round: u64,
-        theta: &Flat,
-        deltas: &[Flat],
-        sent0: Option<SentKind>,
-        seed: &[u8],
-        lengths: &[usize],
-    ) -> anyhow::Result<()> {
-        let (Some(mut replay), Some(codec)) = (self.replay.take(), self.codec) else { return Ok(()) };
-        let result = self.check_with(lab, round, theta, deltas, sent0, seed, lengths, &codec, &mut replay);
-        self.replay = Some(replay);
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn check_with(
         &mut self,
         lab: &Lab,
         round: u64,

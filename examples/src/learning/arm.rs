@@ -125,6 +125,37 @@ impl ArmSpec {
         }
     }
 
+    /// A short label for charts.
+    pub fn short(&self) -> String {
+        match self {
+            ArmSpec::AdamW { .. } => "R0 AdamW".into(),
+            ArmSpec::Sgd { compression: 1 } => "R1 SGD, uncompressed".into(),
+            ArmSpec::Sgd { .. } => "R2 today (1/300, f32)".into(),
+            ArmSpec::QuantSlices { bits, .. } => format!("D1 {bits}-bit slices"),
+            ArmSpec::DiLoCo { h, bits, keep_moments, .. } => {
+                let q = if *bits == 0 { "f32".to_string() } else { format!("{bits}-bit") };
+                format!("D2 H={h} {q}{}", if *keep_moments { ", moments kept" } else { "" })
+            }
+            ArmSpec::SparseLoCo { h, ef_reset: 0, .. } => format!("D3 H={h}, EF never reset"),
+            ArmSpec::SparseLoCo { h, ef_reset, .. } => format!("D3 H={h}, EF reset/{ef_reset}"),
+        }
+    }
+
+    /// The family an arm belongs to (the curves show the best of each): `R0`, `R1`, `R2`,
+    /// `D1`, `D2`, `D2 kept`, `D3`, `D3 no reset`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            ArmSpec::AdamW { .. } => "R0",
+            ArmSpec::Sgd { compression: 1 } => "R1",
+            ArmSpec::Sgd { .. } => "R2",
+            ArmSpec::QuantSlices { .. } => "D1",
+            ArmSpec::DiLoCo { keep_moments: true, .. } => "D2 kept",
+            ArmSpec::DiLoCo { .. } => "D2",
+            ArmSpec::SparseLoCo { ef_reset: 0, .. } => "D3 no reset",
+            ArmSpec::SparseLoCo { .. } => "D3",
+        }
+    }
+
     /// Whether a validator can recompute what an honest miner uploads from public data.
     pub fn verifiable(&self) -> bool {
         match self {

@@ -230,8 +230,17 @@ impl LabTable {
         ];
         self.by_network
             .iter()
-            .map(|(net, arms)| {
-                let labels: Vec<String> = arms.iter().map(|a| a.name()).collect();
+            .map(|(net, all)| {
+                // The best arm of each family, so that the chart stays readable.
+                let mut best: BTreeMap<&str, &ArmReport> = BTreeMap::new();
+                for a in all {
+                    let e = best.entry(a.spec.family()).or_insert(a);
+                    if a.final_loss() < e.final_loss() {
+                        *e = a;
+                    }
+                }
+                let arms: Vec<&ArmReport> = best.into_values().collect();
+                let labels: Vec<String> = arms.iter().map(|a| a.spec.short()).collect();
                 let series: Vec<crate::svg::Series> = arms
                     .iter()
                     .enumerate()
@@ -246,13 +255,13 @@ impl LabTable {
                 // Bars: the fraction of genesis-to-R0 progress each arm made.
                 let bars: Vec<(String, f64)> = arms
                     .iter()
-                    .map(|a| (a.name(), ((genesis - a.final_loss()) / (genesis - r0)).clamp(0.0, 1.0)))
+                    .map(|a| (a.spec.short(), ((genesis - a.final_loss()) / (genesis - r0)).clamp(0.0, 1.0)))
                     .collect();
                 let svg = crate::svg::chart(
                     &format!("held-out loss, page seed {net}"),
                     "windows (equal tokens)",
                     &series,
-                    "progress relative to R0 (genesis = 0, R0 = 1)",
+                    "progress relative to R0 (genesis = 0, R0 = 1), best of each family",
                     &bars,
                 );
                 (net.clone(), svg)

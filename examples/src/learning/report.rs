@@ -61,7 +61,7 @@ impl ArmReport {
     /// Whether it passes the verification rule: zero honest inconsistencies at the chosen
     /// tolerance and every cheater detected there.
     pub fn verification_passes(&self) -> bool {
-        let Some(v) = &self.verify else { return false };
+        let Some(v) = self.verify.as_ref().filter(|v| !v.honest.is_empty()) else { return false };
         let Some(i) = v.chosen() else { return false };
         v.honest_inconsistent(i) == 0 && v.all_detected(i)
     }
@@ -164,7 +164,8 @@ impl LabTable {
                     a.seconds
                 );
             }
-            let checked: Vec<&ArmReport> = arms.iter().filter(|a| a.verify.is_some()).collect();
+            let checked: Vec<&ArmReport> =
+                arms.iter().filter(|a| a.verify.as_ref().is_some_and(|v| !v.honest.is_empty())).collect();
             if !checked.is_empty() {
                 let _ = writeln!(
                     s,

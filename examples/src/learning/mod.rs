@@ -9,8 +9,8 @@
 //! a training page overlapping one of them is replaced by the next page of the miner's draw.
 //!
 //! The pieces are the project's own: [`bistro_train::data`] for pages and batches,
-//! [`bistro_train::step::window_gradient`] for every gradient, [`SliceIndices`] for random
-//! coordinates, [`bistro_train::slices::aggregate`] for today's rule,
+//! [`bistro_train::step::window_gradient`] for every gradient, [`bistro_train::slices::SliceIndices`] for random
+//! coordinates, [`bistro_train::slices::aggregate()`] for today's rule,
 //! [`bistro_model::optim::AdamW`] for every AdamW, and [`bistro_train::slices::quant`] for
 //! every quantised upload and its consistency check. See [`arm`] for the arms and
 //! [`verify`] for the checks, [`report`] for the tables.

@@ -58,8 +58,8 @@ pub struct HParams {
     /// How accepted slices are combined.
     pub aggregation: Aggregation,
     /// The lead leaves out an unscored slice whose implied update norm exceeds this multiple
-    /// of the median norm of the slices it included in the last `norm_history_windows`
-    /// windows (with no history, unscored slices are left out).
+    /// of the median norm of the slices it recomputed and found honest in the last
+    /// `norm_history_windows` windows (with no history, unscored slices are left out).
     pub outlier_norm_factor: f64,
     /// Windows of included slice norms the lead keeps for the outlier bound.
     pub norm_history_windows: u64,

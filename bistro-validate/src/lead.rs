@@ -6,8 +6,9 @@
 //!   (`e <= honest_tolerance`), or
 //! * it was not recomputed this window, but the hotkey has been scored honest before (no
 //!   probation), its score EMA is at least `min_include_ema`, and its update norm is at most
-//!   `outlier_norm_factor` times the median norm of recently included slices (a bound that
-//!   holds with any number of slices, one or two included).
+//!   `outlier_norm_factor` times the median norm of the slices this validator recently
+//!   recomputed and found honest (a bound that holds with any number of slices, one or two
+//!   included; never the norms an aggregate reports).
 //!
 //! Everything else is excluded with a stable reason code.
 

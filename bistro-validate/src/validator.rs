@@ -295,6 +295,15 @@ impl Validator {
             candidate = None;
         }
         let followed = self.node.follow(pace, stop, candidate).await?;
+        // The outlier bound's reference: the norms of the slices this validator itself
+        // recomputed and found honest, never the norms an aggregate reports (red team 3,
+        // F9/F13: a lead or on-record sybils could steer every validator's reference).
+        let own: Vec<f64> =
+            decision.included.iter().filter(|i| i.e.is_some()).map(|i| i.norm).filter(|n| n.is_finite()).collect();
+        self.norms.push(w, own, h.norm_history_windows);
+        if let Err(e) = self.norms.save(&self.node.cfg.state_dir.join("norms.json")) {
+            tracing::error!(error = %e, "cannot save the norm history");
+        }
         self.after_follow(&followed);
         let (rows, weights) = fold_scores(&mut self.board, &results, w, &mg, &miners, &h);
         self.emit(ValidatorEvent::Scored { window: w, rows: rows.clone(), seconds });
@@ -352,15 +361,8 @@ impl Validator {
         Ok((n > 0).then(|| sum / n as f64))
     }
 
-    /// Record the included norms of an applied set (the outlier bound's reference) and report.
+    /// Report what following did.
     fn after_follow(&mut self, f: &Followed) {
-        if let Followed::Applied { window, set, .. } = f {
-            let norms = set.included.iter().map(|i| i.norm).filter(|n| n.is_finite()).collect();
-            self.norms.push(*window, norms, self.node.cfg.hparams.norm_history_windows);
-            if let Err(e) = self.norms.save(&self.node.cfg.state_dir.join("norms.json")) {
-                tracing::error!(error = %e, "cannot save the norm history");
-            }
-        }
         self.emit(ValidatorEvent::Followed(f.clone()));
         match self.heldout_loss() {
             Ok(Some(loss)) => {

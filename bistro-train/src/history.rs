@@ -48,6 +48,12 @@ pub enum HistoryError {
         /// The chain's window.
         chain: u64,
     },
+    /// The repair ran out of its budget ([`crate::protocol::REPAIR_BUDGET`]).
+    #[error("the rebuild ran out of its {seconds} s budget")]
+    TimedOut {
+        /// The budget.
+        seconds: u64,
+    },
     /// The chain or the model failed.
     #[error("{0}")]
     Other(String),
@@ -125,8 +131,26 @@ impl SyncContext {
     /// its hash must equal `aggregate-{c}`'s `parent` or `aggregate-{c-1}`'s `state`. Then
     /// replay the bucket's aggregates up to `target` (exclusive), each link verified; with
     /// no `target`, the checkpoint's own window. Candidates that fail are skipped with a
-    /// logged reason and the next older one is tried.
+    /// logged reason and the next older one is tried, at most
+    /// [`crate::protocol::REPAIR_CHECKPOINTS`] of them; genesis is replayed only while the
+    /// history can still reach back to it (`target <= max_history`: owners delete older
+    /// aggregates). The whole rebuild runs under [`crate::protocol::REPAIR_BUDGET`] (red team
+    /// 3, F8: a publisher listing thousands of checkpoints kept a node repairing for hours).
     pub async fn rebuild_from(
+        &self,
+        bucket: &Bucket,
+        model_config: &ModelConfig,
+        device: &Device,
+        target: Option<u64>,
+        chain_window: u64,
+    ) -> Result<Rebuilt, HistoryError> {
+        let budget = crate::protocol::REPAIR_BUDGET;
+        tokio::time::timeout(budget, self.rebuild_within(bucket, model_config, device, target, chain_window))
+            .await
+            .unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }))
+    }
+
+    async fn rebuild_within(
         &self,
         bucket: &Bucket,
         model_config: &ModelConfig,
@@ -142,7 +166,11 @@ impl SyncContext {
         windows.sort_unstable_by(|a, b| b.cmp(a));
         windows.dedup();
         let mut last_err = HistoryError::Missing("a usable checkpoint".into());
+        let mut tried = 0;
         for c in windows {
+            if tried == crate::protocol::REPAIR_CHECKPOINTS {
+                break;
+            }
             if c > chain_window {
                 let e = HistoryError::FromFuture { window: c, chain: chain_window };
                 tracing::warn!(bucket = bucket.url(), error = %e, "skipping checkpoint");
@@ -152,6 +180,7 @@ impl SyncContext {
             if target.is_some_and(|t| c > t) {
                 continue;
             }
+            tried += 1;
             match self.rebuild_from_checkpoint(bucket, model_config, device, c, target.unwrap_or(c)).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
@@ -161,7 +190,7 @@ impl SyncContext {
             }
         }
         // Genesis is a checkpoint everyone can make: replay from it while the history reaches back.
-        if let Some(t) = target {
+        if let Some(t) = target.filter(|&t| t <= self.hparams.max_history) {
             let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
             let hash = state_hash(&params)?;
             match self.replay(bucket, params, hash, 0, t).await {

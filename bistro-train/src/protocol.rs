@@ -78,5 +78,11 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Attempts at one object from a peer (the node's own setting applies when it is lower).
 pub const PEER_ATTEMPTS: u32 = 2;
 
+/// Checkpoints a repair or bootstrap tries per publisher, newest first.
+pub const REPAIR_CHECKPOINTS: usize = 2;
+
+/// The whole budget of one repair or bootstrap from one publisher.
+pub const REPAIR_BUDGET: Duration = Duration::from_secs(120);
+
 /// Longest a node waits to connect to any endpoint.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

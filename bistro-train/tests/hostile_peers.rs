@@ -269,6 +269,46 @@ async fn f7_a_permit_holder_without_a_bucket_does_not_lead() {
     assert_eq!(node.lead().await.unwrap().as_deref(), Some("passive-delegate"));
 }
 
+/// Red team 3, F8: a publisher listing thousands of checkpoints kept a repairing or
+/// bootstrapping node downloading each of them. A rebuild now tries the newest
+/// `REPAIR_CHECKPOINTS` and never replays genesis across deleted aggregates.
+#[tokio::test]
+async fn f8_a_rebuild_tries_a_few_checkpoints_at_most() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, h, model) = network(tmp.path());
+    // A bucket listing 40 checkpoints; every object it serves is that listing (not a checkpoint).
+    let contents: String = (0..40)
+        .map(|i| {
+            format!(
+                "<Contents><Key>checkpoint-{i}.safetensors</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>\
+                 <ETag>\"e{i}\"</ETag><Size>10</Size></Contents>"
+            )
+        })
+        .collect();
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>bkt</Name><Prefix>checkpoint-</Prefix>\
+         <KeyCount>40</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}</ListBucketResult>"
+    );
+    let answer =
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let (url, heads, _) = recording_server(answer).await;
+    let ctx = context(chain, &h, &model, false, true);
+    let bucket = ctx.peer_bucket(&format!("s3://bkt?endpoint={url}")).unwrap();
+    let r = ctx.rebuild_from(&bucket, &model, &Device::Cpu, Some(1000), 1000).await;
+    assert!(r.is_err(), "nothing here is a usable checkpoint");
+    let gets = heads
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|head| head.starts_with("GET /bkt/checkpoint-") || head.starts_with("GET /bkt/aggregate-"))
+        .count();
+    assert!(
+        (1..=2 * bistro_train::protocol::REPAIR_CHECKPOINTS).contains(&gets) && gets < 10,
+        "{gets} object downloads for a rebuild: {:?}",
+        heads.lock().unwrap().iter().map(|h| h.lines().next().unwrap_or("").to_string()).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn redirects_are_never_followed() {
     // Internal endpoints allowed here (both servers are on loopback): the point is that the

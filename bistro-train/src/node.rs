@@ -500,7 +500,9 @@ impl Node {
     }
 
     /// [`Self::try_publisher`] under `cutoff_ms` (Unix ms) when live; a publisher that has
-    /// not answered by then goes into `stalled`.
+    /// not answered by then goes into `stalled`. This node's own bucket is read without the
+    /// cut-off: what it published itself it must apply, or its published history would no
+    /// longer link (a slow own bucket is this node's problem, not a peer's attack).
     async fn try_publisher_until(
         &self,
         p: &Publisher,
@@ -510,7 +512,7 @@ impl Node {
         cutoff_ms: u64,
         stalled: &mut std::collections::HashSet<String>,
     ) -> Option<(String, AggregateObject, Bytes)> {
-        if pace == Pace::Lockstep {
+        if pace == Pace::Lockstep || p.hotkey == self.cfg.hotkey {
             return self.try_publisher(p, indices, w).await;
         }
         let until = tokio::time::Instant::now() + Duration::from_millis(cutoff_ms.saturating_sub(now_ms()));

@@ -145,60 +145,51 @@ impl SyncContext {
         chain_window: u64,
     ) -> Result<Rebuilt, HistoryError> {
         let budget = crate::protocol::REPAIR_BUDGET;
-        tokio::time::timeout(budget, self.rebuild_within(bucket, model_config, device, target, chain_window))
-            .await
-            .unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }))
-    }
-
-    async fn rebuild_within(
-        &self,
-        bucket: &Bucket,
-        model_config: &ModelConfig,
-        device: &Device,
-        target: Option<u64>,
-        chain_window: u64,
-    ) -> Result<Rebuilt, HistoryError> {
-        let list = bucket
-            .list("checkpoint-")
-            .await
-            .map_err(|source| HistoryError::Download { key: "checkpoint-*".into(), source })?;
-        let mut windows: Vec<u64> = list.iter().filter_map(|o| crate::protocol::parse_checkpoint_key(&o.key)).collect();
-        windows.sort_unstable_by(|a, b| b.cmp(a));
-        windows.dedup();
-        let mut last_err = HistoryError::Missing("a usable checkpoint".into());
-        let mut tried = 0;
-        for c in windows {
-            if tried == crate::protocol::REPAIR_CHECKPOINTS {
-                break;
-            }
-            if c > chain_window {
-                let e = HistoryError::FromFuture { window: c, chain: chain_window };
-                tracing::warn!(bucket = bucket.url(), error = %e, "skipping checkpoint");
-                last_err = e;
-                continue;
-            }
-            if target.is_some_and(|t| c > t) {
-                continue;
-            }
-            tried += 1;
-            match self.rebuild_from_checkpoint(bucket, model_config, device, c, target.unwrap_or(c)).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    tracing::warn!(bucket = bucket.url(), checkpoint = c, error = %e, "cannot rebuild from checkpoint");
+        let rebuild = async {
+            let list = bucket
+                .list("checkpoint-")
+                .await
+                .map_err(|source| HistoryError::Download { key: "checkpoint-*".into(), source })?;
+            let mut windows: Vec<u64> =
+                list.iter().filter_map(|o| crate::protocol::parse_checkpoint_key(&o.key)).collect();
+            windows.sort_unstable_by(|a, b| b.cmp(a));
+            windows.dedup();
+            let mut last_err = HistoryError::Missing("a usable checkpoint".into());
+            let mut tried = 0;
+            for c in windows {
+                if tried == crate::protocol::REPAIR_CHECKPOINTS {
+                    break;
+                }
+                if c > chain_window {
+                    let e = HistoryError::FromFuture { window: c, chain: chain_window };
+                    tracing::warn!(bucket = bucket.url(), error = %e, "skipping checkpoint");
                     last_err = e;
+                    continue;
+                }
+                if target.is_some_and(|t| c > t) {
+                    continue;
+                }
+                tried += 1;
+                match self.rebuild_from_checkpoint(bucket, model_config, device, c, target.unwrap_or(c)).await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => {
+                        tracing::warn!(bucket = bucket.url(), checkpoint = c, error = %e, "cannot rebuild from checkpoint");
+                        last_err = e;
+                    }
                 }
             }
-        }
-        // Genesis is a checkpoint everyone can make: replay from it while the history reaches back.
-        if let Some(t) = target.filter(|&t| t <= self.hparams.max_history) {
-            let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
-            let hash = state_hash(&params)?;
-            match self.replay(bucket, params, hash, 0, t).await {
-                Ok(r) => return Ok(r),
-                Err(e) => last_err = e,
+            // Genesis is a checkpoint everyone can make: replay from it while the history reaches back.
+            if let Some(t) = target.filter(|&t| t <= self.hparams.max_history) {
+                let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
+                let hash = state_hash(&params)?;
+                match self.replay(bucket, params, hash, 0, t).await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => last_err = e,
+                }
             }
-        }
-        Err(last_err)
+            Err(last_err)
+        };
+        tokio::time::timeout(budget, rebuild).await.unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }))
     }
 
     /// Apply `bucket`'s aggregates of windows `from..to` to `params` (hash `hash`), each link checked.

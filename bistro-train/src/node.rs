@@ -415,10 +415,11 @@ impl Node {
         if let Some(lead) = publishers.first() {
             loop {
                 found = self.try_publisher_until(lead, &indices, w, pace, lead_cutoff, &mut stalled).await;
-                if stalled.contains(&lead.hotkey) {
-                    break;
-                }
-                if found.is_some() || pace == Pace::Lockstep || now_ms() >= lead_cutoff || stop.load(Ordering::Relaxed)
+                if found.is_some()
+                    || stalled.contains(&lead.hotkey)
+                    || pace == Pace::Lockstep
+                    || now_ms() >= lead_cutoff
+                    || stop.load(Ordering::Relaxed)
                 {
                     break;
                 }

@@ -70,6 +70,19 @@ async fn recording_server(answer: String) -> (String, Arc<Mutex<Vec<String>>>, A
     (url, heads, conns)
 }
 
+/// A loopback endpoint that accepts connections and never answers; its `http://` URL.
+async fn stalling_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    url
+}
+
 const NOT_FOUND: &str = "HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: 58\r\n\r\n<Error><Code>NoSuchKey</Code><Message>no</Message></Error>";
 
 fn network(dir: &std::path::Path) -> (Arc<Devnet>, HParams, ModelConfig) {
@@ -181,15 +194,7 @@ async fn f12_no_url_component_reaches_an_internal_host() {
 async fn f4_stalling_peers_at_low_uids_do_not_starve_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let (chain, h, model) = network(tmp.path());
-    // An endpoint that accepts connections and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    let url = stalling_endpoint().await;
     for i in 0..8 {
         let hk = format!("stall-{i}");
         chain.ensure_registered(1, &hk, 0).await.unwrap();
@@ -225,15 +230,8 @@ async fn f3_a_stalling_lead_costs_at_most_the_window_wait() {
     let dir = tmp.path();
     let (chain, h, _model) = network(dir);
     let mut node = Node::join(node_config(dir, &h, "follower", 0), chain.clone(), "").await.unwrap();
-    // Then the lead's endpoint starts to stall: it accepts connections and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    // Then the lead's endpoint starts to stall.
+    let url = stalling_endpoint().await;
     chain.ensure_registered(1, "stalling-lead", 5000).await.unwrap();
     chain.set_commitment(1, "stalling-lead", &format!("s3://lead?endpoint={url}")).await.unwrap();
     let w = node.window;

@@ -162,32 +162,23 @@ pub fn fold_scores(
 ) -> (Vec<ScoreRow>, Vec<(u16, f64)>) {
     let mut rows = Vec::with_capacity(results.len());
     for r in results {
-        if !r.observed() {
+        let (e, score, ema) = if r.observed() {
+            let score = honesty_score(r.e, h.honest_tolerance);
+            if r.recomputed && r.e > h.honest_tolerance {
+                board.penalize(r.uid, &r.hotkey, window, h.penalty_windows);
+            }
+            (r.e, score, board.update(r.uid, &r.hotkey, window, score, h.ema_alpha))
+        } else {
             // Not observed: the EMA, the record and any penalty stay as they were.
             let ema = board.uids.get(&r.uid).filter(|s| s.hotkey == r.hotkey).map_or(0.0, |s| s.ema);
-            rows.push(ScoreRow {
-                uid: r.uid,
-                hotkey: r.hotkey.clone(),
-                status: r.status.clone(),
-                r: r.r,
-                e: f64::NAN,
-                score: f64::NAN,
-                ema,
-                weight: 0.0,
-            });
-            continue;
-        }
-        let score = honesty_score(r.e, h.honest_tolerance);
-        if r.recomputed && r.e > h.honest_tolerance {
-            board.penalize(r.uid, &r.hotkey, window, h.penalty_windows);
-        }
-        let ema = board.update(r.uid, &r.hotkey, window, score, h.ema_alpha);
+            (f64::NAN, f64::NAN, ema)
+        };
         rows.push(ScoreRow {
             uid: r.uid,
             hotkey: r.hotkey.clone(),
             status: r.status.clone(),
             r: r.r,
-            e: r.e,
+            e,
             score,
             ema,
             weight: 0.0,

@@ -182,14 +182,27 @@ impl Codec {
     /// # Panics
     /// If `dither` is shorter than `values`.
     pub fn encode(&self, values: &[f32], dither: &[f32]) -> Quantised {
+        let scales = values.chunks(BLOCK).map(block_scale).collect();
+        self.encode_on(values, dither, scales)
+    }
+
+    /// Quantise `values` with `dither` on the grid of the given block `scales` (one per
+    /// [`BLOCK`]; [`Self::encode`] takes each block's `max |x|`). Values beyond a scale take
+    /// the edge code.
+    ///
+    /// # Panics
+    /// If `dither` is shorter than `values` or there are fewer scales than blocks.
+    pub fn encode_on(&self, values: &[f32], dither: &[f32], scales: Vec<f32>) -> Quantised {
         assert!(dither.len() >= values.len(), "one dither value per value");
-        let mut codes = Vec::with_capacity(values.len());
-        let mut scales = Vec::with_capacity(values.len().div_ceil(BLOCK));
-        for (xs, us) in values.chunks(BLOCK).zip(dither.chunks(BLOCK)) {
-            let s = block_scale(xs);
-            scales.push(s);
-            codes.extend(xs.iter().zip(us).map(|(&x, &u)| self.code_at(self.position(x, s) + u as f64)));
-        }
+        assert!(scales.len() >= values.len().div_ceil(BLOCK), "one scale per block");
+        let codes = values
+            .chunks(BLOCK)
+            .zip(dither.chunks(BLOCK))
+            .zip(&scales)
+            .flat_map(|((xs, us), &s)| {
+                xs.iter().zip(us).map(move |(&x, &u)| self.code_at(self.position(x, s) + u as f64))
+            })
+            .collect();
         Quantised { codes, scales }
     }
 

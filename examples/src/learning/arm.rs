@@ -579,6 +579,20 @@ struct Sparse {
     q: Quantised,
 }
 
+impl Sparse {
+    /// The decoded values at their indices in a tensor of `n` values (indices out of range
+    /// are dropped).
+    fn dense(&self, codec: &Codec, n: usize) -> Vec<f32> {
+        let mut full = vec![0f32; n];
+        for (&i, v) in self.idx.iter().zip(codec.decode(&self.q)) {
+            if let Some(f) = full.get_mut(i as usize) {
+                *f = v;
+            }
+        }
+        full
+    }
+}
+
 /// Values sent per chunk of `len` values.
 fn k_of(len: usize, density: f64) -> usize {
     ((density * len as f64).round() as usize).clamp(1, len)
@@ -674,11 +688,12 @@ struct Rounds {
 impl Rounds {
     fn new(lab: &Lab, spec: ArmSpec, verify: bool) -> anyhow::Result<Self> {
         let public = lab.genesis()?;
-        let (bits, ef, lr, eps) = match &spec {
-            ArmSpec::DiLoCo { bits, inner_lr, eps, .. } => (*bits, false, *inner_lr, *eps),
-            ArmSpec::SparseLoCo { bits, inner_lr, .. } => (*bits, true, *inner_lr, 1e-8),
+        let (bits, ef) = match &spec {
+            ArmSpec::DiLoCo { bits, .. } => (*bits, false),
+            ArmSpec::SparseLoCo { bits, .. } => (*bits, true),
             _ => bail!("not a round-based arm"),
         };
+        let (lr, eps) = (inner_lr(&spec), inner_eps(&spec));
         let codec = if bits == 0 { None } else { Some(Codec::new(bits)?) };
         let miners = lab
             .hotkeys
@@ -708,13 +723,6 @@ impl Rounds {
         }
     }
 
-    fn inner_lr(&self) -> f64 {
-        match self.spec {
-            ArmSpec::DiLoCo { inner_lr, .. } | ArmSpec::SparseLoCo { inner_lr, .. } => inner_lr,
-            _ => 0.0,
-        }
-    }
-
     fn keep_moments(&self) -> bool {
         matches!(self.spec, ArmSpec::DiLoCo { keep_moments: true, .. })
     }
@@ -727,28 +735,30 @@ impl Rounds {
         }
     }
 
+    /// D3's `beta e + delta`: what a round offers for selection (0 error feedback for D2).
+    fn with_feedback(&self, delta: &Flat, ef: &Flat) -> Flat {
+        let beta = match self.spec {
+            ArmSpec::SparseLoCo { beta, .. } => beta as f32,
+            _ => 0.0,
+        };
+        delta.iter().zip(ef).map(|(d, e)| d.iter().zip(e).map(|(d, e)| beta * e + d).collect()).collect()
+    }
+
     /// D3: the upload of `delta` given error feedback `ef` (updated in place to what is not sent).
     fn sparse_upload(&self, codec: &Codec, delta: &Flat, ef: &mut Flat, dithers: &Flat) -> (Vec<Sparse>, Flat, usize) {
-        let (beta, density) = match self.spec {
-            ArmSpec::SparseLoCo { beta, .. } => (beta as f32, self.density()),
-            _ => (0.0, 1.0),
-        };
+        let density = self.density();
+        let acc = self.with_feedback(delta, ef);
         let mut sent = Vec::new();
         let mut dense = Vec::new();
         let mut bytes = 0;
-        for ((d, e), u) in delta.iter().zip(ef.iter_mut()).zip(dithers) {
-            let acc: Vec<f32> = d.iter().zip(e.iter()).map(|(d, e)| beta * e + d).collect();
-            let idx = top_k(&acc, density);
+        for ((acc, e), u) in acc.iter().zip(ef.iter_mut()).zip(dithers) {
+            let idx = top_k(acc, density);
             let vals: Vec<f32> = idx.iter().map(|&i| acc[i as usize]).collect();
-            let q = codec.encode(&vals, &u[..vals.len()]);
-            bytes += sparse_bytes(codec, idx.len());
-            let dec = codec.decode(&q);
-            let mut full = vec![0f32; d.len()];
-            for (&i, &v) in idx.iter().zip(&dec) {
-                full[i as usize] = v;
-            }
+            let s = Sparse { q: codec.encode(&vals, &u[..vals.len()]), idx };
+            bytes += sparse_bytes(codec, s.idx.len());
+            let full = s.dense(codec, acc.len());
             *e = acc.iter().zip(&full).map(|(a, f)| a - f).collect();
-            sent.push(Sparse { idx, q });
+            sent.push(s);
             dense.push(full);
         }
         (sent, dense, bytes)
@@ -884,17 +894,9 @@ impl Rounds {
             }
             Some(SentKind::Sparse(sent, ef_before)) => {
                 let mut ev = replay.ef.take().unwrap_or_default();
-                let (beta, density) = match self.spec {
-                    ArmSpec::SparseLoCo { beta, .. } => (beta as f32, d3_density_of(&self.spec)),
-                    _ => (0.0, 1.0),
-                };
-                let uv: Flat =
-                    dv.iter().zip(&ev).map(|(d, e)| d.iter().zip(e).map(|(d, e)| beta * e + d).collect()).collect();
-                let um: Flat = deltas[0]
-                    .iter()
-                    .zip(&ef_before)
-                    .map(|(d, e)| d.iter().zip(e).map(|(d, e)| beta * e + d).collect())
-                    .collect();
+                let density = self.density();
+                let uv = self.with_feedback(&dv, &ev);
+                let um = self.with_feedback(&deltas[0], &ef_before);
                 let mut h = HonestCheck {
                     max_bin_deviation: um
                         .iter()
@@ -948,27 +950,24 @@ impl Rounds {
     }
 }
 
-fn d3_density_of(spec: &ArmSpec) -> f64 {
+/// The inner AdamW's learning rate of a round-based arm.
+fn inner_lr(spec: &ArmSpec) -> f64 {
     match spec {
-        ArmSpec::SparseLoCo { density, bits, h, .. } if *density <= 0.0 => d3_density(*bits, *h),
-        ArmSpec::SparseLoCo { density, .. } => *density,
-        _ => 1.0,
+        ArmSpec::DiLoCo { inner_lr, .. } | ArmSpec::SparseLoCo { inner_lr, .. } => *inner_lr,
+        _ => 0.0,
+    }
+}
+
+/// The inner AdamW's epsilon of a round-based arm (D3 uses AdamW's usual 1e-8).
+fn inner_eps(spec: &ArmSpec) -> f64 {
+    match spec {
+        ArmSpec::DiLoCo { eps, .. } => *eps,
+        _ => default_eps(),
     }
 }
 
 fn sparse_dense(codec: &Codec, sent: &[Sparse], lengths: &[usize]) -> Flat {
-    sent.iter()
-        .zip(lengths)
-        .map(|(s, &n)| {
-            let mut full = vec![0f32; n];
-            for (&i, v) in s.idx.iter().zip(codec.decode(&s.q)) {
-                if let Some(f) = full.get_mut(i as usize) {
-                    *f = v;
-                }
-            }
-            full
-        })
-        .collect()
+    sent.iter().zip(lengths).map(|(s, &n)| s.dense(codec, n)).collect()
 }
 
 /// What miner 0 sent in a round.
@@ -981,7 +980,7 @@ impl Arm for Rounds {
     fn window(&mut self, lab: &Lab, w: u64) -> anyhow::Result<()> {
         let h = self.h();
         let (round, pos) = (w / h, w % h);
-        let lr = warmup_lr(self.inner_lr(), w, WARMUP);
+        let lr = warmup_lr(inner_lr(&self.spec), w, WARMUP);
         if pos == 0 {
             let keep = self.keep_moments();
             for t in self.miners.iter_mut().chain(self.replay.as_mut()) {
@@ -989,11 +988,7 @@ impl Arm for Rounds {
             }
             if self.replay.is_some() && round == adversary_window(lab.opts.windows / h, 1) {
                 for name in ["wrong-pages", "lazy"] {
-                    let eps = match self.spec {
-                        ArmSpec::DiLoCo { eps, .. } => eps,
-                        _ => 1e-8,
-                    };
-                    let mut t = Trainer::new(lab, lab.opts.micro_rows, lr, eps, false)?;
+                    let mut t = Trainer::new(lab, lab.opts.micro_rows, lr, inner_eps(&self.spec), false)?;
                     t.start(&self.public, false, lr)?;
                     self.cheaters.push((name.to_string(), t));
                 }

@@ -214,11 +214,6 @@ pub fn gradient(params: &Params, batch: &WindowBatch, micro_rows: usize) -> anyh
     Ok(step::window_gradient(&model, params, batch, micro_rows, params.device(), || true)?.grads)
 }
 
-/// Tensors to flat host vectors.
-pub fn flat(tensors: &[Tensor]) -> anyhow::Result<Flat> {
-    tensors.iter().map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).collect()
-}
-
 /// The parameters as flat host vectors.
 pub fn params_flat(p: &Params) -> anyhow::Result<Flat> {
     (0..p.len()).map(|i| Ok(p.to_vec(i)?)).collect()

@@ -151,21 +151,8 @@ pub fn dense_adversary(
         .iter()
         .zip(dithers)
         .zip(&honest_q)
-        .map(|((x, u), hq)| {
-            // Codes of the fake values on the honest scales' grid.
-            let mut q = codec.encode(x, u);
-            for ((xs, us), (cs, &s)) in x
-                .chunks(bistro_train::slices::quant::BLOCK)
-                .zip(u.chunks(bistro_train::slices::quant::BLOCK))
-                .zip(q.codes.chunks_mut(bistro_train::slices::quant::BLOCK).zip(&hq.scales))
-            {
-                for ((c, &v), &d) in cs.iter_mut().zip(xs).zip(us) {
-                    *c = (codec.position(v, s) + d as f64).floor().clamp(0.0, (codec.levels() - 1) as f64) as u8;
-                }
-            }
-            q.scales = hq.scales.clone();
-            q
-        })
+        // Codes of the fake values on the honest scales' grid.
+        .map(|((x, u), hq)| codec.encode_on(x, u, hq.scales.clone()))
         .collect();
     let inconsistent_fraction = TOLERANCES
         .iter()

@@ -477,6 +477,10 @@ impl Chain for Devnet {
         })
     }
 
+    fn sign(&self, hotkey: &str, message: &[u8]) -> Result<[u8; crate::keys::SIGNATURE_BYTES]> {
+        Ok(crate::keys::sign(&crate::keys::devnet_keypair(hotkey), message))
+    }
+
     async fn weights(&self, netuid: u16) -> Result<Vec<(u16, Vec<(u16, u16)>)>> {
         self.reveal_due()?;
         let st = self.read()?;

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod commit_reveal;
 pub mod devnet;
+pub mod keys;
 pub mod subtensor;
 pub mod wallet;
 
@@ -279,6 +280,13 @@ pub trait Chain: Send + Sync {
         _version: u16,
     ) -> Result<()> {
         Err(ChainError::Weights(format!("netuid {netuid}: this chain does not take timelocked commits")))
+    }
+
+    /// `hotkey`'s sr25519 signature of `message` ([`keys`]): the subtensor client signs
+    /// with the hotkey secret it loaded (and only for that hotkey); the devnet with the key
+    /// derived from the name. Check one with [`keys::verify`].
+    fn sign(&self, hotkey: &str, _message: &[u8]) -> Result<[u8; keys::SIGNATURE_BYTES]> {
+        Err(ChainError::Wallet(format!("this chain holds no key to sign for {hotkey}")))
     }
 
     /// The bytes that identify `hotkey` inside a commit payload (the 32-byte account id on

@@ -8,20 +8,19 @@
 //!   keys, limits on peers' objects);
 //! * [`slices`]: index selection, the slice wire format, validation and aggregation;
 //! * [`storage`]: buckets (local directory, S3-compatible, memory) behind one API;
-//! * [`accepted`], [`history`], [`node`]: protocol v2's one accepted set per window, the
-//!   validators' published history, and how every node follows, verifies and repairs.
+//! * [`network`]: everything between nodes — the accepted set of a window ([`accepted`]),
+//!   validators' signed attestations of it ([`network::attestation`]), their published
+//!   history ([`history`]), how every node follows, verifies and repairs ([`node`]), window
+//!   collection ([`sync`]) and the rules for peers' endpoints ([`endpoint`]).
 //!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
-pub mod accepted;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
-pub mod endpoint;
-pub mod history;
 pub mod hparams;
 pub mod miner;
-pub mod node;
+pub mod network;
 #[cfg(feature = "cli")]
 pub mod process;
 pub mod protocol;
@@ -31,8 +30,9 @@ pub mod state;
 pub mod status;
 pub mod step;
 pub mod storage;
-pub mod sync;
 pub mod telemetry;
+
+pub use network::{accepted, endpoint, history, node, sync};
 
 pub use hparams::{Aggregation, HParams, PROTOCOL_VERSION};
 

@@ -163,7 +163,7 @@ impl Miner {
 
     /// Apply the held window's accepted set (waiting for it as `pace` says) and advance.
     pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool) -> Result<Followed, MinerError> {
-        let f = self.node.follow(pace, stop, None).await?;
+        let f = self.node.follow(pace, stop).await?;
         match &f {
             Followed::Forked { .. } => tracing::warn!("{}", f.describe()),
             _ => tracing::debug!("{}", f.describe()),

@@ -17,6 +17,8 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub mod tags {
     /// [`crate::accepted::state_hash`]: the hash of a full model state.
     pub const STATE: &[u8] = b"bistro/state/v2";
+    /// [`crate::network::attestation::Attestation::signing_bytes`]: what a validator signs.
+    pub const ATTESTATION: &[u8] = b"bistro/attestation/v1";
     /// [`crate::data::pages::draw_pages`]: the key of a (network, hotkey, window)'s pages.
     pub const PAGES: &[u8] = b"bistro/pages/v1";
     /// [`crate::slices::SliceIndices::select`]: the seed of a window's slice coordinates.

@@ -12,6 +12,7 @@ use bistro_chain::devnet::Devnet;
 use bistro_model::{ModelConfig, Params};
 use bistro_train::accepted::{self, AcceptedSet, AggregateObject, state_hash};
 use bistro_train::hparams::HParams;
+use bistro_train::network::attestation::{Attestation, Statement, Verdict, attestation_key};
 use bistro_train::node::{Node, NodeConfig};
 use bistro_train::slices::Rejection;
 use bistro_train::storage::{Bucket, BucketOptions, Secret, TransferConfig};
@@ -238,7 +239,7 @@ async fn f3_a_stalling_lead_costs_at_most_the_window_wait() {
     chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let started = Instant::now();
-    let out = node.follow(bistro_train::node::Pace::Live, &stop, None).await.unwrap();
+    let out = node.follow(bistro_train::node::Pace::Live, &stop).await.unwrap();
     let took = started.elapsed();
     assert!(matches!(out, bistro_train::node::Followed::NoUpdate { .. }), "{out:?}");
     let wait =
@@ -261,10 +262,10 @@ async fn f7_a_permit_holder_without_a_bucket_does_not_lead() {
     let (chain, h, _model) = network(dir);
     let node = Node::join(node_config(dir, &h, "small-validator", 1000), chain.clone(), "").await.unwrap();
     chain.ensure_registered(1, "passive-delegate", 5000).await.unwrap();
-    assert_eq!(node.lead().await.unwrap().as_deref(), Some("small-validator"));
+    assert_eq!(node.lead(node.window).await.unwrap().as_deref(), Some("small-validator"));
     // Once the delegate commits a bucket it can serve, it leads.
     chain.set_commitment(1, "passive-delegate", "memory://passive-delegate").await.unwrap();
-    assert_eq!(node.lead().await.unwrap().as_deref(), Some("passive-delegate"));
+    assert_eq!(node.lead(node.window).await.unwrap().as_deref(), Some("passive-delegate"));
 }
 
 /// Red team 3, F8: a publisher listing thousands of checkpoints kept a repairing or
@@ -292,7 +293,7 @@ async fn f8_a_rebuild_tries_a_few_checkpoints_at_most() {
     let (url, heads, _) = recording_server(answer).await;
     let ctx = context(chain, &h, &model, false, true);
     let bucket = ctx.peer_bucket(&format!("s3://bkt?endpoint={url}")).unwrap();
-    let r = ctx.rebuild_from(&bucket, &model, &Device::Cpu, Some(1000), 1000).await;
+    let r = ctx.rebuild_from(&bucket, &model, &Device::Cpu, Some(1000), 1000, |_, _| async { false }).await;
     assert!(r.is_err(), "nothing here is a usable checkpoint");
     let gets = heads
         .lock()
@@ -383,7 +384,7 @@ async fn permit_holders_that_upload_are_miners() {
 }
 
 #[tokio::test]
-async fn checkpoint_from_future() {
+async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (chain, h, model) = network(dir);
@@ -409,7 +410,9 @@ async fn checkpoint_from_future() {
     assert!(node.origin.starts_with("genesis"), "{}", node.origin);
     assert_eq!(node.state_hash, state_hash(&genesis).unwrap());
 
-    // A checkpoint that the same history vouches for is used.
+    // Red team 3, F2: a checkpoint its own publisher's history vouches for (aggregate-2
+    // names it as parent) replaced the whole model of every joiner. It now needs the
+    // attestations of a stake majority of the validators as the state after window 1.
     let w = 2;
     chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
     let good = genesis.deep_clone().unwrap();
@@ -441,7 +444,42 @@ async fn checkpoint_from_future() {
         .put(&bistro_train::protocol::aggregate_key(w), Bytes::from(accepted::encode(&expect, &obj).unwrap()))
         .await
         .unwrap();
+    // Its own signed attestation of that state, and an honest validator with more stake
+    // that attested another state of window 1.
+    let attest = |who: &str, state: &str| {
+        let a = Attestation::new(
+            1,
+            who,
+            vec![Statement {
+                publisher: "evil-validator".into(),
+                aggregate: "a".repeat(64),
+                parent: state_hash(&genesis).unwrap(),
+                state: state.to_string(),
+                verdict: Verdict::Attest,
+                reason: String::new(),
+            }],
+        );
+        let sig = chain.sign(who, &a.signing_bytes()).unwrap();
+        Bytes::from(a.with_signature(&sig).encode())
+    };
+    vbucket.put(&attestation_key(1), attest("evil-validator", &hash)).await.unwrap();
+    chain.ensure_registered(1, "honest-validator", 6000).await.unwrap();
+    let hbucket = Bucket::open("memory://f2-honest-validator", &BucketOptions::default()).unwrap();
+    chain.set_commitment(1, "honest-validator", hbucket.url()).await.unwrap();
+    hbucket.put(&attestation_key(1), attest("honest-validator", &"c".repeat(64))).await.unwrap();
     let node = Node::join(cfg("joiner-2"), chain.clone(), "").await.unwrap();
+    assert_eq!(node.window, 0, "a checkpoint attested by 5000 of 11000 stake was used: {}", node.origin);
+    assert!(node.origin.starts_with("genesis"), "{}", node.origin);
+    // A forged attestation in the honest validator's bucket (signed by the evil key) does
+    // not count either.
+    let mut forged: Attestation = serde_json::from_slice(&attest("evil-validator", &hash)).unwrap();
+    forged.validator = "honest-validator".into();
+    hbucket.put(&attestation_key(1), Bytes::from(forged.encode())).await.unwrap();
+    let node = Node::join(cfg("joiner-3"), chain.clone(), "").await.unwrap();
+    assert_eq!(node.window, 0, "a forged attestation counted: {}", node.origin);
+    // Once the honest validator attests the same state, the checkpoint is used.
+    hbucket.put(&attestation_key(1), attest("honest-validator", &hash)).await.unwrap();
+    let node = Node::join(cfg("joiner-4"), chain.clone(), "").await.unwrap();
     assert_eq!(node.window, w, "{}", node.origin);
     assert!(node.origin.contains("verified checkpoint of window 2"), "{}", node.origin);
     assert_eq!(node.state_hash, hash);

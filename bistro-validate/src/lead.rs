@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use bistro_model::Params;
-use bistro_train::accepted::{AcceptedSet, AggregateObject, Excluded, Included, state_hash};
+use bistro_train::accepted::{AcceptedSet, AggregateObject, Excluded, Included};
 use bistro_train::hparams::HParams;
 use bistro_train::slices::{self, Contribution, update_norm};
 use bistro_train::sync::WindowSlices;
@@ -181,10 +181,7 @@ pub fn build(
     h: &HParams,
 ) -> bistro_model::Result<AggregateObject> {
     let agg = slices::aggregate(&ws.theta_at_i, &decision.contributions, &h.aggregation);
-    let written = slices::scatter_params(params, &ws.indices, &agg.values);
-    let state = written.and_then(|()| state_hash(params));
-    slices::scatter_params(params, &ws.indices, &ws.theta_at_i)?;
-    let state = state?;
+    let state = crate::audit::produced_state(params, ws, &agg.values)?;
     Ok(AggregateObject {
         set: AcceptedSet {
             window: ws.window,

@@ -8,9 +8,12 @@
 //! * [`score`]: the reward rule on `e`, per-uid EMAs, softmax weights, u16 quantisation, and
 //!   [`score::fold_scores`], the one score -> EMA -> weights path;
 //! * [`lead`]: which slices enter a window's accepted set (protocol v2);
+//! * [`audit`]: a validator's check of another validator's aggregate, before it attests or
+//!   disputes it;
 //! * [`validator::Validator`]: the window loop that collects, scores, decides or follows the
 //!   accepted set, and sets weights.
 
+pub mod audit;
 pub mod lead;
 pub mod recompute;
 pub mod score;

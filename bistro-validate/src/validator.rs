@@ -6,15 +6,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use bistro_chain::{Chain, ChainError};
+use std::collections::HashSet;
+
+use bistro_chain::{Chain, ChainError, Metagraph};
 use bistro_model::{Llama, Params};
+use bistro_train::accepted::AggregateObject;
 use bistro_train::hparams::PROTOCOL_VERSION;
-use bistro_train::node::{Followed, Listeners, Node, NodeConfig, NodeError, Pace, now_ms, sleep_until_ms};
+use bistro_train::network::attestation::{Statement, Verdict};
+use bistro_train::node::{Followed, Found, Listeners, Node, NodeConfig, NodeError, Pace, now_ms, sleep_until_ms};
 use bistro_train::step;
 use bistro_train::sync::SyncError;
+use bistro_train::sync::WindowSlices;
 
+use crate::audit::{Audit, audit};
 use crate::lead::{self, NormHistory};
-use crate::recompute::{Scorer, private_sample};
+use crate::recompute::{MinerResult, Scorer, private_sample};
 use crate::score::{ScoreRow, Scoreboard, fold_scores, quantize};
 
 /// Errors that stop a validator.
@@ -206,23 +212,35 @@ impl Validator {
         &self.board
     }
 
-    /// Process the held window: collect the slices after the upload deadline, recompute
-    /// miners in a private random order within the verification budget, decide the window's
-    /// accepted set (published at once when this validator is the lead, kept as a fallback
-    /// otherwise), follow the accepted set, fold the scores into the EMAs and set weights on
-    /// schedule. Far behind the chain (`score == false`), it only follows.
+    /// Process the held window: [`Self::prepare_window`], [`Self::attest_window`], then
+    /// [`Self::finish_window`]. Far behind the chain (`score == false`), it only follows.
     pub async fn process_window(
         &mut self,
         pace: Pace,
         score: bool,
         stop: &Arc<AtomicBool>,
     ) -> Result<WindowOutcome, ValidatorError> {
+        let prepared = self.prepare_window(pace, score, stop).await?;
+        self.attest_window(&prepared, stop).await?;
+        self.finish_window(prepared, stop).await
+    }
+
+    /// Collect the slices after the upload deadline, recompute miners in a private random
+    /// order within the verification budget and decide the window's accepted set. The lead
+    /// publishes it at once with its own attestation; any other validator keeps it as its
+    /// fallback. Far behind the chain (`score == false`), or restarted after publishing this
+    /// window, nothing is collected.
+    pub async fn prepare_window(
+        &mut self,
+        pace: Pace,
+        score: bool,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Prepared, ValidatorError> {
         let w = self.node.window;
         let h = self.node.cfg.hparams.clone();
+        let skip = Prepared { window: w, pace, work: None };
         if !score {
-            let f = self.node.follow(pace, stop, None).await?;
-            self.after_follow(&f);
-            return Ok(WindowOutcome { followed: f, rows: Vec::new() });
+            return Ok(skip);
         }
         if pace == Pace::Live {
             sleep_until_ms(self.node.ctx.deadline_ms(w).await?, stop).await;
@@ -232,9 +250,7 @@ impl Validator {
         let own = bistro_train::protocol::aggregate_key(w);
         if self.node.bucket.head(&own).await.is_ok() {
             tracing::info!(window = w, "this validator already published the window's accepted set; following it");
-            let f = self.node.follow(pace, stop, None).await?;
-            self.after_follow(&f);
-            return Ok(WindowOutcome { followed: f, rows: Vec::new() });
+            return Ok(skip);
         }
         let ws = self.node.ctx.collect(&self.node.params, w, &self.node.cfg.hotkey).await?;
         let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
@@ -259,85 +275,226 @@ impl Validator {
         tracing::info!(window = w, recomputed, miners = miners.len(), seconds, "recomputed miners' gradients");
         let decision = lead::decide(&ws, &results, &self.board, &self.norms, &h);
         let me = self.node.cfg.hotkey.clone();
-        let obj = lead::build(&self.node.params, &self.node.state_hash, &ws, &decision, &me, &h)?;
+        let parent = self.node.state_hash.clone();
+        let obj = lead::build(&self.node.params, &parent, &ws, &decision, &me, &h)?;
         let expect = self.node.ctx.aggregate_expectation(&self.node.params, &ws.indices, w);
         let bytes = bytes::Bytes::from(
             bistro_train::accepted::encode(&expect, &obj)
                 .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
         );
-        let is_lead = self.node.lead().await?.is_some_and(|lead| lead == me);
-        let mut candidate = Some(bytes.clone());
+        let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
+        let mut work = Work { ws, results, decision, obj, bytes, mg, miners, seconds, parent, is_lead };
         if is_lead {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;
             if pace == Pace::Lockstep || now_ms() < final_cutoff {
-                for i in &decision.included {
+                for i in &work.decision.included {
                     bistro_train::telemetry::decision(if i.e.is_some() {
                         "included-recomputed"
                     } else {
                         "included-record"
                     });
                 }
-                for x in &decision.excluded {
+                for x in &work.decision.excluded {
                     bistro_train::telemetry::decision(&x.reason);
                 }
-                match self.node.bucket.put(&bistro_train::protocol::aggregate_key(w), bytes).await {
+                match self.publish_own(&work).await {
                     Ok(()) => self.emit(ValidatorEvent::Published {
                         window: w,
-                        included: decision.included.len(),
-                        excluded: decision.excluded.iter().map(|x| (x.hotkey.clone(), x.reason.clone())).collect(),
-                        scored: decision.scored,
+                        included: work.decision.included.len(),
+                        excluded: work.decision.excluded.iter().map(|x| (x.hotkey.clone(), x.reason.clone())).collect(),
+                        scored: work.decision.scored,
                     }),
                     Err(e) => tracing::warn!(window = w, error = %e, "cannot publish the accepted set"),
                 }
             } else {
                 tracing::warn!(window = w, "the accepted set was decided after the cut-off; not published");
+                work.is_lead = false;
             }
-            candidate = None;
         }
-        let followed = self.node.follow(pace, stop, candidate).await?;
+        Ok(Prepared { window: w, pace, work: Some(work) })
+    }
+
+    /// Publish this validator's own aggregate and attest it.
+    async fn publish_own(&self, work: &Work) -> Result<(), ValidatorError> {
+        let w = work.obj.set.window;
+        self.node
+            .bucket
+            .put(&bistro_train::protocol::aggregate_key(w), work.bytes.clone())
+            .await
+            .map_err(NodeError::Storage)?;
+        let own = Statement {
+            publisher: self.node.cfg.hotkey.clone(),
+            aggregate: bistro_train::accepted::bytes_sha256(&work.bytes),
+            parent: work.obj.set.parent.clone(),
+            state: work.obj.set.state.clone(),
+            verdict: Verdict::Attest,
+            reason: String::new(),
+        };
+        self.node.publish_attestation(w, vec![own]).await?;
+        Ok(())
+    }
+
+    /// Check the aggregate this validator would follow against its own view of the window
+    /// and publish its signed attestation: the lead's aggregate, attested or disputed; when
+    /// it is missing at the lead's cut-off or disputed, this validator publishes its own
+    /// aggregate as a fallback and attests the first fallback (in stake order) that passes
+    /// its checks. An honest validator attests at most one aggregate per window; a
+    /// validator that did not collect the window, or is off the aggregate's state, says
+    /// nothing.
+    pub async fn attest_window(&mut self, prepared: &Prepared, stop: &Arc<AtomicBool>) -> Result<(), ValidatorError> {
+        let Some(work) = &prepared.work else { return Ok(()) };
+        if work.is_lead {
+            return Ok(());
+        }
+        let (w, pace) = (prepared.window, prepared.pace);
+        let h = self.node.cfg.hparams.clone();
+        let publishers = self.node.publishers(false).await?;
+        let Some(lead) = self.node.lead_among(&publishers, w).cloned() else { return Ok(()) };
+        let (lead_cutoff, final_cutoff) = self.node.cutoffs_ms(w).await?;
+        let mut stalled = HashSet::new();
+        let mut statements = Vec::new();
+        let lead_found = loop {
+            let f = self.node.try_publisher_until(&lead, &work.ws.indices, w, pace, lead_cutoff, &mut stalled).await;
+            if f.is_some()
+                || pace == Pace::Lockstep
+                || !stalled.is_empty()
+                || now_ms() >= lead_cutoff
+                || stop.load(Ordering::Relaxed)
+            {
+                break f;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        };
+        if let Some(f) = &lead_found {
+            match self.audit_found(f, work) {
+                Audit::Attest => {
+                    statements.push(statement(f, Verdict::Attest, String::new()));
+                    return self.publish_statements(w, statements).await;
+                }
+                Audit::Dispute(reason) => {
+                    tracing::warn!(window = w, lead = %f.from, %reason, "disputing the lead's aggregate");
+                    statements.push(statement(f, Verdict::Dispute, reason));
+                }
+                Audit::Abstain(reason) => {
+                    tracing::info!(window = w, lead = %f.from, %reason, "cannot judge the lead's aggregate");
+                    return Ok(());
+                }
+            }
+        }
+        // The lead's aggregate is missing or wrong: offer this validator's own as a
+        // fallback, then attest the first fallback in stake order that passes the checks.
+        if pace == Pace::Lockstep || now_ms() < final_cutoff {
+            tracing::info!(window = w, "publishing this validator's aggregate as a fallback");
+            if let Err(e) = self.node.bucket.put(&bistro_train::protocol::aggregate_key(w), work.bytes.clone()).await {
+                tracing::warn!(window = w, error = %e, "cannot publish the fallback aggregate");
+            }
+        }
+        // Live, wait a little for validators with more stake to offer theirs.
+        let settle = lead_cutoff.max(now_ms()) + h.fallback_wait_ms / 4;
+        for p in publishers.iter().filter(|p| p.hotkey != lead.hotkey) {
+            let found = loop {
+                let f = self.node.try_publisher_until(p, &work.ws.indices, w, pace, settle, &mut stalled).await;
+                if f.is_some() || pace == Pace::Lockstep || stalled.contains(&p.hotkey) || now_ms() >= settle {
+                    break f;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            let Some(f) = found else { continue };
+            match self.audit_found(&f, work) {
+                Audit::Attest => {
+                    statements.push(statement(&f, Verdict::Attest, String::new()));
+                    break;
+                }
+                Audit::Dispute(reason) => statements.push(statement(&f, Verdict::Dispute, reason)),
+                Audit::Abstain(_) => {}
+            }
+            if statements.len() >= bistro_train::network::attestation::MAX_STATEMENTS {
+                break;
+            }
+        }
+        self.publish_statements(w, statements).await
+    }
+
+    fn audit_found(&self, f: &Found, work: &Work) -> Audit {
+        if f.from == self.node.cfg.hotkey {
+            return if f.digest == bistro_train::accepted::bytes_sha256(&work.bytes) {
+                Audit::Attest
+            } else {
+                Audit::Abstain("own bucket holds another aggregate".into())
+            };
+        }
+        audit(&f.obj, &work.ws, &work.results, &self.node.params, &work.parent, &self.node.cfg.hparams)
+    }
+
+    async fn publish_statements(&self, w: u64, statements: Vec<Statement>) -> Result<(), ValidatorError> {
+        if statements.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.node.publish_attestation(w, statements).await {
+            tracing::warn!(window = w, error = %e, "cannot publish the attestation");
+        }
+        Ok(())
+    }
+
+    /// Follow the window's accepted set, fold the scores into the EMAs (not when this
+    /// validator was itself off the accepted state: it judged miners against another state)
+    /// and set weights on schedule.
+    pub async fn finish_window(
+        &mut self,
+        prepared: Prepared,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<WindowOutcome, ValidatorError> {
+        let (w, pace) = (prepared.window, prepared.pace);
+        let h = self.node.cfg.hparams.clone();
+        let followed = self.node.follow(pace, stop).await?;
+        self.after_follow(&followed);
+        let Some(work) = prepared.work else { return Ok(WindowOutcome { followed, rows: Vec::new() }) };
+        let off_state = match &followed {
+            Followed::Applied { set, repaired, .. } => *repaired || set.parent != work.parent,
+            Followed::Forked { .. } => true,
+            _ => false,
+        };
+        if off_state {
+            tracing::warn!(window = w, "this validator was off the accepted state: the window is not scored here");
+            return Ok(WindowOutcome { followed, rows: Vec::new() });
+        }
         // The outlier bound's reference: the norms of the slices this validator itself
         // recomputed and found honest, never the norms an aggregate reports (red team 3,
         // F9/F13: a lead or on-record sybils could steer every validator's reference).
         let own: Vec<f64> =
-            decision.included.iter().filter(|i| i.e.is_some()).map(|i| i.norm).filter(|n| n.is_finite()).collect();
+            work.decision.included.iter().filter(|i| i.e.is_some()).map(|i| i.norm).filter(|n| n.is_finite()).collect();
         self.norms.push(w, own, h.norm_history_windows);
         if let Err(e) = self.norms.save(&self.node.cfg.state_dir.join("norms.json")) {
             tracing::error!(error = %e, "cannot save the norm history");
         }
-        self.after_follow(&followed);
-        let (rows, weights) = fold_scores(&mut self.board, &results, w, &mg, &miners, &h);
-        self.emit(ValidatorEvent::Scored { window: w, rows: rows.clone(), seconds });
+        let (rows, weights) = fold_scores(&mut self.board, &work.results, w, &work.mg, &work.miners, &h);
+        self.emit(ValidatorEvent::Scored { window: w, rows: rows.clone(), seconds: work.seconds });
         if let Err(e) = self.board.save(&self.node.cfg.state_dir.join("scores.json")) {
             tracing::error!(error = %e, "cannot save scores");
         }
         if (w + 1).is_multiple_of(h.windows_per_weights) && !weights.is_empty() {
-            let (uids, q) = quantize(&weights);
-            let (netuid, hotkey) = (self.node.cfg.netuid, &self.node.cfg.hotkey);
-            match bistro_chain::submit_weights(
-                self.node.chain.as_ref(),
-                netuid,
-                hotkey,
-                &uids,
-                &q,
-                PROTOCOL_VERSION as u64,
-            )
-            .await
-            {
-                Ok(bistro_chain::WeightsSubmission::Committed { reveal_round, reveal_block }) => {
-                    self.emit(ValidatorEvent::WeightsCommitted {
-                        window: w,
-                        weights: uids.into_iter().zip(q).collect(),
-                        reveal_round,
-                        reveal_block,
-                    })
-                }
-                Ok(_) => {
-                    self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() })
-                }
-                Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),
-            }
+            self.set_weights(w, &weights).await;
         }
         Ok(WindowOutcome { followed, rows })
+    }
+
+    async fn set_weights(&self, w: u64, weights: &[(u16, f64)]) {
+        let (uids, q) = quantize(weights);
+        let (netuid, hotkey) = (self.node.cfg.netuid, &self.node.cfg.hotkey);
+        match bistro_chain::submit_weights(self.node.chain.as_ref(), netuid, hotkey, &uids, &q, PROTOCOL_VERSION as u64)
+            .await
+        {
+            Ok(bistro_chain::WeightsSubmission::Committed { reveal_round, reveal_block }) => {
+                self.emit(ValidatorEvent::WeightsCommitted {
+                    window: w,
+                    weights: uids.into_iter().zip(q).collect(),
+                    reveal_round,
+                    reveal_block,
+                })
+            }
+            Ok(_) => self.emit(ValidatorEvent::WeightsSet { window: w, weights: uids.into_iter().zip(q).collect() }),
+            Err(e) => self.emit(ValidatorEvent::WeightsFailed { window: w, reason: e.to_string() }),
+        }
     }
 
     /// The shared model's mean loss on the fixed held-out pages (the same pages on every
@@ -409,6 +566,54 @@ impl Validator {
             }
         }
         Ok(scored)
+    }
+}
+
+/// A window collected, recomputed and decided by [`Validator::prepare_window`], waiting
+/// for [`Validator::attest_window`] and [`Validator::finish_window`].
+#[derive(Debug)]
+pub struct Prepared {
+    window: u64,
+    pace: Pace,
+    work: Option<Work>,
+}
+
+impl Prepared {
+    /// The window.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// This validator's own aggregate of the window (when it collected it), and whether it
+    /// published it as the lead.
+    pub fn own_aggregate(&self) -> Option<(&AggregateObject, &bytes::Bytes, bool)> {
+        self.work.as_ref().map(|w| (&w.obj, &w.bytes, w.is_lead))
+    }
+}
+
+/// What a validator holds of a window it collected.
+#[derive(Debug)]
+struct Work {
+    ws: Arc<WindowSlices>,
+    results: Vec<MinerResult>,
+    decision: lead::Decision,
+    obj: AggregateObject,
+    bytes: bytes::Bytes,
+    mg: Metagraph,
+    miners: Vec<(u16, String)>,
+    seconds: f64,
+    parent: String,
+    is_lead: bool,
+}
+
+fn statement(f: &Found, verdict: Verdict, reason: String) -> Statement {
+    Statement {
+        publisher: f.from.clone(),
+        aggregate: f.digest.clone(),
+        parent: f.obj.set.parent.clone(),
+        state: f.obj.set.state.clone(),
+        verdict,
+        reason,
     }
 }
 

@@ -292,6 +292,11 @@ impl Chain for Subtensor {
         .await
     }
 
+    fn sign(&self, hotkey: &str, message: &[u8]) -> Result<[u8; crate::keys::SIGNATURE_BYTES]> {
+        let pair = self.signer(hotkey)?;
+        Ok(crate::keys::sign(pair.as_ref(), message))
+    }
+
     fn account_bytes(&self, hotkey: &str) -> Result<Vec<u8>> {
         Ok(account_id(hotkey)?.0.to_vec())
     }

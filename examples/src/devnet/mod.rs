@@ -253,8 +253,17 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         let mut rows = Vec::new();
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
-        for (vi, v) in validators.iter_mut().enumerate() {
-            let out = v.process_window(Pace::Lockstep, true, &stop).await?;
+        // Each phase runs on every validator before the next: the lead publishes, every
+        // validator attests or disputes, then everyone follows what a stake majority attested.
+        let mut prepared = Vec::new();
+        for v in validators.iter_mut() {
+            prepared.push(v.prepare_window(Pace::Lockstep, true, &stop).await?);
+        }
+        for (v, p) in validators.iter_mut().zip(&prepared) {
+            v.attest_window(p, &stop).await?;
+        }
+        for (vi, (v, p)) in validators.iter_mut().zip(prepared).enumerate() {
+            let out = v.finish_window(p, &stop).await?;
             if vi == 0 {
                 if let Followed::Applied { set, .. } = &out.followed {
                     accepted = set.included.iter().map(|i| i.hotkey.clone()).collect();

@@ -127,8 +127,10 @@ impl SyncContext {
     }
 
     /// Download and verify a validator's newest usable checkpoint at or before `target`
-    /// (never one ahead of `chain_window`), checked against the same bucket's aggregates:
-    /// its hash must equal `aggregate-{c}`'s `parent` or `aggregate-{c-1}`'s `state`. Then
+    /// (never one ahead of `chain_window`): its state hash must be `attested` as the state
+    /// produced by window `c - 1` (a stake quorum of validators' attestations, checked by
+    /// the caller: red team 3, F2: a checkpoint vouched for only by its own publisher's
+    /// aggregates could replace the whole model). Then
     /// replay the bucket's aggregates up to `target` (exclusive), each link verified; with
     /// no `target`, the checkpoint's own window. Candidates that fail are skipped with a
     /// logged reason and the next older one is tried, at most
@@ -136,14 +138,19 @@ impl SyncContext {
     /// history can still reach back to it (`target <= max_history`: owners delete older
     /// aggregates). The whole rebuild runs under [`crate::protocol::REPAIR_BUDGET`] (red team
     /// 3, F8: a publisher listing thousands of checkpoints kept a node repairing for hours).
-    pub async fn rebuild_from(
+    pub async fn rebuild_from<F, Fut>(
         &self,
         bucket: &Bucket,
         model_config: &ModelConfig,
         device: &Device,
         target: Option<u64>,
         chain_window: u64,
-    ) -> Result<Rebuilt, HistoryError> {
+        attested: F,
+    ) -> Result<Rebuilt, HistoryError>
+    where
+        F: Fn(u64, String) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let budget = crate::protocol::REPAIR_BUDGET;
         let rebuild = async {
             let list = bucket
@@ -170,7 +177,10 @@ impl SyncContext {
                     continue;
                 }
                 tried += 1;
-                match self.rebuild_from_checkpoint(bucket, model_config, device, c, target.unwrap_or(c)).await {
+                match self
+                    .rebuild_from_checkpoint(bucket, model_config, device, c, target.unwrap_or(c), &attested)
+                    .await
+                {
                     Ok(r) => return Ok(r),
                     Err(e) => {
                         tracing::warn!(bucket = bucket.url(), checkpoint = c, error = %e, "cannot rebuild from checkpoint");
@@ -208,14 +218,19 @@ impl SyncContext {
         Ok(Rebuilt { params, window: to, hash, checkpoint: from })
     }
 
-    async fn rebuild_from_checkpoint(
+    async fn rebuild_from_checkpoint<F, Fut>(
         &self,
         bucket: &Bucket,
         model_config: &ModelConfig,
         device: &Device,
         c: u64,
         target: u64,
-    ) -> Result<Rebuilt, HistoryError> {
+        attested: &F,
+    ) -> Result<Rebuilt, HistoryError>
+    where
+        F: Fn(u64, String) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let key = crate::protocol::checkpoint_key(c);
         let limit = model_config.num_params() as u64 * 4 + (4 << 20);
         let f = bucket.get(&key, limit).await.map_err(|source| match source {
@@ -225,17 +240,17 @@ impl SyncContext {
         let params = crate::state::params_from_checkpoint(&f.bytes, model_config, device)
             .map_err(|e| HistoryError::Invalid { key: key.clone(), reason: Rejection::Malformed(e.to_string()) })?;
         let hash = state_hash(&params)?;
-        // The checkpoint must be vouched for by an aggregate of the same history.
-        let vouched = match self.aggregate_at(bucket, &params, c).await? {
-            Some(a) => a.set.parent == hash,
-            None => false,
-        } || match c.checked_sub(1) {
-            Some(prev) => self.aggregate_at(bucket, &params, prev).await?.is_some_and(|a| a.set.state == hash),
-            None => false,
-        };
+        // The checkpoint's state must be the attested product of window c - 1 (genesis
+        // needs no attestation: every node computes it).
+        let genesis = c == 0 && hash == state_hash(&Params::genesis(model_config, self.hparams.genesis_seed, device)?)?;
+        let vouched = genesis
+            || match c.checked_sub(1) {
+                Some(prev) => attested(prev, hash.clone()).await,
+                None => false,
+            };
         if !vouched {
             return Err(HistoryError::Mismatch(format!(
-                "{key} (hash {}) is not vouched for by aggregate-{c} or aggregate-{}",
+                "{key} (hash {}) is not attested by a stake majority of validators as the state after window {}",
                 &hash[..12],
                 c.saturating_sub(1)
             )));
@@ -330,11 +345,12 @@ pub async fn cleanup(bucket: &Bucket, hotkey: &str, window: u64, hparams: &crate
         tracing::warn!(error = %e, "cannot clean up old slices");
     }
     let keep = 2 * hparams.max_history;
-    for prefix in ["checkpoint-", "aggregate-"] {
+    for prefix in ["checkpoint-", "aggregate-", "attestation-"] {
         if let Ok(list) = bucket.list(prefix).await {
             for o in list {
                 let w = crate::protocol::parse_checkpoint_key(&o.key)
-                    .or_else(|| crate::protocol::parse_aggregate_key(&o.key));
+                    .or_else(|| crate::protocol::parse_aggregate_key(&o.key))
+                    .or_else(|| crate::network::attestation::parse_attestation_key(&o.key));
                 if w.is_some_and(|w| w + keep < window) {
                     let _ = bucket.delete(&o.key).await;
                 }

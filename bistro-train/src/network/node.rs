@@ -3,6 +3,7 @@
 //! window, follow the accepted set: find the aggregate, check it against its own state,
 //! repair a fork, apply it.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +15,11 @@ use candle_core::Device;
 
 use bytes::Bytes;
 
-use crate::accepted::{AcceptedSet, AggregateObject, state_hash, validators_by_stake};
+use crate::accepted::{AcceptedSet, AggregateObject, bytes_sha256, state_hash, validators_by_stake};
 use crate::data::{Dataset, TextTokenizer};
 use crate::history::{HistoryError, apply_checked, short};
 use crate::hparams::HParams;
+use crate::network::attestation::{self, Attestation, Tally, Voice};
 use crate::state::{self, StateInfo};
 use crate::storage::{Bucket, BucketOptions};
 use crate::sync::{SyncContext, SyncError};
@@ -112,6 +114,9 @@ pub struct Node {
     pub forks: u64,
     /// Forks repaired from a validator's verified history.
     pub repairs: u64,
+    /// Leads whose aggregate a stake majority disputed, with the last window they are
+    /// skipped in ([`attestation::DISPUTED_LEAD_SKIP`]).
+    pub disputed: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for Node {
@@ -216,10 +221,28 @@ pub async fn sleep_until_ms(unix_ms: u64, stop: &AtomicBool) {
     }
 }
 
-/// One validator that may publish the accepted set, with its bucket.
-struct Publisher {
-    hotkey: String,
-    bucket: Bucket,
+/// One validator that may publish the accepted set: its hotkey, stake and bucket.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    /// The validator's hotkey.
+    pub hotkey: String,
+    /// Its stake (its voice in attestation quorums).
+    pub stake: u64,
+    /// Its bucket (this node's own for itself).
+    pub bucket: Bucket,
+}
+
+/// An aggregate a node found in a publisher's bucket.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// The publisher.
+    pub from: String,
+    /// The decoded object.
+    pub obj: AggregateObject,
+    /// Its bytes.
+    pub bytes: Bytes,
+    /// Hex sha256 of the bytes (what attestations name).
+    pub digest: String,
 }
 
 impl Node {
@@ -290,6 +313,7 @@ impl Node {
             publishes_history: false,
             forks: 0,
             repairs: 0,
+            disputed: HashMap::new(),
             cfg,
         };
         node.bootstrap().await?;
@@ -306,8 +330,14 @@ impl Node {
             return Ok(());
         }
         let chain_window = self.chain_window().await?;
-        for p in self.publishers(true).await? {
-            match self.ctx.rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, None, chain_window).await {
+        let publishers = self.publishers(true).await?;
+        for p in &publishers {
+            let attested = |w, hash| self.state_attested(&publishers, w, hash);
+            match self
+                .ctx
+                .rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, None, chain_window, attested)
+                .await
+            {
                 Ok(r) => {
                     self.install(r.params, r.window)?;
                     self.origin = format!("verified checkpoint of window {} from {}", r.checkpoint, p.hotkey);
@@ -327,35 +357,138 @@ impl Node {
         Ok(())
     }
 
-    /// The lead: the first validator by stake among those with a usable commitment. Every
-    /// role uses this one rule (red team 3, F7: the validator led by stake alone, followers
-    /// skipped validators without a bucket, so a top-stake permit holder that does not run
-    /// BISTRO left the network with no lead at all).
-    pub async fn lead(&self) -> Result<Option<String>, ChainError> {
-        Ok(self.publishers(false).await?.into_iter().next().map(|p| p.hotkey))
+    /// The lead of `window`: the first validator by stake among those with a usable
+    /// commitment, skipping a lead whose aggregate a stake majority disputed in the last
+    /// [`attestation::DISPUTED_LEAD_SKIP`] windows. Every role uses this one rule (red team
+    /// 3, F7: the validator led by stake alone, followers skipped validators without a
+    /// bucket, so a top-stake permit holder that does not run BISTRO left the network with
+    /// no lead at all).
+    pub async fn lead(&self, window: u64) -> Result<Option<String>, ChainError> {
+        Ok(self.lead_among(&self.publishers(false).await?, window).map(|p| p.hotkey.clone()))
     }
 
-    /// The validators that may publish the accepted set, in fallback order (the lead
-    /// first), with their buckets: permit holders by stake that committed a bucket URL this
-    /// node can open (this node's own bucket stands for itself, once it is committed).
-    /// Validators whose bucket cannot be opened are skipped with a log line.
-    async fn publishers(&self, exclude_self: bool) -> Result<Vec<Publisher>, ChainError> {
+    /// [`Self::lead`] among `publishers` (in stake order).
+    pub fn lead_among<'a>(&self, publishers: &'a [Publisher], window: u64) -> Option<&'a Publisher> {
+        publishers.iter().find(|p| !self.disputed.get(&p.hotkey).is_some_and(|&until| window <= until))
+    }
+
+    /// The validators that may publish the accepted set, in fallback order (most stake
+    /// first), with their buckets: permit holders that committed a bucket URL this node can
+    /// open (this node's own bucket stands for itself, once it is committed). Validators
+    /// whose bucket cannot be opened are skipped with a log line.
+    pub async fn publishers(&self, exclude_self: bool) -> Result<Vec<Publisher>, ChainError> {
         let mg = self.chain.metagraph(self.cfg.netuid).await?;
         let mut out = Vec::new();
         for n in validators_by_stake(&mg) {
             let Some(url) = self.chain.commitment(self.cfg.netuid, &n.hotkey).await? else { continue };
             if n.hotkey == self.cfg.hotkey {
                 if !exclude_self {
-                    out.push(Publisher { hotkey: n.hotkey, bucket: self.bucket.clone() });
+                    out.push(Publisher { hotkey: n.hotkey, stake: n.stake, bucket: self.bucket.clone() });
                 }
                 continue;
             }
             match self.ctx.peer_bucket(&url) {
-                Ok(bucket) => out.push(Publisher { hotkey: n.hotkey, bucket }),
+                Ok(bucket) => out.push(Publisher { hotkey: n.hotkey, stake: n.stake, bucket }),
                 Err(e) => tracing::warn!(validator = %n.hotkey, reason = %e, "cannot read this validator's bucket"),
             }
         }
         Ok(out)
+    }
+
+    /// Sign `statements` about `window` with this node's hotkey and publish them as its
+    /// attestation of the window (replacing an earlier one of the same window).
+    pub async fn publish_attestation(
+        &self,
+        window: u64,
+        statements: Vec<attestation::Statement>,
+    ) -> Result<(), NodeError> {
+        let a = Attestation::new(window, &self.cfg.hotkey, statements);
+        let sig = self.chain.sign(&self.cfg.hotkey, &a.signing_bytes())?;
+        let a = a.with_signature(&sig);
+        self.bucket
+            .put(&attestation::attestation_key(window), Bytes::from(a.encode()))
+            .await
+            .map_err(NodeError::Storage)
+    }
+
+    /// One publisher's attestation of `window`: `Ok(Some)` when valid, `Ok(None)` when
+    /// absent, `Err` when an object is there but unusable (logged; the publisher still counts
+    /// as publishing, so a bad object can only weigh against a quorum).
+    async fn attestation_of(&self, p: &Publisher, window: u64) -> Result<Option<Attestation>, ()> {
+        let key = attestation::attestation_key(window);
+        match p.bucket.get(&key, attestation::MAX_ATTESTATION_BYTES).await {
+            Ok(f) => match Attestation::decode(&f.bytes, window, &p.hotkey) {
+                Ok(a) => Ok(Some(a)),
+                Err(e) => {
+                    tracing::warn!(window, validator = %p.hotkey, error = %e, "unusable attestation");
+                    Err(())
+                }
+            },
+            Err(crate::storage::StorageError::NotFound { .. }) => Ok(None),
+            Err(e) => {
+                tracing::debug!(window, validator = %p.hotkey, error = %e, "cannot read the attestation");
+                Err(())
+            }
+        }
+    }
+
+    /// Every publisher's voice on `window`: its attestation of the window, and whether it
+    /// published recently (this window or one of the [`attestation::RECENT_WINDOWS`]
+    /// before; `recent` caches that per publisher across polls of one window). All reads
+    /// run at once, each under `cutoff_ms` (Unix ms); a publisher that has not answered by
+    /// then, or whose object is unusable, has no attestation and counts as recent (against
+    /// a quorum, never for one).
+    pub async fn voices(
+        &self,
+        publishers: &[Publisher],
+        window: u64,
+        cutoff_ms: u64,
+        recent: &mut HashMap<String, bool>,
+    ) -> Vec<Voice> {
+        let reads = publishers.iter().map(|p| {
+            let known_recent = recent.get(&p.hotkey).copied();
+            async move {
+                let read = async {
+                    let a = self.attestation_of(p, window).await;
+                    let was_recent = match (&a, known_recent) {
+                        (Ok(None), Some(r)) => r,
+                        (Ok(None), None) => {
+                            let mut any = false;
+                            for back in 1..=attestation::RECENT_WINDOWS.min(window) {
+                                if !matches!(self.attestation_of(p, window - back).await, Ok(None)) {
+                                    any = true;
+                                    break;
+                                }
+                            }
+                            any
+                        }
+                        _ => true,
+                    };
+                    (a.ok().flatten(), was_recent)
+                };
+                let until = tokio::time::Instant::now() + Duration::from_millis(cutoff_ms.saturating_sub(now_ms()));
+                let (a, was_recent) =
+                    tokio::time::timeout_at(until, read).await.unwrap_or((None, known_recent.unwrap_or(true)));
+                Voice { hotkey: p.hotkey.clone(), stake: p.stake, attestation: a, recent: was_recent }
+            }
+        });
+        let voices: Vec<Voice> = futures::future::join_all(reads).await;
+        for v in &voices {
+            recent.insert(v.hotkey.clone(), v.recent);
+        }
+        voices
+    }
+
+    /// Whether a stake majority of `publishers` attested `hash` as the state produced by
+    /// `window` (how a checkpoint of window `window + 1` is accepted).
+    pub async fn state_attested(&self, publishers: &[Publisher], window: u64, hash: String) -> bool {
+        let cutoff = now_ms() + crate::protocol::PEER_TIMEOUT.as_millis() as u64;
+        let voices = self.voices(publishers, window, cutoff, &mut HashMap::new()).await;
+        let t = Tally::count_where(&voices, |s| s.state == hash);
+        if !t.accepted() {
+            tracing::info!(window, state = short(&hash), tally = %t.describe(), "state not attested");
+        }
+        t.accepted()
     }
 
     /// Save `theta_w` and its window to the state directory.
@@ -385,17 +518,16 @@ impl Node {
         (lead, lead + self.cfg.hparams.fallback_wait_ms)
     }
 
-    /// Wait for the held window's accepted set and apply it: the lead's aggregate, else the
-    /// first fallback validator's, else no update. `candidate` is this validator's own
-    /// aggregate, published to its bucket when the lead's is missing at the lead's cut-off.
-    /// A parent mismatch is a fork: the node rebuilds its state from the publisher's
-    /// verified history, then applies. State is saved; validators publish their history.
-    pub async fn follow(
-        &mut self,
-        pace: Pace,
-        stop: &AtomicBool,
-        candidate: Option<Bytes>,
-    ) -> Result<Followed, NodeError> {
+    /// Wait for the held window's accepted set and apply it: the lead's aggregate once a
+    /// stake majority of the recently publishing validators attests it; else (the lead's
+    /// missing at its cut-off, or rejected) the first fallback validator's that is attested
+    /// in time; else no update. Before counting attestations a node makes its own cheap
+    /// checks ([`check_bounded`]). A lead whose aggregate a stake majority disputes is
+    /// skipped for the next [`attestation::DISPUTED_LEAD_SKIP`] windows. A parent mismatch
+    /// is a fork: the node rebuilds its state from the publisher's history (checkpoint
+    /// attested the same way), then applies. State is saved; validators publish their
+    /// history.
+    pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool) -> Result<Followed, NodeError> {
         let w = self.window;
         crate::telemetry::phase("follow");
         let started = std::time::Instant::now();
@@ -403,67 +535,93 @@ impl Node {
         let deadline = self.ctx.deadline_ms(w).await?;
         let (lead_cutoff, final_cutoff) = self.cutoffs_after(deadline);
         let publishers = self.publishers(false).await?;
-        let mut found = None;
+        let lead = self.lead_among(&publishers, w).map(|p| p.hotkey.clone());
+        // The lead first, then the others in stake order.
+        let mut order: Vec<&Publisher> = publishers.iter().filter(|p| Some(&p.hotkey) == lead.as_ref()).collect();
+        order.extend(publishers.iter().filter(|p| Some(&p.hotkey) != lead.as_ref()));
         if pace == Pace::Live {
             sleep_until_ms(deadline, stop).await;
         }
         // Live, every fetch runs under the cut-off it serves: a publisher that stalls instead
         // of answering costs at most that wait, and is not asked again in this window (red
         // team 3, F3: one stalling lead held every node for two 15 s attempts per poll).
-        let mut stalled: std::collections::HashSet<String> = std::collections::HashSet::new();
-        // The lead alone until its cut-off (once, in lockstep).
-        if let Some(lead) = publishers.first() {
-            loop {
-                found = self.try_publisher_until(lead, &indices, w, pace, lead_cutoff, &mut stalled).await;
-                if found.is_some()
-                    || stalled.contains(&lead.hotkey)
-                    || pace == Pace::Lockstep
-                    || now_ms() >= lead_cutoff
-                    || stop.load(Ordering::Relaxed)
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-        if found.is_none()
-            && let Some(bytes) = &candidate
-            && publishers.first().is_some_and(|p| p.hotkey != self.cfg.hotkey)
-            && (pace == Pace::Lockstep || now_ms() < final_cutoff)
-        {
-            tracing::info!(window = w, "the lead's aggregate is missing: publishing this validator's as a fallback");
-            if let Err(e) = self.bucket.put(&crate::protocol::aggregate_key(w), bytes.clone()).await {
-                tracing::warn!(window = w, error = %e, "cannot publish the fallback aggregate");
-            }
-        }
-        while found.is_none() && !publishers.is_empty() {
-            for p in &publishers {
-                if stalled.contains(&p.hotkey) {
+        let mut stalled: HashSet<String> = HashSet::new();
+        let mut rejected: HashSet<String> = HashSet::new();
+        let mut found: Vec<Found> = Vec::new();
+        let mut recent: HashMap<String, bool> = HashMap::new();
+        let mut last_tally = String::new();
+        let mut accepted: Option<Found> = None;
+        loop {
+            let lead_open = pace == Pace::Lockstep || now_ms() < lead_cutoff;
+            let lead_settled = order.first().is_none_or(|l| {
+                stalled.contains(&l.hotkey) || rejected.contains(&l.hotkey) || (!lead_open && !Self::has(&found, l))
+            });
+            for (i, p) in order.iter().enumerate() {
+                if Self::has(&found, p) || stalled.contains(&p.hotkey) {
                     continue;
                 }
-                found = self.try_publisher_until(p, &indices, w, pace, final_cutoff, &mut stalled).await;
-                if found.is_some() {
-                    break;
+                // Fallbacks only once the lead is settled (in lockstep everything is published already).
+                if i > 0 && !lead_settled && pace == Pace::Live {
+                    continue;
+                }
+                let cutoff = if i == 0 { lead_cutoff } else { final_cutoff };
+                if pace == Pace::Live && now_ms() >= cutoff && p.hotkey != self.cfg.hotkey {
+                    continue;
+                }
+                if let Some(f) = self.try_publisher_until(p, &indices, w, pace, cutoff, &mut stalled).await {
+                    match check_bounded(&self.params, &indices, &f.obj, &self.cfg.hparams.aggregation) {
+                        Ok(()) => found.push(f),
+                        Err(e) => {
+                            tracing::warn!(window = w, validator = %p.hotkey, error = %e, "aggregate fails the cheap checks");
+                            rejected.insert(p.hotkey.clone());
+                        }
+                    }
                 }
             }
-            if found.is_some() || pace == Pace::Lockstep || now_ms() >= final_cutoff || stop.load(Ordering::Relaxed) {
+            if !found.is_empty() {
+                let cutoff = now_ms() + self.wait_ms(pace, final_cutoff);
+                let voices = self.voices(&publishers, w, cutoff, &mut recent).await;
+                for f in order.iter().filter_map(|p| found.iter().find(|f| f.from == p.hotkey)) {
+                    if rejected.contains(&f.from) {
+                        continue;
+                    }
+                    let t = Tally::count(&voices, &f.digest);
+                    last_tally = format!("{}: {}", f.from, t.describe());
+                    if t.accepted() {
+                        accepted = Some(f.clone());
+                        break;
+                    }
+                    if t.rejected() {
+                        tracing::warn!(window = w, validator = %f.from, tally = %t.describe(), "aggregate rejected by the validators");
+                        rejected.insert(f.from.clone());
+                        if Some(&f.from) == lead.as_ref() && 2 * u128::from(t.disputed) > u128::from(t.base) {
+                            self.disputed.insert(f.from.clone(), w + attestation::DISPUTED_LEAD_SKIP);
+                        }
+                    }
+                }
+            }
+            if accepted.is_some() || pace == Pace::Lockstep || now_ms() >= final_cutoff || stop.load(Ordering::Relaxed)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let mut applied = None;
-        let outcome = match found {
+        let outcome = match accepted {
             None => {
                 let reason = if publishers.is_empty() {
                     "no validator on the network".to_string()
-                } else {
+                } else if found.is_empty() {
                     format!("no aggregate from {} validator(s) by the cut-off", publishers.len())
+                } else {
+                    format!("no aggregate attested by a stake majority ({last_tally})")
                 };
                 self.window = w + 1;
                 Followed::NoUpdate { window: w, reason }
             }
-            Some((who, obj, bytes)) => {
-                let outcome = self.apply(who, obj, &indices, &publishers).await?;
+            Some(f) => {
+                let bytes = f.bytes.clone();
+                let outcome = self.apply(f.from, f.obj, &indices, &publishers).await?;
                 // A validator republishes what it applied from another validator.
                 if matches!(&outcome, Followed::Applied { from, .. } if from != &self.cfg.hotkey) {
                     applied = Some(bytes);
@@ -473,7 +631,7 @@ impl Node {
         };
         crate::telemetry::phase_seconds("follow", started.elapsed().as_secs_f64());
         crate::telemetry::aggregate(match &outcome {
-            Followed::Applied { from, .. } if publishers.first().is_some_and(|p| &p.hotkey != from) => "fallback",
+            Followed::Applied { from, .. } if lead.as_ref() != Some(from) => "fallback",
             Followed::Applied { .. } => "applied",
             Followed::NoUpdate { .. } => "missing",
             Followed::Forked { .. } => "forked",
@@ -500,24 +658,37 @@ impl Node {
         Ok(outcome)
     }
 
-    /// [`Self::try_publisher`] under `cutoff_ms` (Unix ms) when live; a publisher that has
-    /// not answered by then goes into `stalled`. This node's own bucket is read without the
+    /// How long a read of a peer's object may take now: until `cutoff_ms` when live; the
+    /// collection budget in lockstep (a stalling peer must not hold a lockstep driver either).
+    pub fn wait_ms(&self, pace: Pace, cutoff_ms: u64) -> u64 {
+        match pace {
+            Pace::Live => cutoff_ms.saturating_sub(now_ms()),
+            Pace::Lockstep => self.cfg.hparams.collect_budget_ms,
+        }
+    }
+
+    fn has(found: &[Found], p: &Publisher) -> bool {
+        found.iter().any(|f| f.from == p.hotkey)
+    }
+
+    /// [`Self::fetch_from`] under `cutoff_ms` (Unix ms) when live, under the collection
+    /// budget in lockstep; a publisher that has not answered by then goes into `stalled`. This node's own bucket is read without the
     /// cut-off: what it published itself it must apply, or its published history would no
     /// longer link (a slow own bucket is this node's problem, not a peer's attack).
-    async fn try_publisher_until(
+    pub async fn try_publisher_until(
         &self,
         p: &Publisher,
         indices: &crate::slices::SliceIndices,
         w: u64,
         pace: Pace,
         cutoff_ms: u64,
-        stalled: &mut std::collections::HashSet<String>,
-    ) -> Option<(String, AggregateObject, Bytes)> {
-        if pace == Pace::Lockstep || p.hotkey == self.cfg.hotkey {
-            return self.try_publisher(p, indices, w).await;
+        stalled: &mut HashSet<String>,
+    ) -> Option<Found> {
+        if p.hotkey == self.cfg.hotkey {
+            return self.fetch_from(p, indices, w).await;
         }
-        let until = tokio::time::Instant::now() + Duration::from_millis(cutoff_ms.saturating_sub(now_ms()));
-        match tokio::time::timeout_at(until, self.try_publisher(p, indices, w)).await {
+        let until = tokio::time::Instant::now() + Duration::from_millis(self.wait_ms(pace, cutoff_ms));
+        match tokio::time::timeout_at(until, self.fetch_from(p, indices, w)).await {
             Ok(found) => found,
             Err(_) => {
                 tracing::warn!(window = w, validator = %p.hotkey, "no answer by the cut-off: not asked again this window");
@@ -527,14 +698,13 @@ impl Node {
         }
     }
 
-    async fn try_publisher(
-        &self,
-        p: &Publisher,
-        indices: &crate::slices::SliceIndices,
-        w: u64,
-    ) -> Option<(String, AggregateObject, Bytes)> {
+    /// `p`'s aggregate of window `w`, decoded against this node's state, if it has a valid one.
+    pub async fn fetch_from(&self, p: &Publisher, indices: &crate::slices::SliceIndices, w: u64) -> Option<Found> {
         match self.ctx.fetch_aggregate(&p.bucket, &self.params, indices, w).await {
-            Ok(Some((obj, bytes))) => Some((p.hotkey.clone(), obj, bytes)),
+            Ok(Some((obj, bytes))) => {
+                let digest = bytes_sha256(&bytes);
+                Some(Found { from: p.hotkey.clone(), obj, bytes, digest })
+            }
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(window = w, validator = %p.hotkey, error = %e, "unusable aggregate");
@@ -564,7 +734,12 @@ impl Node {
             let bucket = publishers.iter().find(|p| p.hotkey == who).map(|p| p.bucket.clone());
             let chain_window = self.chain_window().await.unwrap_or(w + 1);
             let rebuilt = match bucket {
-                Some(b) => self.ctx.rebuild_from(&b, &self.model_config, &self.cfg.device, Some(w), chain_window).await,
+                Some(b) => {
+                    let attested = |aw, hash| self.state_attested(publishers, aw, hash);
+                    self.ctx
+                        .rebuild_from(&b, &self.model_config, &self.cfg.device, Some(w), chain_window, attested)
+                        .await
+                }
                 None => Err(HistoryError::Other(format!("{who} has no bucket"))),
             };
             match rebuilt {
@@ -603,6 +778,37 @@ impl Node {
         }
         self.window = w + 1;
         Ok(Followed::Applied { window: w, from: who, set: obj.set, repaired })
+    }
+}
+
+/// A node's own checks of an aggregate before it counts attestations: its values are
+/// finite (checked when decoded) and its update is no larger than the norms it lists allow
+/// (`||theta_w[I] - values||` at most the mean of the included norms under the mean rule,
+/// their root sum of squares under the coordinate-wise rules; 0 with nothing included).
+pub fn check_bounded(
+    params: &Params,
+    indices: &crate::slices::SliceIndices,
+    obj: &AggregateObject,
+    rule: &crate::hparams::Aggregation,
+) -> Result<(), String> {
+    let theta = crate::slices::gather_params(params, indices).map_err(|e| e.to_string())?;
+    let norm = crate::slices::update_norm(&theta, &obj.values);
+    let listed: Vec<f64> = obj.set.included.iter().map(|i| i.norm).collect();
+    if listed.iter().any(|n| !n.is_finite() || *n < 0.0) {
+        return Err("an included norm is not a finite non-negative number".into());
+    }
+    let bound = match rule {
+        _ if listed.is_empty() => 0.0,
+        crate::hparams::Aggregation::Mean => listed.iter().sum::<f64>() / listed.len() as f64,
+        _ => listed.iter().map(|n| n * n).sum::<f64>().sqrt(),
+    };
+    // The written values are f32: each coordinate is rounded by at most 2^-24 of its size.
+    let theta_norm = theta.iter().flatten().map(|&t| (t as f64).powi(2)).sum::<f64>().sqrt();
+    let slack = (theta_norm + bound) * 2f64.powi(-23);
+    if norm.is_finite() && norm <= bound * (1.0 + 1e-9) + slack {
+        Ok(())
+    } else {
+        Err(format!("update norm {norm:.4e} exceeds what the listed norms allow ({bound:.4e})"))
     }
 }
 

@@ -1,0 +1,16 @@
+//! The network: what nodes exchange and how they come to hold one model.
+//!
+//! * [`accepted`]: the accepted set of a window (one aggregate object, published by the lead);
+//! * [`attestation`]: validators' signed verdicts on an aggregate, and the stake quorum a
+//!   node needs before it applies one;
+//! * [`history`]: validators' published aggregates and checkpoints, for repair and joiners;
+//! * [`node`]: how every node joins, follows, checks and repairs;
+//! * [`sync`]: a window's seed, deadline and slice collection;
+//! * [`endpoint`]: which peer URLs a node reads at all.
+
+pub mod accepted;
+pub mod attestation;
+pub mod endpoint;
+pub mod history;
+pub mod node;
+pub mod sync;

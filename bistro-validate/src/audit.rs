@@ -1,0 +1,138 @@
+//! A validator's check of another validator's aggregate against its own view of the window
+//! (its collection and its recomputations), before it attests or disputes it.
+//!
+//! What is checked:
+//! * the aggregate applies to this validator's state (else it abstains: it cannot judge);
+//! * every included hotkey is a miner of the window, listed once;
+//! * every included slice this validator holds with the same digest has the listed norm;
+//! * no included miner is one this validator recomputed and found dishonest;
+//! * the arithmetic: with every included slice in hand, the aggregate is recomputed bit for
+//!   bit; with some missing here (a slice served to the lead only), under the mean rule the
+//!   part they contribute must fit within their listed norms, and the validator abstains
+//!   when it holds fewer than half of them or the rule is not the mean;
+//! * the state it names is the state its values produce.
+
+use bistro_model::Params;
+use bistro_train::accepted::{AggregateObject, state_hash};
+use bistro_train::hparams::{Aggregation, HParams};
+use bistro_train::slices::{self, Contribution, update_norm};
+use bistro_train::sync::WindowSlices;
+
+use crate::recompute::MinerResult;
+
+/// What a validator says of an aggregate after checking it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Audit {
+    /// Consistent with everything this validator can check.
+    Attest,
+    /// Wrong: a stable reason code, a colon, and details.
+    Dispute(String),
+    /// This validator cannot judge it (another state, too little of the window in hand).
+    Abstain(String),
+}
+
+/// Check `obj` (an aggregate of `ws.window`) against this validator's collection `ws`, its
+/// recomputations `results` and its state (`params`, hash `own_state`). `params` holds the
+/// same values again when this returns.
+pub fn audit(
+    obj: &AggregateObject,
+    ws: &WindowSlices,
+    results: &[MinerResult],
+    params: &Params,
+    own_state: &str,
+    h: &HParams,
+) -> Audit {
+    let set = &obj.set;
+    if set.parent != own_state {
+        return Audit::Abstain("off-state: the aggregate applies to another state than this validator's".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for inc in &set.included {
+        if !seen.insert(inc.hotkey.as_str()) {
+            return Audit::Dispute(format!("duplicate: {} is included twice", inc.hotkey));
+        }
+        let Some(peer) = ws.peers.iter().find(|p| p.hotkey == inc.hotkey) else {
+            return Audit::Dispute(format!("unknown-miner: {} is not a miner of this window", inc.hotkey));
+        };
+        if let Some(r) = results.iter().find(|r| r.hotkey == inc.hotkey && r.recomputed)
+            && r.e > h.honest_tolerance
+        {
+            return Audit::Dispute(format!(
+                "dishonest-included: {} has e = {:.3e} > {} here",
+                inc.hotkey, r.e, h.honest_tolerance
+            ));
+        }
+        match (&peer.outcome, &peer.sha256) {
+            (Ok(values), Some(sha)) if *sha == inc.sha256 => {
+                let norm = update_norm(&ws.theta_at_i, values);
+                if (norm - inc.norm).abs() > 1e-9 * norm.max(inc.norm) + 1e-15 {
+                    return Audit::Dispute(format!(
+                        "norm: {} has update norm {norm:.6e}, the aggregate lists {:.6e}",
+                        inc.hotkey, inc.norm
+                    ));
+                }
+                known.push(Contribution { hotkey: inc.hotkey.clone(), values: values.clone() });
+            }
+            _ => unknown.push(inc),
+        }
+    }
+    if unknown.is_empty() {
+        let agg = slices::aggregate(&ws.theta_at_i, &known, &h.aggregation);
+        let same = agg
+            .values
+            .iter()
+            .zip(&obj.values)
+            .all(|(a, b)| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        if !same {
+            return Audit::Dispute("arithmetic: the values are not the aggregate of the slices it lists".into());
+        }
+    } else {
+        if 2 * unknown.len() > set.included.len() || !matches!(h.aggregation, Aggregation::Mean) {
+            return Audit::Abstain(format!(
+                "cannot-check: {} of {} included slices are not in hand here",
+                unknown.len(),
+                set.included.len()
+            ));
+        }
+        // Under the mean, n * (theta - values) - (the deltas in hand) is the sum of the
+        // missing deltas: no longer than the sum of their listed norms.
+        let n = set.included.len() as f64;
+        let mut rest_sq = 0f64;
+        let mut scale_sq = 0f64;
+        for (p, theta) in ws.theta_at_i.iter().enumerate() {
+            for (j, &t) in theta.iter().enumerate() {
+                let total = n * (t as f64 - obj.values[p][j] as f64);
+                let in_hand: f64 = known.iter().map(|c| t as f64 - c.values[p][j] as f64).sum();
+                rest_sq += (total - in_hand).powi(2);
+                scale_sq += (t as f64).powi(2);
+            }
+        }
+        let allowed: f64 = unknown.iter().map(|i| i.norm).sum();
+        // f32 rounding of the written values, times n.
+        let slack = n * scale_sq.sqrt() * 2f64.powi(-23);
+        if rest_sq.sqrt() > allowed * (1.0 + 1e-9) + slack {
+            return Audit::Dispute(format!(
+                "arithmetic: the slices not in hand would contribute {:.4e}, their listed norms allow {allowed:.4e}",
+                rest_sq.sqrt()
+            ));
+        }
+    }
+    match produced_state(params, ws, &obj.values) {
+        Ok(s) if s == set.state => Audit::Attest,
+        Ok(s) => {
+            Audit::Dispute(format!("state: the values produce {}, the aggregate names {}", &s[..12], &set.state[..12]))
+        }
+        Err(e) => Audit::Abstain(format!("cannot hash the state: {e}")),
+    }
+}
+
+/// The state hash `values` at the window's indices produce from `params` (`theta_w`),
+/// restoring `params` before returning.
+pub(crate) fn produced_state(params: &Params, ws: &WindowSlices, values: &[Vec<f32>]) -> bistro_model::Result<String> {
+    let written = slices::scatter_params(params, &ws.indices, values);
+    let state = written.and_then(|()| state_hash(params));
+    slices::scatter_params(params, &ws.indices, &ws.theta_at_i)?;
+    state
+}

@@ -569,7 +569,13 @@ impl Node {
                     continue;
                 }
                 if let Some(f) = self.try_publisher_until(p, &indices, w, pace, cutoff, &mut stalled).await {
-                    match check_bounded(&self.params, &indices, &f.obj, &self.cfg.hparams.aggregation) {
+                    // On another state than the aggregate's, the check waits for the repair.
+                    let checked = if f.obj.set.parent == self.state_hash {
+                        check_bounded(&self.params, &indices, &f.obj, &self.cfg.hparams.aggregation)
+                    } else {
+                        Ok(())
+                    };
+                    match checked {
                         Ok(()) => found.push(f),
                         Err(e) => {
                             tracing::warn!(window = w, validator = %p.hotkey, error = %e, "aggregate fails the cheap checks");
@@ -764,6 +770,13 @@ impl Node {
                     return Ok(Followed::Forked { window: w, reason: e.to_string() });
                 }
             }
+        }
+        if repaired && let Err(e) = check_bounded(&self.params, indices, &obj, &self.cfg.hparams.aggregation) {
+            self.window = w + 1;
+            return Ok(Followed::NoUpdate {
+                window: w,
+                reason: format!("the attested aggregate fails the cheap checks: {e}"),
+            });
         }
         match apply_checked(&self.params, indices, &obj, &self.state_hash) {
             Ok(h) => self.state_hash = h,

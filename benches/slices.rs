@@ -18,7 +18,7 @@ fn bench_config(c: &mut Criterion, preset: &str) {
     let compression = 300;
     let idx = SliceIndices::select(params.specs(), &seed, compression);
     let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
-    let meta = SliceMeta::new(7, "bench-hotkey", compression, "h", &cfg.hash().unwrap());
+    let meta = SliceMeta::new(7, "bench-hotkey", "bench-parent", compression, "h", &cfg.hash().unwrap());
     let theta = slices::gather_params(&params, &idx).expect("gather");
     let values: Vec<Vec<f32>> = theta.iter().map(|t| t.iter().map(|x| x - 1e-4).collect()).collect();
     let bytes = slices::encode(&meta, &names, &values).expect("encode");

@@ -113,6 +113,9 @@ pub struct Miner {
     listeners: Listeners<MinerEvent>,
     /// The next window's batch, read and tokenised while this window merges.
     prefetch: std::sync::Mutex<Option<(u64, Prefetch)>>,
+    /// The last follow ended on a fork it could not repair: the held state is not the
+    /// accepted one, so this miner does not train on it (red team 3, F5).
+    off_state: bool,
 }
 
 impl std::fmt::Debug for Miner {
@@ -129,7 +132,13 @@ impl Miner {
     /// Build a miner: open data, model state and bucket; register (devnet) and commit the bucket URL.
     pub async fn new(cfg: MinerConfig, chain: Arc<dyn Chain>) -> Result<Self, MinerError> {
         let node = Node::join(cfg, chain, " (register it with `btcli subnet register`)").await?;
-        Ok(Miner { node, last_step_ms: 0, listeners: Listeners::default(), prefetch: std::sync::Mutex::new(None) })
+        Ok(Miner {
+            node,
+            last_step_ms: 0,
+            listeners: Listeners::default(),
+            prefetch: std::sync::Mutex::new(None),
+            off_state: false,
+        })
     }
 
     /// Call `f` for every event.
@@ -164,6 +173,7 @@ impl Miner {
     /// Apply the held window's accepted set (waiting for it as `pace` says) and advance.
     pub async fn follow(&mut self, pace: Pace, stop: &AtomicBool) -> Result<Followed, MinerError> {
         let f = self.node.follow(pace, stop).await?;
+        self.off_state = matches!(f, Followed::Forked { .. });
         match &f {
             Followed::Forked { .. } => tracing::warn!("{}", f.describe()),
             _ => tracing::debug!("{}", f.describe()),
@@ -179,8 +189,16 @@ impl Miner {
 
     /// Compute the gradient of the held window on this miner's pages (batching and
     /// training run on blocking threads). `Ok(None)` when cancelled or skipped.
+    /// A miner whose last follow ended off the accepted state (an unrepaired fork) skips
+    /// the window: a slice of a stale state would only be rejected as `stale-state`.
     pub async fn compute_gradient(&self, stop: &Arc<AtomicBool>) -> Result<Option<WindowGradient>, MinerError> {
         let w = self.node.window;
+        if self.off_state {
+            let reason = "this node is off the accepted state (a fork not repaired yet): not training on it";
+            tracing::warn!(window = w, "{reason}");
+            self.emit(MinerEvent::Skipped { window: w, reason: reason.into() });
+            return Ok(None);
+        }
         let h = &self.node.cfg.hparams;
         let pages = self.node.dataset.pages(&h.network, &self.node.cfg.hotkey, w, h.pages_per_window);
         let prefetched = self.prefetch.lock().ok().and_then(|mut p| p.take()).filter(|(pw, _)| *pw == w);
@@ -244,7 +262,7 @@ impl Miner {
         let g = slices::gather_grads(&grad.grads, &indices)?;
         let values = slices::step_values(&theta, &g, h.learning_rate_at(w));
         let names: Vec<String> = self.node.params.specs().iter().map(|s| s.name.clone()).collect();
-        slices::encode(&self.node.ctx.meta(w, &self.node.cfg.hotkey), &names, &values)
+        slices::encode(&self.node.ctx.meta(w, &self.node.cfg.hotkey, &self.node.state_hash), &names, &values)
             .map_err(|e| MinerError::Config(format!("cannot encode own slice: {e}")))
     }
 

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 /// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Domain-separation tags: the first bytes hashed by each consensus hash, so that no hash
 /// of one kind can be replayed as another.

@@ -149,7 +149,7 @@ async fn endpoint_private() {
     let w = h.window_of(chain.block_number().await.unwrap());
     chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
-    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let ws = ctx.collect(&params, "parent", w, "me").await.unwrap();
     let peer = ws.peers.iter().find(|p| p.hotkey == "ssrf-peer").expect("listed");
     assert!(
         matches!(&peer.outcome, Err(Rejection::Download(r)) if r.contains("internal address")),
@@ -210,7 +210,7 @@ async fn f4_stalling_peers_at_low_uids_do_not_starve_the_rest() {
     b.put(&bistro_train::protocol::slice_key(w, "after-them"), Bytes::from_static(b"not a slice")).await.unwrap();
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let started = Instant::now();
-    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let ws = ctx.collect(&params, "parent", w, "me").await.unwrap();
     let took = started.elapsed();
     let outcome = |hk: &str| ws.peers.iter().find(|p| p.hotkey == hk).map(|p| p.outcome.clone());
     let last = outcome("after-them");
@@ -342,7 +342,7 @@ async fn no_foreign_credentials() {
     let w = h.window_of(chain.block_number().await.unwrap());
     chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
-    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let ws = ctx.collect(&params, "parent", w, "me").await.unwrap();
     for p in &ws.peers {
         assert_eq!(p.outcome, Err(Rejection::Missing), "{}", p.hotkey);
     }
@@ -378,7 +378,7 @@ async fn permit_holders_that_upload_are_miners() {
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let b = Bucket::open("memory://permits-staked-miner", &BucketOptions::default()).unwrap();
     b.put(&bistro_train::protocol::slice_key(w, "staked-miner"), Bytes::from_static(b"not a slice")).await.unwrap();
-    let ws = ctx.collect(&params, w, "me").await.unwrap();
+    let ws = ctx.collect(&params, "parent", w, "me").await.unwrap();
     let listed: Vec<&str> = ws.peers.iter().map(|p| p.hotkey.as_str()).collect();
     assert_eq!(listed, vec!["staked-miner"], "a permit holder that uploads is a miner; one that does not is not");
 }

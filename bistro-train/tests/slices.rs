@@ -61,7 +61,7 @@ fn setup() -> (Params, SliceIndices, SliceExpectation) {
     let cfg = micro();
     let params = Params::genesis(&cfg, 3, &Device::Cpu).unwrap();
     let idx = SliceIndices::select(params.specs(), &[1u8; 32], 4);
-    let meta = SliceMeta::new(5, "alice", 4, "hph", &cfg.hash().unwrap());
+    let meta = SliceMeta::new(5, "alice", "parent-a", 4, "hph", &cfg.hash().unwrap());
     let exp = slices::expectation(&params, &idx, meta, 1 << 20);
     (params, idx, exp)
 }
@@ -157,6 +157,11 @@ fn every_rejection_reason_from_a_crafted_file() {
     assert!(
         matches!(decode(&encode(&stale, &exp.names, &good).unwrap(), &exp).unwrap_err(), Rejection::Metadata { field, .. } if field == "window")
     );
+    // Built on another state (red team 3, F5): its own code, never a penalty.
+    let other_state = SliceMeta { parent: "another-state".into(), ..exp.meta.clone() };
+    let e = decode(&encode(&other_state, &exp.names, &good).unwrap(), &exp).unwrap_err();
+    assert!(matches!(&e, Rejection::StaleState { found, .. } if found == "another-state"), "{e}");
+    assert_eq!(e.code(), "stale-state");
     // Wrong hparams hash.
     let hp = SliceMeta { hparams_hash: "x".into(), ..exp.meta.clone() };
     assert_eq!(code(&encode(&hp, &exp.names, &good).unwrap()), "metadata");

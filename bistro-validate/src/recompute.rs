@@ -65,9 +65,11 @@ impl MinerResult {
     /// Whether this window says anything about the miner. A download that ran out of this
     /// validator's collection budget (`timeout`) does not: it may be the validator's own
     /// network or another peer's load as much as the miner's endpoint, so it is neither
-    /// scored nor penalised (red team 3, F4).
+    /// scored nor penalised (red team 3, F4). Nor does a slice built on another state than
+    /// this validator's (`stale-state`): the miner or this validator missed an aggregate
+    /// (red team 3, F5).
     pub fn observed(&self) -> bool {
-        self.status != Rejection::Timeout { budget_ms: 0 }.code()
+        self.status != "timeout" && self.status != "stale-state"
     }
 }
 

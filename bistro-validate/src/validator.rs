@@ -252,7 +252,8 @@ impl Validator {
             tracing::info!(window = w, "this validator already published the window's accepted set; following it");
             return Ok(skip);
         }
-        let ws = self.node.ctx.collect(&self.node.params, w, &self.node.cfg.hotkey).await?;
+        let ws =
+            self.node.ctx.collect(&self.node.params, &self.node.state_hash.clone(), w, &self.node.cfg.hotkey).await?;
         let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
         let miners = ws.miners();
         let order = private_sample(&miners, self.max_miners_per_window);

@@ -24,6 +24,9 @@ use candle_core::Device;
 const STRATEGIES: [&str; 10] =
     ["honest", "idle", "zeros", "noise", "copycat", "wrong-pages", "stale", "poison", "lazy", "nan"];
 
+/// The state every slice here is built on (the validator holds the same).
+const PARENT: &str = "the-shared-state";
+
 struct World {
     chain: Arc<Devnet>,
     ctx: SyncContext,
@@ -85,7 +88,7 @@ impl World {
         let eta = self.h.learning_rate_at(window);
         let theta = slices::gather_params(&self.params, idx).unwrap();
         let names: Vec<String> = self.params.specs().iter().map(|s| s.name.clone()).collect();
-        let meta = self.ctx.meta(window, hotkey);
+        let meta = self.ctx.meta(window, hotkey, PARENT);
         let honest_of = |hk: &str, w: u64, pages: usize| {
             let g = slices::gather_grads(&self.gradient(hk, w, pages), idx).unwrap();
             slices::step_values(&theta, &g, eta)
@@ -147,7 +150,7 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
         let idx = SliceIndices::select(w.params.specs(), &seed, w.h.compression);
         let honest_values = {
             let bytes = w.slice_for("honest", &hotkeys["honest"], window, &idx, &[]).unwrap();
-            let exp = slices::expectation(&w.params, &idx, w.ctx.meta(window, &hotkeys["honest"]), u64::MAX);
+            let exp = slices::expectation(&w.params, &idx, w.ctx.meta(window, &hotkeys["honest"], PARENT), u64::MAX);
             slices::decode(&bytes, &exp).unwrap()
         };
         for s in STRATEGIES {
@@ -157,7 +160,7 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
                 bucket.put(&bistro_train::protocol::slice_key(window, hk), Bytes::from(bytes)).await.unwrap();
             }
         }
-        let ws = w.ctx.collect(&w.params, window, "validator").await.unwrap();
+        let ws = w.ctx.collect(&w.params, PARENT, window, "validator").await.unwrap();
         let mg = w.chain.metagraph(1).await.unwrap();
         let results = scorer.score(&w.params, &ws, &miners_of(&mg), &AtomicBool::new(false), None).unwrap();
         assert_eq!(results.len(), STRATEGIES.len());

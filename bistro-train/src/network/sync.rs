@@ -130,9 +130,9 @@ impl SyncContext {
         Ok(t + self.hparams.upload_grace_secs * 1000)
     }
 
-    /// The metadata a slice of `window` by `hotkey` must carry.
-    pub fn meta(&self, window: u64, hotkey: &str) -> SliceMeta {
-        SliceMeta::new(window, hotkey, self.hparams.compression, &self.hparams_hash, &self.model_hash)
+    /// The metadata a slice of `window` by `hotkey`, built on state `parent`, must carry.
+    pub fn meta(&self, window: u64, hotkey: &str, parent: &str) -> SliceMeta {
+        SliceMeta::new(window, hotkey, parent, self.hparams.compression, &self.hparams_hash, &self.model_hash)
     }
 
     /// Open a peer's committed bucket, enforcing the local-bucket policy.
@@ -169,7 +169,16 @@ impl SyncContext {
     /// (red team 3, F4: with 8 downloads at a time, 8 stalling peers at low uids starved
     /// every peer after them). Lateness is judged by this node's clock (it collects after
     /// the deadline), never by the peer server's `Last-Modified`.
-    pub async fn collect(&self, params: &Params, window: u64, skip_hotkey: &str) -> Result<WindowSlices, SyncError> {
+    ///
+    /// `parent` is the state hash of `params`: a slice built on another state is rejected
+    /// as `stale-state` (red team 3, F5).
+    pub async fn collect(
+        &self,
+        params: &Params,
+        parent: &str,
+        window: u64,
+        skip_hotkey: &str,
+    ) -> Result<WindowSlices, SyncError> {
         let seed = self.seed(window).await?;
         let indices = SliceIndices::select(params.specs(), &seed, self.hparams.compression);
         let theta_at_i = slices::gather_params(params, &indices)?;
@@ -179,8 +188,12 @@ impl SyncContext {
         let budget_end = tokio::time::Instant::now() + std::time::Duration::from_millis(budget_ms);
         let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid) && n.hotkey != skip_hotkey).map(|n| {
             let url = urls[&n.uid].clone();
-            let expect =
-                slices::expectation(params, &indices, self.meta(window, &n.hotkey), self.hparams.max_slice_bytes);
+            let expect = slices::expectation(
+                params,
+                &indices,
+                self.meta(window, &n.hotkey, parent),
+                self.hparams.max_slice_bytes,
+            );
             let (uid, hotkey, permit) = (n.uid, n.hotkey.clone(), n.validator_permit);
             async move {
                 let fetch = async {

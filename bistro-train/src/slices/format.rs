@@ -2,7 +2,8 @@
 //!
 //! A slice is a safetensors file holding one 1-D f32 tensor per parameter (Hugging Face
 //! name), the values of `theta' = theta_w - eta_w * g` at the window's indices, in index
-//! order, with string metadata: `bistro_protocol`, `window`, `hotkey`, `compression`,
+//! order, with string metadata: `bistro_protocol`, `window`, `hotkey`, `parent` (the
+//! [`crate::accepted::state_hash`] of `theta_w` it was built on), `compression`,
 //! `hparams_hash`, `model_hash`. Object key: `slice-{window}-{hotkey}.safetensors`.
 
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ pub struct SliceMeta {
     pub window: u64,
     /// The uploader's hotkey (ss58 or devnet name).
     pub hotkey: String,
+    /// The state hash of `theta_w` the slice was built on.
+    pub parent: String,
     /// The compression the indices were drawn with.
     pub compression: usize,
     /// Hash of the network's hyper-parameters.
@@ -35,6 +38,7 @@ impl SliceMeta {
             ("bistro_protocol".to_string(), self.protocol_version.to_string()),
             ("window".to_string(), self.window.to_string()),
             ("hotkey".to_string(), self.hotkey.clone()),
+            ("parent".to_string(), self.parent.clone()),
             ("compression".to_string(), self.compression.to_string()),
             ("hparams_hash".to_string(), self.hparams_hash.clone()),
             ("model_hash".to_string(), self.model_hash.clone()),
@@ -50,6 +54,9 @@ impl SliceMeta {
             let want = &expected[field];
             match found.get(field) {
                 Some(v) if v == want => {}
+                Some(v) if field == "parent" => {
+                    return Err(Rejection::StaleState { expected: want.clone(), found: v.clone() });
+                }
                 other => {
                     return Err(Rejection::Metadata {
                         field: field.clone(),
@@ -178,12 +185,20 @@ pub fn decode(bytes: &[u8], expect: &SliceExpectation) -> Result<Vec<Vec<f32>>, 
 }
 
 impl SliceMeta {
-    /// Metadata for the current protocol version.
-    pub fn new(window: u64, hotkey: &str, compression: usize, hparams_hash: &str, model_hash: &str) -> Self {
+    /// Metadata for the current protocol version of a slice built on state `parent`.
+    pub fn new(
+        window: u64,
+        hotkey: &str,
+        parent: &str,
+        compression: usize,
+        hparams_hash: &str,
+        model_hash: &str,
+    ) -> Self {
         SliceMeta {
             protocol_version: PROTOCOL_VERSION,
             window,
             hotkey: hotkey.to_string(),
+            parent: parent.to_string(),
             compression,
             hparams_hash: hparams_hash.to_string(),
             model_hash: model_hash.to_string(),

@@ -86,6 +86,16 @@ pub enum Rejection {
         /// The configured factor.
         factor: f64,
     },
+    /// The slice was built on another state than the reader's (`parent`): the miner missed
+    /// an aggregate, or the reader did. Not the miner's fault as far as the reader can
+    /// tell, so never penalised (red team 3, F5).
+    #[error("stale-state: built on state {found}, this state is {expected}")]
+    StaleState {
+        /// The reader's state hash.
+        expected: String,
+        /// The slice's parent.
+        found: String,
+    },
     /// The endpoint did not deliver the object within the lead's collection budget.
     #[error("timeout: not delivered within the collection budget of {budget_ms} ms")]
     Timeout {
@@ -113,6 +123,7 @@ impl Rejection {
             Rejection::Outlier { .. } => "outlier",
             Rejection::Download(_) => "download",
             Rejection::Timeout { .. } => "timeout",
+            Rejection::StaleState { .. } => "stale-state",
         }
     }
 }

@@ -241,7 +241,12 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 && let Some(b) = &bytes
             {
                 let node = slot.miner.node();
-                let exp = slices::expectation(&node.params, &idx, node.ctx.meta(w, &node.cfg.hotkey), u64::MAX);
+                let exp = slices::expectation(
+                    &node.params,
+                    &idx,
+                    node.ctx.meta(w, &node.cfg.hotkey, &node.state_hash),
+                    u64::MAX,
+                );
                 first_honest_values = Some(slices::decode(b, &exp).map_err(|e| anyhow::anyhow!("{e}"))?);
             }
             if let Some(b) = bytes {

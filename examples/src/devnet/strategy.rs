@@ -194,7 +194,7 @@ pub(super) fn upload(
     let eta = h.learning_rate_at(w);
     let node = slot.miner.node();
     let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
-    let meta = node.ctx.meta(w, &node.cfg.hotkey);
+    let meta = node.ctx.meta(w, &node.cfg.hotkey, &node.state_hash);
     let idx = cx.indices;
     let theta = slices::gather_params(&node.params, idx)?;
     let encode = |values: &[Vec<f32>]| slices::encode(&meta, &names, values).map_err(|e| anyhow::anyhow!("{e}"));

@@ -231,7 +231,7 @@ pub fn sgd_slice_bytes(lab: &Lab, params: &Params, compression: usize) -> anyhow
     let idx = SliceIndices::select(params.specs(), &lab.seed(0), compression);
     let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
     let values: Flat = idx.all().iter().map(|i| vec![0.0; i.len()]).collect();
-    let meta = SliceMeta::new(0, &lab.hotkeys[0], compression, "lab", "lab");
+    let meta = SliceMeta::new(0, &lab.hotkeys[0], "lab", compression, "lab", "lab");
     Ok(slices::encode(&meta, &names, &values).map_err(|e| anyhow::anyhow!("{e}"))?.len())
 }
 

@@ -33,11 +33,17 @@ struct Cli {
     /// Slice compression.
     #[arg(long, default_value_t = 8)]
     compression: usize,
-    /// Cheating miners to add, comma separated: idle, zeros, noise, copycat, stale,
+    /// Adversaries to add, comma separated. Miners: idle, zeros, noise, copycat, stale,
     /// wrong-pages, lazy, poison, early, split-view, stall, bounded-poison, backdoor, bias,
-    /// sybil-zero, sample-aware (or `all`).
+    /// sybil-zero, sample-aware, patient, stall-flood (8 hotkeys at the lowest uids),
+    /// fork-victim (an honest miner that misses one aggregate). Validators (each outranks
+    /// the honest ones by stake): lying-lead, stalling-lead, fallback-thief. Or `all`.
     #[arg(long, value_delimiter = ',')]
     adversaries: Vec<String>,
+    /// Most miners each validator recomputes per window: fewer than the miners gives the
+    /// live protocol's p < 1 (each miner checked with probability about K / miners).
+    #[arg(long, default_value_t = 1024)]
+    max_miners: usize,
     /// Working directory (wiped at start).
     #[arg(long, default_value = ".bistro/devnet-run")]
     dir: PathBuf,
@@ -76,6 +82,7 @@ async fn run() -> anyhow::Result<()> {
     opts.model = cli.model.clone();
     opts.compression = cli.compression;
     opts.adversaries = adversaries;
+    opts.max_miners = cli.max_miners.max(1);
     if let Some(addr) = cli.serve {
         let board = StatusBoard::new("devnet", "whole network (lead's view)", opts.hparams.blocks_per_window);
         let render = bistro_train::status::install_prometheus(std::time::Duration::from_secs(3600))

@@ -187,6 +187,11 @@ impl Miner {
         &self.node
     }
 
+    /// The node, mutably (test drivers use it to make a miner miss an aggregate).
+    pub fn node_mut(&mut self) -> &mut Node {
+        &mut self.node
+    }
+
     /// Compute the gradient of the held window on this miner's pages (batching and
     /// training run on blocking threads). `Ok(None)` when cancelled or skipped.
     /// A miner whose last follow ended off the accepted state (an unrepaired fork) skips

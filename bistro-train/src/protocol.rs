@@ -83,6 +83,9 @@ pub const PEER_ATTEMPTS: u32 = 2;
 /// Checkpoints a repair or bootstrap tries per publisher, newest first.
 pub const REPAIR_CHECKPOINTS: usize = 2;
 
+/// Validators' histories a repair tries (the aggregate's publisher first).
+pub const REPAIR_SOURCES: usize = 3;
+
 /// The whole budget of one repair or bootstrap from one publisher.
 pub const REPAIR_BUDGET: Duration = Duration::from_secs(120);
 

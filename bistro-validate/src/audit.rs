@@ -27,8 +27,11 @@ pub enum Audit {
     Attest,
     /// Wrong: a stable reason code, a colon, and details.
     Dispute(String),
-    /// This validator cannot judge it (another state, too little of the window in hand).
+    /// This validator cannot judge it (too little of the window in hand).
     Abstain(String),
+    /// The aggregate applies to another state than this validator's: it says nothing
+    /// this window (its own view of the window is of another state).
+    OffState,
 }
 
 /// Check `obj` (an aggregate of `ws.window`) against this validator's collection `ws`, its
@@ -44,7 +47,7 @@ pub fn audit(
 ) -> Audit {
     let set = &obj.set;
     if set.parent != own_state {
-        return Audit::Abstain("off-state: the aggregate applies to another state than this validator's".into());
+        return Audit::OffState;
     }
     let mut seen = std::collections::HashSet::new();
     let mut known = Vec::new();

@@ -366,6 +366,9 @@ impl Validator {
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         };
+        if stalled.contains(&lead.hotkey) {
+            self.node.skip(&lead.hotkey, w, "the lead's bucket did not answer by its cut-off");
+        }
         if let Some(f) = &lead_found {
             match self.audit_found(f, work) {
                 Audit::Attest => {
@@ -378,12 +381,16 @@ impl Validator {
                 }
                 Audit::Abstain(reason) => {
                     tracing::info!(window = w, lead = %f.from, %reason, "cannot judge the lead's aggregate");
+                }
+                Audit::OffState => {
+                    tracing::warn!(window = w, lead = %f.from, "off the lead's state: not attesting this window");
                     return Ok(());
                 }
             }
         }
-        // The lead's aggregate is missing or wrong: offer this validator's own as a
-        // fallback, then attest the first fallback in stake order that passes the checks.
+        // The lead's aggregate is missing, wrong or cannot be judged here: offer this
+        // validator's own as a fallback, then attest the first fallback in stake order that
+        // passes the checks.
         if pace == Pace::Lockstep || now_ms() < final_cutoff {
             tracing::info!(window = w, "publishing this validator's aggregate as a fallback");
             if let Err(e) = self.node.bucket.put(&bistro_train::protocol::aggregate_key(w), work.bytes.clone()).await {
@@ -392,7 +399,7 @@ impl Validator {
         }
         // Live, wait a little for validators with more stake to offer theirs.
         let settle = lead_cutoff.max(now_ms()) + h.fallback_wait_ms / 4;
-        for p in publishers.iter().filter(|p| p.hotkey != lead.hotkey) {
+        for p in publishers.iter().filter(|p| p.hotkey != lead.hotkey && !self.node.is_skipped(&p.hotkey, w)) {
             let found = loop {
                 let f = self.node.try_publisher_until(p, &work.ws.indices, w, pace, settle, &mut stalled).await;
                 if f.is_some() || pace == Pace::Lockstep || stalled.contains(&p.hotkey) || now_ms() >= settle {
@@ -407,7 +414,7 @@ impl Validator {
                     break;
                 }
                 Audit::Dispute(reason) => statements.push(statement(&f, Verdict::Dispute, reason)),
-                Audit::Abstain(_) => {}
+                Audit::Abstain(_) | Audit::OffState => {}
             }
             if statements.len() >= bistro_train::network::attestation::MAX_STATEMENTS {
                 break;

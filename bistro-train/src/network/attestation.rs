@@ -226,6 +226,8 @@ pub struct Voice {
     pub attestation: Option<Attestation>,
     /// Whether it counts in the base (attested this window or one of the recent ones).
     pub recent: bool,
+    /// Whether its bucket answered by the cut-off.
+    pub answered: bool,
 }
 
 /// Stake for and against one aggregate among the recently publishing validators.
@@ -349,8 +351,13 @@ mod tests {
 
     #[test]
     fn quorum_is_a_stake_majority_of_recent_publishers() {
-        let voice =
-            |h: &str, stake, a: Option<Attestation>, recent| Voice { hotkey: h.into(), stake, attestation: a, recent };
+        let voice = |h: &str, stake, a: Option<Attestation>, recent| Voice {
+            hotkey: h.into(),
+            stake,
+            attestation: a,
+            recent,
+            answered: true,
+        };
         let agg = "a".repeat(64);
         // A lying lead with the most stake, three honest validators disputing.
         let voices = vec![

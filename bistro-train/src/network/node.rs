@@ -114,9 +114,11 @@ pub struct Node {
     pub forks: u64,
     /// Forks repaired from a validator's verified history.
     pub repairs: u64,
-    /// Leads whose aggregate a stake majority disputed, with the last window they are
-    /// skipped in ([`attestation::DISPUTED_LEAD_SKIP`]).
-    pub disputed: HashMap<String, u64>,
+    /// Validators skipped, with the last window they are skipped in
+    /// ([`attestation::DISPUTED_LEAD_SKIP`]): a lead whose aggregate a stake majority
+    /// disputed, and a validator whose bucket did not answer by a cut-off (it is neither
+    /// lead nor read for attestations meanwhile, and counts against every quorum).
+    pub skipped: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for Node {
@@ -313,7 +315,7 @@ impl Node {
             publishes_history: false,
             forks: 0,
             repairs: 0,
-            disputed: HashMap::new(),
+            skipped: HashMap::new(),
             cfg,
         };
         node.bootstrap().await?;
@@ -331,19 +333,30 @@ impl Node {
         }
         let chain_window = self.chain_window().await?;
         let publishers = self.publishers(true).await?;
-        for p in &publishers {
-            let attested = |w, hash| self.state_attested(&publishers, w, hash);
-            match self
-                .ctx
-                .rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, None, chain_window, attested)
-                .await
-            {
-                Ok(r) => {
-                    self.install(r.params, r.window)?;
-                    self.origin = format!("verified checkpoint of window {} from {}", r.checkpoint, p.hotkey);
-                    return Ok(());
+        // A few validators' histories at most, under one deadline (red team 3, F8).
+        let budget = crate::protocol::REPAIR_BUDGET;
+        let search = async {
+            for p in publishers.iter().take(crate::protocol::REPAIR_SOURCES) {
+                let attested = |w, hash| self.state_attested(&publishers, w, hash);
+                match self
+                    .ctx
+                    .rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, None, chain_window, attested)
+                    .await
+                {
+                    Ok(r) => return Some((r, p.hotkey.clone())),
+                    Err(e) => tracing::info!(validator = %p.hotkey, reason = %e, "no usable checkpoint"),
                 }
-                Err(e) => tracing::info!(validator = %p.hotkey, reason = %e, "no usable checkpoint"),
+            }
+            None
+        };
+        match tokio::time::timeout(budget, search).await {
+            Ok(Some((r, from))) => {
+                self.install(r.params, r.window)?;
+                self.origin = format!("verified checkpoint of window {} from {from}", r.checkpoint);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                tracing::warn!(seconds = budget.as_secs(), "bootstrap ran out of its budget: starting from genesis")
             }
         }
         Ok(())
@@ -358,8 +371,9 @@ impl Node {
     }
 
     /// The lead of `window`: the first validator by stake among those with a usable
-    /// commitment, skipping a lead whose aggregate a stake majority disputed in the last
-    /// [`attestation::DISPUTED_LEAD_SKIP`] windows. Every role uses this one rule (red team
+    /// commitment, skipping for [`attestation::DISPUTED_LEAD_SKIP`] windows a lead whose
+    /// aggregate a stake majority disputed or whose bucket stalled (so a stalling lead
+    /// costs one window's wait, then none). Every role uses this one rule (red team
     /// 3, F7: the validator led by stake alone, followers skipped validators without a
     /// bucket, so a top-stake permit holder that does not run BISTRO left the network with
     /// no lead at all).
@@ -369,7 +383,20 @@ impl Node {
 
     /// [`Self::lead`] among `publishers` (in stake order).
     pub fn lead_among<'a>(&self, publishers: &'a [Publisher], window: u64) -> Option<&'a Publisher> {
-        publishers.iter().find(|p| !self.disputed.get(&p.hotkey).is_some_and(|&until| window <= until))
+        publishers.iter().find(|p| !self.is_skipped(&p.hotkey, window))
+    }
+
+    /// Whether `hotkey` is skipped in `window` (see [`Node::skipped`]).
+    pub fn is_skipped(&self, hotkey: &str, window: u64) -> bool {
+        self.skipped.get(hotkey).is_some_and(|&until| window <= until)
+    }
+
+    /// Skip `hotkey` from `window` on (see [`Node::skipped`]); never this node itself.
+    pub fn skip(&mut self, hotkey: &str, window: u64, why: &str) {
+        if hotkey != self.cfg.hotkey {
+            tracing::warn!(window, validator = hotkey, why, "skipping this validator for the next windows");
+            self.skipped.insert(hotkey.to_string(), window + attestation::DISPUTED_LEAD_SKIP);
+        }
     }
 
     /// The validators that may publish the accepted set, in fallback order (most stake
@@ -436,8 +463,8 @@ impl Node {
     /// published recently (this window or one of the [`attestation::RECENT_WINDOWS`]
     /// before; `recent` caches that per publisher across polls of one window). All reads
     /// run at once, each under `cutoff_ms` (Unix ms); a publisher that has not answered by
-    /// then, or whose object is unusable, has no attestation and counts as recent (against
-    /// a quorum, never for one).
+    /// then, or whose object is unusable, or that this node skips, has no attestation and
+    /// counts as recent (against a quorum, never for one).
     pub async fn voices(
         &self,
         publishers: &[Publisher],
@@ -447,7 +474,17 @@ impl Node {
     ) -> Vec<Voice> {
         let reads = publishers.iter().map(|p| {
             let known_recent = recent.get(&p.hotkey).copied();
+            let skipped = self.is_skipped(&p.hotkey, window);
             async move {
+                if skipped {
+                    return Voice {
+                        hotkey: p.hotkey.clone(),
+                        stake: p.stake,
+                        attestation: None,
+                        recent: true,
+                        answered: false,
+                    };
+                }
                 let read = async {
                     let a = self.attestation_of(p, window).await;
                     let was_recent = match (&a, known_recent) {
@@ -467,9 +504,11 @@ impl Node {
                     (a.ok().flatten(), was_recent)
                 };
                 let until = tokio::time::Instant::now() + Duration::from_millis(cutoff_ms.saturating_sub(now_ms()));
-                let (a, was_recent) =
-                    tokio::time::timeout_at(until, read).await.unwrap_or((None, known_recent.unwrap_or(true)));
-                Voice { hotkey: p.hotkey.clone(), stake: p.stake, attestation: a, recent: was_recent }
+                let (answered, (a, was_recent)) = match tokio::time::timeout_at(until, read).await {
+                    Ok(r) => (true, r),
+                    Err(_) => (false, (None, known_recent.unwrap_or(true))),
+                };
+                Voice { hotkey: p.hotkey.clone(), stake: p.stake, attestation: a, recent: was_recent, answered }
             }
         });
         let voices: Vec<Voice> = futures::future::join_all(reads).await;
@@ -557,7 +596,7 @@ impl Node {
                 stalled.contains(&l.hotkey) || rejected.contains(&l.hotkey) || (!lead_open && !Self::has(&found, l))
             });
             for (i, p) in order.iter().enumerate() {
-                if Self::has(&found, p) || stalled.contains(&p.hotkey) {
+                if Self::has(&found, p) || stalled.contains(&p.hotkey) || self.is_skipped(&p.hotkey, w) {
                     continue;
                 }
                 // Fallbacks only once the lead is settled (in lockstep everything is published already).
@@ -587,6 +626,18 @@ impl Node {
             if !found.is_empty() {
                 let cutoff = now_ms() + self.wait_ms(pace, final_cutoff);
                 let voices = self.voices(&publishers, w, cutoff, &mut recent).await;
+                // A bucket that did not answer while others did is skipped for the next
+                // windows (when none answered, the trouble is likely this node's own).
+                if voices.iter().any(|v| v.answered) {
+                    let silent: Vec<String> = voices
+                        .iter()
+                        .filter(|v| !v.answered && !self.is_skipped(&v.hotkey, w))
+                        .map(|v| v.hotkey.clone())
+                        .collect();
+                    for hk in silent {
+                        self.skip(&hk, w, "its bucket did not answer by the cut-off");
+                    }
+                }
                 for f in order.iter().filter_map(|p| found.iter().find(|f| f.from == p.hotkey)) {
                     if rejected.contains(&f.from) {
                         continue;
@@ -601,7 +652,7 @@ impl Node {
                         tracing::warn!(window = w, validator = %f.from, tally = %t.describe(), "aggregate rejected by the validators");
                         rejected.insert(f.from.clone());
                         if Some(&f.from) == lead.as_ref() && 2 * u128::from(t.disputed) > u128::from(t.base) {
-                            self.disputed.insert(f.from.clone(), w + attestation::DISPUTED_LEAD_SKIP);
+                            self.skip(&f.from.clone(), w, "its aggregate was disputed by a stake majority");
                         }
                     }
                 }
@@ -611,6 +662,11 @@ impl Node {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if let Some(l) = &lead
+            && stalled.contains(l)
+        {
+            self.skip(&l.clone(), w, "the lead's bucket did not answer by its cut-off");
         }
         let mut applied = None;
         let outcome = match accepted {
@@ -737,17 +793,41 @@ impl Node {
                 from = %who,
                 "fork detected: this state is not the one the accepted set applies to; repairing"
             );
-            let bucket = publishers.iter().find(|p| p.hotkey == who).map(|p| p.bucket.clone());
+            // The publisher's history first, then other validators' (a publisher may hold
+            // only the attested bytes it republished, not a history that links): at most
+            // REPAIR_SOURCES of them.
             let chain_window = self.chain_window().await.unwrap_or(w + 1);
-            let rebuilt = match bucket {
-                Some(b) => {
+            let mut sources: Vec<&Publisher> = publishers.iter().filter(|p| p.hotkey == who).collect();
+            sources.extend(
+                publishers
+                    .iter()
+                    .filter(|p| p.hotkey != who && p.hotkey != self.cfg.hotkey && !self.is_skipped(&p.hotkey, w)),
+            );
+            // One deadline for the whole repair, whatever the number of sources.
+            let budget = crate::protocol::REPAIR_BUDGET;
+            let search = async {
+                let mut rebuilt = Err(HistoryError::Other(format!("{who} has no bucket")));
+                for p in sources.into_iter().take(crate::protocol::REPAIR_SOURCES) {
                     let attested = |aw, hash| self.state_attested(publishers, aw, hash);
-                    self.ctx
-                        .rebuild_from(&b, &self.model_config, &self.cfg.device, Some(w), chain_window, attested)
-                        .await
+                    rebuilt = self
+                        .ctx
+                        .rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, Some(w), chain_window, attested)
+                        .await;
+                    match &rebuilt {
+                        Ok(r) if r.hash == obj.set.parent => break,
+                        Ok(r) => {
+                            tracing::warn!(window = w, source = %p.hotkey, state = short(&r.hash), "rebuilt another state")
+                        }
+                        Err(e) => {
+                            tracing::warn!(window = w, source = %p.hotkey, error = %e, "cannot rebuild from this history")
+                        }
+                    }
                 }
-                None => Err(HistoryError::Other(format!("{who} has no bucket"))),
+                rebuilt
             };
+            let rebuilt = tokio::time::timeout(budget, search)
+                .await
+                .unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }));
             match rebuilt {
                 Ok(r) if r.hash == obj.set.parent => {
                     self.install(r.params, w)?;

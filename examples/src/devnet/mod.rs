@@ -58,6 +58,9 @@ pub struct DevnetOptions {
     pub hparams: HParams,
     /// Pages in the held-out set.
     pub heldout_pages: usize,
+    /// Most miners each validator recomputes per window (fewer than the miners gives the
+    /// live protocol's p < 1).
+    pub max_miners: usize,
     /// Fork this validator on purpose at this window (one wrong write into its state), to
     /// show the repair: `(validator index, window)`.
     pub fork_at: Option<(usize, u64)>,
@@ -88,6 +91,7 @@ impl DevnetOptions {
             dir: dir.to_path_buf(),
             hparams: HParams { collect_budget_ms: 1_000, ..HParams::default() },
             heldout_pages: 8,
+            max_miners: 1024,
             fork_at: None,
             on_window: None,
         }
@@ -167,8 +171,17 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     let dyn_chain: Arc<dyn Chain> = chain.clone();
     let mut strategies = BTreeMap::new();
     let mut slots = Vec::new();
-    let plan: Vec<Strategy> = std::iter::repeat_n(Strategy::Honest, opts.miners)
-        .chain(opts.adversaries.iter().flat_map(|s| std::iter::repeat_n(*s, s.hotkeys())))
+    // Stall-flood hotkeys register first: they hold the lowest uids.
+    let miner_adversaries = || opts.adversaries.iter().filter(|s| !s.is_validator());
+    let plan: Vec<Strategy> = miner_adversaries()
+        .filter(|s| **s == Strategy::StallFlood)
+        .flat_map(|s| std::iter::repeat_n(*s, s.hotkeys()))
+        .chain(std::iter::repeat_n(Strategy::Honest, opts.miners))
+        .chain(
+            miner_adversaries()
+                .filter(|s| **s != Strategy::StallFlood)
+                .flat_map(|s| std::iter::repeat_n(*s, s.hotkeys())),
+        )
         .collect();
     for (i, s) in plan.iter().enumerate() {
         let hotkey = format!("m{i:02}-{}", s.name());
@@ -176,7 +189,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         let bucket_dir = opts.dir.join("buckets").join(&hotkey);
         let miner = Miner::new(cfg, dyn_chain.clone()).await.with_context(|| format!("starting {hotkey}"))?;
         let endpoint = match s {
-            Strategy::Stall => Some(Endpoint::stall().await?),
+            Strategy::Stall | Strategy::StallFlood => Some(Endpoint::stall().await?),
             Strategy::SplitView => Some(Endpoint::split_view(bucket_dir).await?),
             _ => None,
         };
@@ -184,20 +197,54 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             chain.set_commitment(1, &hotkey, &e.bucket_url("attacker")).await?;
         }
         strategies.insert(hotkey, *s);
-        slots.push(MinerSlot { miner, strategy: *s, last_grad: None, _endpoint: endpoint });
+        slots.push(MinerSlot { miner, strategy: *s, last_grad: None, seen_recomputed: false, _endpoint: endpoint });
     }
+    let rogue_plan: Vec<Strategy> = opts.adversaries.iter().copied().filter(|s| s.is_validator()).collect();
     let mut validators = Vec::new();
     for v in 0..opts.validators {
         let hotkey = format!("validator-{v}");
-        // Validator 0 has the most stake: it leads.
-        let stake = if v == 0 { 2000 } else { 1000 };
+        // Validator 0 has the most stake of the honest ones: it leads when no hostile
+        // validator outranks it. With hostile validators, every honest one holds 2000.
+        let stake = if v == 0 || !rogue_plan.is_empty() { 2000 } else { 1000 };
         let cfg = ValidatorConfig {
             node: node_config(opts, &h, &hotkey, "validator", stake)?,
-            max_miners_per_window: 1024,
+            max_miners_per_window: opts.max_miners,
             heldout_pages: 0,
         };
         validators.push(Validator::new(cfg, dyn_chain.clone()).await?);
     }
+    let mut rogues = Vec::new();
+    for s in &rogue_plan {
+        let hotkey = format!("validator-{}", s.name());
+        let cfg = ValidatorConfig {
+            node: node_config(opts, &h, &hotkey, "validator", s.validator_stake())?,
+            max_miners_per_window: opts.max_miners,
+            heldout_pages: 0,
+        };
+        let v = Validator::new(cfg, dyn_chain.clone()).await?;
+        let endpoint = match s {
+            Strategy::StallingLead => Some(Endpoint::stall().await?),
+            _ => None,
+        };
+        if let Some(e) = &endpoint {
+            chain.set_commitment(1, &hotkey, &e.bucket_url("attacker")).await?;
+        }
+        rogues.push(strategy::Rogue { strategy: *s, validator: v, _endpoint: endpoint });
+    }
+    let honest_stake = 2000 * opts.validators as u64;
+    let rogue_stake: u64 = rogue_plan.iter().map(|s| s.validator_stake()).sum();
+    if !rogue_plan.is_empty() && honest_stake <= rogue_stake {
+        tracing::warn!(
+            honest_stake,
+            rogue_stake,
+            "honest validators do not hold a stake majority: outside the trust model (add --validators)"
+        );
+    }
+    let rogue_hotkeys: Vec<String> = rogues
+        .iter()
+        .filter(|r| r.strategy != Strategy::StallingLead)
+        .map(|r| r.validator.node().cfg.hotkey.clone())
+        .collect();
     let model_config = ModelConfig::resolve(&h.model)?;
     let reference = Params::genesis(&model_config, h.genesis_seed, &Device::Cpu)?;
     let lead_node = || validators[0].node();
@@ -264,11 +311,31 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         for v in validators.iter_mut() {
             prepared.push(v.prepare_window(Pace::Lockstep, true, &stop).await?);
         }
+        let mut rogue_prepared = Vec::new();
+        for r in rogues.iter_mut() {
+            let p = r.validator.prepare_window(Pace::Lockstep, true, &stop).await?;
+            strategy::misbehave(r, &p).await?;
+            rogue_prepared.push(p);
+        }
         for (v, p) in validators.iter_mut().zip(&prepared) {
             v.attest_window(p, &stop).await?;
         }
+        for (r, p) in rogues.iter_mut().zip(&rogue_prepared) {
+            if r.strategy == Strategy::StallingLead {
+                r.validator.attest_window(p, &stop).await?;
+            }
+        }
+        for (r, p) in rogues.iter_mut().zip(rogue_prepared) {
+            r.validator.finish_window(p, &stop).await?;
+        }
+        let mut rogue_applied = 0;
+        let mut updated = false;
         for (vi, (v, p)) in validators.iter_mut().zip(prepared).enumerate() {
             let out = v.finish_window(p, &stop).await?;
+            if let Followed::Applied { set, .. } = &out.followed {
+                rogue_applied += rogue_hotkeys.contains(&set.lead) as usize;
+                updated |= vi == 0;
+            }
             if vi == 0 {
                 if let Followed::Applied { set, .. } = &out.followed {
                     accepted = set.included.iter().map(|i| i.hotkey.clone()).collect();
@@ -296,9 +363,21 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 tracing::warn!(validator = vi, window = w, "forked on purpose");
             }
         }
-        // 4. Miners follow the accepted set.
+        // 4. Miners follow the accepted set (a fork victim misses this window's).
         for slot in slots.iter_mut() {
-            slot.miner.follow(Pace::Lockstep, &stop).await?;
+            if slot.strategy == Strategy::ForkVictim && w == start + 2 {
+                slot.miner.node_mut().window = w + 1;
+                tracing::warn!(window = w, "fork victim: missed this window's aggregate");
+                continue;
+            }
+            let out = slot.miner.follow(Pace::Lockstep, &stop).await?;
+            if let Followed::Applied { set, .. } = &out {
+                if slot.strategy == Strategy::Honest {
+                    rogue_applied += rogue_hotkeys.contains(&set.lead) as usize;
+                }
+                let me = &slot.miner.node().cfg.hotkey;
+                slot.seen_recomputed |= set.included.iter().any(|i| &i.hotkey == me && i.e.is_some());
+            }
         }
         for hk in &accepted {
             let name = strategies.get(hk).map(|s| s.name()).unwrap_or("honest").to_string();
@@ -340,6 +419,8 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             rejected,
             forks,
             honest_trained,
+            rogue_applied,
+            updated,
         });
         if let (Some(hook), Some(r)) = (&opts.on_window, reports.last()) {
             (hook.0)(r);

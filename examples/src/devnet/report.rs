@@ -46,6 +46,10 @@ pub struct WindowReport {
     pub forks: usize,
     /// Honest miners that trained this window.
     pub honest_trained: usize,
+    /// Honest nodes that applied an aggregate published by a hostile validator.
+    pub rogue_applied: usize,
+    /// Whether the reporting validator applied an accepted set this window.
+    pub updated: bool,
 }
 
 /// How far one strategy got.

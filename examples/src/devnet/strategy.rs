@@ -56,11 +56,26 @@ pub enum Strategy {
     /// Honest only in windows where it believes it is scored (as v1's public sample told
     /// it; here every other window), a bounded poison otherwise.
     SampleAware,
+    /// Honest until an accepted set shows it was recomputed, then a bounded poison in every
+    /// window (betting on not being recomputed again).
+    Patient,
+    /// Eight hotkeys at the lowest uids whose endpoints accept connections and never answer.
+    StallFlood,
+    /// An honest miner that misses one aggregate (its state goes stale for a window).
+    ForkVictim,
+    /// A validator with the most stake that publishes a well-formed wrong aggregate (the
+    /// update scaled up, the listed norms with it) and attests it.
+    LyingLead,
+    /// A validator with the second most stake whose bucket endpoint stalls.
+    StallingLead,
+    /// A validator with the third most stake that publishes a wrong aggregate early in
+    /// every window, hoping to win as the first fallback.
+    FallbackThief,
 }
 
 impl Strategy {
-    /// Every cheating strategy (`all`).
-    pub const CHEATS: [Strategy; 16] = [
+    /// Every adversary (`all`): cheating miners, the fork victim, and hostile validators.
+    pub const CHEATS: [Strategy; 22] = [
         Strategy::Idle,
         Strategy::Zeros,
         Strategy::Noise,
@@ -77,6 +92,12 @@ impl Strategy {
         Strategy::Bias,
         Strategy::SybilZero,
         Strategy::SampleAware,
+        Strategy::Patient,
+        Strategy::StallFlood,
+        Strategy::ForkVictim,
+        Strategy::LyingLead,
+        Strategy::StallingLead,
+        Strategy::FallbackThief,
     ];
 
     /// The strategy's name (`wrong-pages`, ...).
@@ -99,18 +120,45 @@ impl Strategy {
             Strategy::Bias => "bias",
             Strategy::SybilZero => "sybil-zero",
             Strategy::SampleAware => "sample-aware",
+            Strategy::Patient => "patient",
+            Strategy::StallFlood => "stall-flood",
+            Strategy::ForkVictim => "fork-victim",
+            Strategy::LyingLead => "lying-lead",
+            Strategy::StallingLead => "stalling-lead",
+            Strategy::FallbackThief => "fallback-thief",
         }
     }
 
     /// Whether the strategy harms the model or steals weight (all but `honest`,
-    /// `split-view` and `bias`, which are different in kind: see `docs/PROTOCOL.md`).
+    /// `fork-victim` (an honest miner), `split-view` and `bias`, which are different in
+    /// kind: see `docs/PROTOCOL.md`).
     pub fn destructive(self) -> bool {
-        !matches!(self, Strategy::Honest | Strategy::SplitView | Strategy::Bias)
+        !matches!(self, Strategy::Honest | Strategy::ForkVictim | Strategy::SplitView | Strategy::Bias)
+    }
+
+    /// Whether the strategy is a validator's (it runs a validator node, not a miner).
+    pub fn is_validator(self) -> bool {
+        matches!(self, Strategy::LyingLead | Strategy::StallingLead | Strategy::FallbackThief)
+    }
+
+    /// A hostile validator's stake: above the honest validators' (2000 each), so that it
+    /// leads (`lying-lead`), leads once that one is skipped (`stalling-lead`), or is the
+    /// first fallback (`fallback-thief`).
+    pub fn validator_stake(self) -> u64 {
+        match self {
+            Strategy::LyingLead => 2300,
+            Strategy::StallingLead => 2200,
+            _ => 2100,
+        }
     }
 
     /// How many hotkeys the strategy runs.
     pub fn hotkeys(self) -> usize {
-        if self == Strategy::SybilZero { 3 } else { 1 }
+        match self {
+            Strategy::SybilZero => 3,
+            Strategy::StallFlood => 8,
+            _ => 1,
+        }
     }
 }
 
@@ -128,8 +176,70 @@ pub(super) struct MinerSlot {
     pub(super) miner: Miner,
     pub(super) strategy: Strategy,
     pub(super) last_grad: Option<WindowGradient>,
+    /// Whether an accepted set has shown this miner as recomputed (what `patient` waits for).
+    pub(super) seen_recomputed: bool,
     /// A hostile endpoint this miner committed instead of its bucket.
     pub(super) _endpoint: Option<Endpoint>,
+}
+
+/// A hostile validator of the simulated network.
+pub(super) struct Rogue {
+    pub(super) strategy: Strategy,
+    pub(super) validator: bistro_validate::Validator,
+    /// The stalling endpoint a `stalling-lead` committed instead of its bucket.
+    pub(super) _endpoint: Option<Endpoint>,
+}
+
+/// What a hostile validator does after deciding its window honestly: `lying-lead` and
+/// `fallback-thief` replace the aggregate in their bucket with a well-formed wrong one (the
+/// update three times as large, the listed norms scaled to match, the state it produces
+/// hashed) and attest it with their own signature; `stalling-lead` does nothing here (its
+/// committed endpoint never answers).
+pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepared) -> anyhow::Result<()> {
+    if !matches!(r.strategy, Strategy::LyingLead | Strategy::FallbackThief) {
+        return Ok(());
+    }
+    let Some((obj, _, _)) = p.own_aggregate() else { return Ok(()) };
+    let node = r.validator.node();
+    let w = p.window();
+    let idx = node.ctx.indices(&node.params, w).await?;
+    let theta = slices::gather_params(&node.params, &idx)?;
+    let mut lie = obj.clone();
+    lie.values = theta
+        .iter()
+        .zip(&obj.values)
+        .map(|(t, v)| t.iter().zip(v).map(|(&a, &b)| a - 3.0 * (a - b) - 1e-3).collect())
+        .collect();
+    for i in &mut lie.set.included {
+        i.norm *= 3.0;
+    }
+    if lie.set.included.is_empty() {
+        // Nothing to scale: claim a miner's slice with the norm the shift needs.
+        let norm = slices::update_norm(&theta, &lie.values);
+        lie.set.included.push(bistro_train::accepted::Included {
+            hotkey: obj.set.excluded.first().map(|x| x.hotkey.clone()).unwrap_or_else(|| "m00-honest".into()),
+            sha256: "0".repeat(64),
+            norm,
+            e: Some(0.0),
+        });
+    }
+    let scratch = node.params.deep_clone()?;
+    slices::scatter_params(&scratch, &idx, &lie.values)?;
+    lie.set.state = bistro_train::accepted::state_hash(&scratch)?;
+    let expect = node.ctx.aggregate_expectation(&node.params, &idx, w);
+    let bytes = bistro_train::accepted::encode(&expect, &lie).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let digest = bistro_train::accepted::bytes_sha256(&bytes);
+    node.bucket.put(&bistro_train::protocol::aggregate_key(w), bytes.into()).await?;
+    let st = bistro_train::network::attestation::Statement {
+        publisher: node.cfg.hotkey.clone(),
+        aggregate: digest,
+        parent: lie.set.parent.clone(),
+        state: lie.set.state.clone(),
+        verdict: bistro_train::network::attestation::Verdict::Attest,
+        reason: String::new(),
+    };
+    node.publish_attestation(w, vec![st]).await?;
+    Ok(())
 }
 
 /// What the miner of `slot` computes in window `w`: the honest gradient, a cheater's
@@ -151,8 +261,18 @@ pub(super) async fn train(
         | Strategy::BoundedPoison
         | Strategy::Bias
         | Strategy::SampleAware
+        | Strategy::Patient
+        | Strategy::ForkVictim
         | Strategy::Backdoor => slot.miner.compute_gradient(stop).await?,
-        Strategy::Idle | Strategy::Zeros | Strategy::Poison | Strategy::Stall | Strategy::SybilZero => None,
+        Strategy::Idle
+        | Strategy::Zeros
+        | Strategy::Poison
+        | Strategy::Stall
+        | Strategy::StallFlood
+        | Strategy::SybilZero
+        | Strategy::LyingLead
+        | Strategy::StallingLead
+        | Strategy::FallbackThief => None,
         Strategy::WrongPages => {
             let other = node.dataset.pages(&h.network, "someone-else", w, h.pages_per_window);
             Some(gradient_on(&node.params, node, &other)?)
@@ -207,8 +327,23 @@ pub(super) fn upload(
             .collect()
     };
     let bytes = match (slot.strategy, g) {
-        (Strategy::Honest | Strategy::SplitView, Some(g)) => Some(slot.miner.build_slice(seed, g)?),
-        (Strategy::Idle | Strategy::Stall, _) => None,
+        (Strategy::Honest | Strategy::SplitView | Strategy::ForkVictim, Some(g)) => {
+            Some(slot.miner.build_slice(seed, g)?)
+        }
+        (Strategy::Patient, Some(g)) if !slot.seen_recomputed => Some(slot.miner.build_slice(seed, g)?),
+        (Strategy::Patient, Some(g)) => {
+            let gi = slices::gather_grads(&g.grads, idx)?;
+            Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
+        }
+        (
+            Strategy::Idle
+            | Strategy::Stall
+            | Strategy::StallFlood
+            | Strategy::LyingLead
+            | Strategy::StallingLead
+            | Strategy::FallbackThief,
+            _,
+        ) => None,
         (Strategy::Zeros, _) => Some(encode(&theta.iter().map(|t| vec![0.0; t.len()]).collect::<Vec<_>>())?),
         (Strategy::SybilZero, _) => Some(encode(&theta)?),
         (Strategy::Poison, _) => {

@@ -69,6 +69,11 @@ pub const SLICE_METADATA_BYTES: u64 = 4096;
 /// for about 4,000 hotkeys.
 pub const AGGREGATE_METADATA_BYTES: u64 = 1 << 20;
 
+/// The weight of a slice included on its record (not recomputed this window) relative to a
+/// recomputed one: its update enters the mean scaled by this factor, after clipping to the
+/// aggregate's `record_clip` (red team 3, F6).
+pub const RECORD_WEIGHT: f64 = 0.5;
+
 /// The exponent of the honesty score `1 / (1 + (e / tol)^k)`: 1 at `e = 0`, 0.5 at the
 /// tolerance, below 0.004 at twice the tolerance.
 pub const HONESTY_EXPONENT: i32 = 8;

@@ -436,6 +436,7 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
             included: vec![],
             excluded: vec![],
             scored: 0,
+            record_clip: 0.0,
         },
         values: theta,
     };

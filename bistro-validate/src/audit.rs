@@ -5,7 +5,11 @@
 //! * the aggregate applies to this validator's state (else it abstains: it cannot judge);
 //! * every included hotkey is a miner of the window, listed once;
 //! * every included slice this validator holds with the same digest has the listed norm;
-//! * no included miner is one this validator recomputed and found dishonest;
+//! * no miner the lead says it recomputed and found honest is one this validator
+//!   recomputed and found dishonest (a miner included on its record is the rules' bounded
+//!   bet, not a lie: it enters clipped and weighted);
+//! * the record clip is the median of the recomputed slices' listed norms (or, with none,
+//!   a finite number);
 //! * the arithmetic: with every included slice in hand, the aggregate is recomputed bit for
 //!   bit; with some missing here (a slice served to the lead only), under the mean rule the
 //!   part they contribute must fit within their listed norms, and the validator abstains
@@ -49,6 +53,17 @@ pub fn audit(
     if set.parent != own_state {
         return Audit::OffState;
     }
+    if !(set.record_clip.is_finite() && set.record_clip >= 0.0) {
+        return Audit::Dispute("record-clip: not a finite non-negative number".into());
+    }
+    if let Some(m) = set.recomputed_median()
+        && m.to_bits() != set.record_clip.to_bits()
+    {
+        return Audit::Dispute(format!(
+            "record-clip: {:.6e} is not the recomputed slices' median norm {m:.6e}",
+            set.record_clip
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     let mut known = Vec::new();
     let mut unknown = Vec::new();
@@ -59,7 +74,8 @@ pub fn audit(
         let Some(peer) = ws.peers.iter().find(|p| p.hotkey == inc.hotkey) else {
             return Audit::Dispute(format!("unknown-miner: {} is not a miner of this window", inc.hotkey));
         };
-        if let Some(r) = results.iter().find(|r| r.hotkey == inc.hotkey && r.recomputed)
+        if inc.e.is_some()
+            && let Some(r) = results.iter().find(|r| r.hotkey == inc.hotkey && r.recomputed)
             && r.e > h.honest_tolerance
         {
             return Audit::Dispute(format!(
@@ -76,7 +92,10 @@ pub fn audit(
                         inc.hotkey, inc.norm
                     ));
                 }
-                known.push(Contribution { hotkey: inc.hotkey.clone(), values: values.clone() });
+                let f = set.factor(inc);
+                let values =
+                    if f != 1.0 { slices::aggregate::scaled_update(&ws.theta_at_i, values, f) } else { values.clone() };
+                known.push(Contribution { hotkey: inc.hotkey.clone(), values });
             }
             _ => unknown.push(inc),
         }
@@ -112,7 +131,7 @@ pub fn audit(
                 scale_sq += (t as f64).powi(2);
             }
         }
-        let allowed: f64 = unknown.iter().map(|i| i.norm).sum();
+        let allowed: f64 = unknown.iter().map(|i| i.norm * set.factor(i)).sum();
         // f32 rounding of the written values, times n.
         let slack = n * scale_sq.sqrt() * 2f64.powi(-23);
         if rest_sq.sqrt() > allowed * (1.0 + 1e-9) + slack {

@@ -8,7 +8,12 @@
 //!   probation), its score EMA is at least `min_include_ema`, and its update norm is at most
 //!   `outlier_norm_factor` times the median norm of the slices this validator recently
 //!   recomputed and found honest (a bound that holds with any number of slices, one or two
-//!   included; never the norms an aggregate reports).
+//!   included; never the norms an aggregate reports). Such a slice is not taken as it is:
+//!   its update is clipped to the median norm of this window's recomputed-honest slices (or
+//!   the recent median when there are none) and enters a weighted mean with weight
+//!   [`RECORD_WEIGHT`](bistro_train::protocol::RECORD_WEIGHT) against 1 for a recomputed
+//!   slice ([`AcceptedSet::factor`]; red team 3, F6: an honest record bought full inclusion
+//!   in every window the miner was not recomputed).
 //!
 //! Everything else is excluded with a stable reason code.
 
@@ -80,6 +85,8 @@ pub struct Decision {
     pub excluded: Vec<Excluded>,
     /// Miners recomputed this window.
     pub scored: usize,
+    /// What slices included on their record are clipped to ([`AcceptedSet::record_clip`]).
+    pub record_clip: f64,
 }
 
 /// Decide a window's accepted set from the collected slices `ws`, this window's
@@ -105,8 +112,18 @@ pub fn decide(
         .filter_map(|(hk, _)| norms.get(hk).copied())
         .collect();
     let reference = history.median(&honest_now);
-    let mut d =
-        Decision { contributions: Vec::new(), included: Vec::new(), excluded: Vec::new(), scored: by_hotkey.len() };
+    let record_clip = {
+        let mut now = honest_now.clone();
+        now.sort_by(f64::total_cmp);
+        if now.is_empty() { reference.unwrap_or(0.0) } else { slices::aggregate::median(&now) }
+    };
+    let mut d = Decision {
+        contributions: Vec::new(),
+        included: Vec::new(),
+        excluded: Vec::new(),
+        scored: by_hotkey.len(),
+        record_clip,
+    };
     let mut peers: Vec<_> = ws.peers.iter().collect();
     peers.sort_by(|a, b| a.hotkey.cmp(&b.hotkey));
     for p in peers {
@@ -164,6 +181,23 @@ pub fn decide(
             Err(x) => d.excluded.push(x),
         }
     }
+    // Weights and clips need the whole included list: scale each slice by its factor.
+    let set = AcceptedSet {
+        window: ws.window,
+        lead: String::new(),
+        parent: String::new(),
+        state: String::new(),
+        included: d.included.clone(),
+        excluded: Vec::new(),
+        scored: d.scored,
+        record_clip,
+    };
+    for (c, inc) in d.contributions.iter_mut().zip(&d.included) {
+        let f = set.factor(inc);
+        if f != 1.0 {
+            c.values = slices::aggregate::scaled_update(&ws.theta_at_i, &c.values, f);
+        }
+    }
     d
 }
 
@@ -191,6 +225,7 @@ pub fn build(
             included: decision.included.clone(),
             excluded: decision.excluded.clone(),
             scored: decision.scored,
+            record_clip: decision.record_clip,
         },
         values: agg.values,
     })

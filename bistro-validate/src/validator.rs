@@ -367,7 +367,8 @@ impl Validator {
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         };
         if stalled.contains(&lead.hotkey) {
-            self.node.skip(&lead.hotkey, w, "the lead's bucket did not answer by its cut-off");
+            let why = "the lead's bucket did not answer by its cut-off";
+            self.node.skip(&lead.hotkey, w, bistro_train::network::attestation::STALLED_SKIP, why);
         }
         if let Some(f) = &lead_found {
             match self.audit_found(f, work) {

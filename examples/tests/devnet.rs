@@ -49,7 +49,9 @@ async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
     let tmp = tempfile::tempdir().unwrap();
     let mut o = options(tmp.path());
     o.miners = 2;
-    o.validators = 2;
+    // Three hostile validators outrank every honest one: four honest ones hold the stake
+    // majority the trust model needs (8000 against 6600).
+    o.validators = 4;
     o.windows = 4;
     o.adversaries = Strategy::CHEATS.to_vec();
     let r = run_in_process(&o).await.unwrap();
@@ -58,6 +60,7 @@ async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
     for w in &r.windows {
         assert_eq!(w.forks, 0, "window {}: {} honest node(s) forked", w.window, w.forks);
         assert_eq!(w.honest_trained, 2, "window {}: an honest miner did not train", w.window);
+        assert_eq!(w.rogue_applied, 0, "window {}: honest nodes applied a hostile validator's aggregate", w.window);
         for hk in &w.accepted {
             let s = r.strategies[hk];
             // A sample-aware miner is honest in even windows: only then may it be included.
@@ -125,4 +128,66 @@ async fn a_node_forked_on_purpose_repairs_itself_within_two_windows() {
     assert!(forked[3..].iter().all(|&f| f == 0), "not repaired within two windows: {forked:?} from window {first}");
     assert!(r.forks_detected >= 1 && r.forks_repaired >= 1, "{} / {}", r.forks_detected, r.forks_repaired);
     assert!(r.all_nodes_identical);
+}
+
+/// Red team 3, F1 and F2: every node applied whatever the lead published, and any permit
+/// holder that pre-published an aggregate won the fallback. A lead publishing a
+/// well-formed wrong aggregate (and attesting it) and a thief pre-publishing one now move
+/// nothing: the honest validators dispute both, attest the first honest fallback, and every
+/// window still gets the honest update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f1_f2_a_lying_lead_and_a_fallback_thief_move_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(tmp.path());
+    o.miners = 2;
+    o.validators = 3;
+    o.windows = 4;
+    o.adversaries = vec![Strategy::LyingLead, Strategy::FallbackThief];
+    let r = run_in_process(&o).await.unwrap();
+    eprintln!("{}", r.summary());
+    assert!(r.all_nodes_identical, "honest nodes diverged");
+    for w in &r.windows {
+        assert_eq!(w.rogue_applied, 0, "window {}: a hostile aggregate was applied", w.window);
+        assert!(w.updated, "window {}: no update (the lie stopped the network)", w.window);
+        assert!(
+            w.max_abs_diff_vs_reference <= 1e-6,
+            "window {}: the shared model left the honest-only reference by {}",
+            w.window,
+            w.max_abs_diff_vs_reference
+        );
+    }
+}
+
+/// Red team 3, F5: an honest miner that missed one aggregate trained on the wrong state
+/// and was scored as a cheater by every validator. Its slice now names its parent state,
+/// is rejected as `stale-state` without penalty, and the miner repairs and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f5_a_miner_that_missed_an_aggregate_is_never_penalised() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(tmp.path());
+    o.miners = 2;
+    o.validators = 1;
+    o.windows = 6;
+    o.adversaries = vec![Strategy::ForkVictim];
+    let r = run_in_process(&o).await.unwrap();
+    eprintln!("{}", r.summary());
+    let victim = |w: &bistro_examples::devnet::WindowReport| {
+        w.miners.iter().find(|m| m.strategy == Strategy::ForkVictim).cloned()
+    };
+    let statuses: Vec<String> = r.windows.iter().filter_map(victim).map(|m| m.status).collect();
+    assert!(statuses.iter().any(|s| s == "stale-state"), "the victim never uploaded on a stale state: {statuses:?}");
+    for m in r.windows.iter().filter_map(victim) {
+        assert!(
+            m.status == "stale-state" || (m.status == "ok" && m.e <= o.hparams.honest_tolerance),
+            "the victim was judged {} (e = {})",
+            m.status,
+            m.e
+        );
+    }
+    assert_eq!(r.windows.last().and_then(victim).map(|m| m.status).as_deref(), Some("ok"), "it did not recover");
+    let honest: Vec<f64> =
+        r.shares.iter().filter(|(h, _)| r.strategies[*h] == Strategy::Honest).map(|(_, s)| *s).collect();
+    let victim_share = r.shares.iter().find(|(h, _)| r.strategies[*h] == Strategy::ForkVictim).map(|(_, s)| *s);
+    let mean = honest.iter().sum::<f64>() / honest.len() as f64;
+    assert!(victim_share.is_some_and(|v| v > 0.5 * mean), "victim share {victim_share:?}, honest mean {mean}");
 }

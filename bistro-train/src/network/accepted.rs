@@ -99,6 +99,40 @@ pub struct AcceptedSet {
     pub excluded: Vec<Excluded>,
     /// Miners the lead recomputed this window.
     pub scored: usize,
+    /// The norm a slice included on its record is clipped to before it enters the mean with
+    /// weight [`crate::protocol::RECORD_WEIGHT`]: the median listed norm of the slices
+    /// included because recomputed this window, or (with none) the lead's recent median.
+    pub record_clip: f64,
+}
+
+impl AcceptedSet {
+    /// The factor an included slice's update is scaled by before the rule combines the
+    /// slices: a weighted mean under the plain mean's `1/n`, weight 1 for a slice recomputed
+    /// this window and [`crate::protocol::RECORD_WEIGHT`] for one included on its record,
+    /// which is also clipped to `record_clip` ([`crate::slices::aggregate::bounded_factor`]).
+    /// So the mean is `sum(w_i c_i d_i) / sum(w_i)`; with every slice recomputed, all factors
+    /// are exactly 1.
+    pub fn factor(&self, inc: &Included) -> f64 {
+        let w = crate::protocol::RECORD_WEIGHT;
+        let n = self.included.len() as f64;
+        let on_record = self.included.iter().filter(|i| i.e.is_none()).count() as f64;
+        let total = (n - on_record) + w * on_record;
+        let own = match inc.e {
+            Some(_) => 1.0,
+            None => crate::slices::aggregate::bounded_factor(inc.norm, self.record_clip, w),
+        };
+        if on_record == 0.0 { own } else { own * n / total }
+    }
+
+    /// The median listed norm of the slices included because recomputed this window.
+    pub fn recomputed_median(&self) -> Option<f64> {
+        let mut n: Vec<f64> = self.included.iter().filter(|i| i.e.is_some()).map(|i| i.norm).collect();
+        if n.is_empty() {
+            return None;
+        }
+        n.sort_by(f64::total_cmp);
+        Some(crate::slices::aggregate::median(&n))
+    }
 }
 
 /// A decoded aggregate: the decision and `theta_{w+1}[I]` per parameter.
@@ -233,6 +267,7 @@ mod tests {
                 included: vec![Included { hotkey: "m1".into(), sha256: "ab".into(), norm: 0.5, e: Some(1e-7) }],
                 excluded: vec![Excluded { hotkey: "m2".into(), reason: "missing".into(), detail: String::new() }],
                 scored: 1,
+                record_clip: 0.0,
             },
             values: vec![vec![1.0, 2.0], vec![3.0]],
         }
@@ -255,6 +290,27 @@ mod tests {
         let mut nan = object();
         nan.values[0][1] = f32::NAN;
         assert_eq!(decode(&encode(&e, &nan).unwrap(), &e).unwrap_err().code(), "nan");
+    }
+
+    /// Every node computes the weights of a weighted mean from the floats in the accepted
+    /// set (norms, the record clip): they must parse back bit for bit.
+    #[test]
+    fn floats_in_the_accepted_set_round_trip_exactly() {
+        let e = expect();
+        let mut o = object();
+        let awkward: Vec<f64> = (1..200).map(|i| (i as f64 * 0.1 + 0.2).sqrt() / 3.0 + 1e-17 * i as f64).collect();
+        o.set.record_clip = awkward[7];
+        o.set.included = awkward
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Included { hotkey: format!("m{i:03}"), sha256: "ab".into(), norm: n, e: None })
+            .collect();
+        let back = decode(&encode(&e, &o).unwrap(), &e).unwrap();
+        assert_eq!(back.set.record_clip.to_bits(), o.set.record_clip.to_bits());
+        for (a, b) in back.set.included.iter().zip(&o.set.included) {
+            assert_eq!(a.norm.to_bits(), b.norm.to_bits());
+            assert_eq!(back.set.factor(a).to_bits(), o.set.factor(b).to_bits());
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! the *recently publishing* validators (those with an attestation for this window or one
 //! of the [`RECENT_WINDOWS`] before it) attest its digest ([`Tally::accepted`]); a lone
 //! validator attests for itself. An aggregate disputed by such a majority is rejected and
-//! its publisher is skipped as lead for [`DISPUTED_LEAD_SKIP`] windows.
+//! its publisher is skipped as lead for [`DISPUTED_LEAD_SKIP`] windows; a validator whose
+//! bucket stalls is skipped for [`STALLED_SKIP`].
 
 use bistro_chain::keys;
 use serde::{Deserialize, Serialize};
@@ -26,8 +27,12 @@ use crate::protocol::{PROTOCOL_VERSION, tags};
 pub const RECENT_WINDOWS: u64 = 4;
 
 /// Windows for which a node skips, as lead, a validator whose aggregate a stake majority
-/// disputed.
-pub const DISPUTED_LEAD_SKIP: u64 = 16;
+/// disputed (a proven liar).
+pub const DISPUTED_LEAD_SKIP: u64 = 64;
+
+/// Windows for which a node skips a validator whose bucket did not answer by a cut-off
+/// (it may come back: a stall is not a proof of lying).
+pub const STALLED_SKIP: u64 = 16;
 
 /// The largest attestation object a node reads.
 pub const MAX_ATTESTATION_BYTES: u64 = 64 * 1024;

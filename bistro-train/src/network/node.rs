@@ -114,10 +114,10 @@ pub struct Node {
     pub forks: u64,
     /// Forks repaired from a validator's verified history.
     pub repairs: u64,
-    /// Validators skipped, with the last window they are skipped in
-    /// ([`attestation::DISPUTED_LEAD_SKIP`]): a lead whose aggregate a stake majority
-    /// disputed, and a validator whose bucket did not answer by a cut-off (it is neither
-    /// lead nor read for attestations meanwhile, and counts against every quorum).
+    /// Validators skipped, with the last window they are skipped in: a lead whose aggregate
+    /// a stake majority disputed ([`attestation::DISPUTED_LEAD_SKIP`] windows), and a
+    /// validator whose bucket did not answer by a cut-off ([`attestation::STALLED_SKIP`];
+    /// neither lead nor read for attestations meanwhile, and counting against every quorum).
     pub skipped: HashMap<String, u64>,
 }
 
@@ -371,9 +371,9 @@ impl Node {
     }
 
     /// The lead of `window`: the first validator by stake among those with a usable
-    /// commitment, skipping for [`attestation::DISPUTED_LEAD_SKIP`] windows a lead whose
-    /// aggregate a stake majority disputed or whose bucket stalled (so a stalling lead
-    /// costs one window's wait, then none). Every role uses this one rule (red team
+    /// commitment, skipping a lead whose aggregate a stake majority disputed or whose bucket
+    /// stalled, for a while (see [`Node::skipped`]: a stalling lead costs one window's wait,
+    /// then none). Every role uses this one rule (red team
     /// 3, F7: the validator led by stake alone, followers skipped validators without a
     /// bucket, so a top-stake permit holder that does not run BISTRO left the network with
     /// no lead at all).
@@ -391,11 +391,12 @@ impl Node {
         self.skipped.get(hotkey).is_some_and(|&until| window <= until)
     }
 
-    /// Skip `hotkey` from `window` on (see [`Node::skipped`]); never this node itself.
-    pub fn skip(&mut self, hotkey: &str, window: u64, why: &str) {
+    /// Skip `hotkey` for `windows` windows from `window` on (see [`Node::skipped`]); never
+    /// this node itself.
+    pub fn skip(&mut self, hotkey: &str, window: u64, windows: u64, why: &str) {
         if hotkey != self.cfg.hotkey {
-            tracing::warn!(window, validator = hotkey, why, "skipping this validator for the next windows");
-            self.skipped.insert(hotkey.to_string(), window + attestation::DISPUTED_LEAD_SKIP);
+            tracing::warn!(window, validator = hotkey, why, windows, "skipping this validator for the next windows");
+            self.skipped.insert(hotkey.to_string(), window + windows);
         }
     }
 
@@ -635,7 +636,7 @@ impl Node {
                         .map(|v| v.hotkey.clone())
                         .collect();
                     for hk in silent {
-                        self.skip(&hk, w, "its bucket did not answer by the cut-off");
+                        self.skip(&hk, w, attestation::STALLED_SKIP, "its bucket did not answer by the cut-off");
                     }
                 }
                 for f in order.iter().filter_map(|p| found.iter().find(|f| f.from == p.hotkey)) {
@@ -652,7 +653,8 @@ impl Node {
                         tracing::warn!(window = w, validator = %f.from, tally = %t.describe(), "aggregate rejected by the validators");
                         rejected.insert(f.from.clone());
                         if Some(&f.from) == lead.as_ref() && 2 * u128::from(t.disputed) > u128::from(t.base) {
-                            self.skip(&f.from.clone(), w, "its aggregate was disputed by a stake majority");
+                            let why = "its aggregate was disputed by a stake majority";
+                            self.skip(&f.from.clone(), w, attestation::DISPUTED_LEAD_SKIP, why);
                         }
                     }
                 }
@@ -666,7 +668,7 @@ impl Node {
         if let Some(l) = &lead
             && stalled.contains(l)
         {
-            self.skip(&l.clone(), w, "the lead's bucket did not answer by its cut-off");
+            self.skip(&l.clone(), w, attestation::STALLED_SKIP, "the lead's bucket did not answer by its cut-off");
         }
         let mut applied = None;
         let outcome = match accepted {
@@ -876,8 +878,9 @@ impl Node {
 
 /// A node's own checks of an aggregate before it counts attestations: its values are
 /// finite (checked when decoded) and its update is no larger than the norms it lists allow
-/// (`||theta_w[I] - values||` at most the mean of the included norms under the mean rule,
-/// their root sum of squares under the coordinate-wise rules; 0 with nothing included).
+/// (`||theta_w[I] - values||` at most the mean of the included norms, each times its
+/// factor, under the mean rule; their root sum of squares under the coordinate-wise rules;
+/// 0 with nothing included).
 pub fn check_bounded(
     params: &Params,
     indices: &crate::slices::SliceIndices,
@@ -886,10 +889,13 @@ pub fn check_bounded(
 ) -> Result<(), String> {
     let theta = crate::slices::gather_params(params, indices).map_err(|e| e.to_string())?;
     let norm = crate::slices::update_norm(&theta, &obj.values);
-    let listed: Vec<f64> = obj.set.included.iter().map(|i| i.norm).collect();
-    if listed.iter().any(|n| !n.is_finite() || *n < 0.0) {
-        return Err("an included norm is not a finite non-negative number".into());
+    if obj.set.included.iter().any(|i| !i.norm.is_finite() || i.norm < 0.0)
+        || !(obj.set.record_clip.is_finite() && obj.set.record_clip >= 0.0)
+    {
+        return Err("an included norm or the record clip is not a finite non-negative number".into());
     }
+    // Each slice enters with its factor (1, or clipped and weighted when on record).
+    let listed: Vec<f64> = obj.set.included.iter().map(|i| i.norm * obj.set.factor(i)).collect();
     let bound = match rule {
         _ if listed.is_empty() => 0.0,
         crate::hparams::Aggregation::Mean => listed.iter().sum::<f64>() / listed.len() as f64,

@@ -43,6 +43,22 @@ pub fn update_norm(theta_at_i: &[Vec<f32>], values: &[Vec<f32>]) -> f64 {
         .sqrt()
 }
 
+/// The factor an update of norm `norm` is scaled by when it is clipped to `clip` and
+/// weighted by `weight`: `weight * min(1, clip / norm)` (`weight` for a zero update).
+pub fn bounded_factor(norm: f64, clip: f64, weight: f64) -> f64 {
+    if norm > clip { weight * clip / norm } else { weight }
+}
+
+/// A slice whose update `theta - s` is scaled by `factor` ([`bounded_factor`]): the values
+/// `theta - factor * (theta - s)`, in f64 then rounded to f32, the same on every node.
+pub fn scaled_update(theta_at_i: &[Vec<f32>], values: &[Vec<f32>], factor: f64) -> Vec<Vec<f32>> {
+    theta_at_i
+        .iter()
+        .zip(values)
+        .map(|(t, s)| t.iter().zip(s).map(|(&a, &b)| (a as f64 - factor * (a as f64 - b as f64)) as f32).collect())
+        .collect()
+}
+
 /// The median of a sorted, non-empty slice (the mean of the middle two for an even length).
 pub fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();

@@ -437,14 +437,21 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         slots.iter().map(|s| s.miner.node().forks).chain(validators.iter().map(|v| v.node().forks)).sum();
     let forks_repaired =
         slots.iter().map(|s| s.miner.node().repairs).chain(validators.iter().map(|v| v.node().repairs)).sum();
+    // Final weight shares: the reporting validator's whole scoreboard (with p < 1 a
+    // window's rows list only the miners it recomputed).
     let mut shares = BTreeMap::new();
-    let last = reports.last().map(|r| r.miners.clone()).unwrap_or_default();
-    for m in &last {
-        shares.insert(m.hotkey.clone(), m.weight);
+    let board = validators[0].scoreboard();
+    for (uid, w) in board.weights(h.temperature) {
+        let Some(hk) = board.uids.get(&uid).map(|s| s.hotkey.clone()) else { continue };
+        let strategy = strategies.get(&hk).copied().unwrap_or(Strategy::Honest);
         by_strategy
-            .entry(m.strategy.name().to_string())
+            .entry(strategy.name().to_string())
             .or_insert(StrategyReport { share: 0.0, included_windows: 0 })
-            .share += m.weight;
+            .share += w;
+        shares.insert(hk, w);
+    }
+    for hk in strategies.keys() {
+        shares.entry(hk.clone()).or_insert(0.0);
     }
     let v0 = validators[0].params();
     let final_heldout_loss = mean_loss(v0, validators[0].node(), &heldout)?;

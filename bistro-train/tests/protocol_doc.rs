@@ -65,9 +65,18 @@ fn readme_crate_dependencies_match_the_manifests() {
 
 #[test]
 fn protocol_doc_states_the_fixed_constants() {
+    use bistro_train::network::attestation;
     use bistro_train::protocol::{self, tags};
     let doc = include_str!("../../docs/PROTOCOL.md");
-    for tag in [tags::STATE, tags::PAGES, tags::SLICE_INDICES, tags::HPARAMS, tags::MODEL_CONFIG, tags::GENESIS] {
+    for tag in [
+        tags::STATE,
+        tags::PAGES,
+        tags::SLICE_INDICES,
+        tags::HPARAMS,
+        tags::MODEL_CONFIG,
+        tags::GENESIS,
+        tags::ATTESTATION,
+    ] {
         let tag = std::str::from_utf8(tag).unwrap();
         assert!(doc.contains(&format!("\"{tag}")), "docs/PROTOCOL.md does not name the tag {tag:?}");
     }
@@ -81,6 +90,7 @@ fn protocol_doc_states_the_fixed_constants() {
     assert_eq!(fill(pattern("slice")), protocol::slice_key(7, "hk"));
     assert_eq!(fill(pattern("aggregate")), protocol::aggregate_key(7));
     assert_eq!(fill(pattern("checkpoint")), protocol::checkpoint_key(7));
+    assert_eq!(fill(pattern("attestation")), attestation::attestation_key(7));
     // Limits and the reward rule, as the document writes them.
     let stated = [
         format!("{} bytes per tensor", protocol::HEADER_BYTES_PER_TENSOR),
@@ -88,6 +98,17 @@ fn protocol_doc_states_the_fixed_constants() {
         format!("{} MiB of metadata", protocol::AGGREGATE_METADATA_BYTES >> 20),
         format!("(e / tol)^{}", protocol::HONESTY_EXPONENT),
         format!("{} s", protocol::PEER_TIMEOUT.as_secs()),
+        format!("RECORD_WEIGHT = {}", protocol::RECORD_WEIGHT),
+        format!("for {} windows, `attestation::DISPUTED_LEAD_SKIP`", attestation::DISPUTED_LEAD_SKIP),
+        format!("{} windows, `attestation::STALLED_SKIP`", attestation::STALLED_SKIP),
+        format!("one of the {} before it, `RECENT_WINDOWS`", attestation::RECENT_WINDOWS),
+        format!("at most {}, `protocol::REPAIR_SOURCES`", protocol::REPAIR_SOURCES),
+        format!("{} s, `protocol::REPAIR_BUDGET`", protocol::REPAIR_BUDGET.as_secs()),
+        format!(
+            "at most {} KiB and {} statements",
+            attestation::MAX_ATTESTATION_BYTES / 1024,
+            attestation::MAX_STATEMENTS
+        ),
     ];
     for s in stated {
         assert!(doc.contains(&s), "docs/PROTOCOL.md does not state `{s}`");

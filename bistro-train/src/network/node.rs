@@ -659,7 +659,11 @@ impl Node {
                     }
                 }
             }
-            if accepted.is_some() || pace == Pace::Lockstep || now_ms() >= final_cutoff || stop.load(Ordering::Relaxed)
+            if accepted.is_some()
+                || publishers.is_empty()
+                || pace == Pace::Lockstep
+                || now_ms() >= final_cutoff
+                || stop.load(Ordering::Relaxed)
             {
                 break;
             }

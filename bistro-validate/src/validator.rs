@@ -366,10 +366,6 @@ impl Validator {
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         };
-        if stalled.contains(&lead.hotkey) {
-            let why = "the lead's bucket did not answer by its cut-off";
-            self.node.skip(&lead.hotkey, w, bistro_train::network::attestation::STALLED_SKIP, why);
-        }
         if let Some(f) = &lead_found {
             match self.audit_found(f, work) {
                 Audit::Attest => {
@@ -400,7 +396,9 @@ impl Validator {
         }
         // Live, wait a little for validators with more stake to offer theirs.
         let settle = lead_cutoff.max(now_ms()) + h.fallback_wait_ms / 4;
-        for p in publishers.iter().filter(|p| p.hotkey != lead.hotkey && !self.node.is_skipped(&p.hotkey, w)) {
+        for p in
+            publishers.iter().filter(|p| p.hotkey != lead.hotkey && !self.node.skipped_among(&publishers, &p.hotkey, w))
+        {
             let found = loop {
                 let f = self.node.try_publisher_until(p, &work.ws.indices, w, pace, settle, &mut stalled).await;
                 if f.is_some() || pace == Pace::Lockstep || stalled.contains(&p.hotkey) || now_ms() >= settle {

@@ -137,7 +137,7 @@ fn check_on_lead_chain(net: &Net, procs: &[Proc], model: &ModelConfig) -> Vec<u6
         .filter_map(|w| accepted_set(&net.dir.join("s3"), "bucket-v0", w))
         .filter(|s| s["included"].as_array().is_some_and(|a| !a.is_empty()) && s["parent"] != s["state"])
         .count();
-    assert!(moved >= 3, "only {moved} accepted sets moved the model:\n{}", net.log("v0"));
+    assert!(moved >= 3, "only {moved} accepted sets moved the model:\n{}\n--- m1:\n{}", net.log("v0"), net.log("m1"));
     let mut windows = Vec::new();
     for p in procs {
         let role = if p.bin == "validator" { "validators" } else { "miners" };

@@ -383,7 +383,13 @@ impl Node {
 
     /// [`Self::lead`] among `publishers` (in stake order).
     pub fn lead_among<'a>(&self, publishers: &'a [Publisher], window: u64) -> Option<&'a Publisher> {
-        publishers.iter().find(|p| !self.is_skipped(&p.hotkey, window))
+        publishers.iter().find(|p| !self.is_skipped(&p.hotkey, window)).or(publishers.first())
+    }
+
+    /// Whether `hotkey` is skipped in `window` among `publishers`: skips apply only while
+    /// at least one publisher is not skipped (a node never skips every validator).
+    pub fn skipped_among(&self, publishers: &[Publisher], hotkey: &str, window: u64) -> bool {
+        self.is_skipped(hotkey, window) && publishers.iter().any(|p| !self.is_skipped(&p.hotkey, window))
     }
 
     /// Whether `hotkey` is skipped in `window` (see [`Node::skipped`]).
@@ -475,7 +481,7 @@ impl Node {
     ) -> Vec<Voice> {
         let reads = publishers.iter().map(|p| {
             let known_recent = recent.get(&p.hotkey).copied();
-            let skipped = self.is_skipped(&p.hotkey, window);
+            let skipped = self.skipped_among(publishers, &p.hotkey, window);
             async move {
                 if skipped {
                     return Voice {
@@ -597,7 +603,8 @@ impl Node {
                 stalled.contains(&l.hotkey) || rejected.contains(&l.hotkey) || (!lead_open && !Self::has(&found, l))
             });
             for (i, p) in order.iter().enumerate() {
-                if Self::has(&found, p) || stalled.contains(&p.hotkey) || self.is_skipped(&p.hotkey, w) {
+                if Self::has(&found, p) || stalled.contains(&p.hotkey) || self.skipped_among(&publishers, &p.hotkey, w)
+                {
                     continue;
                 }
                 // Fallbacks only once the lead is settled (in lockstep everything is published already).
@@ -669,8 +676,11 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        // A lead that stalled while another validator answered is skipped for a while (when
+        // none answered, the trouble may be this node's own network).
         if let Some(l) = &lead
             && stalled.contains(l)
+            && found.iter().any(|f| &f.from != l)
         {
             self.skip(&l.clone(), w, attestation::STALLED_SKIP, "the lead's bucket did not answer by its cut-off");
         }

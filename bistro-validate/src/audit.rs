@@ -33,8 +33,8 @@ pub enum Audit {
     Dispute(String),
     /// This validator cannot judge it (too little of the window in hand).
     Abstain(String),
-    /// The aggregate applies to another state than this validator's: it says nothing
-    /// this window (its own view of the window is of another state).
+    /// The aggregate applies to another state than this validator's: either of them is
+    /// off the accepted state (the follow tells which); this validator does not judge it.
     OffState,
 }
 

@@ -380,8 +380,12 @@ impl Validator {
                     tracing::info!(window = w, lead = %f.from, %reason, "cannot judge the lead's aggregate");
                 }
                 Audit::OffState => {
-                    tracing::warn!(window = w, lead = %f.from, "off the lead's state: not attesting this window");
-                    return Ok(());
+                    // Either this validator or the lead is off the accepted state; which
+                    // one, the follow will tell. Silence here would let a lead that names
+                    // a bogus parent stop every window: offer the fallbacks instead (this
+                    // validator's own names its own state, so it only matters if that is
+                    // the accepted one).
+                    tracing::warn!(window = w, lead = %f.from, "the lead's aggregate applies to another state than this validator's");
                 }
             }
         }

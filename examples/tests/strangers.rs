@@ -151,3 +151,95 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     }
     drop((stall, split));
 }
+
+/// Red team 3, F3 and F4 with the real binaries: a validator with the most stake whose
+/// bucket endpoint stalls (it leads by stake), and eight miners at the lowest uids whose
+/// endpoints stall. The honest validators offer and attest a fallback in the first window,
+/// then skip the stalled lead; the stallers cost each collection its budget once and
+/// never starve the honest miners after them; every honest node stays on one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (_, model) = bistro_train::hparams::write_test_network(&dir, |h| {
+        h.blocks_per_window = 6;
+        h.windows_per_weights = 1;
+        h.fallback_wait_ms = 1_500;
+    })
+    .unwrap();
+    std::fs::create_dir_all(dir.join("s3")).unwrap();
+    let addr = support::start_s3s_fs(&dir.join("s3")).await;
+    let net = Net { dir: dir.clone(), s3: format!("http://{addr}") };
+    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(1000)).unwrap());
+
+    // Eight stalling miners first (the lowest uids), then the stalling lead: 2500 stake
+    // against the honest validators' 3000, so honest validators hold the majority.
+    let stall = Endpoint::stall().await.unwrap();
+    for i in 0..8 {
+        let hk = format!("stall-{i}");
+        chain.ensure_registered(1, &hk, 0).await.unwrap();
+        chain.set_commitment(1, &hk, &stall.bucket_url(&format!("bucket-stall-{i}"))).await.unwrap();
+    }
+    chain.ensure_registered(1, "stalling-lead", 2500).await.unwrap();
+    chain.set_commitment(1, "stalling-lead", &stall.bucket_url("bucket-lead")).await.unwrap();
+
+    let mut children = [
+        net.spawn("validator", "v0", Some("v0"), &["--devnet.stake", "2000", "--max-windows", "5"]),
+        net.spawn("validator", "v1", Some("v1"), &["--devnet.stake", "1000", "--max-windows", "5"]),
+        net.spawn("miner", "m1", Some("m1"), &["--max-windows", "7"]),
+        net.spawn("miner", "m2", Some("m2"), &["--max-windows", "7"]),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for (i, child) in children.iter_mut().enumerate().take(2) {
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                assert!(s.success(), "validator v{i} failed:\n{}", net.log(&format!("v{i}")));
+                break;
+            }
+            assert!(Instant::now() < deadline, "validators did not finish:\n{}", net.log("v0"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for c in children.iter_mut().skip(2) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let logs: Vec<(&str, String)> = ["v0", "v1", "m1", "m2"].iter().map(|h| (*h, net.log(h))).collect();
+    let all = logs.iter().map(|(h, l)| format!("===== {h}\n{l}")).collect::<Vec<_>>().join("\n");
+    for (h, l) in &logs {
+        assert!(!l.contains("fork detected") && !l.contains("FORKED"), "{h} forked:\n{all}");
+        // The stalled lead is waited for at most once per node, then skipped.
+        assert!(l.matches("skipping this validator").count() <= 1, "{h} skipped more than once:\n{all}");
+    }
+    // Every window the validators processed got an update (the first one through the
+    // fallback), and the honest miners were collected despite the eight stallers before them.
+    let windows: Vec<(u64, serde_json::Value)> =
+        (0..100).filter_map(|w| accepted_set(&dir.join("s3"), "bucket-v0", w).map(|s| (w, s))).collect();
+    assert!(windows.len() >= 4, "v0 holds {} aggregates:\n{all}", windows.len());
+    let with_honest = windows
+        .iter()
+        .filter(|(_, s)| {
+            let inc = s["included"].to_string();
+            inc.contains("default-m1") && inc.contains("default-m2")
+        })
+        .count();
+    assert!(with_honest >= 3, "honest miners were included in {with_honest} windows: {windows:?}");
+    for (_, s) in &windows {
+        // Only the stallers time out (the stalling validator too: its endpoint is listed
+        // like a miner's and never answers); no honest miner ever does.
+        let honest_timeouts = s["excluded"].as_array().map_or(0, |x| {
+            x.iter()
+                .filter(|e| e["reason"] == "timeout" && e["hotkey"].as_str().is_some_and(|h| h.starts_with("default-")))
+                .count()
+        });
+        assert_eq!(honest_timeouts, 0, "an honest miner timed out behind the stallers: {s}");
+    }
+    assert!(logs[2].1.matches("applied the accepted set").count() >= 3, "m1 applied too little:\n{all}");
+    // Every honest node's saved state is what v0's published history names.
+    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
+        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
+        let named =
+            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
+        assert_eq!(named.as_ref().and_then(|v| v.as_str()), Some(hash.as_str()), "{hk} at window {w}:\n{all}");
+    }
+}

@@ -680,6 +680,7 @@ impl Node {
         // none answered, the trouble may be this node's own network).
         if let Some(l) = &lead
             && stalled.contains(l)
+            && !self.is_skipped(l, w)
             && found.iter().any(|f| &f.from != l)
         {
             self.skip(&l.clone(), w, attestation::STALLED_SKIP, "the lead's bucket did not answer by its cut-off");

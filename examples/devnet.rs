@@ -37,7 +37,8 @@ struct Cli {
     /// wrong-pages, lazy, poison, early, split-view, stall, bounded-poison, backdoor, bias,
     /// sybil-zero, sample-aware, patient, stall-flood (8 hotkeys at the lowest uids),
     /// fork-victim (an honest miner that misses one aggregate). Validators (each outranks
-    /// the honest ones by stake): lying-lead, stalling-lead, fallback-thief. Or `all`.
+    /// the honest ones by stake): lying-lead, stalling-lead, fallback-thief, and (not in
+    /// `all`) forking-lead. Or `all`.
     #[arg(long, value_delimiter = ',')]
     adversaries: Vec<String>,
     /// Most miners each validator recomputes per window: fewer than the miners gives the

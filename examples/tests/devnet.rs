@@ -160,6 +160,27 @@ async fn f1_f2_a_lying_lead_and_a_fallback_thief_move_nothing() {
     }
 }
 
+/// A lead whose aggregate names a parent no honest node holds made every honest validator
+/// fall silent (each took itself for the one off the state), so no window had an update.
+/// They now offer fallbacks, and the honest one is applied in the same window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f1_a_lead_naming_a_bogus_parent_stops_no_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(tmp.path());
+    o.miners = 2;
+    o.validators = 3;
+    o.windows = 3;
+    o.adversaries = vec![Strategy::ForkingLead];
+    let r = run_in_process(&o).await.unwrap();
+    eprintln!("{}", r.summary());
+    assert!(r.all_nodes_identical, "honest nodes diverged");
+    for w in &r.windows {
+        assert_eq!(w.rogue_applied, 0, "window {}: a hostile aggregate was applied", w.window);
+        assert!(w.updated, "window {}: no update", w.window);
+        assert_eq!(w.forks, 0, "window {}: {} honest nodes forked", w.window, w.forks);
+    }
+}
+
 /// Red team 3, F5: an honest miner that missed one aggregate trained on the wrong state
 /// and was scored as a cheater by every validator. Its slice now names its parent state,
 /// is rejected as `stale-state` without penalty, and the miner repairs and goes on.

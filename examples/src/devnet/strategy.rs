@@ -71,6 +71,9 @@ pub enum Strategy {
     /// A validator with the third most stake that publishes a wrong aggregate early in
     /// every window, hoping to win as the first fallback.
     FallbackThief,
+    /// A validator with the most stake whose aggregate names a parent state no honest node
+    /// holds (not in `all`: run it by name).
+    ForkingLead,
 }
 
 impl Strategy {
@@ -126,6 +129,7 @@ impl Strategy {
             Strategy::LyingLead => "lying-lead",
             Strategy::StallingLead => "stalling-lead",
             Strategy::FallbackThief => "fallback-thief",
+            Strategy::ForkingLead => "forking-lead",
         }
     }
 
@@ -138,7 +142,7 @@ impl Strategy {
 
     /// Whether the strategy is a validator's (it runs a validator node, not a miner).
     pub fn is_validator(self) -> bool {
-        matches!(self, Strategy::LyingLead | Strategy::StallingLead | Strategy::FallbackThief)
+        matches!(self, Strategy::LyingLead | Strategy::StallingLead | Strategy::FallbackThief | Strategy::ForkingLead)
     }
 
     /// A hostile validator's stake: above the honest validators' (2000 each), so that it
@@ -146,7 +150,7 @@ impl Strategy {
     /// first fallback (`fallback-thief`).
     pub fn validator_stake(self) -> u64 {
         match self {
-            Strategy::LyingLead => 2300,
+            Strategy::LyingLead | Strategy::ForkingLead => 2300,
             Strategy::StallingLead => 2200,
             _ => 2100,
         }
@@ -165,8 +169,12 @@ impl Strategy {
 impl std::str::FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        std::iter::once(Strategy::Honest).chain(Strategy::CHEATS).find(|x| x.name() == s).ok_or_else(|| {
-            format!("unknown strategy `{s}` (known: honest, {}, all)", Strategy::CHEATS.map(|c| c.name()).join(", "))
+        let named = [Strategy::Honest, Strategy::ForkingLead];
+        named.into_iter().chain(Strategy::CHEATS).find(|x| x.name() == s).ok_or_else(|| {
+            format!(
+                "unknown strategy `{s}` (known: honest, {}, forking-lead, all)",
+                Strategy::CHEATS.map(|c| c.name()).join(", ")
+            )
         })
     }
 }
@@ -196,7 +204,7 @@ pub(super) struct Rogue {
 /// hashed) and attest it with their own signature; `stalling-lead` does nothing here (its
 /// committed endpoint never answers).
 pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepared) -> anyhow::Result<()> {
-    if !matches!(r.strategy, Strategy::LyingLead | Strategy::FallbackThief) {
+    if !matches!(r.strategy, Strategy::LyingLead | Strategy::FallbackThief | Strategy::ForkingLead) {
         return Ok(());
     }
     let Some((obj, _, _)) = p.own_aggregate() else { return Ok(()) };
@@ -205,6 +213,10 @@ pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepare
     let idx = node.ctx.indices(&node.params, w).await?;
     let theta = slices::gather_params(&node.params, &idx)?;
     let mut lie = obj.clone();
+    if r.strategy == Strategy::ForkingLead {
+        lie.set.parent = "f".repeat(64);
+        return publish_lie(r, &idx, w, &lie).await;
+    }
     lie.values = theta
         .iter()
         .zip(&obj.values)
@@ -226,8 +238,19 @@ pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepare
     let scratch = node.params.deep_clone()?;
     slices::scatter_params(&scratch, &idx, &lie.values)?;
     lie.set.state = bistro_train::accepted::state_hash(&scratch)?;
-    let expect = node.ctx.aggregate_expectation(&node.params, &idx, w);
-    let bytes = bistro_train::accepted::encode(&expect, &lie).map_err(|e| anyhow::anyhow!("{e}"))?;
+    publish_lie(r, &idx, w, &lie).await
+}
+
+/// Publish `lie` as the rogue's aggregate of `w` and attest it with its own signature.
+async fn publish_lie(
+    r: &Rogue,
+    idx: &SliceIndices,
+    w: u64,
+    lie: &bistro_train::accepted::AggregateObject,
+) -> anyhow::Result<()> {
+    let node = r.validator.node();
+    let expect = node.ctx.aggregate_expectation(&node.params, idx, w);
+    let bytes = bistro_train::accepted::encode(&expect, lie).map_err(|e| anyhow::anyhow!("{e}"))?;
     let digest = bistro_train::accepted::bytes_sha256(&bytes);
     node.bucket.put(&bistro_train::protocol::aggregate_key(w), bytes.into()).await?;
     let st = bistro_train::network::attestation::Statement {
@@ -272,7 +295,8 @@ pub(super) async fn train(
         | Strategy::SybilZero
         | Strategy::LyingLead
         | Strategy::StallingLead
-        | Strategy::FallbackThief => None,
+        | Strategy::FallbackThief
+        | Strategy::ForkingLead => None,
         Strategy::WrongPages => {
             let other = node.dataset.pages(&h.network, "someone-else", w, h.pages_per_window);
             Some(gradient_on(&node.params, node, &other)?)
@@ -341,7 +365,8 @@ pub(super) fn upload(
             | Strategy::StallFlood
             | Strategy::LyingLead
             | Strategy::StallingLead
-            | Strategy::FallbackThief,
+            | Strategy::FallbackThief
+            | Strategy::ForkingLead,
             _,
         ) => None,
         (Strategy::Zeros, _) => Some(encode(&theta.iter().map(|t| vec![0.0; t.len()]).collect::<Vec<_>>())?),

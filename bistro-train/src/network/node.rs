@@ -708,6 +708,15 @@ impl Node {
                 outcome
             }
         };
+        // An aggregate this validator published (as lead or fallback) that was not applied
+        // here must not stay in its history: the history lists applied updates only.
+        if self.publishes_history
+            && !matches!(outcome, Followed::Applied { .. })
+            && self.bucket.head(&crate::protocol::aggregate_key(w)).await.is_ok()
+            && let Err(e) = self.bucket.delete(&crate::protocol::aggregate_key(w)).await
+        {
+            tracing::warn!(window = w, error = %e, "cannot withdraw an unapplied aggregate from the history");
+        }
         crate::telemetry::phase_seconds("follow", started.elapsed().as_secs_f64());
         crate::telemetry::aggregate(match &outcome {
             Followed::Applied { from, .. } if lead.as_ref() != Some(from) => "fallback",

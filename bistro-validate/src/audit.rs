@@ -56,14 +56,6 @@ pub fn audit(
     if !(set.record_clip.is_finite() && set.record_clip >= 0.0) {
         return Audit::Dispute("record-clip: not a finite non-negative number".into());
     }
-    if let Some(m) = set.recomputed_median()
-        && m.to_bits() != set.record_clip.to_bits()
-    {
-        return Audit::Dispute(format!(
-            "record-clip: {:.6e} is not the recomputed slices' median norm {m:.6e}",
-            set.record_clip
-        ));
-    }
     let mut seen = std::collections::HashSet::new();
     let mut known = Vec::new();
     let mut unknown = Vec::new();
@@ -99,6 +91,14 @@ pub fn audit(
             }
             _ => unknown.push(inc),
         }
+    }
+    if let Some(m) = set.recomputed_median()
+        && m.to_bits() != set.record_clip.to_bits()
+    {
+        return Audit::Dispute(format!(
+            "record-clip: {:.6e} is not the recomputed slices' median norm {m:.6e}",
+            set.record_clip
+        ));
     }
     if unknown.is_empty() {
         let agg = slices::aggregate(&ws.theta_at_i, &known, &h.aggregation);

@@ -1,0 +1,154 @@
+//! The lead's decision and another validator's audit of it, on hand-made window slices:
+//! what a slice included on its record can move (red team 3, F6), and which lies an
+//! auditor catches (F1).
+
+use bistro_model::Params;
+use bistro_train::accepted::state_hash;
+use bistro_train::protocol::RECORD_WEIGHT;
+use bistro_train::slices::{self, SliceIndices, update_norm};
+use bistro_train::sync::{PeerSlice, WindowSlices};
+use bistro_validate::audit::{Audit, audit};
+use bistro_validate::lead::{self, NormHistory};
+use bistro_validate::recompute::MinerResult;
+use bistro_validate::score::Scoreboard;
+use candle_core::Device;
+
+struct Window {
+    h: bistro_train::hparams::HParams,
+    params: Params,
+    parent: String,
+    ws: WindowSlices,
+    results: Vec<MinerResult>,
+    board: Scoreboard,
+    history: NormHistory,
+}
+
+/// Two honest miners recomputed this window (updates of norm about 1 and 1.2) and a
+/// "patient" miner not recomputed, with an honest record, uploading an anti-update at
+/// 2.7 times the honest norm (inside the outlier bound of 3).
+fn window(dir: &std::path::Path) -> Window {
+    let (h, model) = bistro_train::hparams::write_test_network(dir, |_| {}).unwrap();
+    let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
+    let parent = state_hash(&params).unwrap();
+    let indices = SliceIndices::select(params.specs(), &[7u8; 32], h.compression);
+    let theta = slices::gather_params(&params, &indices).unwrap();
+    let n: usize = theta.iter().map(Vec::len).sum();
+    let unit = 1.0 / (n as f32).sqrt();
+    let shifted =
+        |k: f32| -> Vec<Vec<f32>> { theta.iter().map(|t| t.iter().map(|x| x - k * unit).collect()).collect() };
+    let peer = |uid: u16, hotkey: &str, values: Vec<Vec<f32>>| PeerSlice {
+        uid,
+        hotkey: hotkey.into(),
+        outcome: Ok(values.clone()),
+        sha256: Some(format!("{uid:064x}")),
+    };
+    let ws = WindowSlices {
+        window: 3,
+        seed: [7u8; 32],
+        indices,
+        theta_at_i: theta.clone(),
+        peers: vec![
+            peer(1, "honest-a", shifted(1.0)),
+            peer(2, "honest-b", shifted(1.2)),
+            peer(3, "patient", shifted(-2.7)),
+        ],
+    };
+    let result = |uid: u16, hotkey: &str| MinerResult {
+        uid,
+        hotkey: hotkey.into(),
+        status: "ok".into(),
+        r: -1e-9,
+        e: 1e-7,
+        recomputed: true,
+    };
+    let results = vec![result(1, "honest-a"), result(2, "honest-b")];
+    let mut board = Scoreboard::default();
+    for w in 0..3 {
+        board.update(3, "patient", w, 1.0, h.ema_alpha);
+    }
+    let mut history = NormHistory::default();
+    history.push(2, vec![1.0, 1.1], h.norm_history_windows);
+    Window { h, params, parent, ws, results, board, history }
+}
+
+/// Red team 3, F6: a miner with an honest record could push its whole update, up to the
+/// outlier bound, in every window it was not recomputed. It now enters clipped to the
+/// median recomputed norm and weighted 0.5 against the recomputed slices.
+#[test]
+fn f6_a_slice_included_on_its_record_is_clipped_and_weighted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = window(tmp.path());
+    let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
+    let included: Vec<(&str, Option<f64>)> = d.included.iter().map(|i| (i.hotkey.as_str(), i.e)).collect();
+    assert_eq!(included, vec![("honest-a", Some(1e-7)), ("honest-b", Some(1e-7)), ("patient", None)]);
+    let median = {
+        let mut n: Vec<f64> = d.included[..2].iter().map(|i| i.norm).collect();
+        n.sort_by(f64::total_cmp);
+        slices::aggregate::median(&n)
+    };
+    assert_eq!(d.record_clip.to_bits(), median.to_bits(), "clipped to the median recomputed norm");
+    let obj = lead::build(&w.params, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
+    // The patient's share of the mean: weight 0.5 of 2.5, clipped to the median (1.1),
+    // where unbounded it would have been a third of 2.7.
+    let patient = &obj.set.included[2];
+    let f = obj.set.factor(patient);
+    let effective = patient.norm * f / 3.0;
+    let bounded = RECORD_WEIGHT * median / (2.0 + RECORD_WEIGHT);
+    assert!((effective - bounded).abs() < 1e-9, "patient moves {effective}, the rule allows {bounded}");
+    assert!(effective < 0.25 * patient.norm / 3.0, "the clip and weight cut its push by less than 4x");
+    // The aggregate still moves the model the honest way: the mean of the three signed
+    // updates is positive along the honest direction.
+    let moved = update_norm(&w.ws.theta_at_i, &obj.values);
+    assert!(moved > 0.5, "the honest update was cancelled: {moved}");
+    // And an auditor with the same view attests it.
+    assert_eq!(audit(&obj, &w.ws, &w.results, &w.params, &w.parent, &w.h), Audit::Attest);
+}
+
+/// Red team 3, F1: what an auditor holding the same slices catches.
+#[test]
+fn f1_an_auditor_disputes_each_kind_of_lie() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = window(tmp.path());
+    let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
+    let honest = lead::build(&w.params, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
+    let check = |o: &bistro_train::accepted::AggregateObject| audit(o, &w.ws, &w.results, &w.params, &w.parent, &w.h);
+    let code = |a: Audit| match a {
+        Audit::Dispute(r) => r.split(':').next().unwrap_or_default().to_string(),
+        other => format!("{other:?}"),
+    };
+    // Values that are not the aggregate of the listed slices.
+    let mut lie = honest.clone();
+    lie.values[0][0] += 1e-3;
+    assert_eq!(code(check(&lie)), "arithmetic");
+    // A listed norm that is not the slice's (the on-record one: a recomputed one would
+    // also move the record clip, caught first).
+    let mut lie = honest.clone();
+    lie.set.included[2].norm *= 3.0;
+    assert_eq!(code(check(&lie)), "norm");
+    // A record clip that is not the recomputed median.
+    let mut lie = honest.clone();
+    lie.set.record_clip *= 2.0;
+    assert_eq!(code(check(&lie)), "record-clip");
+    // A state the values do not produce.
+    let mut lie = honest.clone();
+    lie.set.state = "a".repeat(64);
+    assert_eq!(code(check(&lie)), "state");
+    // A miner that is not in the window, and one listed twice.
+    let mut lie = honest.clone();
+    lie.set.included[0].hotkey = "nobody".into();
+    assert_eq!(code(check(&lie)), "unknown-miner");
+    let mut lie = honest.clone();
+    lie.set.included[1] = lie.set.included[0].clone();
+    assert_eq!(code(check(&lie)), "duplicate");
+    // A slice the lead says it recomputed and found honest, found dishonest here.
+    let mut results = w.results.clone();
+    results[0].e = 1.0;
+    assert!(
+        matches!(audit(&honest, &w.ws, &results, &w.params, &w.parent, &w.h), Audit::Dispute(r) if r.starts_with("dishonest-included"))
+    );
+    // Another parent: this validator cannot judge it.
+    let mut other = honest.clone();
+    other.set.parent = "f".repeat(64);
+    assert_eq!(check(&other), Audit::OffState);
+    assert_eq!(check(&honest), Audit::Attest);
+}

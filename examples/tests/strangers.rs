@@ -53,21 +53,55 @@ impl Net {
     fn log(&self, hotkey: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{hotkey}.log"))).unwrap_or_default()
     }
+
+    /// Wait for the two validators (the first two children) to finish their windows, stop
+    /// the rest, and return the honest nodes' logs (`v0`, `v1`, `m1`, `m2`) and all of them
+    /// as one text for failure messages.
+    async fn finish(&self, children: &mut [Child], within: Duration) -> (Vec<(&'static str, String)>, String) {
+        let deadline = Instant::now() + within;
+        for (i, child) in children.iter_mut().enumerate().take(2) {
+            loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    assert!(s.success(), "validator v{i} failed:\n{}", self.log(&format!("v{i}")));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "validators did not finish:\n{}", self.log("v0"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        for c in children.iter_mut().skip(2) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let logs: Vec<(&'static str, String)> = ["v0", "v1", "m1", "m2"].iter().map(|h| (*h, self.log(h))).collect();
+        let all = logs.iter().map(|(h, l)| format!("===== {h}\n{l}")).collect::<Vec<_>>().join("\n");
+        (logs, all)
+    }
+}
+
+/// The test network in `dir` (weights every window, `tune` on top), a real S3 server for
+/// its buckets and the devnet the binaries share.
+async fn network(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut bistro_train::hparams::HParams),
+) -> (Net, Arc<Devnet>, bistro_model::ModelConfig) {
+    let (_, model) = bistro_train::hparams::write_test_network(dir, |h| {
+        h.windows_per_weights = 1;
+        tune(h);
+    })
+    .unwrap();
+    std::fs::create_dir_all(dir.join("s3")).unwrap();
+    let addr = support::start_s3s_fs(&dir.join("s3")).await;
+    let net = Net { dir: dir.to_path_buf(), s3: format!("http://{addr}") };
+    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(1000)).unwrap());
+    (net, chain, model)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let (_, model) = bistro_train::hparams::write_test_network(&dir, |h| {
-        h.blocks_per_window = 4;
-        h.windows_per_weights = 1;
-    })
-    .unwrap();
-    std::fs::create_dir_all(dir.join("s3")).unwrap();
-    let addr = support::start_s3s_fs(&dir.join("s3")).await;
-    let net = Net { dir: dir.clone(), s3: format!("http://{addr}") };
-    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(1000)).unwrap());
+    let (net, chain, model) = network(&dir, |h| h.blocks_per_window = 4).await;
 
     // The stall peer: registered, committed, never answers.
     let stall = Endpoint::stall().await.unwrap();
@@ -93,24 +127,7 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
         assert!(start.elapsed() < Duration::from_secs(60), "the split-view miner did not join");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Wait for both validators to finish their windows.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    for (i, child) in children.iter_mut().enumerate().take(2) {
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                assert!(s.success(), "validator v{i} failed:\n{}", net.log(&format!("v{i}")));
-                break;
-            }
-            assert!(Instant::now() < deadline, "validators did not finish:\n{}", net.log("v0"));
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    for c in children.iter_mut().skip(2) {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let logs: Vec<(&str, String)> = ["v0", "v1", "m1", "m2"].iter().map(|h| (*h, net.log(h))).collect();
-    let all = logs.iter().map(|(h, l)| format!("===== {h}\n{l}")).collect::<Vec<_>>().join("\n");
+    let (logs, all) = net.finish(&mut children, Duration::from_secs(240)).await;
 
     // No honest node ever saw a fork.
     for (h, l) in &logs {
@@ -161,16 +178,11 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
 async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let (_, model) = bistro_train::hparams::write_test_network(&dir, |h| {
+    let (net, chain, model) = network(&dir, |h| {
         h.blocks_per_window = 6;
-        h.windows_per_weights = 1;
         h.fallback_wait_ms = 1_500;
     })
-    .unwrap();
-    std::fs::create_dir_all(dir.join("s3")).unwrap();
-    let addr = support::start_s3s_fs(&dir.join("s3")).await;
-    let net = Net { dir: dir.clone(), s3: format!("http://{addr}") };
-    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(1000)).unwrap());
+    .await;
 
     // Eight stalling miners first (the lowest uids), then the stalling lead: 2500 stake
     // against the honest validators' 3000, so honest validators hold the majority.
@@ -189,23 +201,7 @@ async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
         net.spawn("miner", "m1", Some("m1"), &["--max-windows", "7"]),
         net.spawn("miner", "m2", Some("m2"), &["--max-windows", "7"]),
     ];
-    let deadline = Instant::now() + Duration::from_secs(300);
-    for (i, child) in children.iter_mut().enumerate().take(2) {
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                assert!(s.success(), "validator v{i} failed:\n{}", net.log(&format!("v{i}")));
-                break;
-            }
-            assert!(Instant::now() < deadline, "validators did not finish:\n{}", net.log("v0"));
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    for c in children.iter_mut().skip(2) {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let logs: Vec<(&str, String)> = ["v0", "v1", "m1", "m2"].iter().map(|h| (*h, net.log(h))).collect();
-    let all = logs.iter().map(|(h, l)| format!("===== {h}\n{l}")).collect::<Vec<_>>().join("\n");
+    let (logs, all) = net.finish(&mut children, Duration::from_secs(300)).await;
     for (h, l) in &logs {
         assert!(!l.contains("fork detected") && !l.contains("FORKED"), "{h} forked:\n{all}");
         // The stalled lead is waited for at most once per node, then skipped.

@@ -21,7 +21,8 @@ struct Cli {
     /// Honest miners.
     #[arg(long, default_value_t = 4)]
     miners: usize,
-    /// Validators.
+    /// Honest validators (raised, with a log line, until they hold a stake majority
+    /// against any hostile validators among the adversaries).
     #[arg(long, default_value_t = 1)]
     validators: usize,
     /// Windows to run.

@@ -42,7 +42,8 @@ use crate::hostile::Endpoint;
 pub struct DevnetOptions {
     /// Honest miners.
     pub miners: usize,
-    /// Validators (validator 0 has the most stake: the lead).
+    /// Honest validators (validator 0 has the most stake of them). With hostile validators
+    /// among the adversaries, at least as many as give the honest ones a stake majority.
     pub validators: usize,
     /// Windows to run.
     pub windows: u64,
@@ -200,8 +201,21 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         slots.push(MinerSlot { miner, strategy: *s, last_grad: None, seen_recomputed: false, _endpoint: endpoint });
     }
     let rogue_plan: Vec<Strategy> = opts.adversaries.iter().copied().filter(|s| s.is_validator()).collect();
+    // The trust model needs honest validators to hold more than half of the publishing
+    // stake: with hostile validators, add honest ones (2000 stake each) until they do.
+    let rogue_stake: u64 = rogue_plan.iter().map(|s| s.validator_stake()).sum();
+    let needed = if rogue_plan.is_empty() { 1 } else { (rogue_stake / 2000 + 1) as usize };
+    let n_validators = opts.validators.max(needed);
+    if n_validators > opts.validators {
+        tracing::info!(
+            asked = opts.validators,
+            running = n_validators,
+            rogue_stake,
+            "adding honest validators so that they hold a stake majority against the hostile ones"
+        );
+    }
     let mut validators = Vec::new();
-    for v in 0..opts.validators {
+    for v in 0..n_validators {
         let hotkey = format!("validator-{v}");
         // Validator 0 has the most stake of the honest ones: it leads when no hostile
         // validator outranks it. With hostile validators, every honest one holds 2000.
@@ -230,15 +244,6 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             chain.set_commitment(1, &hotkey, &e.bucket_url("attacker")).await?;
         }
         rogues.push(strategy::Rogue { strategy: *s, validator: v, _endpoint: endpoint });
-    }
-    let honest_stake = 2000 * opts.validators as u64;
-    let rogue_stake: u64 = rogue_plan.iter().map(|s| s.validator_stake()).sum();
-    if !rogue_plan.is_empty() && honest_stake <= rogue_stake {
-        tracing::warn!(
-            honest_stake,
-            rogue_stake,
-            "honest validators do not hold a stake majority: outside the trust model (add --validators)"
-        );
     }
     let rogue_hotkeys: Vec<String> = rogues
         .iter()

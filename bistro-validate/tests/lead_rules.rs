@@ -152,3 +152,34 @@ fn f1_an_auditor_disputes_each_kind_of_lie() {
     assert_eq!(check(&other), Audit::OffState);
     assert_eq!(check(&honest), Audit::Attest);
 }
+
+/// Red team 3, F9 and F13: on-record sybils uploading zero updates (or a lead listing small
+/// norms) dragged the outlier reference to 0, so every unrecomputed honest slice was
+/// excluded as an outlier. The reference is built from this validator's own recomputed,
+/// honest slices only: the sybils' zeros do not move it.
+#[test]
+fn f9_f13_zero_norm_sybils_do_not_steer_the_outlier_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = window(tmp.path());
+    // The "patient" slot becomes an honest miner on record at 2.5 times the recomputed
+    // norm (inside the bound of 3), and five sybils with honest records upload s = theta.
+    let theta = w.ws.theta_at_i.clone();
+    let n: usize = theta.iter().map(Vec::len).sum();
+    let unit = 1.0 / (n as f32).sqrt();
+    w.ws.peers[2].outcome = Ok(theta.iter().map(|t| t.iter().map(|x| x - 2.5 * unit).collect()).collect());
+    for i in 0..5u16 {
+        let hk = format!("sybil-{i}");
+        w.ws.peers.push(PeerSlice { uid: 10 + i, hotkey: hk.clone(), outcome: Ok(theta.clone()), sha256: None });
+        for x in 0..3 {
+            w.board.update(10 + i, &hk, x, 1.0, w.h.ema_alpha);
+        }
+    }
+    let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
+    assert!(
+        d.included.iter().any(|i| i.hotkey == "patient" && i.e.is_none()),
+        "the honest on-record slice was excluded: {:?}",
+        d.excluded
+    );
+    // The clip is the recomputed median, not pulled to 0 by the sybils.
+    assert!(d.record_clip > 0.9, "record clip {}", d.record_clip);
+}

@@ -283,6 +283,7 @@ impl Validator {
             bistro_train::accepted::encode(&expect, &obj)
                 .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
         );
+        self.node.review_disputes(w).await?;
         let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
         let mut work = Work { ws, results, decision, obj, bytes, mg, miners, seconds, parent, is_lead };
         if is_lead {

@@ -5,9 +5,12 @@
 //! * [`Endpoint::stall`]: accepts every connection and never answers;
 //! * [`Endpoint::split_view`]: serves the files of a directory, each object to its **first**
 //!   reader only (later readers get `404 NoSuchKey`), so different nodes see different
-//!   bucket contents.
+//!   bucket contents;
+//! * [`Endpoint::tamper`]: serves the files of a directory to everyone, but every
+//!   `aggregate-*` object with one value changed: a validator whose published aggregate is
+//!   well-formed, passes the cheap checks, and is wrong.
 //!
-//! Both run on loopback and stop when the [`Endpoint`] is dropped.
+//! All run on loopback and stop when the [`Endpoint`] is dropped.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -51,19 +54,50 @@ impl Endpoint {
 
     /// An endpoint that serves `dir`'s files, each to its first reader only.
     pub async fn split_view(dir: PathBuf) -> std::io::Result<Self> {
+        let served = Mutex::new(HashSet::<String>::new());
+        Self::serving(move |key| {
+            let first = served.lock().map(|mut s| s.insert(key.to_string())).unwrap_or(false);
+            if first { std::fs::read(dir.join(key)).ok() } else { None }
+        })
+        .await
+    }
+
+    /// An endpoint that serves `dir`'s files to every reader, with each aggregate tampered
+    /// by [`tamper_aggregate`].
+    pub async fn tamper(dir: PathBuf) -> std::io::Result<Self> {
+        Self::serving(move |key| {
+            let bytes = std::fs::read(dir.join(key)).ok()?;
+            if key.starts_with("aggregate-") { tamper_aggregate(bytes) } else { Some(bytes) }
+        })
+        .await
+    }
+
+    async fn serving(body: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let served = Arc::new(Mutex::new(HashSet::<String>::new()));
+        let body = Arc::new(body);
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                let (dir, served) = (dir.clone(), served.clone());
+                let body = body.clone();
                 tokio::spawn(async move {
-                    let _ = serve_split(sock, dir, served).await;
+                    let _ = serve(sock, |method, key| if method == "GET" { body(key) } else { None }).await;
                 });
             }
         });
         Ok(Endpoint { url, task })
     }
+}
+
+/// A safetensors file with the first f32 of its data raised by 1% (plus 1e-4, so a zero
+/// changes too): still well-formed and finite, no longer what its publisher computed.
+/// `None` when `bytes` is not a safetensors file with data.
+pub fn tamper_aggregate(mut bytes: Vec<u8>) -> Option<Vec<u8>> {
+    let header = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let at = usize::try_from(header).ok()?.checked_add(8)?;
+    let v = f32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
+    let t = v + 0.01 * v.abs() + 1e-4;
+    bytes[at..at + 4].copy_from_slice(&t.to_le_bytes());
+    Some(bytes)
 }
 
 async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<String>> {
@@ -82,7 +116,9 @@ async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
-async fn serve_split(mut sock: TcpStream, dir: PathBuf, served: Arc<Mutex<HashSet<String>>>) -> std::io::Result<()> {
+/// Answer path-style `{method} /{bucket}/{key}` requests on `sock` with `body(method, key)`,
+/// or `404 NoSuchKey` when it gives nothing.
+async fn serve(mut sock: TcpStream, body: impl Fn(&str, &str) -> Option<Vec<u8>>) -> std::io::Result<()> {
     while let Some(head) = read_head(&mut sock).await? {
         let line = head.lines().next().unwrap_or_default().to_string();
         let mut parts = line.split_whitespace();
@@ -90,9 +126,7 @@ async fn serve_split(mut sock: TcpStream, dir: PathBuf, served: Arc<Mutex<HashSe
         let path = path.split('?').next().unwrap_or_default();
         // Path style: /{bucket}/{key}
         let key = path.trim_start_matches('/').split_once('/').map(|(_, k)| k.to_string()).unwrap_or_default();
-        let first = served.lock().map(|mut s| s.insert(key.clone())).unwrap_or(false);
-        let body = if method == "GET" && first { std::fs::read(dir.join(&key)).ok() } else { None };
-        let response = match body {
+        let response = match body(method, &key) {
             Some(b) => {
                 let mut r = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\

@@ -239,3 +239,70 @@ async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
         assert_eq!(named.as_ref().and_then(|v| v.as_str()), Some(hash.as_str()), "{hk} at window {w}:\n{all}");
     }
 }
+
+/// Red team 3, F1 with the real binaries: the validator with the most stake (2500 against
+/// the honest validators' 3000) serves every aggregate it publishes with one value changed,
+/// so peers read a well-formed aggregate that passes the cheap checks and is not what its
+/// slices give. The honest validators audit it and dispute it; no honest node applies it;
+/// a fallback carries the window, the disputed lead is skipped, and every honest node stays
+/// on one chain with the honest miners training.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validator_serving_a_tampered_aggregate_moves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (net, chain, model) = network(&dir, |h| {
+        h.blocks_per_window = 6;
+        h.fallback_wait_ms = 1_500;
+    })
+    .await;
+
+    let mut children = [
+        net.spawn("validator", "v0", Some("v0"), &["--devnet.stake", "2000", "--max-windows", "5"]),
+        net.spawn("validator", "v1", Some("v1"), &["--devnet.stake", "1000", "--max-windows", "5"]),
+        net.spawn("miner", "m1", Some("m1"), &["--max-windows", "7"]),
+        net.spawn("miner", "m2", Some("m2"), &["--max-windows", "7"]),
+        net.spawn("validator", "lie", Some("lie"), &["--devnet.stake", "2500", "--max-windows", "7"]),
+    ];
+    // Once the liar has committed its real bucket, peers read that bucket through the
+    // tampering endpoint instead.
+    let tamper = Endpoint::tamper(dir.join("s3").join("bucket-lie")).await.unwrap();
+    let start = Instant::now();
+    loop {
+        if chain.commitment(1, "default-lie").await.unwrap().is_some() {
+            chain.set_commitment(1, "default-lie", &tamper.bucket_url("bucket-lie")).await.unwrap();
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the lying validator did not join");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (logs, all) = net.finish(&mut children, Duration::from_secs(300)).await;
+    let all = format!("{all}\n===== lie\n{}", net.log("lie"));
+    for (h, l) in &logs {
+        assert!(!l.contains("fork detected") && !l.contains("FORKED"), "{h} forked:\n{all}");
+        assert!(!l.contains("applied the accepted set of default-lie"), "{h} applied a tampered aggregate:\n{all}");
+    }
+    // The liar did publish, and the honest validators disputed it.
+    let lie_published = (0..100).filter(|w| accepted_set(&dir.join("s3"), "bucket-lie", *w).is_some()).count();
+    let disputed = logs[..2].iter().filter(|(_, l)| l.contains("disputed by a stake majority")).count();
+    assert!(
+        lie_published >= 1 || net.log("lie").contains("published the accepted set"),
+        "the liar never published:\n{all}"
+    );
+    assert_eq!(disputed, 2, "both honest validators skip the disputed lead:\n{all}");
+    // Every window the validators processed got an update, through a fallback and then the
+    // next lead, with both honest miners in it.
+    let windows: Vec<(u64, serde_json::Value)> =
+        (0..100).filter_map(|w| accepted_set(&dir.join("s3"), "bucket-v0", w).map(|s| (w, s))).collect();
+    assert!(windows.len() >= 4, "v0 holds {} aggregates:\n{all}", windows.len());
+    for (h, l) in &logs[2..] {
+        assert!(l.matches("slice uploaded").count() >= 4, "{h} trained too little:\n{all}");
+        assert!(l.matches("applied the accepted set").count() >= 3, "{h} applied too little:\n{all}");
+    }
+    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
+        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
+        let named =
+            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
+        assert_eq!(named.as_ref().and_then(|v| v.as_str()), Some(hash.as_str()), "{hk} at window {w}:\n{all}");
+    }
+    drop(tamper);
+}

@@ -283,13 +283,17 @@ impl Tally {
         self.base > 0 && 2 * u128::from(self.attested) > u128::from(self.base)
     }
 
+    /// Disputed by more than half of the base's stake (what gets a lead skipped).
+    pub fn majority_disputed(&self) -> bool {
+        self.base > 0 && 2 * u128::from(self.disputed) > u128::from(self.base)
+    }
+
     /// Disputed by more than half of the base's stake, or beyond reach: the stake not yet
     /// heard from cannot make it accepted any more.
     pub fn rejected(&self) -> bool {
         let undecided = self.base.saturating_sub(self.attested + self.disputed + self.elsewhere);
         self.base > 0
-            && (2 * u128::from(self.disputed) > u128::from(self.base)
-                || 2 * u128::from(self.attested + undecided) <= u128::from(self.base))
+            && (self.majority_disputed() || 2 * u128::from(self.attested + undecided) <= u128::from(self.base))
     }
 
     /// One line for logs.

@@ -119,6 +119,10 @@ pub struct Node {
     /// validator whose bucket did not answer by a cut-off ([`attestation::STALLED_SKIP`];
     /// neither lead nor read for attestations meanwhile, and counting against every quorum).
     pub skipped: HashMap<String, u64>,
+    /// A lead's aggregate this node rejected before a stake majority had disputed it
+    /// (window, lead, aggregate digest): looked at again once, a window later, by
+    /// [`Node::review_disputes`].
+    pending_dispute: Option<(u64, String, String)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -316,6 +320,7 @@ impl Node {
             forks: 0,
             repairs: 0,
             skipped: HashMap::new(),
+            pending_dispute: None,
             cfg,
         };
         node.bootstrap().await?;
@@ -525,6 +530,28 @@ impl Node {
         voices
     }
 
+    /// Look once more at a lead's aggregate this node rejected in an earlier window before
+    /// the other validators' disputes were in (live, every validator counts right after
+    /// publishing its own attestation): a lead a stake majority disputed is skipped from
+    /// `window` on for [`attestation::DISPUTED_LEAD_SKIP`] windows. At most one bounded
+    /// read of attestations, and only after such a rejection.
+    pub async fn review_disputes(&mut self, window: u64) -> Result<(), ChainError> {
+        let Some((w, lead, digest)) = self.pending_dispute.take() else { return Ok(()) };
+        if w >= window || self.is_skipped(&lead, window) {
+            self.pending_dispute = (w >= window).then_some((w, lead, digest));
+            return Ok(());
+        }
+        let publishers = self.publishers(false).await?;
+        let wait = self.cfg.hparams.fallback_wait_ms.min(crate::protocol::PEER_TIMEOUT.as_millis() as u64);
+        let voices = self.voices(&publishers, w, now_ms() + wait, &mut HashMap::new()).await;
+        let t = Tally::count(&voices, &digest);
+        if t.majority_disputed() {
+            let why = format!("its aggregate of window {w} was disputed by a stake majority");
+            self.skip(&lead, window, attestation::DISPUTED_LEAD_SKIP, &why);
+        }
+        Ok(())
+    }
+
     /// Whether a stake majority of `publishers` attested `hash` as the state produced by
     /// `window` (how a checkpoint of window `window + 1` is accepted).
     pub async fn state_attested(&self, publishers: &[Publisher], window: u64, hash: String) -> bool {
@@ -580,6 +607,7 @@ impl Node {
         let indices = self.ctx.indices(&self.params, w).await?;
         let deadline = self.ctx.deadline_ms(w).await?;
         let (lead_cutoff, final_cutoff) = self.cutoffs_after(deadline);
+        self.review_disputes(w).await?;
         let publishers = self.publishers(false).await?;
         let lead = self.lead_among(&publishers, w).map(|p| p.hotkey.clone());
         // The lead first, then the others in stake order.
@@ -659,9 +687,13 @@ impl Node {
                     if t.rejected() {
                         tracing::warn!(window = w, validator = %f.from, tally = %t.describe(), "aggregate rejected by the validators");
                         rejected.insert(f.from.clone());
-                        if Some(&f.from) == lead.as_ref() && 2 * u128::from(t.disputed) > u128::from(t.base) {
-                            let why = "its aggregate was disputed by a stake majority";
-                            self.skip(&f.from.clone(), w, attestation::DISPUTED_LEAD_SKIP, why);
+                        if Some(&f.from) == lead.as_ref() {
+                            if t.majority_disputed() {
+                                let why = "its aggregate was disputed by a stake majority";
+                                self.skip(&f.from.clone(), w, attestation::DISPUTED_LEAD_SKIP, why);
+                            } else {
+                                self.pending_dispute = Some((w, f.from.clone(), f.digest.clone()));
+                            }
                         }
                     }
                 }

@@ -93,6 +93,16 @@ pub struct HParams {
     pub min_include_ema: f64,
     /// Windows during which a hotkey whose recomputed slice proved dishonest scores 0.
     pub penalty_windows: u64,
+    /// Tokens of a window's pages that are trained on (the first ones, in page order): one
+    /// recomputation costs at most this, whatever documents the pages hold (red team 3,
+    /// F10: pages are public in advance, and a hotkey could upload only in windows whose
+    /// pages are long, to overrun the validators' budget).
+    #[serde(default = "default_max_window_tokens")]
+    pub max_window_tokens: usize,
+}
+
+fn default_max_window_tokens() -> usize {
+    4096
 }
 
 impl Default for HParams {
@@ -129,6 +139,7 @@ impl Default for HParams {
             fallback_wait_ms: 2_000,
             min_include_ema: 0.3,
             penalty_windows: 10,
+            max_window_tokens: default_max_window_tokens(),
         }
     }
 }
@@ -164,6 +175,18 @@ pub enum HParamsError {
 }
 
 impl HParams {
+    /// The token rows a window of `pages` trains on under this network's rules: packed into
+    /// rows of `seq_len`, the first `max_window_tokens` tokens. Miners and validators read
+    /// every window through this.
+    pub fn window_batch(
+        &self,
+        dataset: &crate::data::Dataset,
+        tokenizer: &crate::data::TextTokenizer,
+        pages: &[crate::data::Page],
+    ) -> crate::data::Result<crate::data::WindowBatch> {
+        dataset.window_batch_capped(tokenizer, pages, self.seq_len, self.max_window_tokens)
+    }
+
     /// Read from a TOML file and validate.
     pub fn from_file(path: &Path) -> Result<Self, HParamsError> {
         let text = std::fs::read_to_string(path).map_err(|source| HParamsError::Io { path: path.into(), source })?;
@@ -208,6 +231,9 @@ impl HParams {
         }
         if self.norm_history_windows == 0 {
             return bad("norm_history_windows must be positive");
+        }
+        if self.max_window_tokens < self.seq_len {
+            return bad("max_window_tokens must be at least seq_len");
         }
         if self.aggregate_wait_ms < self.collect_budget_ms + self.verify_budget_ms {
             return bad("aggregate_wait_ms must cover collect_budget_ms + verify_budget_ms");

@@ -246,8 +246,8 @@ impl Miner {
     fn spawn_batch(&self, window: u64) -> tokio::task::JoinHandle<Result<WindowBatch, crate::data::DataError>> {
         let h = &self.node.cfg.hparams;
         let pages = self.node.dataset.pages(&h.network, &self.node.cfg.hotkey, window, h.pages_per_window);
-        let (ds, tok, seq) = (self.node.dataset.clone(), self.node.tokenizer.clone(), h.seq_len);
-        tokio::task::spawn_blocking(move || ds.window_batch(&tok, &pages, seq))
+        let (ds, tok, h) = (self.node.dataset.clone(), self.node.tokenizer.clone(), h.clone());
+        tokio::task::spawn_blocking(move || h.window_batch(&ds, &tok, &pages))
     }
 
     /// Start preparing the batch of `window` now (pages do not depend on the model), so

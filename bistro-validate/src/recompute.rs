@@ -2,9 +2,10 @@
 //! the gradient its slice implies, through the scoring device's norm kernel; which miners to
 //! recompute, in a private order.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bistro_chain::Metagraph;
 use bistro_model::{Llama, Params};
@@ -62,6 +63,12 @@ pub struct MinerResult {
 }
 
 impl MinerResult {
+    /// A miner whose slice was missing or invalid (`status`): `g_m = 0`, so `e = 1`, and
+    /// nothing recomputed.
+    pub fn unrecomputed(uid: u16, hotkey: &str, status: &str) -> Self {
+        MinerResult { uid, hotkey: hotkey.to_string(), status: status.into(), r: f64::NAN, e: 1.0, recomputed: false }
+    }
+
     /// Whether this window says anything about the miner. A download that ran out of this
     /// validator's collection budget (`timeout`) does not: it may be the validator's own
     /// network or another peer's load as much as the miner's endpoint, so it is neither
@@ -73,78 +80,146 @@ impl MinerResult {
     }
 }
 
+/// The share of the verification budget that miners on probation (never scored honest:
+/// new hotkeys, sybils, proven cheaters) may take before every established miner of the
+/// order has had its turn (red team 3, F10: format-valid garbage from many hotkeys cost a
+/// full recomputation each and pushed the honest miners out of the budget).
+pub const PROBATION_SHARE: f64 = 0.25;
+
+/// How long a window's recomputations may take.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// Recomputation stops here: a recomputation still running is cancelled, and miners
+    /// not reached are left out of the result (not observed).
+    pub end: Instant,
+    /// Miners on probation are recomputed before this only; after it, once every other
+    /// miner of the order has been, while the budget lasts.
+    pub probation_end: Instant,
+    /// Hotkeys on probation.
+    pub probation: HashSet<String>,
+}
+
+impl Budget {
+    /// A budget of `ms` from now, [`PROBATION_SHARE`] of it open to `probation`.
+    pub fn from_now(ms: u64, probation: HashSet<String>) -> Self {
+        let now = Instant::now();
+        Budget {
+            end: now + Duration::from_millis(ms),
+            probation_end: now + Duration::from_millis((ms as f64 * PROBATION_SHARE) as u64),
+            probation,
+        }
+    }
+
+    fn over(&self) -> bool {
+        Instant::now() >= self.end
+    }
+}
+
 impl Scorer {
     /// Score each `(uid, hotkey)` of `miners`, in that order: a missing or invalid slice
     /// counts as `g_m = 0` (`e = 1`, nothing recomputed); a valid one is compared with `g_v`
-    /// recomputed on the miner's pages at `theta_w`. Stops at `budget_end` (miners not
-    /// reached are left out of the result) or when `stop` is set.
+    /// recomputed on the miner's pages at `theta_w`. Under a `budget`, miners on probation
+    /// past its probation share wait until the others have been recomputed, and
+    /// recomputation stops at its end (miners not reached are left out of the result); it
+    /// stops as well when `stop` is set. Results come in the order they were decided.
     pub fn score(
         &self,
         theta_w: &Params,
         ws: &WindowSlices,
         miners: &[(u16, String)],
         stop: &AtomicBool,
-        budget_end: Option<Instant>,
+        budget: Option<&Budget>,
     ) -> Result<Vec<MinerResult>, ValidatorError> {
-        let h = &self.hparams;
-        let eta = h.learning_rate_at(ws.window) as f32;
+        let eta = self.hparams.learning_rate_at(ws.window) as f32;
         let model = Llama::new(theta_w)?;
         let norm = bistro_kernels::NormKernel::for_device(cuda_ordinal(&self.device))?;
         let theta_flat: Vec<f32> = ws.theta_at_i.iter().flatten().copied().collect();
+        let shared = Shared { model: &model, theta_w, ws, theta_flat: &theta_flat, norm: &norm, eta };
         let mut out = Vec::with_capacity(miners.len());
+        let mut waiting = Vec::new();
         for (uid, hotkey) in miners {
             if stop.load(Ordering::Relaxed) {
-                break;
+                return Ok(out);
             }
-            let peer = ws.peers.iter().find(|p| &p.hotkey == hotkey);
-            let slice_flat: Vec<f32> = match peer.map(|p| &p.outcome) {
+            let slice_flat: Vec<f32> = match ws.peers.iter().find(|p| &p.hotkey == hotkey).map(|p| &p.outcome) {
                 Some(Ok(values)) => values.iter().flatten().copied().collect(),
                 Some(Err(r)) => {
-                    out.push(MinerResult {
-                        uid: *uid,
-                        hotkey: hotkey.clone(),
-                        status: r.code().into(),
-                        r: f64::NAN,
-                        e: 1.0,
-                        recomputed: false,
-                    });
+                    out.push(MinerResult::unrecomputed(*uid, hotkey, r.code()));
                     continue;
                 }
                 None => {
-                    let status = Rejection::Missing.code().into();
-                    out.push(MinerResult {
-                        uid: *uid,
-                        hotkey: hotkey.clone(),
-                        status,
-                        r: f64::NAN,
-                        e: 1.0,
-                        recomputed: false,
-                    });
+                    out.push(MinerResult::unrecomputed(*uid, hotkey, Rejection::Missing.code()));
                     continue;
                 }
             };
-            if budget_end.is_some_and(|end| Instant::now() >= end) {
+            if let Some(b) = budget
+                && b.probation.contains(hotkey)
+                && Instant::now() >= b.probation_end
+            {
+                waiting.push((*uid, hotkey, slice_flat));
                 continue;
             }
-            let pages = self.dataset.pages(&h.network, hotkey, ws.window, h.pages_per_window);
-            let batch = self.dataset.window_batch(&self.tokenizer, &pages, h.seq_len)?;
-            let grad = step::window_gradient(&model, theta_w, &batch, self.micro_batch_rows, &self.device, || {
-                !stop.load(Ordering::Relaxed)
-            })?;
-            let gv: Vec<f32> = slices::gather_grads(&grad.grads, &ws.indices)?.into_iter().flatten().collect();
-            let norms = norm.diff_norms(&theta_flat, &gv, eta, &[&slice_flat])?;
-            let e = norms.relative_errors()[0];
-            out.push(MinerResult {
-                uid: *uid,
-                hotkey: hotkey.clone(),
-                status: "ok".into(),
-                r: -norms.sq_dist[0].sqrt(),
-                e,
-                recomputed: true,
-            });
+            if let Some(r) = self.recompute(&shared, *uid, hotkey, &slice_flat, stop, budget)? {
+                out.push(r);
+            }
+        }
+        for (uid, hotkey, slice_flat) in waiting {
+            if let Some(r) = self.recompute(&shared, uid, hotkey, &slice_flat, stop, budget)? {
+                out.push(r);
+            }
         }
         Ok(out)
     }
+
+    /// Recompute one miner's gradient and compare: `None` when the budget ended first (or
+    /// during it: the recomputation is cancelled between micro-batches).
+    fn recompute(
+        &self,
+        s: &Shared<'_>,
+        uid: u16,
+        hotkey: &str,
+        slice_flat: &[f32],
+        stop: &AtomicBool,
+        budget: Option<&Budget>,
+    ) -> Result<Option<MinerResult>, ValidatorError> {
+        let h = &self.hparams;
+        if budget.is_some_and(Budget::over) {
+            return Ok(None);
+        }
+        let pages = self.dataset.pages(&h.network, hotkey, s.ws.window, h.pages_per_window);
+        let batch = h.window_batch(&self.dataset, &self.tokenizer, &pages)?;
+        let keep_going = || !stop.load(Ordering::Relaxed) && !budget.is_some_and(Budget::over);
+        let (rows, device) = (self.micro_batch_rows, &self.device);
+        let grad = match step::window_gradient(s.model, s.theta_w, &batch, rows, device, keep_going) {
+            Ok(g) => g,
+            Err(step::StepError::Cancelled) if budget.is_some_and(Budget::over) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let gv: Vec<f32> = slices::gather_grads(&grad.grads, &s.ws.indices)?.into_iter().flatten().collect();
+        let norms = s.norm.diff_norms(s.theta_flat, &gv, s.eta, &[slice_flat])?;
+        let e = norms.relative_errors()[0];
+        Ok(Some(MinerResult {
+            uid,
+            hotkey: hotkey.to_string(),
+            status: "ok".into(),
+            r: -norms.sq_dist[0].sqrt(),
+            e,
+            recomputed: true,
+        }))
+    }
+}
+
+/// What every recomputation of one window shares.
+struct Shared<'a> {
+    /// The model at `theta_w`.
+    model: &'a Llama,
+    theta_w: &'a Params,
+    ws: &'a WindowSlices,
+    /// `theta_w[I]`, flattened.
+    theta_flat: &'a [f32],
+    norm: &'a bistro_kernels::NormKernel,
+    /// The window's learning rate.
+    eta: f32,
 }
 
 /// The CUDA device the norm kernel runs on for a scoring `device` (`None`: the CPU kernel).

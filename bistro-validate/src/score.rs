@@ -8,7 +8,7 @@
 //! `e = tol`, < 0.004 at `e = 2 tol`). A softmax over raw `R` would reward gradient scale,
 //! not honesty.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use bistro_chain::Metagraph;
 use bistro_train::hparams::HParams;
@@ -91,6 +91,16 @@ impl Scoreboard {
         e.ema = 0.0;
         e.honest_windows = 0;
         e.penalty_until = window + penalty_windows;
+    }
+
+    /// The hotkeys of `miners` on probation: never scored honest here (new hotkeys, and
+    /// hotkeys whose recomputed slice proved dishonest).
+    pub fn on_probation(&self, miners: &[(u16, String)]) -> HashSet<String> {
+        miners
+            .iter()
+            .filter(|(uid, hk)| self.uids.get(uid).is_none_or(|s| &s.hotkey != hk || s.honest_windows == 0))
+            .map(|(_, hk)| hk.clone())
+            .collect()
     }
 
     /// Weights = softmax(temperature * ema) over scored uids, as `(uid, weight)` summing to 1.

@@ -20,7 +20,7 @@ use bistro_train::sync::WindowSlices;
 
 use crate::audit::{Audit, audit};
 use crate::lead::{self, NormHistory};
-use crate::recompute::{MinerResult, Scorer, private_sample};
+use crate::recompute::{Budget, MinerResult, Scorer, private_sample};
 use crate::score::{ScoreRow, Scoreboard, fold_scores, quantize};
 
 /// Errors that stop a validator.
@@ -257,17 +257,18 @@ impl Validator {
         let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
         let miners = ws.miners();
         let order = private_sample(&miners, self.max_miners_per_window);
-        let budget_end = match pace {
-            Pace::Live => Some(Instant::now() + std::time::Duration::from_millis(h.verify_budget_ms)),
+        let budget = match pace {
+            Pace::Live => Some(Budget::from_now(h.verify_budget_ms, self.board.on_probation(&miners))),
             Pace::Lockstep => None,
         };
         let started = Instant::now();
         bistro_train::telemetry::phase("verify");
         let (scorer, flag, ws) = (self.scorer.clone(), stop.clone(), Arc::new(ws));
         let (theta_w, ws2) = (self.node.params.clone(), ws.clone());
-        let mut results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &order, &flag, budget_end))
-            .await
-            .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
+        let mut results =
+            tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &order, &flag, budget.as_ref()))
+                .await
+                .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
         results.sort_by_key(|r| r.uid);
         let seconds = started.elapsed().as_secs_f64();
         let recomputed = results.iter().filter(|r| r.recomputed).count();

@@ -71,7 +71,7 @@ fn world() -> World {
 impl World {
     fn gradient(&self, hotkey: &str, window: u64, pages: usize) -> Vec<candle_core::Tensor> {
         let p = self.dataset.pages(&self.h.network, hotkey, window, self.h.pages_per_window);
-        let batch = self.dataset.window_batch(&self.tokenizer, &p[..pages], self.h.seq_len).unwrap();
+        let batch = self.h.window_batch(&self.dataset, &self.tokenizer, &p[..pages]).unwrap();
         let model = Llama::new(&self.params).unwrap();
         step::window_gradient(&model, &self.params, &batch, 8, &Device::Cpu, || true).unwrap().grads
     }

@@ -36,15 +36,25 @@ pub struct WindowBatch {
 impl WindowBatch {
     /// Pack already-tokenised documents (EOS is appended to each).
     pub fn pack(docs: &[Vec<u32>], eos_id: u32, seq_len: usize) -> Result<Self> {
+        Self::pack_capped(docs, eos_id, seq_len, usize::MAX)
+    }
+
+    /// [`Self::pack`], keeping only the first `max_tokens` tokens of the stream (EOS
+    /// included): a window's cost is bounded whatever its documents hold.
+    pub fn pack_capped(docs: &[Vec<u32>], eos_id: u32, seq_len: usize, max_tokens: usize) -> Result<Self> {
         if seq_len < 2 {
             return Err(DataError::Invalid(format!("seq_len must be at least 2, got {seq_len}")));
         }
-        let total: usize = docs.iter().map(|d| d.len() + 1).sum();
+        let total: usize = docs.iter().map(|d| d.len() + 1).sum::<usize>().min(max_tokens);
         let mut stream = Vec::with_capacity(total);
         for d in docs {
+            if stream.len() >= total {
+                break;
+            }
             stream.extend_from_slice(d);
             stream.push(eos_id);
         }
+        stream.truncate(total);
         let n_targets = stream.len().saturating_sub(1);
         let step = seq_len - 1;
         let rows = n_targets.div_ceil(step);
@@ -70,8 +80,18 @@ impl WindowBatch {
 
     /// Tokenise `docs` in parallel (rayon) and pack them.
     pub fn from_documents(tokenizer: &TextTokenizer, docs: &[String], seq_len: usize) -> Result<Self> {
+        Self::from_documents_capped(tokenizer, docs, seq_len, usize::MAX)
+    }
+
+    /// Tokenise `docs` in parallel (rayon) and pack the first `max_tokens` tokens.
+    pub fn from_documents_capped(
+        tokenizer: &TextTokenizer,
+        docs: &[String],
+        seq_len: usize,
+        max_tokens: usize,
+    ) -> Result<Self> {
         let tokens = docs.par_iter().map(|d| tokenizer.encode(d)).collect::<Result<Vec<_>>>()?;
-        Self::pack(&tokens, tokenizer.eos_id(), seq_len)
+        Self::pack_capped(&tokens, tokenizer.eos_id(), seq_len, max_tokens)
     }
 
     /// Ranges of rows `[start, end)` for micro-batches of at most `rows_per_batch` rows.

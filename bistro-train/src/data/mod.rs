@@ -131,10 +131,22 @@ impl Dataset {
 
     /// Read `pages` in order, tokenise their rows in parallel and pack them into rows of `seq_len`.
     pub fn window_batch(&self, tokenizer: &TextTokenizer, pages: &[Page], seq_len: usize) -> Result<WindowBatch> {
+        self.window_batch_capped(tokenizer, pages, seq_len, usize::MAX)
+    }
+
+    /// [`Self::window_batch`] of the first `max_tokens` tokens (how the protocol reads a
+    /// window: `HParams::window_batch`).
+    pub fn window_batch_capped(
+        &self,
+        tokenizer: &TextTokenizer,
+        pages: &[Page],
+        seq_len: usize,
+        max_tokens: usize,
+    ) -> Result<WindowBatch> {
         let mut docs = Vec::with_capacity(pages.len() * self.rows_per_page);
         for &p in pages {
             docs.extend(self.read_page(p)?);
         }
-        WindowBatch::from_documents(tokenizer, &docs, seq_len)
+        WindowBatch::from_documents_capped(tokenizer, &docs, seq_len, max_tokens)
     }
 }

@@ -105,7 +105,7 @@ fn gradient_of(params: &Params, node: &Node, batch: &WindowBatch) -> anyhow::Res
 }
 
 fn gradient_on(params: &Params, node: &Node, pages: &[Page]) -> anyhow::Result<WindowGradient> {
-    let batch = node.dataset.window_batch(&node.tokenizer, pages, node.cfg.hparams.seq_len)?;
+    let batch = node.cfg.hparams.window_batch(&node.dataset, &node.tokenizer, pages)?;
     gradient_of(params, node, &batch)
 }
 

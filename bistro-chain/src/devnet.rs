@@ -46,6 +46,58 @@ struct Subnet {
     /// What happened to revealed commits, oldest first (bounded).
     #[serde(default)]
     reveals: Vec<RevealRecord>,
+    /// The registry (neurons without incentives, commitments) after each change, with the
+    /// block it takes effect at, oldest first (bounded by [`REGISTRY_HISTORY`]).
+    #[serde(default)]
+    registry: Vec<RegistryAt>,
+}
+
+/// The registry of a subnet from block `from` on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RegistryAt {
+    from: u64,
+    neurons: Vec<Neuron>,
+    commitments: BTreeMap<String, String>,
+}
+
+/// Registry changes the devnet remembers per subnet (reads at older blocks get the oldest).
+pub const REGISTRY_HISTORY: usize = 512;
+
+impl Subnet {
+    /// The registry as it stands (incentives zeroed: they change with weights, not here).
+    fn registry_now(&self, from: u64) -> RegistryAt {
+        let neurons = self.neurons.iter().map(|n| Neuron { incentive: 0.0, ..n.clone() }).collect();
+        RegistryAt { from, neurons, commitments: self.commitments.clone() }
+    }
+
+    /// Record the registry after a change made at block `block`: like a transaction, it
+    /// takes effect in the next block, so a registry read at an existing block never
+    /// changes afterwards.
+    fn record_registry(&mut self, before: RegistryAt, block: u64) {
+        let after = self.registry_now(block + 1);
+        if after.neurons == before.neurons && after.commitments == before.commitments {
+            return;
+        }
+        if self.registry.is_empty() {
+            self.registry.push(before);
+        }
+        self.registry.retain(|r| r.from < block + 1);
+        self.registry.push(after);
+        let excess = self.registry.len().saturating_sub(REGISTRY_HISTORY);
+        self.registry.drain(..excess);
+    }
+
+    /// The registry in effect at `block` (the oldest remembered one before it; the current
+    /// one on a devnet without history).
+    fn registry_at(&self, block: u64) -> RegistryAt {
+        self.registry
+            .iter()
+            .rev()
+            .find(|r| r.from <= block)
+            .or(self.registry.first())
+            .cloned()
+            .unwrap_or_else(|| self.registry_now(0))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -249,7 +301,13 @@ impl Devnet {
         let _lock = Self::lock_dir(&self.dir)?;
         let path = self.state_path();
         let mut st = read_state(&path)?;
+        let block = self.current_block();
+        let before: BTreeMap<u16, RegistryAt> = st.subnets.iter().map(|(k, s)| (*k, s.registry_now(0))).collect();
         let out = f(&mut st)?;
+        for (netuid, s) in st.subnets.iter_mut() {
+            let was = before.get(netuid).cloned().unwrap_or_else(|| Subnet::default().registry_now(0));
+            s.record_registry(was, block);
+        }
         write_state(&path, &st)?;
         Ok(out)
     }
@@ -392,6 +450,27 @@ impl Chain for Devnet {
 
     async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>> {
         Ok(self.read()?.subnets.get(&netuid).and_then(|s| s.commitments.get(hotkey).cloned()))
+    }
+
+    async fn metagraph_at(&self, netuid: u16, block: u64) -> Result<Metagraph> {
+        if block > self.current_block() {
+            return Err(ChainError::FutureBlock(block));
+        }
+        self.reveal_due()?;
+        let st = self.read()?;
+        let Some(s) = st.subnets.get(&netuid) else { return Ok(Metagraph { netuid, block, neurons: Vec::new() }) };
+        let mut neurons = s.registry_at(block).neurons;
+        for n in &mut neurons {
+            n.incentive = s.neurons.iter().find(|x| x.uid == n.uid).map_or(0.0, |x| x.incentive);
+        }
+        Ok(Metagraph { netuid, block, neurons })
+    }
+
+    async fn commitment_at(&self, netuid: u16, hotkey: &str, block: u64) -> Result<Option<String>> {
+        if block > self.current_block() {
+            return Err(ChainError::FutureBlock(block));
+        }
+        Ok(self.read()?.subnets.get(&netuid).and_then(|s| s.registry_at(block).commitments.get(hotkey).cloned()))
     }
 
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()> {

@@ -251,6 +251,21 @@ pub trait Chain: Send + Sync {
     /// The commitment (bucket URL) of `hotkey` on `netuid`, if any.
     async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>>;
 
+    /// The registry of `netuid` as of block `block` (which must exist): what every node
+    /// reads for a window's lead and publishers, so that a stake move or a new commitment
+    /// while the window is being decided gives every node the same answer. The default, for
+    /// a chain that keeps no history, is the newest registry.
+    async fn metagraph_at(&self, netuid: u16, block: u64) -> Result<Metagraph> {
+        let _ = block;
+        self.metagraph(netuid).await
+    }
+
+    /// [`Chain::commitment`] as of block `block` (see [`Chain::metagraph_at`]).
+    async fn commitment_at(&self, netuid: u16, hotkey: &str, block: u64) -> Result<Option<String>> {
+        let _ = block;
+        self.commitment(netuid, hotkey).await
+    }
+
     /// Publish `data` as `hotkey`'s commitment on `netuid`.
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()>;
 

@@ -87,3 +87,37 @@ async fn devnet_passes_the_chain_conformance_suite() {
         conformance::run(&d, 1, "val").await;
     }
 }
+
+/// Red team 3, F11 (and Q1): the lead was read from the newest metagraph at different
+/// moments by different roles, so a stake move in between gave two leads or none. The
+/// registry read at a block never changes once that block exists: a change made during
+/// block `b` takes effect at `b + 1`, as a transaction would.
+#[tokio::test]
+async fn f11_the_registry_at_a_block_never_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Devnet::open(dir.path(), Duration::from_millis(100)).unwrap();
+    d.ensure_registered(1, "validator-a", 2000).await.unwrap();
+    d.ensure_registered(1, "validator-b", 1000).await.unwrap();
+    d.set_commitment(1, "validator-a", "s3://a").await.unwrap();
+    let b = d.block_number().await.unwrap() + 1;
+    d.wait_for_block(b, Duration::from_secs(5)).await.unwrap();
+    let before = d.metagraph_at(1, b).await.unwrap();
+    // The stake moves and the commitments change after block b exists.
+    d.ensure_registered(1, "validator-b", 3000).await.unwrap();
+    d.set_commitment(1, "validator-a", "s3://a-moved").await.unwrap();
+    d.set_commitment(1, "validator-b", "s3://b").await.unwrap();
+    let now = d.block_number().await.unwrap();
+    assert_eq!(d.metagraph_at(1, b).await.unwrap(), before, "block {b} read again after the changes");
+    let stake = |m: &bistro_chain::Metagraph, h: &str| m.neurons.iter().find(|n| n.hotkey == h).unwrap().stake;
+    assert_eq!((stake(&before, "validator-a"), stake(&before, "validator-b")), (2000, 1000));
+    assert_eq!(d.commitment_at(1, "validator-a", b).await.unwrap().as_deref(), Some("s3://a"));
+    assert_eq!(d.commitment_at(1, "validator-b", b).await.unwrap(), None);
+    // From the next block on, the changes are there.
+    d.wait_for_block(now + 1, Duration::from_secs(5)).await.unwrap();
+    let after = d.metagraph_at(1, now + 1).await.unwrap();
+    assert_eq!(stake(&after, "validator-b"), 3000);
+    assert_eq!(d.commitment_at(1, "validator-b", now + 1).await.unwrap().as_deref(), Some("s3://b"));
+    assert_eq!(d.commitment(1, "validator-a").await.unwrap().as_deref(), Some("s3://a-moved"));
+    // Before the first registration the subnet was empty.
+    assert!(d.metagraph_at(1, 0).await.unwrap().neurons.is_empty());
+}

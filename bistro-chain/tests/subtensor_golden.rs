@@ -380,6 +380,9 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
     assert!(mg.neurons[0].validator_permit && !mg.neurons[1].validator_permit);
     assert!((mg.neurons[1].incentive - 1.0).abs() < 1e-12);
     assert_eq!(chain.commitment(1, BOB).await.unwrap().as_deref(), Some(url));
+    // Read at an earlier block through the same storage keys (the recording holds one state).
+    assert_eq!(chain.metagraph_at(1, 60).await.unwrap().neurons, mg.neurons);
+    assert_eq!(chain.commitment_at(1, BOB, 60).await.unwrap().as_deref(), Some(url));
     assert_eq!(chain.commitment(1, ALICE).await.unwrap(), None);
     assert_eq!(chain.ensure_registered(1, BOB, 0).await.unwrap(), 1);
     let e = chain.ensure_registered(2, BOB, 0).await.unwrap_err().to_string();

@@ -86,58 +86,24 @@ impl Subtensor {
             timeout,
         }
     }
-}
 
-#[async_trait]
-impl Chain for Subtensor {
-    fn describe(&self) -> String {
-        format!("subtensor at {}", self.endpoint)
-    }
-
-    fn block_time(&self) -> Duration {
-        BLOCK_TIME
-    }
-
-    async fn block_number(&self) -> Result<u64> {
-        self.with_client("block number", |c| async move {
-            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
-            Ok(at.block_number())
-        })
-        .await
-    }
-
-    async fn block_hash(&self, number: u64) -> Result<BlockHash> {
-        let current = self.block_number().await?;
-        if number > current {
-            return Err(ChainError::FutureBlock(number));
+    /// A block not produced yet is [`ChainError::FutureBlock`], never a guess.
+    async fn check_exists(&self, block: Option<u64>) -> Result<()> {
+        match block {
+            Some(b) if b > self.block_number().await? => Err(ChainError::FutureBlock(b)),
+            _ => Ok(()),
         }
-        self.with_client("block hash", |c| async move {
-            let at = c.at_block(number).await.map_err(subxt::Error::from)?;
-            Ok(at.block_hash().0)
-        })
-        .await
     }
 
-    async fn block_time_unix_ms(&self, number: u64) -> Result<u64> {
-        let current = self.block_number().await?;
-        let known = number.min(current);
-        let ts: u64 = self
-            .with_client("block timestamp", |c| async move {
-                let at = c.at_block(known).await.map_err(subxt::Error::from)?;
-                let v = at
-                    .storage()
-                    .fetch(dynamic::storage::<(), u64>("Timestamp", "Now"), ())
-                    .await
-                    .map_err(subxt::Error::from)?;
-                v.decode().map_err(subxt::Error::from)
-            })
-            .await?;
-        Ok(ts + (number - known) * BLOCK_TIME.as_millis() as u64)
-    }
-
-    async fn metagraph(&self, netuid: u16) -> Result<Metagraph> {
-        self.with_client("metagraph", |c| async move {
-            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
+    /// The metagraph at `block` (the newest block when `None`).
+    async fn metagraph_in(&self, netuid: u16, block: Option<u64>) -> Result<Metagraph> {
+        self.check_exists(block).await?;
+        self.with_client("metagraph", move |c| async move {
+            let at = match block {
+                Some(b) => c.at_block(b).await,
+                None => c.at_current_block().await,
+            }
+            .map_err(subxt::Error::from)?;
             let block = at.block_number();
             let st = at.storage();
             let n: u16 = match st
@@ -198,10 +164,16 @@ impl Chain for Subtensor {
         .await
     }
 
-    async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>> {
+    /// `hotkey`'s commitment at `block` (the newest block when `None`).
+    async fn commitment_in(&self, netuid: u16, hotkey: &str, block: Option<u64>) -> Result<Option<String>> {
         let who = account_id(hotkey)?;
-        self.with_client("commitment", |c| async move {
-            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
+        self.check_exists(block).await?;
+        self.with_client("commitment", move |c| async move {
+            let at = match block {
+                Some(b) => c.at_block(b).await,
+                None => c.at_current_block().await,
+            }
+            .map_err(subxt::Error::from)?;
             let addr = dynamic::storage::<(u16, [u8; 32]), Value>("Commitments", "CommitmentOf");
             let Some(v) = at.storage().try_fetch(addr, (netuid, who.0)).await.map_err(subxt::Error::from)? else {
                 return Ok(None);
@@ -210,6 +182,70 @@ impl Chain for Subtensor {
             Ok(first_raw_field(&value).and_then(|b| String::from_utf8(b).ok()))
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Chain for Subtensor {
+    fn describe(&self) -> String {
+        format!("subtensor at {}", self.endpoint)
+    }
+
+    fn block_time(&self) -> Duration {
+        BLOCK_TIME
+    }
+
+    async fn block_number(&self) -> Result<u64> {
+        self.with_client("block number", |c| async move {
+            let at = c.at_current_block().await.map_err(subxt::Error::from)?;
+            Ok(at.block_number())
+        })
+        .await
+    }
+
+    async fn block_hash(&self, number: u64) -> Result<BlockHash> {
+        let current = self.block_number().await?;
+        if number > current {
+            return Err(ChainError::FutureBlock(number));
+        }
+        self.with_client("block hash", |c| async move {
+            let at = c.at_block(number).await.map_err(subxt::Error::from)?;
+            Ok(at.block_hash().0)
+        })
+        .await
+    }
+
+    async fn block_time_unix_ms(&self, number: u64) -> Result<u64> {
+        let current = self.block_number().await?;
+        let known = number.min(current);
+        let ts: u64 = self
+            .with_client("block timestamp", |c| async move {
+                let at = c.at_block(known).await.map_err(subxt::Error::from)?;
+                let v = at
+                    .storage()
+                    .fetch(dynamic::storage::<(), u64>("Timestamp", "Now"), ())
+                    .await
+                    .map_err(subxt::Error::from)?;
+                v.decode().map_err(subxt::Error::from)
+            })
+            .await?;
+        Ok(ts + (number - known) * BLOCK_TIME.as_millis() as u64)
+    }
+
+    async fn metagraph(&self, netuid: u16) -> Result<Metagraph> {
+        self.metagraph_in(netuid, None).await
+    }
+
+    async fn metagraph_at(&self, netuid: u16, block: u64) -> Result<Metagraph> {
+        self.metagraph_in(netuid, Some(block)).await
+    }
+
+    async fn commitment_at(&self, netuid: u16, hotkey: &str, block: u64) -> Result<Option<String>> {
+        self.commitment_in(netuid, hotkey, Some(block)).await
+    }
+
+    async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>> {
+        self.commitment_in(netuid, hotkey, None).await
     }
 
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()> {

@@ -25,6 +25,14 @@ pub(crate) async fn run(chain: &dyn Chain, netuid: u16, registered: &str) {
     let uid = mg.uid_of(registered).expect("the registered hotkey is in the metagraph");
     assert_eq!(mg.neuron(uid).map(|n| n.hotkey.as_str()), Some(registered));
     assert!(mg.neurons.iter().all(|n| (0.0..=1.0).contains(&n.incentive)), "incentive in [0, 1]");
+    // The registry at an existing block is a metagraph too; at a future block it is an
+    // error, never the newest registry passed off as that block's.
+    let at = chain.metagraph_at(netuid, b).await.expect("metagraph at a block");
+    assert_eq!(at.netuid, netuid);
+    assert!(at.neurons.windows(2).all(|w| w[0].uid < w[1].uid), "neurons sorted by uid");
+    assert!(matches!(chain.metagraph_at(netuid, b + 1_000_000).await, Err(ChainError::FutureBlock(_))));
+    chain.commitment_at(netuid, registered, b).await.expect("commitment read at a block");
+    assert!(matches!(chain.commitment_at(netuid, registered, b + 1_000_000).await, Err(ChainError::FutureBlock(_))));
     // Registration is idempotent and agrees with the metagraph.
     assert_eq!(chain.ensure_registered(netuid, registered, 0).await.expect("registered"), uid);
     // A commitment read never fails for a registered hotkey.

@@ -125,6 +125,13 @@ impl MappedSafetensors {
     }
 }
 
+/// A checkpoint's header may hold this many bytes, plus [`MAX_HEADER_PER_TENSOR`] per
+/// tensor (the metadata carries the model config).
+pub const MAX_HEADER_BASE: u64 = 64 * 1024;
+
+/// Header bytes allowed per tensor of the model.
+pub const MAX_HEADER_PER_TENSOR: u64 = 512;
+
 /// Load parameters for `config` from a safetensors file, checking every name, shape and
 /// dtype (errors name the tensor). Extra tensors are an error.
 pub fn load_safetensors(path: &Path, config: &ModelConfig, device: &Device) -> Result<Params> {
@@ -136,9 +143,21 @@ pub fn load_safetensors(path: &Path, config: &ModelConfig, device: &Device) -> R
 pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, device: &Device) -> Result<Params> {
     config.validate()?;
     let path = origin;
+    let specs = param_specs(config);
+    // The header is bounded before it is parsed (red team 3, F13: safetensors alone allows
+    // 100 MB of JSON): a name, a dtype, a shape and offsets per tensor, and the metadata.
+    let limit = MAX_HEADER_BASE + MAX_HEADER_PER_TENSOR * specs.len() as u64;
+    let header = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    if let Some(n) = header
+        && n > limit
+    {
+        return Err(ModelError::BadCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("header of {n} bytes, over the {limit} a checkpoint of this model needs"),
+        });
+    }
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::BadCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?;
-    let specs = param_specs(config);
     let expected: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
@@ -163,6 +182,14 @@ pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, devi
                 name: s.name.clone(),
                 expected: s.shape.clone(),
                 found: view.shape().to_vec(),
+            });
+        }
+        if let Some(i) =
+            view.data().chunks_exact(4).position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+        {
+            return Err(ModelError::BadCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!("`{}` holds a non-finite value at {i}", s.name),
             });
         }
         tensors.push(Tensor::from_raw_buffer(view.data(), DType::F32, &s.shape, device)?);

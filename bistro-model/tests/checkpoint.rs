@@ -156,3 +156,28 @@ fn wrong_dtype_and_corrupt_files_give_clear_errors() {
     let e = load_checkpoint(&dir.path().join("nope.safetensors"), &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("nope.safetensors"), "{e}");
 }
+
+/// Red team 3, F13: a checkpoint from a peer was parsed with safetensors' own header bound
+/// (100 MB of JSON) and no finiteness check. The header is now bounded by what the model
+/// needs, and a non-finite value is refused by name.
+#[test]
+fn f13_a_huge_header_or_a_non_finite_value_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::micro_gqa();
+    let nan = dir.path().join("nan.safetensors");
+    write_custom(&nan, &cfg, |t| t[1].2[3] = f32::INFINITY);
+    let e = load_safetensors(&nan, &cfg, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("non-finite") && e.contains("at 3"), "{e}");
+
+    let big = dir.path().join("big.safetensors");
+    let p = Params::genesis(&cfg, 1, &Device::Cpu).unwrap();
+    let tensors: Vec<_> =
+        p.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), s.shape.clone(), p.to_vec(i).unwrap())).collect();
+    let padding = BTreeMap::from([("padding".to_string(), "x".repeat(2 << 20))]);
+    std::fs::write(&big, to_safetensors_bytes(&tensors, padding).unwrap()).unwrap();
+    let e = load_safetensors(&big, &cfg, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("header of") && e.contains("over the"), "{e}");
+    // The same tensors with ordinary metadata load.
+    std::fs::write(&big, to_safetensors_bytes(&tensors, BTreeMap::new()).unwrap()).unwrap();
+    assert!(same_bits(&p, &load_safetensors(&big, &cfg, &Device::Cpu).unwrap()));
+}

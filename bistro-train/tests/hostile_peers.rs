@@ -39,6 +39,7 @@ fn context(chain: Arc<Devnet>, h: &HParams, model: &ModelConfig, local: bool, pr
         },
         allow_local_buckets: local,
         allow_private_endpoints: private,
+        rosters: Default::default(),
     }
 }
 
@@ -262,10 +263,18 @@ async fn f7_a_permit_holder_without_a_bucket_does_not_lead() {
     let (chain, h, _model) = network(dir);
     let node = Node::join(node_config(dir, &h, "small-validator", 1000), chain.clone(), "").await.unwrap();
     chain.ensure_registered(1, "passive-delegate", 5000).await.unwrap();
-    assert_eq!(node.lead(node.window).await.unwrap().as_deref(), Some("small-validator"));
-    // Once the delegate commits a bucket it can serve, it leads.
+    // Every role reads a window's lead at its seed block (F11).
+    let seed_of = |w: u64| h.first_block(w + 1);
+    let w1 = node.chain_window().await.unwrap();
+    chain.wait_for_block(seed_of(w1), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(node.lead(w1).await.unwrap().as_deref(), Some("small-validator"));
+    // Once the delegate commits a bucket it can serve, it leads the windows whose seed
+    // block comes after; the windows before keep their lead.
     chain.set_commitment(1, "passive-delegate", "memory://passive-delegate").await.unwrap();
-    assert_eq!(node.lead(node.window).await.unwrap().as_deref(), Some("passive-delegate"));
+    let w2 = node.chain_window().await.unwrap() + 1;
+    chain.wait_for_block(seed_of(w2), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(node.lead(w2).await.unwrap().as_deref(), Some("passive-delegate"));
+    assert_eq!(node.lead(w1).await.unwrap().as_deref(), Some("small-validator"));
 }
 
 /// Red team 3, F8: a publisher listing thousands of checkpoints kept a repairing or

@@ -254,7 +254,7 @@ impl Validator {
         }
         let ws =
             self.node.ctx.collect(&self.node.params, &self.node.state_hash.clone(), w, &self.node.cfg.hotkey).await?;
-        let mg = self.node.chain.metagraph(self.node.cfg.netuid).await?;
+        let mg = self.node.ctx.roster(w).await?.metagraph.clone();
         let miners = ws.miners();
         let order = private_sample(&miners, self.max_miners_per_window);
         let budget = match pace {
@@ -351,7 +351,7 @@ impl Validator {
         }
         let (w, pace) = (prepared.window, prepared.pace);
         let h = self.node.cfg.hparams.clone();
-        let publishers = self.node.publishers(false).await?;
+        let publishers = self.node.publishers(w, false).await?;
         let Some(lead) = self.node.lead_among(&publishers, w).cloned() else { return Ok(()) };
         let (lead_cutoff, final_cutoff) = self.node.cutoffs_ms(w).await?;
         let mut stalled = HashSet::new();

@@ -55,6 +55,7 @@ fn world() -> World {
         bucket_options: BucketOptions::default(),
         allow_local_buckets: true,
         allow_private_endpoints: true,
+        rosters: Default::default(),
     };
     let params = Params::genesis(&model, 0, &Device::Cpu).unwrap();
     World {

@@ -5,6 +5,7 @@
 //!   node needs before it applies one;
 //! * [`history`]: validators' published aggregates and checkpoints, for repair and joiners;
 //! * [`node`]: how every node joins, follows, checks and repairs;
+//! * [`roster`]: a window's registry and commitments, read once at its seed block;
 //! * [`sync`]: a window's seed, deadline and slice collection;
 //! * [`endpoint`]: which peer URLs a node reads at all.
 
@@ -13,4 +14,5 @@ pub mod attestation;
 pub mod endpoint;
 pub mod history;
 pub mod node;
+pub mod roster;
 pub mod sync;

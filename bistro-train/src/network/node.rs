@@ -285,6 +285,7 @@ impl Node {
             bucket_options: cfg.bucket_options.clone(),
             allow_local_buckets: cfg.allow_local_buckets,
             allow_private_endpoints: cfg.allow_private_endpoints,
+            rosters: Default::default(),
         };
         let uid = match cfg.auto_register {
             Some(stake) => chain.ensure_registered(cfg.netuid, &cfg.hotkey, stake).await?,
@@ -337,7 +338,7 @@ impl Node {
             return Ok(());
         }
         let chain_window = self.chain_window().await?;
-        let publishers = self.publishers(true).await?;
+        let publishers = self.publishers(chain_window, true).await?;
         // A few validators' histories at most, under one deadline (red team 3, F8).
         let budget = crate::protocol::REPAIR_BUDGET;
         let search = async {
@@ -383,7 +384,7 @@ impl Node {
     /// bucket, so a top-stake permit holder that does not run BISTRO left the network with
     /// no lead at all).
     pub async fn lead(&self, window: u64) -> Result<Option<String>, ChainError> {
-        Ok(self.lead_among(&self.publishers(false).await?, window).map(|p| p.hotkey.clone()))
+        Ok(self.lead_among(&self.publishers(window, false).await?, window).map(|p| p.hotkey.clone()))
     }
 
     /// [`Self::lead`] among `publishers` (in stake order).
@@ -415,11 +416,11 @@ impl Node {
     /// first), with their buckets: permit holders that committed a bucket URL this node can
     /// open (this node's own bucket stands for itself, once it is committed). Validators
     /// whose bucket cannot be opened are skipped with a log line.
-    pub async fn publishers(&self, exclude_self: bool) -> Result<Vec<Publisher>, ChainError> {
-        let mg = self.chain.metagraph(self.cfg.netuid).await?;
+    pub async fn publishers(&self, window: u64, exclude_self: bool) -> Result<Vec<Publisher>, ChainError> {
+        let roster = self.ctx.roster(window).await?;
         let mut out = Vec::new();
-        for n in validators_by_stake(&mg) {
-            let Some(url) = self.chain.commitment(self.cfg.netuid, &n.hotkey).await? else { continue };
+        for n in validators_by_stake(&roster.metagraph) {
+            let Some(url) = roster.commitments.get(&n.uid).cloned() else { continue };
             if n.hotkey == self.cfg.hotkey {
                 if !exclude_self {
                     out.push(Publisher { hotkey: n.hotkey, stake: n.stake, bucket: self.bucket.clone() });
@@ -541,7 +542,7 @@ impl Node {
             self.pending_dispute = (w >= window).then_some((w, lead, digest));
             return Ok(());
         }
-        let publishers = self.publishers(false).await?;
+        let publishers = self.publishers(w, false).await?;
         let wait = self.cfg.hparams.fallback_wait_ms.min(crate::protocol::PEER_TIMEOUT.as_millis() as u64);
         let voices = self.voices(&publishers, w, now_ms() + wait, &mut HashMap::new()).await;
         let t = Tally::count(&voices, &digest);
@@ -607,15 +608,16 @@ impl Node {
         let indices = self.ctx.indices(&self.params, w).await?;
         let deadline = self.ctx.deadline_ms(w).await?;
         let (lead_cutoff, final_cutoff) = self.cutoffs_after(deadline);
+        if pace == Pace::Live {
+            sleep_until_ms(deadline, stop).await;
+        }
+        // After the deadline the seed block exists: every node reads the same publishers.
         self.review_disputes(w).await?;
-        let publishers = self.publishers(false).await?;
+        let publishers = self.publishers(w, false).await?;
         let lead = self.lead_among(&publishers, w).map(|p| p.hotkey.clone());
         // The lead first, then the others in stake order.
         let mut order: Vec<&Publisher> = publishers.iter().filter(|p| Some(&p.hotkey) == lead.as_ref()).collect();
         order.extend(publishers.iter().filter(|p| Some(&p.hotkey) != lead.as_ref()));
-        if pace == Pace::Live {
-            sleep_until_ms(deadline, stop).await;
-        }
         // Live, every fetch runs under the cut-off it serves: a publisher that stalls instead
         // of answering costs at most that wait, and is not asked again in this window (red
         // team 3, F3: one stalling lead held every node for two 15 s attempts per poll).

@@ -1,13 +1,13 @@
 //! Window synchronisation: find the window's slice seed and deadline, download and validate
 //! every miner's slice under one time budget (validators), bootstrap a joining node.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use bistro_chain::{BlockHash, Chain, ChainError, Metagraph};
+use bistro_chain::{BlockHash, Chain, ChainError};
 use bistro_model::Params;
 
 use crate::hparams::HParams;
+use crate::network::roster::{Roster, Rosters};
 use crate::slices::{self, Contribution, Rejection, SliceIndices, SliceMeta};
 use crate::storage::{Bucket, BucketOptions, StorageError};
 
@@ -47,6 +47,8 @@ pub struct SyncContext {
     /// Whether peers' endpoints may be internal addresses (loopback, private, link-local):
     /// the local devnet and tests only (see [`crate::endpoint`]).
     pub allow_private_endpoints: bool,
+    /// The newest window's roster, read once ([`SyncContext::roster`]).
+    pub rosters: Rosters,
 }
 
 impl std::fmt::Debug for SyncContext {
@@ -150,15 +152,16 @@ impl SyncContext {
         Bucket::open_peer(url, &t, self.allow_private_endpoints).map_err(|e| Rejection::Download(e.to_string()))
     }
 
-    /// The bucket URLs committed by the neurons of `metagraph`, by uid.
-    pub async fn commitments(&self, metagraph: &Metagraph) -> Result<HashMap<u16, String>, ChainError> {
-        let mut urls = HashMap::new();
-        for n in &metagraph.neurons {
-            if let Some(url) = self.chain.commitment(self.netuid, &n.hotkey).await? {
-                urls.insert(n.uid, url);
-            }
+    /// `window`'s roster: the registry and commitments at its seed block, read once per
+    /// window (provisional, at the newest block, while the seed block does not exist).
+    pub async fn roster(&self, window: u64) -> Result<Arc<Roster>, ChainError> {
+        if let Some(r) = self.rosters.get(window) {
+            return Ok(r);
         }
-        Ok(urls)
+        let seed_block = self.hparams.first_block(window + 1);
+        let r = Arc::new(Roster::read(self.chain.as_ref(), self.netuid, window, seed_block).await?);
+        self.rosters.keep(&r);
+        Ok(r)
     }
 
     /// Download and validate every committed peer's slice of `window` against `params`
@@ -182,8 +185,8 @@ impl SyncContext {
         let seed = self.seed(window).await?;
         let indices = SliceIndices::select(params.specs(), &seed, self.hparams.compression);
         let theta_at_i = slices::gather_params(params, &indices)?;
-        let metagraph = self.chain.metagraph(self.netuid).await?;
-        let urls = self.commitments(&metagraph).await?;
+        let roster = self.roster(window).await?;
+        let (metagraph, urls) = (&roster.metagraph, &roster.commitments);
         let budget_ms = self.hparams.collect_budget_ms;
         let budget_end = tokio::time::Instant::now() + std::time::Duration::from_millis(budget_ms);
         let jobs = metagraph.neurons.iter().filter(|n| urls.contains_key(&n.uid) && n.hotkey != skip_hotkey).map(|n| {

@@ -32,6 +32,16 @@ pub enum StorageError {
         /// The limit.
         limit: u64,
     },
+    /// A listing holds more keys than any bucket of the protocol does.
+    #[error("{bucket}: listing `{prefix}` returned more than {limit} keys; not read further")]
+    TooManyKeys {
+        /// The bucket URL.
+        bucket: String,
+        /// The prefix listed.
+        prefix: String,
+        /// The limit.
+        limit: usize,
+    },
     /// The server refused the credentials.
     #[error("{bucket}: access denied for `{key}` (check the access key and secret): {source}")]
     Auth {

@@ -31,6 +31,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 pub use config::{BucketOptions, Secret, TransferConfig};
 pub use error::{Result, StorageError};
 
+/// The most keys a listing returns: far above what any node keeps (its history is bounded
+/// by `max_history`), far below what would exhaust memory.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+
 /// Metadata of a stored object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -137,32 +141,46 @@ impl Bucket {
     /// Objects whose key starts with `prefix` (keys relative to the bucket), sorted by key.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let base = self.prefix.clone();
-        self.retry("list", prefix, || {
-            let base = base.clone();
-            async move {
-                let metas: Vec<_> = self
-                    .store
-                    .list(if base.as_ref().is_empty() { None } else { Some(&base) })
-                    .try_collect()
-                    .await
-                    .map_err(|e| self.classify("list", prefix, 1, e))?;
-                let strip = if base.as_ref().is_empty() { String::new() } else { format!("{}/", base.as_ref()) };
-                let mut out: Vec<ObjectInfo> = metas
-                    .into_iter()
-                    .filter_map(|m| {
-                        let key = m.location.as_ref().strip_prefix(&strip).unwrap_or(m.location.as_ref()).to_string();
-                        key.starts_with(prefix).then_some(ObjectInfo {
-                            key,
-                            size: m.size,
-                            last_modified: m.last_modified,
+        let listed = self
+            .retry("list", prefix, || {
+                let base = base.clone();
+                async move {
+                    let metas: Vec<_> = self
+                        .store
+                        .list(if base.as_ref().is_empty() { None } else { Some(&base) })
+                        .take(MAX_LIST_ENTRIES + 1)
+                        .try_collect()
+                        .await
+                        .map_err(|e| self.classify("list", prefix, 1, e))?;
+                    let metas_len = metas.len();
+                    let strip = if base.as_ref().is_empty() { String::new() } else { format!("{}/", base.as_ref()) };
+                    let mut out: Vec<ObjectInfo> = metas
+                        .into_iter()
+                        .filter_map(|m| {
+                            let key =
+                                m.location.as_ref().strip_prefix(&strip).unwrap_or(m.location.as_ref()).to_string();
+                            key.starts_with(prefix).then_some(ObjectInfo {
+                                key,
+                                size: m.size,
+                                last_modified: m.last_modified,
+                            })
                         })
-                    })
-                    .collect();
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                Ok(out)
-            }
-        })
-        .await
+                        .collect();
+                    out.sort_by(|a, b| a.key.cmp(&b.key));
+                    Ok((out, metas_len))
+                }
+            })
+            .await?;
+        // A hostile listing (continuation tokens without end) stops here, not in memory
+        // (red team 3, F13).
+        if listed.1 > MAX_LIST_ENTRIES {
+            return Err(StorageError::TooManyKeys {
+                bucket: self.url.clone(),
+                prefix: prefix.to_string(),
+                limit: MAX_LIST_ENTRIES,
+            });
+        }
+        Ok(listed.0)
     }
 
     /// Delete `key` (deleting a missing key is not an error).

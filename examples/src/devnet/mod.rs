@@ -62,8 +62,8 @@ pub struct DevnetOptions {
     /// Most miners each validator recomputes per window (fewer than the miners gives the
     /// live protocol's p < 1).
     pub max_miners: usize,
-    /// Fork this validator on purpose at this window (one wrong write into its state), to
-    /// show the repair: `(validator index, window)`.
+    /// Fork this validator on purpose at this window of the run (one wrong write into its
+    /// state), to show the repair: `(validator index, windows after the first)`.
     pub fork_at: Option<(usize, u64)>,
     /// Called after every window with its report (the live page of `--serve`).
     pub on_window: Option<WindowHook>,
@@ -256,7 +256,19 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     let heldout = lead_node().dataset.pages(&h.network, "bistro/held-out", u64::MAX, opts.heldout_pages);
     let trigger = strategy::backdoor_batch(lead_node())?;
     let stop = Arc::new(AtomicBool::new(false));
-    let start = slots[0].miner.window();
+    // Every role reads a window's registry at its seed block: start with the first window
+    // whose seed block comes after every node has registered and committed (joining takes
+    // a while), every node at genesis.
+    let start = h.window_of(chain.block_number().await?) + 1;
+    for slot in slots.iter_mut() {
+        slot.miner.node_mut().window = start;
+    }
+    for v in validators.iter_mut() {
+        v.node_mut().window = start;
+    }
+    for r in rogues.iter_mut() {
+        r.validator.node_mut().window = start;
+    }
     let mut reports = Vec::new();
     let mut by_strategy: BTreeMap<String, StrategyReport> = BTreeMap::new();
     for w in start..start + opts.windows {
@@ -359,7 +371,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                     });
                 }
             }
-            if opts.fork_at.is_some_and(|(fv, fw)| fv == vi && fw == w) {
+            if opts.fork_at.is_some_and(|(fv, fw)| fv == vi && start + fw == w) {
                 // One wrong merge: a write into the state that no accepted set made.
                 let node = v.node_mut();
                 let idx: Vec<u32> = (0..8).collect();

@@ -97,6 +97,26 @@ async fn network(
     (net, chain, model)
 }
 
+/// Once `hotkey` has committed its own bucket (it joined), point its commitment at `url`.
+async fn redirect_once_joined(chain: &Devnet, hotkey: &str, url: &str) {
+    let start = Instant::now();
+    while chain.commitment(1, hotkey).await.unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{hotkey} did not join");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    chain.set_commitment(1, hotkey, url).await.unwrap();
+}
+
+/// Every honest node's saved state is exactly what v0's published history names.
+fn assert_on_the_chain_of_v0(dir: &std::path::Path, model: &bistro_model::ModelConfig, all: &str) {
+    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
+        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), model);
+        let named =
+            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
+        assert_eq!(named.as_ref().and_then(|v| v.as_str()), Some(hash.as_str()), "{hk} at window {w}:\n{all}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     let tmp = tempfile::tempdir().unwrap();
@@ -118,15 +138,7 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     // Once the split-view miner has joined, point its commitment at its hostile endpoint,
     // which serves its (honest) slices from its local bucket to the first reader only.
     let split = Endpoint::split_view(dir.join("sv-bucket")).await.unwrap();
-    let start = Instant::now();
-    loop {
-        if chain.commitment(1, "default-sv").await.unwrap().is_some() {
-            chain.set_commitment(1, "default-sv", &split.bucket_url("bucket-sv")).await.unwrap();
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "the split-view miner did not join");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    redirect_once_joined(&chain, "default-sv", &split.bucket_url("bucket-sv")).await;
     let (logs, all) = net.finish(&mut children, Duration::from_secs(240)).await;
 
     // No honest node ever saw a fork.
@@ -151,14 +163,7 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
     assert!(sv_included >= 1, "the split-view miner's slice never reached the lead: {windows:?}");
 
     // Every honest node's saved state is exactly what the lead's aggregates name.
-    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
-        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
-        let named =
-            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
-        if let Some(expected) = named {
-            assert_eq!(Some(hash.as_str()), expected.as_str(), "{hk} at window {w} is not on the lead's chain:\n{all}");
-        }
-    }
+    assert_on_the_chain_of_v0(&dir, &model, &all);
     // Honest miners trained in every window they saw after joining (none stuck catching up).
     for (h, l) in &logs[2..] {
         let trained = l.matches("slice uploaded").count();
@@ -232,12 +237,7 @@ async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
     }
     assert!(logs[2].1.matches("applied the accepted set").count() >= 3, "m1 applied too little:\n{all}");
     // Every honest node's saved state is what v0's published history names.
-    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
-        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
-        let named =
-            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
-        assert_eq!(named.as_ref().and_then(|v| v.as_str()), Some(hash.as_str()), "{hk} at window {w}:\n{all}");
-    }
+    assert_on_the_chain_of_v0(&dir, &model, &all);
 }
 
 /// Red team 3, F1 with the real binaries: the validator with the most stake (2500 against
@@ -266,15 +266,7 @@ async fn a_validator_serving_a_tampered_aggregate_moves_nothing() {
     // Once the liar has committed its real bucket, peers read that bucket through the
     // tampering endpoint instead.
     let tamper = Endpoint::tamper(dir.join("s3").join("bucket-lie")).await.unwrap();
-    let start = Instant::now();
-    loop {
-        if chain.commitment(1, "default-lie").await.unwrap().is_some() {
-            chain.set_commitment(1, "default-lie", &tamper.bucket_url("bucket-lie")).await.unwrap();
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "the lying validator did not join");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    redirect_once_joined(&chain, "default-lie", &tamper.bucket_url("bucket-lie")).await;
     let (logs, all) = net.finish(&mut children, Duration::from_secs(300)).await;
     let all = format!("{all}\n===== lie\n{}", net.log("lie"));
     for (h, l) in &logs {
@@ -298,11 +290,6 @@ async fn a_validator_serving_a_tampered_aggregate_moves_nothing() {
         assert!(l.matches("slice uploaded").count() >= 4, "{h} trained too little:\n{all}");
         assert!(l.matches("applied the accepted set").count() >= 3, "{h} applied too little:\n{all}");
     }
-    for (role, hk) in [("validator", "v0"), ("validator", "v1"), ("miner", "m1"), ("miner", "m2")] {
-        let (w, hash) = saved_state(&dir.join(format!(".bistro/{role}s/default-{hk}")), &model);
-        let named =
-            (0..w).rev().find_map(|x| accepted_set(&dir.join("s3"), "bucket-v0", x)).map(|s| s["state"].clone());
-        assert_eq!(named.as_ref().and_then(|v| v.as_str()), Some(hash.as_str()), "{hk} at window {w}:\n{all}");
-    }
+    assert_on_the_chain_of_v0(&dir, &model, &all);
     drop(tamper);
 }

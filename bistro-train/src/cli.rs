@@ -300,21 +300,61 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// A flag set by the first Ctrl-C (finish cleanly); a second Ctrl-C exits at once.
+/// A flag set by the first Ctrl-C or SIGTERM (finish the current step, save state, exit 0:
+/// what `docker stop`, systemd and Kubernetes send); a second one exits at once (130 after
+/// Ctrl-C, 143 after SIGTERM).
 pub fn stop_on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::warn!("Ctrl-C: finishing the current step and saving state (press again to quit now)");
-            flag.store(true, Ordering::Relaxed);
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
+        let mut term = terminate_signal();
+        let first = stop_signal(&mut term).await;
+        tracing::warn!("{first}: finishing the current step and saving state (send it again to quit now)");
+        flag.store(true, Ordering::Relaxed);
+        let code = if stop_signal(&mut term).await == "Ctrl-C" { 130 } else { 143 };
+        std::process::exit(code);
     });
     stop
+}
+
+#[cfg(unix)]
+type Terminate = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Terminate = ();
+
+#[cfg(unix)]
+fn terminate_signal() -> Terminate {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
+}
+#[cfg(not(unix))]
+fn terminate_signal() -> Terminate {}
+
+/// The next Ctrl-C or SIGTERM, by name.
+async fn stop_signal(term: &mut Terminate) -> &'static str {
+    #[cfg(unix)]
+    {
+        let sigterm = async {
+            match term {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => if r.is_ok() { "Ctrl-C" } else { std::future::pending().await },
+            _ = sigterm => "SIGTERM",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = term;
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "Ctrl-C",
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 /// Start the status server when `--metrics.addr` was given: installs the Prometheus

@@ -157,3 +157,43 @@ fn secrets_never_logged() {
     }
     drop(rt);
 }
+
+/// SIGTERM (what `docker stop`, systemd and Kubernetes send) is handled like Ctrl-C: the
+/// miner finishes its step, saves its state and exits 0.
+#[cfg(unix)]
+#[test]
+fn sigterm_saves_state_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(dir);
+    let log_path = dir.join("miner.log");
+    let mut child = miner(dir, &[]).stderr(std::fs::File::create(&log_path).unwrap()).spawn().unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("slice uploaded") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no slice uploaded:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the miner did not stop after SIGTERM:\n{}", std::fs::read_to_string(&log_path).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "exit {status:?} after SIGTERM:\n{log}");
+    assert!(log.contains("SIGTERM: finishing the current step"), "{log}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state/state.json")).unwrap()).unwrap();
+    assert!(state["window"].as_u64().is_some(), "{state}");
+}

@@ -18,7 +18,7 @@
 //!   commit that does not decrypt with its round's signature (another round, tampered) or
 //!   whose payload names another hotkey is rejected, never applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -471,6 +471,17 @@ impl Chain for Devnet {
             return Err(ChainError::FutureBlock(block));
         }
         Ok(self.read()?.subnets.get(&netuid).and_then(|s| s.registry_at(block).commitments.get(hotkey).cloned()))
+    }
+
+    /// One read of the state for every neuron (the default reads the state file once each).
+    async fn commitments_at(&self, metagraph: &Metagraph, block: u64) -> Result<HashMap<u16, String>> {
+        if block > self.current_block() {
+            return Err(ChainError::FutureBlock(block));
+        }
+        let st = self.read()?;
+        let Some(s) = st.subnets.get(&metagraph.netuid) else { return Ok(HashMap::new()) };
+        let commitments = s.registry_at(block).commitments;
+        Ok(metagraph.neurons.iter().filter_map(|n| Some((n.uid, commitments.get(&n.hotkey)?.clone()))).collect())
     }
 
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()> {

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod subtensor;
 pub mod wallet;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -264,6 +265,19 @@ pub trait Chain: Send + Sync {
     async fn commitment_at(&self, netuid: u16, hotkey: &str, block: u64) -> Result<Option<String>> {
         let _ = block;
         self.commitment(netuid, hotkey).await
+    }
+
+    /// The commitments of every neuron of `metagraph` as of block `block`, by uid (those
+    /// with none are absent). The default reads one neuron at a time; a chain that can
+    /// read them together does.
+    async fn commitments_at(&self, metagraph: &Metagraph, block: u64) -> Result<HashMap<u16, String>> {
+        let mut out = HashMap::new();
+        for n in &metagraph.neurons {
+            if let Some(url) = self.commitment_at(metagraph.netuid, &n.hotkey, block).await? {
+                out.insert(n.uid, url);
+            }
+        }
+        Ok(out)
     }
 
     /// Publish `data` as `hotkey`'s commitment on `netuid`.

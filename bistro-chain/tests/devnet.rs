@@ -112,6 +112,8 @@ async fn f11_the_registry_at_a_block_never_changes() {
     assert_eq!((stake(&before, "validator-a"), stake(&before, "validator-b")), (2000, 1000));
     assert_eq!(d.commitment_at(1, "validator-a", b).await.unwrap().as_deref(), Some("s3://a"));
     assert_eq!(d.commitment_at(1, "validator-b", b).await.unwrap(), None);
+    let together = d.commitments_at(&before, b).await.unwrap();
+    assert_eq!(together.values().collect::<Vec<_>>(), ["s3://a"], "{together:?}");
     // From the next block on, the changes are there.
     d.wait_for_block(now + 1, Duration::from_secs(5)).await.unwrap();
     let after = d.metagraph_at(1, now + 1).await.unwrap();

@@ -31,7 +31,9 @@ pub(crate) async fn run(chain: &dyn Chain, netuid: u16, registered: &str) {
     assert_eq!(at.netuid, netuid);
     assert!(at.neurons.windows(2).all(|w| w[0].uid < w[1].uid), "neurons sorted by uid");
     assert!(matches!(chain.metagraph_at(netuid, b + 1_000_000).await, Err(ChainError::FutureBlock(_))));
-    chain.commitment_at(netuid, registered, b).await.expect("commitment read at a block");
+    let one = chain.commitment_at(netuid, registered, b).await.expect("commitment read at a block");
+    let all = chain.commitments_at(&at, b).await.expect("commitments read together");
+    assert_eq!(at.uid_of(registered).and_then(|u| all.get(&u)), one.as_ref(), "read together as one by one");
     assert!(matches!(chain.commitment_at(netuid, registered, b + 1_000_000).await, Err(ChainError::FutureBlock(_))));
     // Registration is idempotent and agrees with the metagraph.
     assert_eq!(chain.ensure_registered(netuid, registered, 0).await.expect("registered"), uid);

@@ -33,12 +33,7 @@ impl Roster {
         let newest = chain.block_number().await?;
         let (block, settled) = if seed_block <= newest { (seed_block, true) } else { (newest, false) };
         let metagraph = chain.metagraph_at(netuid, block).await?;
-        let mut commitments = HashMap::new();
-        for n in &metagraph.neurons {
-            if let Some(url) = chain.commitment_at(netuid, &n.hotkey, block).await? {
-                commitments.insert(n.uid, url);
-            }
-        }
+        let commitments = chain.commitments_at(&metagraph, block).await?;
         Ok(Roster { window, block, settled, metagraph, commitments })
     }
 

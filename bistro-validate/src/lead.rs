@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use bistro_model::Params;
-use bistro_train::accepted::{AcceptedSet, AggregateObject, Excluded, Included};
+use bistro_train::accepted::{self, AcceptedSet, AggregateObject, Excluded, Included};
 use bistro_train::hparams::HParams;
 use bistro_train::slices::{self, Contribution, update_norm};
 use bistro_train::sync::WindowSlices;
@@ -182,18 +182,8 @@ pub fn decide(
         }
     }
     // Weights and clips need the whole included list: scale each slice by its factor.
-    let set = AcceptedSet {
-        window: ws.window,
-        lead: String::new(),
-        parent: String::new(),
-        state: String::new(),
-        included: d.included.clone(),
-        excluded: Vec::new(),
-        scored: d.scored,
-        record_clip,
-    };
     for (c, inc) in d.contributions.iter_mut().zip(&d.included) {
-        let f = set.factor(inc);
+        let f = accepted::record_factor(&d.included, record_clip, inc);
         if f != 1.0 {
             c.values = slices::aggregate::scaled_update(&ws.theta_at_i, &c.values, f);
         }

@@ -113,15 +113,7 @@ impl AcceptedSet {
     /// So the mean is `sum(w_i c_i d_i) / sum(w_i)`; with every slice recomputed, all factors
     /// are exactly 1.
     pub fn factor(&self, inc: &Included) -> f64 {
-        let w = crate::protocol::RECORD_WEIGHT;
-        let n = self.included.len() as f64;
-        let on_record = self.included.iter().filter(|i| i.e.is_none()).count() as f64;
-        let total = (n - on_record) + w * on_record;
-        let own = match inc.e {
-            Some(_) => 1.0,
-            None => crate::slices::aggregate::bounded_factor(inc.norm, self.record_clip, w),
-        };
-        if on_record == 0.0 { own } else { own * n / total }
+        record_factor(&self.included, self.record_clip, inc)
     }
 
     /// The median listed norm of the slices included because recomputed this window.
@@ -133,6 +125,20 @@ impl AcceptedSet {
         n.sort_by(f64::total_cmp);
         Some(crate::slices::aggregate::median(&n))
     }
+}
+
+/// [`AcceptedSet::factor`] of `inc` among `included` with `record_clip`, before the set
+/// itself exists (how the deciding validator scales the slices it includes).
+pub fn record_factor(included: &[Included], record_clip: f64, inc: &Included) -> f64 {
+    let w = crate::protocol::RECORD_WEIGHT;
+    let n = included.len() as f64;
+    let on_record = included.iter().filter(|i| i.e.is_none()).count() as f64;
+    let total = (n - on_record) + w * on_record;
+    let own = match inc.e {
+        Some(_) => 1.0,
+        None => crate::slices::aggregate::bounded_factor(inc.norm, record_clip, w),
+    };
+    if on_record == 0.0 { own } else { own * n / total }
 }
 
 /// A decoded aggregate: the decision and `theta_{w+1}[I]` per parameter.

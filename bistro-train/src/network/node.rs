@@ -537,9 +537,11 @@ impl Node {
     /// `window` on for [`attestation::DISPUTED_LEAD_SKIP`] windows. At most one bounded
     /// read of attestations, and only after such a rejection.
     pub async fn review_disputes(&mut self, window: u64) -> Result<(), ChainError> {
+        if self.pending_dispute.as_ref().is_none_or(|(w, _, _)| *w >= window) {
+            return Ok(());
+        }
         let Some((w, lead, digest)) = self.pending_dispute.take() else { return Ok(()) };
-        if w >= window || self.is_skipped(&lead, window) {
-            self.pending_dispute = (w >= window).then_some((w, lead, digest));
+        if self.is_skipped(&lead, window) {
             return Ok(());
         }
         let publishers = self.publishers(w, false).await?;

@@ -97,6 +97,12 @@ async fn network(
     (net, chain, model)
 }
 
+/// Windows long enough for a hostile validator's wait and an honest fallback.
+fn hostile_validator_windows(h: &mut bistro_train::hparams::HParams) {
+    h.blocks_per_window = 6;
+    h.fallback_wait_ms = 1_500;
+}
+
 /// Once `hotkey` has committed its own bucket (it joined), point its commitment at `url`.
 async fn redirect_once_joined(chain: &Devnet, hotkey: &str, url: &str) {
     let start = Instant::now();
@@ -183,11 +189,7 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
 async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let (net, chain, model) = network(&dir, |h| {
-        h.blocks_per_window = 6;
-        h.fallback_wait_ms = 1_500;
-    })
-    .await;
+    let (net, chain, model) = network(&dir, hostile_validator_windows).await;
 
     // Eight stalling miners first (the lowest uids), then the stalling lead: 2500 stake
     // against the honest validators' 3000, so honest validators hold the majority.
@@ -250,11 +252,7 @@ async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
 async fn a_validator_serving_a_tampered_aggregate_moves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let (net, chain, model) = network(&dir, |h| {
-        h.blocks_per_window = 6;
-        h.fallback_wait_ms = 1_500;
-    })
-    .await;
+    let (net, chain, model) = network(&dir, hostile_validator_windows).await;
 
     let mut children = [
         net.spawn("validator", "v0", Some("v0"), &["--devnet.stake", "2000", "--max-windows", "5"]),

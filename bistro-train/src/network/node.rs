@@ -123,6 +123,9 @@ pub struct Node {
     /// (window, lead, aggregate digest): looked at again once, a window later, by
     /// [`Node::review_disputes`].
     pending_dispute: Option<(u64, String, String)>,
+    /// Aggregates read in the current window, so that a validator's follow applies the one
+    /// it attested instead of downloading and decoding it again.
+    fetched: std::sync::Mutex<Vec<Found>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -322,6 +325,7 @@ impl Node {
             repairs: 0,
             skipped: HashMap::new(),
             pending_dispute: None,
+            fetched: Default::default(),
             cfg,
         };
         node.bootstrap().await?;
@@ -822,12 +826,22 @@ impl Node {
         }
     }
 
-    /// `p`'s aggregate of window `w`, decoded against this node's state, if it has a valid one.
+    /// `p`'s aggregate of window `w`, decoded against this node's state, if it has a valid
+    /// one. A valid one is read once per window (kept until the node moves on).
     pub async fn fetch_from(&self, p: &Publisher, indices: &crate::slices::SliceIndices, w: u64) -> Option<Found> {
+        let kept = |f: &Found| f.obj.set.window == w && f.from == p.hotkey;
+        if let Some(f) = self.fetched.lock().ok().and_then(|k| k.iter().find(|f| kept(f)).cloned()) {
+            return Some(f);
+        }
         match self.ctx.fetch_aggregate(&p.bucket, &self.params, indices, w).await {
             Ok(Some((obj, bytes))) => {
                 let digest = bytes_sha256(&bytes);
-                Some(Found { from: p.hotkey.clone(), obj, bytes, digest })
+                let found = Found { from: p.hotkey.clone(), obj, bytes, digest };
+                if let Ok(mut k) = self.fetched.lock() {
+                    k.retain(|f| f.obj.set.window == w);
+                    k.push(found.clone());
+                }
+                Some(found)
             }
             Ok(None) => None,
             Err(e) => {

@@ -629,6 +629,8 @@ impl Node {
         // team 3, F3: one stalling lead held every node for two 15 s attempts per poll).
         let mut stalled: HashSet<String> = HashSet::new();
         let mut rejected: HashSet<String> = HashSet::new();
+        let mut out_of_reach: HashSet<String> = HashSet::new();
+        let mut logged: HashSet<String> = HashSet::new();
         let mut found: Vec<Found> = Vec::new();
         let mut recent: HashMap<String, bool> = HashMap::new();
         let mut last_tally = String::new();
@@ -636,7 +638,10 @@ impl Node {
         loop {
             let lead_open = pace == Pace::Lockstep || now_ms() < lead_cutoff;
             let lead_settled = order.first().is_none_or(|l| {
-                stalled.contains(&l.hotkey) || rejected.contains(&l.hotkey) || (!lead_open && !Self::has(&found, l))
+                stalled.contains(&l.hotkey)
+                    || rejected.contains(&l.hotkey)
+                    || out_of_reach.contains(&l.hotkey)
+                    || (!lead_open && !Self::has(&found, l))
             });
             for (i, p) in order.iter().enumerate() {
                 if Self::has(&found, p) || stalled.contains(&p.hotkey) || self.skipped_among(&publishers, &p.hotkey, w)
@@ -668,11 +673,13 @@ impl Node {
                 }
             }
             if !found.is_empty() {
-                let cutoff = now_ms() + self.wait_ms(pace, final_cutoff);
-                let voices = self.voices(&publishers, w, cutoff, &mut recent).await;
+                let wait = self.wait_ms(pace, final_cutoff);
+                let voices = self.voices(&publishers, w, now_ms() + wait, &mut recent).await;
                 // A bucket that did not answer while others did is skipped for the next
-                // windows (when none answered, the trouble is likely this node's own).
-                if voices.iter().any(|v| v.answered) {
+                // windows (when none answered, the trouble is likely this node's own). Only
+                // when it had a collection budget's time to answer: a read cut short by the
+                // final cut-off proves nothing.
+                if wait >= self.cfg.hparams.collect_budget_ms && voices.iter().any(|v| v.answered) {
                     let silent: Vec<String> = voices
                         .iter()
                         .filter(|v| !v.answered && !self.is_skipped(&v.hotkey, w))
@@ -682,6 +689,9 @@ impl Node {
                         self.skip(&hk, w, attestation::STALLED_SKIP, "its bucket did not answer by the cut-off");
                     }
                 }
+                // Out of reach is judged again at every poll: a validator publishing its first
+                // attestation joins the base, and may carry an aggregate to a majority.
+                out_of_reach.clear();
                 for f in order.iter().filter_map(|p| found.iter().find(|f| f.from == p.hotkey)) {
                     if rejected.contains(&f.from) {
                         continue;
@@ -693,13 +703,19 @@ impl Node {
                         break;
                     }
                     if t.rejected() {
-                        tracing::warn!(window = w, validator = %f.from, tally = %t.describe(), "aggregate rejected by the validators");
-                        rejected.insert(f.from.clone());
-                        if Some(&f.from) == lead.as_ref() {
-                            if t.majority_disputed() {
+                        if logged.insert(f.from.clone()) {
+                            tracing::warn!(window = w, validator = %f.from, tally = %t.describe(), "aggregate rejected by the validators");
+                        }
+                        let is_lead = Some(&f.from) == lead.as_ref();
+                        if t.majority_disputed() {
+                            rejected.insert(f.from.clone());
+                            if is_lead {
                                 let why = "its aggregate was disputed by a stake majority";
                                 self.skip(&f.from.clone(), w, attestation::DISPUTED_LEAD_SKIP, why);
-                            } else {
+                            }
+                        } else {
+                            out_of_reach.insert(f.from.clone());
+                            if is_lead {
                                 self.pending_dispute = Some((w, f.from.clone(), f.digest.clone()));
                             }
                         }

@@ -97,6 +97,11 @@ async fn network(
     (net, chain, model)
 }
 
+/// One real network at a time: each test runs a chain, an S3 server and five or six node
+/// processes with budgets of half a second; two of them at once on a 2-core machine starve
+/// each other's S3 server, which the tests would read as stalling peers.
+static ONE_NETWORK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Windows long enough for a hostile validator's wait and an honest fallback.
 fn hostile_validator_windows(h: &mut bistro_train::hparams::HParams) {
     h.blocks_per_window = 6;
@@ -125,6 +130,7 @@ fn assert_on_the_chain_of_v0(dir: &std::path::Path, model: &bistro_model::ModelC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
+    let _serial = ONE_NETWORK_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let (net, chain, model) = network(&dir, |h| h.blocks_per_window = 4).await;
@@ -187,6 +193,7 @@ async fn split_view_and_stall_cannot_fork_real_processes_on_real_s3() {
 /// never starve the honest miners after them; every honest node stays on one chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
+    let _serial = ONE_NETWORK_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let (net, chain, model) = network(&dir, hostile_validator_windows).await;
@@ -250,6 +257,7 @@ async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
 /// on one chain with the honest miners training.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_validator_serving_a_tampered_aggregate_moves_nothing() {
+    let _serial = ONE_NETWORK_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let (net, chain, model) = network(&dir, hostile_validator_windows).await;

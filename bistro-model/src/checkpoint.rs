@@ -141,12 +141,35 @@ pub fn load_safetensors(path: &Path, config: &ModelConfig, device: &Device) -> R
 
 /// Like [`load_safetensors`] for a file held in memory; `origin` names it in errors.
 pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, device: &Device) -> Result<Params> {
+    params_from_bytes_with(bytes, origin, config, device, None)
+}
+
+/// Tensors a file may hold besides the parameters (a training state stored beside them):
+/// names starting with `prefix`, at most `count` of them. [`params_from_bytes_with`] only
+/// allows them and counts them into the header bound; the caller reads and checks them.
+#[derive(Clone, Copy, Debug)]
+pub struct Extras<'a> {
+    /// The names' prefix.
+    pub prefix: &'a str,
+    /// How many there may be.
+    pub count: usize,
+}
+
+/// [`params_from_bytes`] for a file that may also hold `extras`.
+pub fn params_from_bytes_with(
+    bytes: &[u8],
+    origin: &Path,
+    config: &ModelConfig,
+    device: &Device,
+    extras: Option<Extras<'_>>,
+) -> Result<Params> {
     config.validate()?;
     let path = origin;
     let specs = param_specs(config);
+    let extra_count = extras.map_or(0, |e| e.count);
     // The header is bounded before it is parsed (red team 3, F13: safetensors alone allows
     // 100 MB of JSON): a name, a dtype, a shape and offsets per tensor, and the metadata.
-    let limit = MAX_HEADER_BASE + MAX_HEADER_PER_TENSOR * specs.len() as u64;
+    let limit = MAX_HEADER_BASE + MAX_HEADER_PER_TENSOR * (specs.len() + extra_count) as u64;
     let header = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
     if let Some(n) = header
         && n > limit
@@ -161,8 +184,15 @@ pub fn params_from_bytes(bytes: &[u8], origin: &Path, config: &ModelConfig, devi
     let expected: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
-    if let Some(extra) = names.iter().find(|n| !expected.contains(n.as_str())) {
+    let allowed = |n: &str| extras.is_some_and(|e| n.starts_with(e.prefix));
+    if let Some(extra) = names.iter().find(|n| !expected.contains(n.as_str()) && !allowed(n)) {
         return Err(ModelError::UnexpectedTensor { path: path.to_path_buf(), name: extra.clone() });
+    }
+    if names.iter().filter(|n| !expected.contains(n.as_str())).count() > extra_count {
+        return Err(ModelError::BadCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("more than the {extra_count} extra tensors this file may hold"),
+        });
     }
     let mut tensors = Vec::with_capacity(specs.len());
     for s in &specs {

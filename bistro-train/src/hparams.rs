@@ -45,9 +45,17 @@ pub struct HParams {
     pub rows_per_page: usize,
     /// Tokens per training row.
     pub seq_len: usize,
-    /// Slice compression: a slice holds `max(1, numel / compression)` values per tensor.
+    /// Slice compression: a slice holds `max(1, numel / compression)` codes per tensor.
     pub compression: usize,
-    /// Peak learning rate of the reference SGD step.
+    /// Bits per code of a slice (1, 2, 4 or 8): each gradient value at the window's
+    /// coordinates is sent as a dithered code on a grid of `2^code_bits` levels with one f32
+    /// scale per 64 values ([`crate::slices::quant`]).
+    pub code_bits: u8,
+    /// How far, in bins of the grid, a miner's code may be from the validator's own dithered
+    /// position and still count as the same computation (measured honest drift across f32
+    /// paths: about 2e-5 bins; `docs/learning/README.md`).
+    pub code_tolerance_bins: f64,
+    /// Peak learning rate of the public AdamW step.
     pub learning_rate: f64,
     /// Final learning rate of the cosine schedule.
     pub min_learning_rate: f64,
@@ -55,6 +63,14 @@ pub struct HParams {
     pub warmup_windows: u64,
     /// Window at which the cosine schedule reaches `min_learning_rate`.
     pub decay_windows: u64,
+    /// First-moment decay of the public AdamW step.
+    pub adam_beta1: f64,
+    /// Second-moment decay of the public AdamW step.
+    pub adam_beta2: f64,
+    /// Epsilon of the public AdamW step.
+    pub adam_eps: f64,
+    /// Decoupled weight decay of the public AdamW step (applied at the window's coordinates).
+    pub weight_decay: f64,
     /// How accepted slices are combined.
     pub aggregation: Aggregation,
     /// The lead leaves out an unscored slice whose implied update norm exceeds this multiple
@@ -118,11 +134,17 @@ impl Default for HParams {
             pages_per_window: 2,
             rows_per_page: 2,
             seq_len: 128,
-            compression: 8,
-            learning_rate: 0.5,
-            min_learning_rate: 0.05,
+            compression: 24,
+            code_bits: 2,
+            code_tolerance_bins: 1e-3,
+            learning_rate: 0.01,
+            min_learning_rate: 0.001,
             warmup_windows: 5,
-            decay_windows: 2000,
+            decay_windows: 20_000,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_eps: 1e-8,
+            weight_decay: 0.1,
             aggregation: Aggregation::Mean,
             outlier_norm_factor: 3.0,
             norm_history_windows: 8,
@@ -187,6 +209,17 @@ impl HParams {
         dataset.window_batch_capped(tokenizer, pages, self.seq_len, self.max_window_tokens)
     }
 
+    /// The slice codec of `code_bits` (validated hparams always have one; unvalidated ones
+    /// with an unsupported width get 2-bit codes, which their hash still tells apart).
+    pub fn codec(&self) -> crate::slices::quant::Codec {
+        crate::slices::quant::Codec::new(self.code_bits).unwrap_or(crate::slices::quant::Codec::TWO_BIT)
+    }
+
+    /// The tolerance of the code check ([`crate::slices::quant::Codec::check`]).
+    pub fn code_tolerance(&self) -> crate::slices::quant::Tolerance {
+        self.codec().tolerance(self.code_tolerance_bins)
+    }
+
     /// Read from a TOML file and validate.
     pub fn from_file(path: &Path) -> Result<Self, HParamsError> {
         let text = std::fs::read_to_string(path).map_err(|source| HParamsError::Io { path: path.into(), source })?;
@@ -210,6 +243,19 @@ impl HParams {
         }
         if self.compression == 0 {
             return bad("compression must be positive");
+        }
+        if crate::slices::quant::Codec::new(self.code_bits).is_err() {
+            return bad("code_bits must be 1, 2, 4 or 8");
+        }
+        if !(self.code_tolerance_bins >= 0.0 && self.code_tolerance_bins < 0.5) {
+            return bad("code_tolerance_bins must be in [0, 0.5)");
+        }
+        let betas_ok = (0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2);
+        if !betas_ok || !(self.adam_eps > 0.0 && self.adam_eps.is_finite()) {
+            return bad("adam_beta1 and adam_beta2 must be in [0, 1) and adam_eps positive");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay must be finite and non-negative");
         }
         let rates_ok = self.learning_rate > 0.0 && self.learning_rate.is_finite() && self.min_learning_rate >= 0.0;
         if !rates_ok {
@@ -341,7 +387,7 @@ mod tests {
         let e = HParams::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("h.toml"), "{e}");
         let mut t = toml::to_string(&HParams::default()).unwrap();
-        t = t.replace("compression = 8", "compression = 0");
+        t = t.replace("compression = 24", "compression = 0");
         std::fs::write(&p, t).unwrap();
         assert!(HParams::from_file(&p).unwrap_err().to_string().contains("compression"));
     }

@@ -24,6 +24,7 @@ pub mod network;
 #[cfg(feature = "cli")]
 pub mod process;
 pub mod protocol;
+pub mod public_adam;
 pub mod slices;
 pub mod state;
 #[cfg(feature = "cli")]

@@ -258,16 +258,29 @@ impl Miner {
         }
     }
 
-    /// The encoded slice of the held window for `seed`: `theta_w[I] - eta_w * g[I]`.
+    /// The encoded slice of the held window for `seed`: the dithered codes of `g[I]`.
     pub fn build_slice(&self, seed: &BlockHash, grad: &WindowGradient) -> Result<Vec<u8>, MinerError> {
+        let g = self.slice_gradient(seed, grad)?;
+        self.encode_slice(seed, &g)
+    }
+
+    /// `g[I]`: the gradient at the slice coordinates of `seed`.
+    pub fn slice_gradient(&self, seed: &BlockHash, grad: &WindowGradient) -> Result<Vec<Vec<f32>>, MinerError> {
+        let indices = SliceIndices::select(self.node.params.specs(), seed, self.node.cfg.hparams.compression);
+        Ok(slices::gather_grads(&grad.grads, &indices)?)
+    }
+
+    /// The slice of the held window for `seed` whose codes quantise `g_at_i` (one vector per
+    /// parameter at the slice coordinates) with this miner's public dithers.
+    pub fn encode_slice(&self, seed: &BlockHash, g_at_i: &[Vec<f32>]) -> Result<Vec<u8>, MinerError> {
         let w = self.node.window;
         let h = &self.node.cfg.hparams;
         let indices = SliceIndices::select(self.node.params.specs(), seed, h.compression);
-        let theta = slices::gather_params(&self.node.params, &indices)?;
-        let g = slices::gather_grads(&grad.grads, &indices)?;
-        let values = slices::step_values(&theta, &g, h.learning_rate_at(w));
+        let codec = h.codec();
+        let dithers = slices::dithers(seed, &self.node.cfg.hotkey, &indices);
+        let codes = slices::encode_gradient(&codec, g_at_i, &dithers);
         let names: Vec<String> = self.node.params.specs().iter().map(|s| s.name.clone()).collect();
-        slices::encode(&self.node.ctx.meta(w, &self.node.cfg.hotkey, &self.node.state_hash), &names, &values)
+        slices::encode(&self.node.ctx.meta(w, &self.node.cfg.hotkey, &self.node.state_hash), &names, &codec, &codes)
             .map_err(|e| MinerError::Config(format!("cannot encode own slice: {e}")))
     }
 

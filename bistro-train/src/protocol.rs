@@ -10,13 +10,13 @@
 use std::time::Duration;
 
 /// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Domain-separation tags: the first bytes hashed by each consensus hash, so that no hash
 /// of one kind can be replayed as another.
 pub mod tags {
     /// [`crate::accepted::state_hash`]: the hash of a full model state.
-    pub const STATE: &[u8] = b"bistro/state/v2";
+    pub const STATE: &[u8] = b"bistro/state/v3";
     /// [`crate::network::attestation::Attestation::signing_bytes`]: what a validator signs.
     pub const ATTESTATION: &[u8] = b"bistro/attestation/v1";
     /// [`crate::data::pages::draw_pages`]: the key of a (network, hotkey, window)'s pages.

@@ -1,5 +1,5 @@
-//! Local node state (the model `theta_w` and the window it belongs to) that survives a
-//! restart, and checkpoints published to buckets for late joiners.
+//! Local node state (the model `theta_w`, the public optimizer state and the window they
+//! belong to) that survives a restart, and checkpoints published to buckets for late joiners.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,11 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::CHECKPOINT_WINDOW_KEY;
+use crate::public_adam::{PublicAdam, TENSOR_PREFIXES};
+
+/// The file of the public optimizer state in a state directory (beside `model.safetensors`,
+/// which stays a plain Hugging Face checkpoint).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Errors of state persistence.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +43,14 @@ pub struct StateInfo {
     pub model_hash: String,
 }
 
-/// Save `params` as `theta_window` in `dir` (parameters and `config.json` first, then the
-/// small JSON, each written atomically).
-pub fn save(dir: &Path, params: &Params, info: &StateInfo) -> Result<(), StateError> {
+/// Save `params` and `adam` as the state of `window` in `dir` (optimizer state, parameters
+/// and `config.json` first, then the small JSON, each written atomically; both tensor files
+/// record the window, so a process killed between them is found out on load).
+pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) -> Result<(), StateError> {
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
+    let opt = adam_bytes(params, adam, &meta)?;
+    bistro_model::checkpoint::write_atomic(&dir.join(OPTIMIZER_FILE), &opt)?;
     bistro_model::save_safetensors(params, &dir.join(bistro_model::checkpoint::WEIGHTS_FILE), &meta)?;
     let hf = serde_json::to_vec_pretty(&params.config().to_hf_json())
         .map_err(|e| StateError::File { path: dir.join("config.json"), reason: e.to_string() })?;
@@ -54,13 +62,15 @@ pub fn save(dir: &Path, params: &Params, info: &StateInfo) -> Result<(), StateEr
 }
 
 /// Load the state in `dir` if it exists and matches `hparams_hash` and `config`.
-/// `Ok(None)` when there is no state; an error when it exists but cannot be used.
+/// `Ok(None)` when there is no state, or when the process stopped between writing the
+/// parameters and the optimizer state (logged: the node rejoins from the network); an
+/// error when it exists but belongs to another network or model.
 pub fn load(
     dir: &Path,
     config: &ModelConfig,
     hparams_hash: &str,
     device: &Device,
-) -> Result<Option<(StateInfo, Params)>, StateError> {
+) -> Result<Option<(StateInfo, Params, PublicAdam)>, StateError> {
     let json_path = dir.join("state.json");
     if !json_path.exists() {
         return Ok(None);
@@ -90,7 +100,54 @@ pub fn load(
         );
         info.window = w;
     }
-    Ok(Some((info, params)))
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let bad = |reason: String| StateError::File { path: opt_path.clone(), reason };
+    let bytes = std::fs::read(&opt_path).map_err(|e| bad(format!("{e} (a state from before protocol v4?)")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let adam = PublicAdam::from_safetensors(&st, params.specs()).map_err(|e| bad(e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let opt_window = header.metadata().as_ref().and_then(|m| m.get(CHECKPOINT_WINDOW_KEY)).and_then(|w| w.parse().ok());
+    if opt_window != Some(info.window) {
+        // Killed between the two writes: nothing here is lost that the network does not
+        // hold; the node rejoins from the validators' attested checkpoints.
+        tracing::warn!(
+            optimizer = ?opt_window,
+            parameters = info.window,
+            dir = %dir.display(),
+            "the saved parameters and optimizer state are of different windows; rejoining from the network"
+        );
+        return Ok(None);
+    }
+    Ok(Some((info, params, adam)))
+}
+
+/// The optimizer state as a safetensors file with `meta`.
+fn adam_bytes(params: &Params, adam: &PublicAdam, meta: &BTreeMap<String, String>) -> Result<Vec<u8>, StateError> {
+    serialize(Vec::new(), params, adam, meta)
+}
+
+/// Serialise f32 `model` tensors and `adam`'s tensors with `meta`.
+fn serialize(
+    model: Vec<(String, Vec<usize>, Vec<u8>)>,
+    params: &Params,
+    adam: &PublicAdam,
+    meta: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, StateError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bad = |e: safetensors::SafeTensorError| {
+        StateError::Model(bistro_model::ModelError::BadCheckpoint { path: "<memory>".into(), reason: e.to_string() })
+    };
+    let extra = adam.tensors(params.specs());
+    let mut views = Vec::with_capacity(model.len() + extra.len());
+    for (name, shape, bytes) in &model {
+        views.push((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(bad)?));
+    }
+    for (name, is_u32, bytes) in &extra {
+        let dtype = if *is_u32 { Dtype::U32 } else { Dtype::F32 };
+        views.push((name.clone(), TensorView::new(dtype, vec![bytes.len() / 4], bytes).map_err(bad)?));
+    }
+    let meta: std::collections::HashMap<String, String> = meta.clone().into_iter().collect();
+    safetensors::serialize(views, Some(meta)).map_err(bad)
 }
 
 /// The window recorded in a weights file's metadata, if readable.
@@ -105,13 +162,17 @@ fn window_in_weights(path: &Path) -> Option<u64> {
     v.get("__metadata__")?.get(CHECKPOINT_WINDOW_KEY)?.as_str()?.parse().ok()
 }
 
-/// Serialise `params` as a checkpoint of `theta_window` (bytes for a bucket).
-pub fn checkpoint_bytes(params: &Params, window: u64) -> Result<Vec<u8>, StateError> {
+/// Serialise `params` and `adam` as a checkpoint of the state of `window` (bytes for a
+/// bucket: the parameters under their names, the optimizer state under
+/// [`TENSOR_PREFIXES`]).
+pub fn checkpoint_bytes(params: &Params, adam: &PublicAdam, window: u64) -> Result<Vec<u8>, StateError> {
     let tensors = params
         .specs()
         .iter()
         .enumerate()
-        .map(|(i, s)| Ok((s.name.clone(), s.shape.clone(), params.to_vec(i)?)))
+        .map(|(i, s)| {
+            Ok((s.name.clone(), s.shape.clone(), params.to_vec(i)?.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        })
         .collect::<Result<Vec<_>, bistro_model::ModelError>>()?;
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -119,10 +180,25 @@ pub fn checkpoint_bytes(params: &Params, window: u64) -> Result<Vec<u8>, StateEr
     let cfg = serde_json::to_string(params.config())
         .map_err(|source| bistro_model::ModelError::Serialize { what: "model config", source })?;
     meta.insert(bistro_model::checkpoint::CONFIG_METADATA_KEY.to_string(), cfg);
-    Ok(bistro_model::checkpoint::to_safetensors_bytes(&tensors, meta)?)
+    serialize(tensors, params, adam, &meta)
 }
 
-/// Parse a downloaded checkpoint for `config` (strict names, shapes and dtypes).
-pub fn params_from_checkpoint(bytes: &[u8], config: &ModelConfig, device: &Device) -> Result<Params, StateError> {
-    Ok(bistro_model::checkpoint::params_from_bytes(bytes, Path::new("<downloaded checkpoint>"), config, device)?)
+/// Parse a downloaded checkpoint for `config` (strict names, shapes and dtypes; the
+/// optimizer state finite, with non-negative second moments).
+pub fn params_from_checkpoint(
+    bytes: &[u8],
+    config: &ModelConfig,
+    device: &Device,
+) -> Result<(Params, PublicAdam), StateError> {
+    let origin = Path::new("<downloaded checkpoint>");
+    let specs = bistro_model::param_specs(config);
+    let extras = bistro_model::checkpoint::Extras { prefix: "bistro.adam.", count: 3 * specs.len() };
+    let params = bistro_model::checkpoint::params_from_bytes_with(bytes, origin, config, device, Some(extras))?;
+    let bad = |reason: String| {
+        StateError::Model(bistro_model::ModelError::BadCheckpoint { path: origin.to_path_buf(), reason })
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let adam = PublicAdam::from_safetensors(&st, &specs).map_err(|e| bad(e.to_string()))?;
+    debug_assert!(TENSOR_PREFIXES.iter().all(|p| p.starts_with(extras.prefix)));
+    Ok((params, adam))
 }

@@ -12,6 +12,7 @@ use bistro_chain::devnet::Devnet;
 use bistro_model::{ModelConfig, Params};
 use bistro_train::accepted::{self, AcceptedSet, AggregateObject, state_hash};
 use bistro_train::hparams::HParams;
+use bistro_train::public_adam::PublicAdam;
 use bistro_train::network::attestation::{Attestation, Statement, Verdict, attestation_key};
 use bistro_train::node::{Node, NodeConfig};
 use bistro_train::slices::Rejection;
@@ -404,11 +405,12 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     let vbucket = Bucket::open(&format!("file://{}", vdir.display()), &BucketOptions::default()).unwrap();
     chain.set_commitment(1, "evil-validator", vbucket.url()).await.unwrap();
     let genesis = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
-    let future = bistro_train::state::checkpoint_bytes(&genesis, u64::MAX).unwrap();
+    let adam = PublicAdam::zeros(genesis.specs());
+    let future = bistro_train::state::checkpoint_bytes(&genesis, &adam, u64::MAX).unwrap();
     vbucket.put(&bistro_train::protocol::checkpoint_key(u64::MAX), Bytes::from(future)).await.unwrap();
     let tampered = genesis.deep_clone().unwrap();
     tampered.scatter(0, &[0, 1, 2], &[9.0, 9.0, 9.0]).unwrap();
-    let bytes = bistro_train::state::checkpoint_bytes(&tampered, 1).unwrap();
+    let bytes = bistro_train::state::checkpoint_bytes(&tampered, &adam, 1).unwrap();
     vbucket.put(&bistro_train::protocol::checkpoint_key(1), Bytes::from(bytes)).await.unwrap();
 
     let cfg = |name: &str| node_config(dir, &h, name, 0);
@@ -417,7 +419,7 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     assert!(start.elapsed() < Duration::from_secs(20), "the joiner waited on a peer's window number");
     assert_eq!(node.window, 0);
     assert!(node.origin.starts_with("genesis"), "{}", node.origin);
-    assert_eq!(node.state_hash, state_hash(&genesis).unwrap());
+    assert_eq!(node.state_hash, state_hash(&genesis, &adam).unwrap());
 
     // Red team 3, F2: a checkpoint its own publisher's history vouches for (aggregate-2
     // names it as parent) replaced the whole model of every joiner. It now needs the
@@ -426,16 +428,19 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(10)).await.unwrap();
     let good = genesis.deep_clone().unwrap();
     good.scatter(0, &[5], &[0.25]).unwrap();
-    let hash = state_hash(&good).unwrap();
+    let mut good_adam = adam.clone();
+    good_adam.t[0][5] = 1;
+    good_adam.v[0][5] = 1e-6;
+    let hash = state_hash(&good, &good_adam).unwrap();
     vbucket
         .put(
             &bistro_train::protocol::checkpoint_key(w),
-            Bytes::from(bistro_train::state::checkpoint_bytes(&good, w).unwrap()),
+            Bytes::from(bistro_train::state::checkpoint_bytes(&good, &good_adam, w).unwrap()),
         )
         .await
         .unwrap();
     let idx = node.ctx.indices(&good, w).await.unwrap();
-    let theta = bistro_train::slices::gather_params(&good, &idx).unwrap();
+    let zeros: Vec<Vec<f32>> = idx.lengths().into_iter().map(|n| vec![0.0; n]).collect();
     let obj = AggregateObject {
         set: AcceptedSet {
             window: w,
@@ -447,7 +452,7 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
             scored: 0,
             record_clip: 0.0,
         },
-        values: theta,
+        values: zeros,
     };
     let expect = node.ctx.aggregate_expectation(&good, &idx, w);
     vbucket
@@ -463,7 +468,7 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
             vec![Statement {
                 publisher: "evil-validator".into(),
                 aggregate: "a".repeat(64),
-                parent: state_hash(&genesis).unwrap(),
+                parent: state_hash(&genesis, &adam).unwrap(),
                 state: state.to_string(),
                 verdict: Verdict::Attest,
                 reason: String::new(),
@@ -493,4 +498,5 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     assert_eq!(node.window, w, "{}", node.origin);
     assert!(node.origin.contains("verified checkpoint of window 2"), "{}", node.origin);
     assert_eq!(node.state_hash, hash);
+    assert_eq!(node.adam, good_adam, "the checkpoint's optimizer state is resumed exactly");
 }

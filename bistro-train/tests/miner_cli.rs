@@ -52,7 +52,8 @@ fn miner_trains_uploads_valid_slices_and_resumes_after_a_kill() {
     assert_eq!(keys.len(), 2, "{keys:?}");
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     // No validator ran: the miner trained on genesis both times, and its slices say so.
-    let parent = bistro_train::accepted::state_hash(&params).unwrap();
+    let adam = bistro_train::public_adam::PublicAdam::zeros(params.specs());
+    let parent = bistro_train::accepted::state_hash(&params, &adam).unwrap();
     for key in &keys {
         let w: u64 = key.trim_start_matches("slice-").split('-').next().unwrap().parse().unwrap();
         let seed = rt.block_on(chain.block_hash(h.first_block(w + 1))).unwrap();
@@ -60,9 +61,9 @@ fn miner_trains_uploads_valid_slices_and_resumes_after_a_kill() {
         let meta =
             SliceMeta::new(w, "default-miner", &parent, h.compression, &h.hash().unwrap(), &model.hash().unwrap());
         let bytes = std::fs::read(dir.join("bucket").join(key)).unwrap();
-        let exp = slices::expectation(&params, &idx, meta, h.max_slice_bytes);
-        let values = slices::decode(&bytes, &exp).unwrap_or_else(|e| panic!("{key}: {e}"));
-        assert_eq!(values.len(), params.len());
+        let exp = slices::expectation(&params, &idx, meta, h.max_slice_bytes, h.codec());
+        let slice = slices::decode(&bytes, &exp).unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(slice.codes.len(), params.len());
     }
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("state/state.json")).unwrap()).unwrap();

@@ -1,8 +1,9 @@
-//! Slices: index selection properties, exact encoding, aggregation invariants, and one
-//! crafted bad file for every rejection reason.
+//! Slices: index selection properties, exact encoding of the codes, aggregation invariants,
+//! and one crafted bad file for every rejection reason.
 
 use bistro_model::{ModelConfig, Params, param_specs};
 use bistro_train::hparams::Aggregation;
+use bistro_train::slices::quant::{Codec, Quantised};
 use bistro_train::slices::{
     self, Contribution, Rejection, SliceExpectation, SliceIndices, SliceMeta, aggregate, decode, encode, slice_len,
 };
@@ -62,62 +63,73 @@ fn setup() -> (Params, SliceIndices, SliceExpectation) {
     let params = Params::genesis(&cfg, 3, &Device::Cpu).unwrap();
     let idx = SliceIndices::select(params.specs(), &[1u8; 32], 4);
     let meta = SliceMeta::new(5, "alice", "parent-a", 4, "hph", &cfg.hash().unwrap());
-    let exp = slices::expectation(&params, &idx, meta, 1 << 20);
+    let exp = slices::expectation(&params, &idx, meta, 1 << 20, Codec::TWO_BIT);
     (params, idx, exp)
 }
 
-fn honest_values(params: &Params, idx: &SliceIndices, salt: f32) -> Vec<Vec<f32>> {
-    let theta = slices::gather_params(params, idx).unwrap();
-    let grads: Vec<Vec<f32>> = theta
-        .iter()
-        .map(|t| t.iter().enumerate().map(|(j, _)| ((j as f32 + salt) * 0.37).sin() * 1e-2).collect())
-        .collect();
-    slices::step_values(&theta, &grads, 0.5)
+/// A smooth stand-in for a gradient at the slice indices.
+fn honest_grads(idx: &SliceIndices, salt: f32) -> Vec<Vec<f32>> {
+    idx.all().iter().map(|ids| (0..ids.len()).map(|j| ((j as f32 + salt) * 0.37).sin() * 1e-2).collect()).collect()
+}
+
+fn honest_codes(idx: &SliceIndices, salt: f32) -> Vec<Quantised> {
+    let dithers = slices::dithers(&[1u8; 32], "alice", idx);
+    slices::encode_gradient(&Codec::TWO_BIT, &honest_grads(idx, salt), &dithers)
 }
 
 #[test]
-fn encode_decode_is_exact_and_gradient_recoverable() {
-    let (params, idx, exp) = setup();
-    let values = honest_values(&params, &idx, 0.0);
-    let bytes = encode(&exp.meta, &exp.names, &values).unwrap();
+fn encode_decode_is_exact_and_checks_out_against_the_gradient() {
+    let (_, idx, exp) = setup();
+    let codes = honest_codes(&idx, 0.0);
+    let bytes = encode(&exp.meta, &exp.names, &Codec::TWO_BIT, &codes).unwrap();
     let back = decode(&bytes, &exp).unwrap();
-    assert_eq!(back, values);
-    let theta = slices::gather_params(&params, &idx).unwrap();
-    let g = slices::implied_gradient(&theta, &back, 0.5);
-    let expected: f32 = (0.0f32 * 0.37).sin() * 1e-2;
-    assert!((g[0][0] - expected).abs() < 1e-6);
-    let s1 = (1.0f32 * 0.37).sin() * 1e-2;
-    assert!((g[0][1] - s1).abs() / s1.abs() < 1e-4, "{} vs {s1}", g[0][1]);
+    assert_eq!(back.codes, codes);
+    assert_eq!(back.values, codes.iter().map(|q| Codec::TWO_BIT.decode(q)).collect::<Vec<_>>());
+    // The validator's check against the same gradient and the miner's public dithers: no
+    // inconsistent code, e = 0; against another gradient: inconsistent.
+    let dithers = slices::dithers(&[1u8; 32], "alice", &idx);
+    let tol = Codec::TWO_BIT.tolerance(1e-3);
+    let mut honest = slices::quant::Consistency::default();
+    let mut other = slices::quant::Consistency::default();
+    for (((g, h), q), u) in honest_grads(&idx, 0.0).iter().zip(&honest_grads(&idx, 5.0)).zip(&back.codes).zip(&dithers)
+    {
+        honest.merge(&Codec::TWO_BIT.check(g, q, u, tol));
+        other.merge(&Codec::TWO_BIT.check(h, q, u, tol));
+    }
+    assert_eq!((honest.inconsistent, honest.relative_error()), (0, 0.0), "{honest:?}");
+    assert!(other.relative_error() > 0.1, "{other:?}");
+    // The wire bytes are what the codec says: 2 bits a value and a scale per 64.
+    let wire: usize = idx.all().iter().map(|i| Codec::TWO_BIT.encoded_len(i.len())).sum();
+    assert!(bytes.len() > wire && bytes.len() < wire + 4096, "{} bytes for {wire} of codes", bytes.len());
 }
 
 #[test]
 fn aggregate_of_identical_honest_slices_is_the_single_update() {
-    let (params, idx, _) = setup();
-    let theta = slices::gather_params(&params, &idx).unwrap();
-    let v = honest_values(&params, &idx, 1.0);
+    let (_, idx, _) = setup();
+    let v = honest_grads(&idx, 1.0);
     for n in [1usize, 2, 3, 4, 8] {
         let contribs: Vec<Contribution> =
             (0..n).map(|i| Contribution { hotkey: format!("m{i}"), values: v.clone() }).collect();
         for rule in [Aggregation::Mean, Aggregation::Median, Aggregation::TrimmedMean { trim: 0.25 }] {
-            let out = aggregate(&theta, &contribs, &rule);
+            let out = aggregate(&idx.lengths(), &contribs, &rule);
             assert_eq!(out.values, v, "n = {n}, rule {rule:?}");
         }
     }
+    let none = aggregate(&idx.lengths(), &[], &Aggregation::Mean);
+    assert!(none.values.iter().flatten().all(|&x| x == 0.0) && none.used.is_empty());
 }
 
 #[test]
 fn arrival_order_does_not_change_the_result() {
-    let (params, idx, _) = setup();
-    let theta = slices::gather_params(&params, &idx).unwrap();
-    let mut contribs: Vec<Contribution> = (0..6)
-        .map(|i| Contribution { hotkey: format!("m{i}"), values: honest_values(&params, &idx, i as f32) })
-        .collect();
+    let (_, idx, _) = setup();
+    let mut contribs: Vec<Contribution> =
+        (0..6).map(|i| Contribution { hotkey: format!("m{i}"), values: honest_grads(&idx, i as f32) }).collect();
     for rule in [Aggregation::Mean, Aggregation::Median, Aggregation::TrimmedMean { trim: 0.2 }] {
-        let a = aggregate(&theta, &contribs, &rule);
+        let a = aggregate(&idx.lengths(), &contribs, &rule);
         contribs.reverse();
-        let b = aggregate(&theta, &contribs, &rule);
+        let b = aggregate(&idx.lengths(), &contribs, &rule);
         contribs.swap(0, 3);
-        let c = aggregate(&theta, &contribs, &rule);
+        let c = aggregate(&idx.lengths(), &contribs, &rule);
         let bits = |x: &Vec<Vec<f32>>| x.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.values), bits(&b.values));
         assert_eq!(bits(&a.values), bits(&c.values));
@@ -127,11 +139,13 @@ fn arrival_order_does_not_change_the_result() {
 
 #[test]
 fn every_rejection_reason_from_a_crafted_file() {
-    let (params, idx, exp) = setup();
-    let good = honest_values(&params, &idx, 2.0);
-    let good_bytes = encode(&exp.meta, &exp.names, &good).unwrap();
+    let (_, idx, exp) = setup();
+    let c = Codec::TWO_BIT;
+    let good = honest_codes(&idx, 2.0);
+    let good_bytes = encode(&exp.meta, &exp.names, &c, &good).unwrap();
     assert!(decode(&good_bytes, &exp).is_ok());
     let code = |bytes: &[u8]| decode(bytes, &exp).unwrap_err().code();
+    let wires: Vec<Vec<u8>> = good.iter().map(|q| c.to_bytes(q)).collect();
 
     // Truncated safetensors.
     assert_eq!(code(&good_bytes[..good_bytes.len() - 7]), "malformed");
@@ -150,65 +164,57 @@ fn every_rejection_reason_from_a_crafted_file() {
     assert!(matches!(decode(&good_bytes, &small), Err(Rejection::TooLarge { .. })));
     // Another hotkey's metadata (a copied slice).
     let other = SliceMeta { hotkey: "bob".into(), ..exp.meta.clone() };
-    let e = decode(&encode(&other, &exp.names, &good).unwrap(), &exp).unwrap_err();
+    let e = decode(&encode(&other, &exp.names, &c, &good).unwrap(), &exp).unwrap_err();
     assert!(matches!(&e, Rejection::Metadata { field, .. } if field == "hotkey"), "{e}");
     // A stale window.
     let stale = SliceMeta { window: 4, ..exp.meta.clone() };
     assert!(
-        matches!(decode(&encode(&stale, &exp.names, &good).unwrap(), &exp).unwrap_err(), Rejection::Metadata { field, .. } if field == "window")
+        matches!(decode(&encode(&stale, &exp.names, &c, &good).unwrap(), &exp).unwrap_err(), Rejection::Metadata { field, .. } if field == "window")
     );
     // Built on another state (red team 3, F5): its own code, never a penalty.
     let other_state = SliceMeta { parent: "another-state".into(), ..exp.meta.clone() };
-    let e = decode(&encode(&other_state, &exp.names, &good).unwrap(), &exp).unwrap_err();
+    let e = decode(&encode(&other_state, &exp.names, &c, &good).unwrap(), &exp).unwrap_err();
     assert!(matches!(&e, Rejection::StaleState { found, .. } if found == "another-state"), "{e}");
     assert_eq!(e.code(), "stale-state");
     // Wrong hparams hash.
     let hp = SliceMeta { hparams_hash: "x".into(), ..exp.meta.clone() };
-    assert_eq!(code(&encode(&hp, &exp.names, &good).unwrap()), "metadata");
-    // NaN and Inf.
-    let mut nan = good.clone();
-    nan[3][1] = f32::NAN;
-    let e = decode(&encode(&exp.meta, &exp.names, &nan).unwrap(), &exp).unwrap_err();
-    assert!(matches!(&e, Rejection::NonFinite { index: 1, .. }), "{e}");
-    let mut inf = good.clone();
-    inf[0][0] = f32::INFINITY;
-    assert_eq!(code(&encode(&exp.meta, &exp.names, &inf).unwrap()), "nan");
+    assert_eq!(code(&encode(&hp, &exp.names, &c, &good).unwrap()), "metadata");
+    // NaN, infinite and negative scales.
+    for bad in [f32::NAN, f32::INFINITY, -1.0] {
+        let mut q = good.clone();
+        q[3].scales[0] = bad;
+        let e = decode(&encode(&exp.meta, &exp.names, &c, &q).unwrap(), &exp).unwrap_err();
+        assert!(matches!(&e, Rejection::NonFinite { index: 0, .. }), "{e}");
+    }
     // Wrong length.
-    let mut short = good.clone();
+    let mut short = wires.clone();
     short[2].pop();
-    let e = decode(&encode(&exp.meta, &exp.names, &short).unwrap(), &exp).unwrap_err();
+    let e = decode(&slices::format::encode_raw(&exp.meta, &exp.names, &short).unwrap(), &exp).unwrap_err();
     assert!(matches!(&e, Rejection::WrongShape { name, .. } if name == &exp.names[2]), "{e}");
     // Missing and unexpected keys.
-    let (mut names, mut vals) = (exp.names.clone(), good.clone());
+    let (mut names, mut vals) = (exp.names.clone(), wires.clone());
     names.remove(1);
     vals.remove(1);
-    assert_eq!(code(&encode(&exp.meta, &names, &vals).unwrap()), "missing-key");
-    let (mut names, mut vals) = (exp.names.clone(), good.clone());
+    assert_eq!(code(&slices::format::encode_raw(&exp.meta, &names, &vals).unwrap()), "missing-key");
+    let (mut names, mut vals) = (exp.names.clone(), wires.clone());
     names.push("model.evil".into());
-    vals.push(vec![1.0]);
-    assert_eq!(code(&encode(&exp.meta, &names, &vals).unwrap()), "unexpected-key");
-    // Wrong dtype and a 2-D tensor.
-    let views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
-    drop(views);
-    let raw: Vec<Vec<u8>> = good.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let mut tv = Vec::new();
-    for (i, (n, b)) in exp.names.iter().zip(&raw).enumerate() {
-        let (dtype, shape) = if i == 0 {
-            (safetensors::Dtype::I32, vec![good[0].len()])
-        } else {
-            (safetensors::Dtype::F32, vec![good[i].len()])
-        };
-        tv.push((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b).unwrap()));
-    }
+    vals.push(vec![1]);
+    assert_eq!(code(&slices::format::encode_raw(&exp.meta, &names, &vals).unwrap()), "unexpected-key");
+    // Wrong dtype (protocol v3's f32 values) and a 2-D tensor.
     let meta_map: std::collections::HashMap<String, String> =
         safetensors::SafeTensors::read_metadata(&good_bytes).unwrap().1.metadata().clone().unwrap();
+    let mut tv = Vec::new();
+    for (i, (n, b)) in exp.names.iter().zip(&wires).enumerate() {
+        let (dtype, shape) =
+            if i == 0 && b.len().is_multiple_of(4) { (safetensors::Dtype::F32, vec![b.len() / 4]) } else { (safetensors::Dtype::U8, vec![b.len()]) };
+        tv.push((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b).unwrap()));
+    }
     let bytes = safetensors::serialize(tv, Some(meta_map.clone())).unwrap();
     assert_eq!(code(&bytes), "dtype");
     let mut tv = Vec::new();
-    for (i, (n, b)) in exp.names.iter().zip(&raw).enumerate() {
-        let shape =
-            if i == 1 && good[1].len().is_multiple_of(2) { vec![2, good[1].len() / 2] } else { vec![good[i].len()] };
-        tv.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b).unwrap()));
+    for (i, (n, b)) in exp.names.iter().zip(&wires).enumerate() {
+        let shape = if i == 1 && b.len().is_multiple_of(2) { vec![2, b.len() / 2] } else { vec![b.len()] };
+        tv.push((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::U8, shape, b).unwrap()));
     }
     assert_eq!(code(&safetensors::serialize(tv, Some(meta_map)).unwrap()), "shape");
 }

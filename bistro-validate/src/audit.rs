@@ -19,6 +19,7 @@
 use bistro_model::Params;
 use bistro_train::accepted::{AggregateObject, state_hash};
 use bistro_train::hparams::{Aggregation, HParams};
+use bistro_train::public_adam::{AdamStep, PublicAdam};
 use bistro_train::slices::{self, Contribution, update_norm};
 use bistro_train::sync::WindowSlices;
 
@@ -39,13 +40,14 @@ pub enum Audit {
 }
 
 /// Check `obj` (an aggregate of `ws.window`) against this validator's collection `ws`, its
-/// recomputations `results` and its state (`params`, hash `own_state`). `params` holds the
-/// same values again when this returns.
+/// recomputations `results` and its state (`params` and `adam`, hash `own_state`).
+/// `params` and `adam` hold the same values again when this returns.
 pub fn audit(
     obj: &AggregateObject,
     ws: &WindowSlices,
     results: &[MinerResult],
     params: &Params,
+    adam: &mut PublicAdam,
     own_state: &str,
     h: &HParams,
 ) -> Audit {
@@ -76,8 +78,9 @@ pub fn audit(
             ));
         }
         match (&peer.outcome, &peer.sha256) {
-            (Ok(values), Some(sha)) if *sha == inc.sha256 => {
-                let norm = update_norm(&ws.theta_at_i, values);
+            (Ok(slice), Some(sha)) if *sha == inc.sha256 => {
+                let values = &slice.values;
+                let norm = update_norm(values);
                 if (norm - inc.norm).abs() > 1e-9 * norm.max(inc.norm) + 1e-15 {
                     return Audit::Dispute(format!(
                         "norm: {} has update norm {norm:.6e}, the aggregate lists {:.6e}",
@@ -85,8 +88,7 @@ pub fn audit(
                     ));
                 }
                 let f = set.factor(inc);
-                let values =
-                    if f != 1.0 { slices::aggregate::scaled_update(&ws.theta_at_i, values, f) } else { values.clone() };
+                let values = if f != 1.0 { slices::aggregate::scaled_update(values, f) } else { values.clone() };
                 known.push(Contribution { hotkey: inc.hotkey.clone(), values });
             }
             _ => unknown.push(inc),
@@ -101,7 +103,7 @@ pub fn audit(
         ));
     }
     if unknown.is_empty() {
-        let agg = slices::aggregate(&ws.theta_at_i, &known, &h.aggregation);
+        let agg = slices::aggregate(&ws.indices.lengths(), &known, &h.aggregation);
         let same = agg
             .values
             .iter()
@@ -118,17 +120,17 @@ pub fn audit(
                 set.included.len()
             ));
         }
-        // Under the mean, n * (theta - values) - (the deltas in hand) is the sum of the
-        // missing deltas: no longer than the sum of their listed norms.
+        // Under the mean, n * values - (the slices in hand) is the sum of the missing
+        // slices: no longer than the sum of their listed norms.
         let n = set.included.len() as f64;
         let mut rest_sq = 0f64;
         let mut scale_sq = 0f64;
-        for (p, theta) in ws.theta_at_i.iter().enumerate() {
-            for (j, &t) in theta.iter().enumerate() {
-                let total = n * (t as f64 - obj.values[p][j] as f64);
-                let in_hand: f64 = known.iter().map(|c| t as f64 - c.values[p][j] as f64).sum();
+        for (p, combined) in obj.values.iter().enumerate() {
+            for (j, &g) in combined.iter().enumerate() {
+                let total = n * g as f64;
+                let in_hand: f64 = known.iter().map(|c| c.values[p][j] as f64).sum();
                 rest_sq += (total - in_hand).powi(2);
-                scale_sq += (t as f64).powi(2);
+                scale_sq += (g as f64).powi(2);
             }
         }
         let allowed: f64 = unknown.iter().map(|i| i.norm * set.factor(i)).sum();
@@ -141,7 +143,7 @@ pub fn audit(
             ));
         }
     }
-    match produced_state(params, ws, &obj.values) {
+    match produced_state(params, adam, ws, obj, h) {
         Ok(s) if s == set.state => Audit::Attest,
         Ok(s) => {
             Audit::Dispute(format!("state: the values produce {}, the aggregate names {}", &s[..12], &set.state[..12]))
@@ -150,11 +152,23 @@ pub fn audit(
     }
 }
 
-/// The state hash `values` at the window's indices produce from `params` (`theta_w`),
-/// restoring `params` before returning.
-pub(crate) fn produced_state(params: &Params, ws: &WindowSlices, values: &[Vec<f32>]) -> bistro_model::Result<String> {
-    let written = slices::scatter_params(params, &ws.indices, values);
-    let state = written.and_then(|()| state_hash(params));
-    slices::scatter_params(params, &ws.indices, &ws.theta_at_i)?;
+/// The state hash `obj` produces from `params` and `adam` (the state of `ws.window`): the
+/// public AdamW step with its values at the window's indices (none when nothing was
+/// included), written, hashed and undone before returning.
+pub(crate) fn produced_state(
+    params: &Params,
+    adam: &mut PublicAdam,
+    ws: &WindowSlices,
+    obj: &AggregateObject,
+    h: &HParams,
+) -> bistro_model::Result<String> {
+    if obj.set.included.is_empty() {
+        return state_hash(params, adam);
+    }
+    let before = adam.read(&ws.theta_at_i, &ws.indices);
+    let after = adam.step_at(&ws.theta_at_i, &obj.values, &ws.indices, &AdamStep::of(h, ws.window));
+    let written = adam.write(params, &ws.indices, &after);
+    let state = written.and_then(|()| state_hash(params, adam));
+    adam.write(params, &ws.indices, &before)?;
     state
 }

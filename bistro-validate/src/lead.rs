@@ -23,6 +23,7 @@ use std::path::Path;
 use bistro_model::Params;
 use bistro_train::accepted::{self, AcceptedSet, AggregateObject, Excluded, Included};
 use bistro_train::hparams::HParams;
+use bistro_train::public_adam::PublicAdam;
 use bistro_train::slices::{self, Contribution, update_norm};
 use bistro_train::sync::WindowSlices;
 use serde::{Deserialize, Serialize};
@@ -103,7 +104,7 @@ pub fn decide(
     let norms: BTreeMap<&str, f64> = ws
         .peers
         .iter()
-        .filter_map(|p| p.outcome.as_ref().ok().map(|v| (p.hotkey.as_str(), update_norm(&ws.theta_at_i, v))))
+        .filter_map(|p| p.outcome.as_ref().ok().map(|v| (p.hotkey.as_str(), update_norm(&v.values))))
         .collect();
     // Norms of slices proven honest this window join the reference.
     let honest_now: Vec<f64> = by_hotkey
@@ -130,7 +131,7 @@ pub fn decide(
         let exclude =
             |reason: &str, detail: String| Excluded { hotkey: p.hotkey.clone(), reason: reason.into(), detail };
         let values = match &p.outcome {
-            Ok(v) => v,
+            Ok(v) => &v.values,
             Err(r) => {
                 d.excluded.push(exclude(r.code(), r.to_string()));
                 continue;
@@ -185,38 +186,38 @@ pub fn decide(
     for (c, inc) in d.contributions.iter_mut().zip(&d.included) {
         let f = accepted::record_factor(&d.included, record_clip, inc);
         if f != 1.0 {
-            c.values = slices::aggregate::scaled_update(&ws.theta_at_i, &c.values, f);
+            c.values = slices::aggregate::scaled_update(&c.values, f);
         }
     }
     d
 }
 
-/// Build the aggregate of a decision over `theta_w` (held in `params`, whose hash is
-/// `parent`): merged values at the window's indices, and the state they produce. The state
-/// is hashed by writing the new values into `params` and writing `theta_w[I]` back (only the
-/// window's coordinates change, so no copy of the whole model is needed); `params` holds
-/// `theta_w` again, bit for bit, when this returns, also on error.
+/// Build the aggregate of a decision over the state of `ws.window` (`params` and `adam`,
+/// whose hash is `parent`): the combined gradient at the window's indices, and the state
+/// its public AdamW step produces. The state is hashed by writing the step and undoing it
+/// (only the window's coordinates change, so no copy of the whole state is needed);
+/// `params` and `adam` hold the same values again, bit for bit, when this returns.
 pub fn build(
     params: &Params,
+    adam: &mut PublicAdam,
     parent: &str,
     ws: &WindowSlices,
     decision: &Decision,
     lead: &str,
     h: &HParams,
 ) -> bistro_model::Result<AggregateObject> {
-    let agg = slices::aggregate(&ws.theta_at_i, &decision.contributions, &h.aggregation);
-    let state = crate::audit::produced_state(params, ws, &agg.values)?;
-    Ok(AggregateObject {
-        set: AcceptedSet {
+    let agg = slices::aggregate(&ws.indices.lengths(), &decision.contributions, &h.aggregation);
+    let set = AcceptedSet {
             window: ws.window,
             lead: lead.to_string(),
             parent: parent.to_string(),
-            state,
+            state: String::new(),
             included: decision.included.clone(),
             excluded: decision.excluded.clone(),
             scored: decision.scored,
             record_clip: decision.record_clip,
-        },
-        values: agg.values,
-    })
+    };
+    let mut obj = AggregateObject { set, values: agg.values };
+    obj.set.state = crate::audit::produced_state(params, adam, ws, &obj, h)?;
+    Ok(obj)
 }

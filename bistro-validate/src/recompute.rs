@@ -1,6 +1,6 @@
-//! Recomputation: a miner's gradient recomputed on its pages at `theta_w` and compared with
-//! the gradient its slice implies, through the scoring device's norm kernel; which miners to
-//! recompute, in a private order.
+//! Recomputation: a miner's gradient recomputed on its pages at `theta_w` and its slice's
+//! codes checked against it code by code ([`check_codes`]); which miners to recompute, in a
+//! private order.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -54,9 +54,12 @@ pub struct MinerResult {
     pub hotkey: String,
     /// `ok` or a rejection code.
     pub status: String,
-    /// `R = -||g_m - g_v||` (NaN when the slice was invalid and nothing was recomputed).
+    /// `R = -||decoded codes - nearest consistent codes||`: minus how far the slice is from
+    /// any upload consistent with the recomputed gradient (NaN when the slice was invalid and
+    /// nothing was recomputed).
     pub r: f64,
-    /// `e` (1 for a missing or invalid slice: `g_m = 0`).
+    /// `e`: `-R` relative to the recomputed gradient's norm (0 for an honest miner; 1 for a
+    /// missing or invalid slice).
     pub e: f64,
     /// Whether `g_v` was recomputed (a valid slice); invalid slices score `e = 1` without it.
     pub recomputed: bool,
@@ -130,19 +133,16 @@ impl Scorer {
         stop: &AtomicBool,
         budget: Option<&Budget>,
     ) -> Result<Vec<MinerResult>, ValidatorError> {
-        let eta = self.hparams.learning_rate_at(ws.window) as f32;
         let model = Llama::new(theta_w)?;
-        let norm = bistro_kernels::NormKernel::for_device(cuda_ordinal(&self.device))?;
-        let theta_flat: Vec<f32> = ws.theta_at_i.iter().flatten().copied().collect();
-        let shared = Shared { model: &model, theta_w, ws, theta_flat: &theta_flat, norm: &norm, eta };
+        let shared = Shared { model: &model, theta_w, ws };
         let mut out = Vec::with_capacity(miners.len());
         let mut waiting = Vec::new();
         for (uid, hotkey) in miners {
             if stop.load(Ordering::Relaxed) {
                 return Ok(out);
             }
-            let slice_flat: Vec<f32> = match ws.peers.iter().find(|p| &p.hotkey == hotkey).map(|p| &p.outcome) {
-                Some(Ok(values)) => values.iter().flatten().copied().collect(),
+            let slice = match ws.peers.iter().find(|p| &p.hotkey == hotkey).map(|p| &p.outcome) {
+                Some(Ok(slice)) => slice,
                 Some(Err(r)) => {
                     out.push(MinerResult::unrecomputed(*uid, hotkey, r.code()));
                     continue;
@@ -156,15 +156,15 @@ impl Scorer {
                 && b.probation.contains(hotkey)
                 && Instant::now() >= b.probation_end
             {
-                waiting.push((*uid, hotkey, slice_flat));
+                waiting.push((*uid, hotkey, slice));
                 continue;
             }
-            if let Some(r) = self.recompute(&shared, *uid, hotkey, &slice_flat, stop, budget)? {
+            if let Some(r) = self.recompute(&shared, *uid, hotkey, slice, stop, budget)? {
                 out.push(r);
             }
         }
-        for (uid, hotkey, slice_flat) in waiting {
-            if let Some(r) = self.recompute(&shared, uid, hotkey, &slice_flat, stop, budget)? {
+        for (uid, hotkey, slice) in waiting {
+            if let Some(r) = self.recompute(&shared, uid, hotkey, slice, stop, budget)? {
                 out.push(r);
             }
         }
@@ -178,7 +178,7 @@ impl Scorer {
         s: &Shared<'_>,
         uid: u16,
         hotkey: &str,
-        slice_flat: &[f32],
+        slice: &slices::SliceUpdate,
         stop: &AtomicBool,
         budget: Option<&Budget>,
     ) -> Result<Option<MinerResult>, ValidatorError> {
@@ -195,15 +195,14 @@ impl Scorer {
             Err(step::StepError::Cancelled) if budget.is_some_and(Budget::over) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let gv: Vec<f32> = slices::gather_grads(&grad.grads, &s.ws.indices)?.into_iter().flatten().collect();
-        let norms = s.norm.diff_norms(s.theta_flat, &gv, s.eta, &[slice_flat])?;
-        let e = norms.relative_errors()[0];
+        let gv = slices::gather_grads(&grad.grads, &s.ws.indices)?;
+        let c = check_codes(h, &s.ws.seed, hotkey, &s.ws.indices, &gv, slice);
         Ok(Some(MinerResult {
             uid,
             hotkey: hotkey.to_string(),
             status: "ok".into(),
-            r: -norms.sq_dist[0].sqrt(),
-            e,
+            r: -c.excess_sq.sqrt(),
+            e: c.relative_error(),
             recomputed: true,
         }))
     }
@@ -215,11 +214,34 @@ struct Shared<'a> {
     model: &'a Llama,
     theta_w: &'a Params,
     ws: &'a WindowSlices,
-    /// `theta_w[I]`, flattened.
-    theta_flat: &'a [f32],
-    norm: &'a bistro_kernels::NormKernel,
-    /// The window's learning rate.
-    eta: f32,
+}
+
+/// Check `hotkey`'s codes in `slice` against the recomputed gradient `gv` at `indices`
+/// (the window of `seed`), tensor by tensor with the miner's public dithers, under the
+/// network's code tolerance ([`bistro_train::slices::quant::Codec::check`]). Its
+/// [`relative_error`](bistro_train::slices::quant::Consistency::relative_error) is the `e`
+/// a miner is scored by: 0 for an honest miner.
+pub fn check_codes(
+    h: &HParams,
+    seed: &[u8],
+    hotkey: &str,
+    indices: &slices::SliceIndices,
+    gv: &[Vec<f32>],
+    slice: &slices::SliceUpdate,
+) -> slices::quant::Consistency {
+    let codec = h.codec();
+    let tol = h.code_tolerance();
+    let dithers = slices::dithers(seed, hotkey, indices);
+    let mut total = slices::quant::Consistency::default();
+    if slice.codes.len() != gv.len() {
+        // Decoded slices always hold every parameter; anything else fails as a whole.
+        total.excess_sq = f64::INFINITY;
+        return total;
+    }
+    for ((x, q), u) in gv.iter().zip(&slice.codes).zip(&dithers) {
+        total.merge(&codec.check(x, q, u, tol));
+    }
+    total
 }
 
 /// The CUDA device the norm kernel runs on for a scoring `device` (`None`: the CPU kernel).

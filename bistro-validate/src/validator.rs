@@ -278,7 +278,7 @@ impl Validator {
         let decision = lead::decide(&ws, &results, &self.board, &self.norms, &h);
         let me = self.node.cfg.hotkey.clone();
         let parent = self.node.state_hash.clone();
-        let obj = lead::build(&self.node.params, &parent, &ws, &decision, &me, &h)?;
+        let obj = lead::build(&self.node.params, &mut self.node.adam, &parent, &ws, &decision, &me, &h)?;
         let expect = self.node.ctx.aggregate_expectation(&self.node.params, &ws.indices, w);
         let bytes = bytes::Bytes::from(
             bistro_train::accepted::encode(&expect, &obj)
@@ -402,9 +402,12 @@ impl Validator {
         }
         // Live, wait a little for validators with more stake to offer theirs.
         let settle = lead_cutoff.max(now_ms()) + h.fallback_wait_ms / 4;
-        for p in
-            publishers.iter().filter(|p| p.hotkey != lead.hotkey && !self.node.skipped_among(&publishers, &p.hotkey, w))
-        {
+        let candidates: Vec<_> = publishers
+            .iter()
+            .filter(|p| p.hotkey != lead.hotkey && !self.node.skipped_among(&publishers, &p.hotkey, w))
+            .cloned()
+            .collect();
+        for p in &candidates {
             let found = loop {
                 let f = self.node.try_publisher_until(p, &work.ws.indices, w, pace, settle, &mut stalled).await;
                 if f.is_some() || pace == Pace::Lockstep || stalled.contains(&p.hotkey) || now_ms() >= settle {
@@ -428,7 +431,7 @@ impl Validator {
         self.publish_statements(w, statements).await
     }
 
-    fn audit_found(&self, f: &Found, work: &Work) -> Audit {
+    fn audit_found(&mut self, f: &Found, work: &Work) -> Audit {
         if f.from == self.node.cfg.hotkey {
             return if f.digest == bistro_train::accepted::bytes_sha256(&work.bytes) {
                 Audit::Attest
@@ -436,7 +439,8 @@ impl Validator {
                 Audit::Abstain("own bucket holds another aggregate".into())
             };
         }
-        audit(&f.obj, &work.ws, &work.results, &self.node.params, &work.parent, &self.node.cfg.hparams)
+        let node = &mut self.node;
+        audit(&f.obj, &work.ws, &work.results, &node.params, &mut node.adam, &work.parent, &node.cfg.hparams)
     }
 
     async fn publish_statements(&self, w: u64, statements: Vec<Statement>) -> Result<(), ValidatorError> {

@@ -1,6 +1,7 @@
 //! One honest miner and many dishonest ones, scored by the real validator code over real
-//! buckets and a real (local) chain: the honest miner has the smallest `e` (float noise),
-//! every cheater is clearly separated, and the weights follow.
+//! buckets and a real (local) chain: the honest miner's codes (computed through another f32
+//! path than the validator's: other micro-batches) check out exactly (`e` = 0), every
+//! cheater is clearly separated, and the weights follow.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -70,11 +71,12 @@ fn world() -> World {
 }
 
 impl World {
+    /// A miner's gradient, in micro-batches of 3 rows (the validator's are 8).
     fn gradient(&self, hotkey: &str, window: u64, pages: usize) -> Vec<candle_core::Tensor> {
         let p = self.dataset.pages(&self.h.network, hotkey, window, self.h.pages_per_window);
         let batch = self.h.window_batch(&self.dataset, &self.tokenizer, &p[..pages]).unwrap();
         let model = Llama::new(&self.params).unwrap();
-        step::window_gradient(&model, &self.params, &batch, 8, &Device::Cpu, || true).unwrap().grads
+        step::window_gradient(&model, &self.params, &batch, 3, &Device::Cpu, || true).unwrap().grads
     }
 
     /// What each strategy uploads for `window` (None: nothing).
@@ -84,43 +86,49 @@ impl World {
         hotkey: &str,
         window: u64,
         idx: &SliceIndices,
-        honest_values: &[Vec<f32>],
+        honest: Option<&slices::SliceUpdate>,
     ) -> Option<Vec<u8>> {
-        let eta = self.h.learning_rate_at(window);
-        let theta = slices::gather_params(&self.params, idx).unwrap();
+        let seed = w_seed(&self.ctx, window);
+        let codec = self.h.codec();
         let names: Vec<String> = self.params.specs().iter().map(|s| s.name.clone()).collect();
         let meta = self.ctx.meta(window, hotkey, PARENT);
-        let honest_of = |hk: &str, w: u64, pages: usize| {
-            let g = slices::gather_grads(&self.gradient(hk, w, pages), idx).unwrap();
-            slices::step_values(&theta, &g, eta)
-        };
+        let dithers = slices::dithers(&seed, hotkey, idx);
+        let grad_of = |hk: &str, w: u64, pages: usize| slices::gather_grads(&self.gradient(hk, w, pages), idx).unwrap();
+        let filled = |x: f32| -> Vec<Vec<f32>> { idx.all().iter().map(|i| vec![x; i.len()]).collect() };
         let values: Vec<Vec<f32>> = match strategy {
-            "honest" => honest_of(hotkey, window, self.h.pages_per_window),
+            "honest" | "nan" => grad_of(hotkey, window, self.h.pages_per_window),
             "idle" => return None,
-            "zeros" => theta.iter().map(|t| vec![0.0; t.len()]).collect(),
-            "noise" => theta
+            "zeros" => filled(0.0),
+            "noise" => idx
+                .all()
                 .iter()
                 .enumerate()
-                .map(|(p, t)| {
-                    t.iter().enumerate().map(|(j, &x)| x + 1e-3 * (((p * 7919 + j) as f32) * 0.618).sin()).collect()
-                })
+                .map(|(p, ids)| (0..ids.len()).map(|j| 1e-3 * (((p * 7919 + j) as f32) * 0.618).sin()).collect())
                 .collect(),
-            // Re-upload the honest miner's slice under this hotkey.
-            "copycat" => honest_values.to_vec(),
-            "wrong-pages" => honest_of("someone-else", window, self.h.pages_per_window),
-            // Last window's work relabelled as this window's.
-            "stale" => honest_of(hotkey, window.saturating_sub(1), self.h.pages_per_window),
-            "poison" => theta.iter().map(|t| t.iter().map(|x| x - 1e6).collect()).collect(),
-            "lazy" => honest_of(hotkey, window, self.h.pages_per_window / 2),
-            "nan" => {
-                let mut v = honest_of(hotkey, window, self.h.pages_per_window);
-                v[0][0] = f32::NAN;
-                v
+            // Re-upload the honest miner's codes under this hotkey.
+            "copycat" => {
+                let codes = &honest.expect("the honest slice first").codes;
+                return Some(slices::encode(&meta, &names, &codec, codes).unwrap());
             }
+            "wrong-pages" => grad_of("someone-else", window, self.h.pages_per_window),
+            // Last window's work relabelled as this window's.
+            "stale" => grad_of(hotkey, window.saturating_sub(1), self.h.pages_per_window),
+            "poison" => filled(-1e6),
+            "lazy" => grad_of(hotkey, window, self.h.pages_per_window / 2),
             other => panic!("unknown strategy {other}"),
         };
-        Some(slices::encode(&meta, &names, &values).unwrap())
+        let mut codes = slices::encode_gradient(&codec, &values, &dithers);
+        if strategy == "nan" {
+            codes[0].scales[0] = f32::NAN;
+        }
+        Some(slices::encode(&meta, &names, &codec, &codes).unwrap())
     }
+}
+
+/// The window's seed (its next window's first block hash; that block exists).
+fn w_seed(ctx: &SyncContext, window: u64) -> [u8; 32] {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| rt.block_on(ctx.seed(window))).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,14 +157,15 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
         w.chain.wait_for_block(w.h.first_block(window + 1), Duration::from_secs(10)).await.unwrap();
         let seed = w.ctx.seed(window).await.unwrap();
         let idx = SliceIndices::select(w.params.specs(), &seed, w.h.compression);
-        let honest_values = {
-            let bytes = w.slice_for("honest", &hotkeys["honest"], window, &idx, &[]).unwrap();
-            let exp = slices::expectation(&w.params, &idx, w.ctx.meta(window, &hotkeys["honest"], PARENT), u64::MAX);
+        let honest = {
+            let bytes = w.slice_for("honest", &hotkeys["honest"], window, &idx, None).unwrap();
+            let meta = w.ctx.meta(window, &hotkeys["honest"], PARENT);
+            let exp = slices::expectation(&w.params, &idx, meta, u64::MAX, w.h.codec());
             slices::decode(&bytes, &exp).unwrap()
         };
         for s in STRATEGIES {
             let hk = &hotkeys[s];
-            if let Some(bytes) = w.slice_for(s, hk, window, &idx, &honest_values) {
+            if let Some(bytes) = w.slice_for(s, hk, window, &idx, Some(&honest)) {
                 let bucket = Bucket::open(&format!("memory://adv-{hk}"), &BucketOptions::default()).unwrap();
                 bucket.put(&bistro_train::protocol::slice_key(window, hk), Bytes::from(bytes)).await.unwrap();
             }
@@ -186,7 +195,7 @@ async fn honest_miner_is_separated_from_every_cheater_and_earns_the_weight() {
     }
     eprintln!("{report}");
     let honest_max = all_e["honest"].iter().cloned().fold(0.0, f64::max);
-    assert!(honest_max < 1e-4, "honest e should be float noise:\n{report}");
+    assert_eq!(honest_max, 0.0, "honest codes should check out exactly:\n{report}");
     for s in STRATEGIES.iter().filter(|s| **s != "honest") {
         let min_e = all_e[*s].iter().cloned().fold(f64::INFINITY, f64::min);
         assert!(

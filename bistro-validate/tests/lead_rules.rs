@@ -4,6 +4,7 @@
 
 use bistro_model::Params;
 use bistro_train::accepted::state_hash;
+use bistro_train::public_adam::PublicAdam;
 use bistro_train::protocol::RECORD_WEIGHT;
 use bistro_train::slices::{self, SliceIndices, update_norm};
 use bistro_train::sync::{PeerSlice, WindowSlices};
@@ -16,6 +17,7 @@ use candle_core::Device;
 struct Window {
     h: bistro_train::hparams::HParams,
     params: Params,
+    adam: PublicAdam,
     parent: String,
     ws: WindowSlices,
     results: Vec<MinerResult>,
@@ -23,23 +25,28 @@ struct Window {
     history: NormHistory,
 }
 
-/// Two honest miners recomputed this window (updates of norm about 1 and 1.2) and a
-/// "patient" miner not recomputed, with an honest record, uploading an anti-update at
-/// 2.7 times the honest norm (inside the outlier bound of 3).
+/// A slice's decoded values without codes (the lead's rules and the audit read the values).
+fn update(values: Vec<Vec<f32>>) -> slices::SliceUpdate {
+    slices::SliceUpdate { codes: Vec::new(), values }
+}
+
+/// Two honest miners recomputed this window (gradients of norm 1 and 1.2 along one
+/// direction) and a "patient" miner not recomputed, with an honest record, uploading the
+/// opposite direction at 2.7 times the honest norm (inside the outlier bound of 3).
 fn window(dir: &std::path::Path) -> Window {
     let (h, model) = bistro_train::hparams::write_test_network(dir, |_| {}).unwrap();
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
-    let parent = state_hash(&params).unwrap();
+    let adam = PublicAdam::zeros(params.specs());
+    let parent = state_hash(&params, &adam).unwrap();
     let indices = SliceIndices::select(params.specs(), &[7u8; 32], h.compression);
     let theta = slices::gather_params(&params, &indices).unwrap();
     let n: usize = theta.iter().map(Vec::len).sum();
     let unit = 1.0 / (n as f32).sqrt();
-    let shifted =
-        |k: f32| -> Vec<Vec<f32>> { theta.iter().map(|t| t.iter().map(|x| x - k * unit).collect()).collect() };
+    let shifted = |k: f32| -> Vec<Vec<f32>> { theta.iter().map(|t| vec![k * unit; t.len()]).collect() };
     let peer = |uid: u16, hotkey: &str, values: Vec<Vec<f32>>| PeerSlice {
         uid,
         hotkey: hotkey.into(),
-        outcome: Ok(values.clone()),
+        outcome: Ok(update(values)),
         sha256: Some(format!("{uid:064x}")),
     };
     let ws = WindowSlices {
@@ -68,7 +75,7 @@ fn window(dir: &std::path::Path) -> Window {
     }
     let mut history = NormHistory::default();
     history.push(2, vec![1.0, 1.1], h.norm_history_windows);
-    Window { h, params, parent, ws, results, board, history }
+    Window { h, params, adam, parent, ws, results, board, history }
 }
 
 /// Red team 3, F6: a miner with an honest record could push its whole update, up to the
@@ -77,7 +84,7 @@ fn window(dir: &std::path::Path) -> Window {
 #[test]
 fn f6_a_slice_included_on_its_record_is_clipped_and_weighted() {
     let tmp = tempfile::tempdir().unwrap();
-    let w = window(tmp.path());
+    let mut w = window(tmp.path());
     let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
     let included: Vec<(&str, Option<f64>)> = d.included.iter().map(|i| (i.hotkey.as_str(), i.e)).collect();
     assert_eq!(included, vec![("honest-a", Some(1e-7)), ("honest-b", Some(1e-7)), ("patient", None)]);
@@ -87,7 +94,8 @@ fn f6_a_slice_included_on_its_record_is_clipped_and_weighted() {
         slices::aggregate::median(&n)
     };
     assert_eq!(d.record_clip.to_bits(), median.to_bits(), "clipped to the median recomputed norm");
-    let obj = lead::build(&w.params, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
+    let obj = lead::build(&w.params, &mut w.adam, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
+    assert_eq!(state_hash(&w.params, &w.adam).unwrap(), w.parent, "building the aggregate left the state as it was");
     // The patient's share of the mean: weight 0.5 of 2.5, clipped to the median (1.1),
     // where unbounded it would have been a third of 2.7.
     let patient = &obj.set.included[2];
@@ -98,20 +106,23 @@ fn f6_a_slice_included_on_its_record_is_clipped_and_weighted() {
     assert!(effective < 0.25 * patient.norm / 3.0, "the clip and weight cut its push by less than 4x");
     // The aggregate still moves the model the honest way: the mean of the three signed
     // updates is positive along the honest direction.
-    let moved = update_norm(&w.ws.theta_at_i, &obj.values);
+    let moved = update_norm(&obj.values);
     assert!(moved > 0.5, "the honest update was cancelled: {moved}");
-    // And an auditor with the same view attests it.
-    assert_eq!(audit(&obj, &w.ws, &w.results, &w.params, &w.parent, &w.h), Audit::Attest);
+    // And an auditor with the same view attests it, and leaves its state as it was.
+    assert_eq!(audit(&obj, &w.ws, &w.results, &w.params, &mut w.adam, &w.parent, &w.h), Audit::Attest);
+    assert_eq!(state_hash(&w.params, &w.adam).unwrap(), w.parent);
 }
 
 /// Red team 3, F1: what an auditor holding the same slices catches.
 #[test]
 fn f1_an_auditor_disputes_each_kind_of_lie() {
     let tmp = tempfile::tempdir().unwrap();
-    let w = window(tmp.path());
+    let mut w = window(tmp.path());
     let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
-    let honest = lead::build(&w.params, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
-    let check = |o: &bistro_train::accepted::AggregateObject| audit(o, &w.ws, &w.results, &w.params, &w.parent, &w.h);
+    let honest = lead::build(&w.params, &mut w.adam, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
+    let check = |o: &bistro_train::accepted::AggregateObject| {
+        audit(o, &w.ws, &w.results, &w.params, &mut w.adam.clone(), &w.parent, &w.h)
+    };
     let code = |a: Audit| match a {
         Audit::Dispute(r) => r.split(':').next().unwrap_or_default().to_string(),
         other => format!("{other:?}"),
@@ -144,7 +155,7 @@ fn f1_an_auditor_disputes_each_kind_of_lie() {
     let mut results = w.results.clone();
     results[0].e = 1.0;
     assert!(
-        matches!(audit(&honest, &w.ws, &results, &w.params, &w.parent, &w.h), Audit::Dispute(r) if r.starts_with("dishonest-included"))
+        matches!(audit(&honest, &w.ws, &results, &w.params, &mut w.adam.clone(), &w.parent, &w.h), Audit::Dispute(r) if r.starts_with("dishonest-included"))
     );
     // Another parent: this validator cannot judge it.
     let mut other = honest.clone();
@@ -162,14 +173,16 @@ fn f9_f13_zero_norm_sybils_do_not_steer_the_outlier_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let mut w = window(tmp.path());
     // The "patient" slot becomes an honest miner on record at 2.5 times the recomputed
-    // norm (inside the bound of 3), and five sybils with honest records upload s = theta.
+    // norm (inside the bound of 3), and five sybils with honest records upload zeros.
     let theta = w.ws.theta_at_i.clone();
     let n: usize = theta.iter().map(Vec::len).sum();
     let unit = 1.0 / (n as f32).sqrt();
-    w.ws.peers[2].outcome = Ok(theta.iter().map(|t| t.iter().map(|x| x - 2.5 * unit).collect()).collect());
+    w.ws.peers[2].outcome = Ok(update(theta.iter().map(|t| vec![2.5 * unit; t.len()]).collect()));
+    let zeros: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
     for i in 0..5u16 {
         let hk = format!("sybil-{i}");
-        w.ws.peers.push(PeerSlice { uid: 10 + i, hotkey: hk.clone(), outcome: Ok(theta.clone()), sha256: None });
+        let outcome = Ok(update(zeros.clone()));
+        w.ws.peers.push(PeerSlice { uid: 10 + i, hotkey: hk.clone(), outcome, sha256: None });
         for x in 0..3 {
             w.board.update(10 + i, &hk, x, 1.0, w.h.ema_alpha);
         }

@@ -32,9 +32,15 @@ fn window(dir: &std::path::Path) -> Window {
     let theta = slices::gather_params(&params, &indices).unwrap();
     let mut miners: Vec<(u16, String)> = (0..6).map(|i| (i, format!("sybil-{i}"))).collect();
     miners.extend([(6, "established-a".to_string()), (7, "established-b".to_string())]);
+    let zeros: Vec<Vec<f32>> = indices.lengths().into_iter().map(|n| vec![0.0; n]).collect();
     let peers = miners
         .iter()
-        .map(|(uid, hk)| PeerSlice { uid: *uid, hotkey: hk.clone(), outcome: Ok(theta.clone()), sha256: None })
+        .map(|(uid, hk)| {
+            let codes =
+                slices::encode_gradient(&h.codec(), &zeros, &slices::dithers(&[7u8; 32], hk, &indices));
+            let outcome = Ok(slices::SliceUpdate { codes, values: zeros.clone() });
+            PeerSlice { uid: *uid, hotkey: hk.clone(), outcome, sha256: None }
+        })
         .collect();
     let ws = WindowSlices { window: 3, seed: [7u8; 32], indices, theta_at_i: theta, peers };
     let scorer = Scorer {

@@ -85,6 +85,7 @@ fn main() -> BoxResult<()> {
     let dev = Device::Cpu;
     let cfg = ModelConfig::preset(&preset)?;
     let params = Params::genesis(&cfg, h.genesis_seed, &dev)?;
+    let mut adam = bistro_train::public_adam::PublicAdam::zeros(params.specs());
     let dataset = Dataset::open(&h.dataset, h.rows_per_page)?;
     let tokenizer = TextTokenizer::open(&h.tokenizer)?;
     let f32_model = Llama::new(&params)?;
@@ -133,12 +134,15 @@ fn main() -> BoxResult<()> {
                 );
             }
         }
-        // Train on as the protocol does with one honest miner: theta_{w+1}[I] = theta_w[I] -
-        // eta * g[I] at the window's slice coordinates I, the rest unchanged.
-        let indices = SliceIndices::select(params.specs(), &w.to_le_bytes(), h.compression);
-        let theta_at_i = slices::gather_params(&params, &indices)?;
+        // Train on as the protocol does with one honest miner: its codes at the window's slice
+        // coordinates I, decoded, through the public AdamW step; the rest unchanged.
+        let seed = w.to_le_bytes();
+        let indices = SliceIndices::select(params.specs(), &seed, h.compression);
         let g_at_i = slices::gather_grads(&gv.grads, &indices)?;
-        slices::scatter_params(&params, &indices, &slices::step_values(&theta_at_i, &g_at_i, h.learning_rate_at(w)))?;
+        let codec = h.codec();
+        let codes = slices::encode_gradient(&codec, &g_at_i, &slices::dithers(&seed, "precision", &indices));
+        let decoded: Vec<Vec<f32>> = codes.iter().map(|q| codec.decode(q)).collect();
+        adam.apply(&params, &indices, &decoded, &bistro_train::public_adam::AdamStep::of(&h, w))?;
     }
     let summary: Vec<String> = worst.iter().map(|(n, e)| format!(r#""{n}":{e:.3e}"#)).collect();
     println!(r#"{{"what":"honest_e_max","model":"{preset}","windows":{windows},{}}}"#, summary.join(","));

@@ -2,7 +2,8 @@
 //! validator and applied, byte for byte, by every node.
 //!
 //! An aggregate is a safetensors file with one 1-D f32 tensor per parameter (canonical
-//! names and order): `theta_{w+1}` at the window's slice indices. Its metadata says which
+//! names and order): the combined gradient at the window's slice indices, which every node
+//! applies through the public AdamW ([`crate::public_adam`]). Its metadata says which
 //! state it applies to and which it produces (both [`state_hash`]es), who decided it, and
 //! every included hotkey with the sha256 of its slice bytes and every excluded hotkey with
 //! the reason. Object key: [`crate::protocol::aggregate_key`], in the publishing validator's bucket.
@@ -20,26 +21,44 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::protocol::{AGGREGATE_METADATA_BYTES, PROTOCOL_VERSION, tags};
+use crate::public_adam::PublicAdam;
 use crate::slices::Rejection;
 use crate::slices::format::{header_bound, parse_bounded};
 
 /// Metadata value of `kind` in an aggregate.
 const KIND: &str = "aggregate";
 
-/// Hex sha256 of the full model state: `"bistro/state/v2"`, then for every parameter in
-/// canonical order its name length (u64 LE), name, element count (u64 LE) and values (f32 LE).
-pub fn state_hash(params: &Params) -> bistro_model::Result<String> {
+/// Hex sha256 of the full shared state (parameters and public optimizer state), from one
+/// leaf per parameter computed in parallel: `sha256("bistro/state/v3" || for every
+/// parameter in canonical order: name length (u64 LE) || name || element count (u64 LE) ||
+/// leaf)`, where `leaf = sha256(values f32 LE || m f32 LE || v f32 LE || t u32 LE)`.
+pub fn state_hash(params: &Params, adam: &PublicAdam) -> bistro_model::Result<String> {
+    use rayon::prelude::*;
+    let specs = params.specs();
+    if adam.m.len() != specs.len() {
+        return Err(bistro_model::ModelError::Candle(candle_core::Error::Msg(format!(
+            "optimizer state has {} parameters, the model {}",
+            adam.m.len(),
+            specs.len()
+        ))));
+    }
+    let leaves = (0..specs.len())
+        .into_par_iter()
+        .map(|i| {
+            let v = params.to_vec(i)?;
+            let mut buf = Vec::with_capacity(v.len() * 16);
+            buf.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            adam.leaf_bytes(i, &mut buf);
+            Ok((v.len(), Sha256::digest(&buf)))
+        })
+        .collect::<bistro_model::Result<Vec<_>>>()?;
     let mut h = Sha256::new();
     h.update(tags::STATE);
-    let mut buf = Vec::new();
-    for (i, spec) in params.specs().iter().enumerate() {
+    for (spec, (n, leaf)) in specs.iter().zip(leaves) {
         h.update((spec.name.len() as u64).to_le_bytes());
         h.update(spec.name.as_bytes());
-        let v = params.to_vec(i)?;
-        h.update((v.len() as u64).to_le_bytes());
-        buf.clear();
-        buf.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        h.update(&buf);
+        h.update((n as u64).to_le_bytes());
+        h.update(leaf);
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -64,7 +83,7 @@ pub struct Included {
     pub hotkey: String,
     /// Hex sha256 of the slice object's bytes as the lead fetched them.
     pub sha256: String,
-    /// The slice's update norm `||theta_w[I] - s||`.
+    /// The norm of the slice's decoded gradient.
     pub norm: f64,
     /// `e` when the lead recomputed the gradient this window (included because honest), or
     /// `None` when it was included on its record (good standing and a bounded norm).
@@ -89,9 +108,9 @@ pub struct AcceptedSet {
     pub window: u64,
     /// Hotkey of the validator that decided it.
     pub lead: String,
-    /// [`state_hash`] of `theta_w`, the state it applies to.
+    /// [`state_hash`] of the state it applies to.
     pub parent: String,
-    /// [`state_hash`] of `theta_{w+1}`, the state it produces.
+    /// [`state_hash`] of the state it produces.
     pub state: String,
     /// Included slices, sorted by hotkey.
     pub included: Vec<Included>,
@@ -141,12 +160,12 @@ pub fn record_factor(included: &[Included], record_clip: f64, inc: &Included) ->
     if on_record == 0.0 { own } else { own * n / total }
 }
 
-/// A decoded aggregate: the decision and `theta_{w+1}[I]` per parameter.
+/// A decoded aggregate: the decision and the combined gradient at the window's indices.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AggregateObject {
     /// The decision.
     pub set: AcceptedSet,
-    /// New values at the window's indices, per parameter in canonical order.
+    /// The combined gradient at the window's indices, per parameter in canonical order.
     pub values: Vec<Vec<f32>>,
 }
 

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use candle_core::Device;
 
 use crate::accepted::{self, AggregateExpectation, AggregateObject, state_hash};
-use crate::slices::{self, Rejection, SliceIndices};
+use crate::public_adam::{AdamStep, PublicAdam};
+use crate::slices::{Rejection, SliceIndices};
 use crate::storage::{Bucket, StorageError};
 use crate::sync::SyncContext;
 
@@ -76,6 +77,8 @@ impl From<bistro_chain::ChainError> for HistoryError {
 pub struct Rebuilt {
     /// `theta_window`.
     pub params: Params,
+    /// The public optimizer state of the window.
+    pub adam: PublicAdam,
     /// The window the parameters belong to.
     pub window: u64,
     /// Their [`state_hash`].
@@ -191,8 +194,9 @@ impl SyncContext {
             // Genesis is a checkpoint everyone can make: replay from it while the history reaches back.
             if let Some(t) = target.filter(|&t| t <= self.hparams.max_history) {
                 let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
-                let hash = state_hash(&params)?;
-                match self.replay(bucket, params, hash, 0, t).await {
+                let adam = PublicAdam::zeros(params.specs());
+                let hash = state_hash(&params, &adam)?;
+                match self.replay(bucket, params, adam, hash, 0, t).await {
                     Ok(r) => return Ok(r),
                     Err(e) => last_err = e,
                 }
@@ -202,20 +206,23 @@ impl SyncContext {
         tokio::time::timeout(budget, rebuild).await.unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }))
     }
 
-    /// Apply `bucket`'s aggregates of windows `from..to` to `params` (hash `hash`), each link checked.
+    /// Apply `bucket`'s aggregates of windows `from..to` to `params` and `adam` (hash
+    /// `hash`), each link checked.
     async fn replay(
         &self,
         bucket: &Bucket,
         params: Params,
+        mut adam: PublicAdam,
         mut hash: String,
         from: u64,
         to: u64,
     ) -> Result<Rebuilt, HistoryError> {
         for w in from..to {
             let Some(obj) = self.aggregate_at(bucket, &params, w).await? else { continue };
-            hash = apply_checked(&params, &self.indices(&params, w).await?, &obj, &hash)?;
+            let idx = self.indices(&params, w).await?;
+            hash = apply_checked(&params, &mut adam, &idx, &obj, &hash, &self.hparams)?;
         }
-        Ok(Rebuilt { params, window: to, hash, checkpoint: from })
+        Ok(Rebuilt { params, adam, window: to, hash, checkpoint: from })
     }
 
     async fn rebuild_from_checkpoint<F, Fut>(
@@ -232,17 +239,21 @@ impl SyncContext {
         Fut: std::future::Future<Output = bool>,
     {
         let key = crate::protocol::checkpoint_key(c);
-        let limit = model_config.num_params() as u64 * 4 + (4 << 20);
+        // Parameters, two moments and a step count: 16 bytes per parameter, and the header.
+        let limit = model_config.num_params() as u64 * 16 + (4 << 20);
         let f = bucket.get(&key, limit).await.map_err(|source| match source {
             StorageError::NotFound { .. } => HistoryError::Missing(key.clone()),
             source => HistoryError::Download { key: key.clone(), source },
         })?;
-        let params = crate::state::params_from_checkpoint(&f.bytes, model_config, device)
+        let (params, adam) = crate::state::params_from_checkpoint(&f.bytes, model_config, device)
             .map_err(|e| HistoryError::Invalid { key: key.clone(), reason: Rejection::Malformed(e.to_string()) })?;
-        let hash = state_hash(&params)?;
+        let hash = state_hash(&params, &adam)?;
         // The checkpoint's state must be the attested product of window c - 1 (genesis
         // needs no attestation: every node computes it).
-        let genesis = c == 0 && hash == state_hash(&Params::genesis(model_config, self.hparams.genesis_seed, device)?)?;
+        let genesis = c == 0 && {
+            let g = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
+            hash == state_hash(&g, &PublicAdam::zeros(g.specs()))?
+        };
         let vouched = genesis
             || match c.checked_sub(1) {
                 Some(prev) => attested(prev, hash.clone()).await,
@@ -255,7 +266,7 @@ impl SyncContext {
                 c.saturating_sub(1)
             )));
         }
-        self.replay(bucket, params, hash, c, target).await
+        self.replay(bucket, params, adam, hash, c, target).await
     }
 
     async fn aggregate_at(
@@ -269,14 +280,17 @@ impl SyncContext {
     }
 }
 
-/// Apply `obj` to `params` (holding a state whose hash is `hash`): the parent must match,
-/// the values are written at the indices, and the result must hash to the aggregate's
+/// Apply `obj` to `params` and `adam` (holding a state whose hash is `hash`): the parent
+/// must match, the public AdamW step with the aggregate's gradient is taken at the indices
+/// (no step at all when nothing was included), and the result must hash to the aggregate's
 /// `state`. Returns the new hash. On a parent mismatch nothing is written.
 pub fn apply_checked(
     params: &Params,
+    adam: &mut PublicAdam,
     indices: &SliceIndices,
     obj: &AggregateObject,
     hash: &str,
+    hparams: &crate::hparams::HParams,
 ) -> Result<String, HistoryError> {
     if obj.set.parent != hash {
         return Err(HistoryError::Mismatch(format!(
@@ -286,8 +300,10 @@ pub fn apply_checked(
             short(hash)
         )));
     }
-    slices::scatter_params(params, indices, &obj.values)?;
-    let new = state_hash(params)?;
+    if !obj.set.included.is_empty() {
+        adam.apply(params, indices, &obj.values, &AdamStep::of(hparams, obj.set.window))?;
+    }
+    let new = state_hash(params, adam)?;
     if new != obj.set.state {
         return Err(HistoryError::Mismatch(format!(
             "aggregate of window {} produced state {}, it names {}",
@@ -306,14 +322,14 @@ pub fn short(hash: &str) -> &str {
 
 /// Publish what a validator keeps after following `window`: the applied aggregate's bytes
 /// (when it came from another validator) and, every `max_history / 2` windows, a checkpoint
-/// of the state it now holds (`theta`: window and parameters); delete own objects older
-/// than the history. Failures are logged.
+/// of the state it now holds (`theta`: window, parameters and optimizer state); delete own
+/// objects older than the history. Failures are logged.
 pub async fn publish_history(
     bucket: &Bucket,
     hotkey: &str,
     applied: Option<&Bytes>,
     window: u64,
-    theta: Option<(u64, &Params)>,
+    theta: Option<(u64, &Params, &PublicAdam)>,
     hparams: &crate::hparams::HParams,
 ) {
     if let Some(bytes) = applied
@@ -322,10 +338,10 @@ pub async fn publish_history(
         tracing::warn!(window, error = %e, "cannot publish the applied aggregate");
     }
     let every = hparams.max_history.div_ceil(2).max(1);
-    if let Some((cw, params)) = theta
+    if let Some((cw, params, adam)) = theta
         && cw.is_multiple_of(every)
     {
-        match crate::state::checkpoint_bytes(params, cw) {
+        match crate::state::checkpoint_bytes(params, adam, cw) {
             Ok(b) => {
                 if let Err(e) = bucket.put(&crate::protocol::checkpoint_key(cw), Bytes::from(b)).await {
                     tracing::warn!(error = %e, "cannot publish checkpoint");

@@ -19,6 +19,7 @@ use crate::accepted::{AcceptedSet, AggregateObject, bytes_sha256, state_hash, va
 use crate::data::{Dataset, TextTokenizer};
 use crate::history::{HistoryError, apply_checked, short};
 use crate::hparams::HParams;
+use crate::public_adam::PublicAdam;
 use crate::network::attestation::{self, Attestation, Tally, Voice};
 use crate::state::{self, StateInfo};
 use crate::storage::{Bucket, BucketOptions};
@@ -101,9 +102,11 @@ pub struct Node {
     pub uid: u16,
     /// `theta_w`.
     pub params: Params,
+    /// The public optimizer state of window `window` (part of the shared state).
+    pub adam: PublicAdam,
     /// The window `params` belongs to.
     pub window: u64,
-    /// [`state_hash`] of `params`.
+    /// [`state_hash`] of `params` and `adam`.
     pub state_hash: String,
     /// Where `params` came from.
     pub origin: String,
@@ -307,7 +310,8 @@ impl Node {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| NodeError::Config(format!("cannot create state dir {}: {e}", cfg.state_dir.display())))?;
         let params = Params::genesis(&model_config, cfg.hparams.genesis_seed, &cfg.device)?;
-        let state_hash = state_hash(&params)?;
+        let adam = PublicAdam::zeros(params.specs());
+        let state_hash = state_hash(&params, &adam)?;
         let mut node = Node {
             chain,
             ctx,
@@ -317,6 +321,7 @@ impl Node {
             bucket,
             uid,
             params,
+            adam,
             window: 0,
             state_hash,
             origin: format!("genesis (seed {})", cfg.hparams.genesis_seed),
@@ -334,10 +339,10 @@ impl Node {
 
     async fn bootstrap(&mut self) -> Result<(), NodeError> {
         let dir = self.cfg.state_dir.clone();
-        if let Some((info, params)) =
+        if let Some((info, params, adam)) =
             crate::state::load(&dir, &self.model_config, &self.ctx.hparams_hash, &self.cfg.device)?
         {
-            self.install(params, info.window)?;
+            self.install(params, adam, info.window)?;
             self.origin = format!("local state ({})", dir.display());
             return Ok(());
         }
@@ -361,7 +366,7 @@ impl Node {
         };
         match tokio::time::timeout(budget, search).await {
             Ok(Some((r, from))) => {
-                self.install(r.params, r.window)?;
+                self.install(r.params, r.adam, r.window)?;
                 self.origin = format!("verified checkpoint of window {} from {from}", r.checkpoint);
             }
             Ok(None) => {}
@@ -373,10 +378,11 @@ impl Node {
     }
 
     /// Replace the held state (same config) and recompute its hash.
-    fn install(&mut self, params: Params, window: u64) -> Result<(), NodeError> {
+    fn install(&mut self, params: Params, adam: PublicAdam, window: u64) -> Result<(), NodeError> {
         self.params.assign(&params)?;
+        self.adam = adam;
         self.window = window;
-        self.state_hash = state_hash(&self.params)?;
+        self.state_hash = state_hash(&self.params, &self.adam)?;
         Ok(())
     }
 
@@ -578,7 +584,7 @@ impl Node {
             hparams_hash: self.ctx.hparams_hash.clone(),
             model_hash: self.ctx.model_hash.clone(),
         };
-        state::save(&self.cfg.state_dir, &self.params, &info)
+        state::save(&self.cfg.state_dir, &self.params, &self.adam, &info)
     }
 
     /// The current window of the chain.
@@ -659,7 +665,7 @@ impl Node {
                 if let Some(f) = self.try_publisher_until(p, &indices, w, pace, cutoff, &mut stalled).await {
                     // On another state than the aggregate's, the check waits for the repair.
                     let checked = if f.obj.set.parent == self.state_hash {
-                        check_bounded(&self.params, &indices, &f.obj, &self.cfg.hparams.aggregation)
+                        check_bounded(&f.obj, &self.cfg.hparams.aggregation)
                     } else {
                         Ok(())
                     };
@@ -792,7 +798,7 @@ impl Node {
                 &self.cfg.hotkey,
                 applied.as_ref(),
                 w,
-                Some((self.window, &self.params)),
+                Some((self.window, &self.params, &self.adam)),
                 &self.cfg.hparams,
             )
             .await;
@@ -922,7 +928,7 @@ impl Node {
                 .unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }));
             match rebuilt {
                 Ok(r) if r.hash == obj.set.parent => {
-                    self.install(r.params, w)?;
+                    self.install(r.params, r.adam, w)?;
                     self.repairs += 1;
                     crate::telemetry::fork(true);
                     repaired = true;
@@ -943,19 +949,19 @@ impl Node {
                 }
             }
         }
-        if repaired && let Err(e) = check_bounded(&self.params, indices, &obj, &self.cfg.hparams.aggregation) {
+        if repaired && let Err(e) = check_bounded(&obj, &self.cfg.hparams.aggregation) {
             self.window = w + 1;
             return Ok(Followed::NoUpdate {
                 window: w,
                 reason: format!("the attested aggregate fails the cheap checks: {e}"),
             });
         }
-        match apply_checked(&self.params, indices, &obj, &self.state_hash) {
+        match apply_checked(&self.params, &mut self.adam, indices, &obj, &self.state_hash, &self.cfg.hparams) {
             Ok(h) => self.state_hash = h,
             Err(e) => {
                 // The values were written but do not hash to what the aggregate names: the
                 // next aggregate's parent check will find and repair the fork.
-                self.state_hash = state_hash(&self.params)?;
+                self.state_hash = state_hash(&self.params, &self.adam)?;
                 self.forks += 1;
                 self.window = w + 1;
                 return Ok(Followed::Forked { window: w, reason: e.to_string() });
@@ -967,18 +973,12 @@ impl Node {
 }
 
 /// A node's own checks of an aggregate before it counts attestations: its values are
-/// finite (checked when decoded) and its update is no larger than the norms it lists allow
-/// (`||theta_w[I] - values||` at most the mean of the included norms, each times its
-/// factor, under the mean rule; their root sum of squares under the coordinate-wise rules;
-/// 0 with nothing included).
-pub fn check_bounded(
-    params: &Params,
-    indices: &crate::slices::SliceIndices,
-    obj: &AggregateObject,
-    rule: &crate::hparams::Aggregation,
-) -> Result<(), String> {
-    let theta = crate::slices::gather_params(params, indices).map_err(|e| e.to_string())?;
-    let norm = crate::slices::update_norm(&theta, &obj.values);
+/// finite (checked when decoded) and the combined gradient is no larger than the norms it
+/// lists allow (`||values||` at most the mean of the included norms, each times its factor,
+/// under the mean rule; their root sum of squares under the coordinate-wise rules; 0 with
+/// nothing included).
+pub fn check_bounded(obj: &AggregateObject, rule: &crate::hparams::Aggregation) -> Result<(), String> {
+    let norm = crate::slices::update_norm(&obj.values);
     if obj.set.included.iter().any(|i| !i.norm.is_finite() || i.norm < 0.0)
         || !(obj.set.record_clip.is_finite() && obj.set.record_clip >= 0.0)
     {
@@ -992,8 +992,7 @@ pub fn check_bounded(
         _ => listed.iter().map(|n| n * n).sum::<f64>().sqrt(),
     };
     // The written values are f32: each coordinate is rounded by at most 2^-24 of its size.
-    let theta_norm = theta.iter().flatten().map(|&t| (t as f64).powi(2)).sum::<f64>().sqrt();
-    let slack = (theta_norm + bound) * 2f64.powi(-23);
+    let slack = bound * 2f64.powi(-22);
     if norm.is_finite() && norm <= bound * (1.0 + 1e-9) + slack {
         Ok(())
     } else {

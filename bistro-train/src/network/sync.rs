@@ -72,8 +72,8 @@ pub struct PeerSlice {
     pub uid: u16,
     /// The peer's hotkey.
     pub hotkey: String,
-    /// The decoded values, or why they were rejected.
-    pub outcome: Result<Vec<Vec<f32>>, Rejection>,
+    /// The codes and decoded values, or why they were rejected.
+    pub outcome: Result<slices::SliceUpdate, Rejection>,
     /// Hex sha256 of the object's bytes, when it was downloaded.
     pub sha256: Option<String>,
 }
@@ -100,7 +100,7 @@ impl WindowSlices {
         self.peers
             .iter()
             .filter_map(|p| {
-                p.outcome.as_ref().ok().map(|v| Contribution { hotkey: p.hotkey.clone(), values: v.clone() })
+                p.outcome.as_ref().ok().map(|v| Contribution { hotkey: p.hotkey.clone(), values: v.values.clone() })
             })
             .collect()
     }
@@ -132,7 +132,12 @@ impl SyncContext {
         Ok(t + self.hparams.upload_grace_secs * 1000)
     }
 
-    /// The metadata a slice of `window` by `hotkey`, built on state `parent`, must carry.
+    /// The network's slice codec ([`HParams::codec`]).
+    pub fn codec(&self) -> slices::quant::Codec {
+        self.hparams.codec()
+    }
+
+    /// The metadata a slice of `hotkey` for `window` built on state `parent` carries.
     pub fn meta(&self, window: u64, hotkey: &str, parent: &str) -> SliceMeta {
         SliceMeta::new(window, hotkey, parent, self.hparams.compression, &self.hparams_hash, &self.model_hash)
     }
@@ -196,6 +201,7 @@ impl SyncContext {
                 &indices,
                 self.meta(window, &n.hotkey, parent),
                 self.hparams.max_slice_bytes,
+                self.codec(),
             );
             let (uid, hotkey, permit) = (n.uid, n.hotkey.clone(), n.validator_permit);
             async move {

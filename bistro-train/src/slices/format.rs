@@ -1,9 +1,10 @@
 //! The slice wire format and its validation.
 //!
-//! A slice is a safetensors file holding one 1-D f32 tensor per parameter (Hugging Face
-//! name), the values of `theta' = theta_w - eta_w * g` at the window's indices, in index
-//! order, with string metadata: `bistro_protocol`, `window`, `hotkey`, `parent` (the
-//! [`crate::accepted::state_hash`] of `theta_w` it was built on), `compression`,
+//! A slice is a safetensors file holding one 1-D u8 tensor per parameter (Hugging Face
+//! name): the wire bytes ([`super::quant::Codec::to_bytes`]) of the dithered codes of the
+//! miner's gradient at the window's indices, in index order, then one f32 scale per 64
+//! values; with string metadata: `bistro_protocol`, `window`, `hotkey`, `parent` (the
+//! [`crate::accepted::state_hash`] of the state it was built on), `compression`,
 //! `hparams_hash`, `model_hash`. Object key: `slice-{window}-{hotkey}.safetensors`.
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use super::Rejection;
+use super::quant::{Codec, Quantised};
 use crate::protocol::{HEADER_BYTES_PER_TENSOR, PROTOCOL_VERSION, SLICE_METADATA_BYTES};
 
 /// The metadata every slice carries.
@@ -70,18 +72,23 @@ impl SliceMeta {
     }
 }
 
-/// Serialise slice values (one vector per parameter, canonical order) with `meta`.
-pub fn encode(meta: &SliceMeta, names: &[String], values: &[Vec<f32>]) -> Result<Vec<u8>, Rejection> {
-    if names.len() != values.len() {
-        return Err(Rejection::Malformed(format!("{} names for {} tensors", names.len(), values.len())));
+/// Serialise a slice's codes (one [`Quantised`] per parameter, canonical order) with `meta`.
+pub fn encode(meta: &SliceMeta, names: &[String], codec: &Codec, codes: &[Quantised]) -> Result<Vec<u8>, Rejection> {
+    let wires: Vec<Vec<u8>> = codes.iter().map(|q| codec.to_bytes(q)).collect();
+    encode_raw(meta, names, &wires)
+}
+
+/// Serialise per-parameter byte strings as 1-D u8 tensors with `meta` (what [`encode`]
+/// writes; tests and adversaries use it to write what an honest encoder never would).
+pub fn encode_raw(meta: &SliceMeta, names: &[String], wires: &[Vec<u8>]) -> Result<Vec<u8>, Rejection> {
+    if names.len() != wires.len() {
+        return Err(Rejection::Malformed(format!("{} names for {} tensors", names.len(), wires.len())));
     }
-    let bytes: Vec<Vec<u8>> = values.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = names
         .iter()
-        .zip(&bytes)
-        .zip(values)
-        .map(|((n, b), v)| {
-            TensorView::new(Dtype::F32, vec![v.len()], b)
+        .zip(wires)
+        .map(|(n, b)| {
+            TensorView::new(Dtype::U8, vec![b.len()], b)
                 .map(|t| (n.clone(), t))
                 .map_err(|e| Rejection::Malformed(e.to_string()))
         })
@@ -94,8 +101,10 @@ pub fn encode(meta: &SliceMeta, names: &[String], values: &[Vec<f32>]) -> Result
 pub struct SliceExpectation {
     /// Parameter names in canonical order.
     pub names: Vec<String>,
-    /// Values per parameter.
+    /// Values (codes) per parameter.
     pub lengths: Vec<usize>,
+    /// The network's code width.
+    pub codec: Codec,
     /// Expected metadata.
     pub meta: SliceMeta,
     /// Largest accepted object, in bytes (see [`size_bound`]).
@@ -109,9 +118,10 @@ pub fn header_bound(names: &[String], metadata_bytes: u64) -> u64 {
 }
 
 /// The largest object a slice of these tensors can be: the 8-byte length, the header bound
-/// and 4 bytes per value. A slice over this is rejected before it is downloaded in full.
-pub fn size_bound(names: &[String], lengths: &[usize]) -> u64 {
-    8 + header_bound(names, SLICE_METADATA_BYTES) + 4 * lengths.iter().map(|&l| l as u64).sum::<u64>()
+/// and the wire bytes of `lengths` values. A slice over this is rejected before it is
+/// downloaded in full.
+pub fn size_bound(names: &[String], lengths: &[usize], codec: &Codec) -> u64 {
+    8 + header_bound(names, SLICE_METADATA_BYTES) + lengths.iter().map(|&l| codec.encoded_len(l) as u64).sum::<u64>()
 }
 
 /// The parsed header of a bounded safetensors file: its metadata and the tensor table.
@@ -143,6 +153,31 @@ pub(crate) fn parse_bounded(bytes: &[u8], max_bytes: u64, max_header: u64) -> Re
 }
 
 impl Parsed<'_> {
+    /// The 1-D u8 tensors `names` with byte lengths `lengths`, in that order: exactly that
+    /// key set, dtype U8, shape `[len]`.
+    pub(crate) fn u8_tensors(&self, names: &[String], lengths: &[usize]) -> Result<Vec<&[u8]>, Rejection> {
+        let table = self.header.tensors();
+        let known: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut found: Vec<&String> = table.keys().collect();
+        found.sort();
+        if let Some(extra) = found.iter().find(|n| !known.contains(n.as_str())) {
+            return Err(Rejection::UnexpectedKey((*extra).clone()));
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for (name, &len) in names.iter().zip(lengths) {
+            let info = table.get(name).ok_or_else(|| Rejection::MissingKey(name.clone()))?;
+            if info.dtype != Dtype::U8 {
+                return Err(Rejection::WrongDtype { name: name.clone(), dtype: format!("{:?}", info.dtype) });
+            }
+            if info.shape != [len] {
+                return Err(Rejection::WrongShape { name: name.clone(), expected: len, found: info.shape.clone() });
+            }
+            let (a, b) = info.data_offsets;
+            out.push(self.data.get(a..b).ok_or_else(|| Rejection::Malformed(format!("`{name}` out of bounds")))?);
+        }
+        Ok(out)
+    }
+
     /// The 1-D f32 tensors `names` with `lengths`, in that order: exactly that key set,
     /// dtype F32, shape `[len]`, every value finite.
     pub(crate) fn f32_tensors(&self, names: &[String], lengths: &[usize]) -> Result<Vec<Vec<f32>>, Rejection> {
@@ -174,14 +209,37 @@ impl Parsed<'_> {
     }
 }
 
-/// Decode and validate a slice; on success the values per parameter in canonical order.
+/// A valid slice: its codes, and the values they stand for (the miner's gradient estimate
+/// at the window's indices), per parameter in canonical order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceUpdate {
+    /// Codes and scales.
+    pub codes: Vec<Quantised>,
+    /// The decoded values ([`Codec::decode`]).
+    pub values: Vec<Vec<f32>>,
+}
+
+/// Decode and validate a slice.
 ///
 /// Checks, in order: size cap, header length bound, safetensors structure (JSON, offsets;
-/// parsed once), metadata, exact key set, dtype, 1-D shape and length, finiteness.
-pub fn decode(bytes: &[u8], expect: &SliceExpectation) -> Result<Vec<Vec<f32>>, Rejection> {
+/// parsed once), metadata, exact key set, dtype (u8), 1-D shape of the exact wire length,
+/// every scale finite and non-negative.
+pub fn decode(bytes: &[u8], expect: &SliceExpectation) -> Result<SliceUpdate, Rejection> {
     let parsed = parse_bounded(bytes, expect.max_bytes, header_bound(&expect.names, SLICE_METADATA_BYTES))?;
     expect.meta.check(&parsed.meta)?;
-    parsed.f32_tensors(&expect.names, &expect.lengths)
+    let c = &expect.codec;
+    let wire: Vec<usize> = expect.lengths.iter().map(|&l| c.encoded_len(l)).collect();
+    let raw = parsed.u8_tensors(&expect.names, &wire)?;
+    let mut out = SliceUpdate { codes: Vec::with_capacity(raw.len()), values: Vec::with_capacity(raw.len()) };
+    for ((name, bytes), &n) in expect.names.iter().zip(raw).zip(&expect.lengths) {
+        let q = c.from_bytes(bytes, n).map_err(|e| match e {
+            super::quant::QuantError::Scale { index, .. } => Rejection::NonFinite { name: name.clone(), index },
+            other => Rejection::Malformed(format!("`{name}`: {other}")),
+        })?;
+        out.values.push(c.decode(&q));
+        out.codes.push(q);
+    }
+    Ok(out)
 }
 
 impl SliceMeta {

@@ -30,6 +30,17 @@ pub fn slice_len(numel: usize, compression: usize) -> usize {
 }
 
 impl SliceIndices {
+    /// Values per parameter.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.per_param.iter().map(Vec::len).collect()
+    }
+
+    /// Indices given explicitly, one ascending list per parameter (tests and tools; the
+    /// protocol's come from [`SliceIndices::select`]).
+    pub fn from_lists(per_param: Vec<Vec<u32>>) -> Self {
+        SliceIndices { per_param }
+    }
+
     /// Select the indices for `specs` from `seed` at `compression` (see the module docs).
     ///
     /// # Panics

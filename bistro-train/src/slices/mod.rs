@@ -1,7 +1,10 @@
 //! Slices: select indices, build, encode, validate and aggregate.
 //!
-//! A slice is "a subset of the model weights" after the miner's reference step; it also
-//! encodes the gradient exactly: `g[I] = (theta_w[I] - s) / eta_w`.
+//! A slice is the miner's window gradient at a random `1/compression` of the coordinates,
+//! sent as dithered codes ([`quant`]) whose dither every node recomputes from the window's
+//! seed and the miner's hotkey: an honest miner's codes are a function of public data, so a
+//! validator that recomputes the gradient checks them code by code. Every node applies the
+//! accepted mean of the decoded codes through the public AdamW ([`crate::public_adam`]).
 
 pub mod aggregate;
 pub mod format;
@@ -12,7 +15,7 @@ use bistro_model::Params;
 use candle_core::Tensor;
 
 pub use aggregate::{Aggregate, Contribution, aggregate, update_norm};
-pub use format::{SliceExpectation, SliceMeta, decode, encode, header_bound, size_bound};
+pub use format::{SliceExpectation, SliceMeta, SliceUpdate, decode, encode, header_bound, size_bound};
 pub use indices::{SliceIndices, slice_len};
 
 /// Why a peer's slice was not accepted. Every variant is a normal outcome, logged and
@@ -51,7 +54,7 @@ pub enum Rejection {
     #[error("unexpected key `{0}`")]
     UnexpectedKey(String),
     /// A tensor is not f32.
-    #[error("`{name}` has dtype {dtype}, expected F32")]
+    #[error("`{name}` has the wrong dtype {dtype}")]
     WrongDtype {
         /// Tensor name.
         name: String,
@@ -131,11 +134,28 @@ impl Rejection {
 /// The parameter names and per-parameter lengths of slices for these indices; the size cap
 /// is the smaller of `max_bytes` and the largest object such a slice can be
 /// ([`format::size_bound`]).
-pub fn expectation(params: &Params, indices: &SliceIndices, meta: SliceMeta, max_bytes: u64) -> SliceExpectation {
+pub fn expectation(
+    params: &Params,
+    indices: &SliceIndices,
+    meta: SliceMeta,
+    max_bytes: u64,
+    codec: quant::Codec,
+) -> SliceExpectation {
     let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
     let lengths: Vec<usize> = indices.all().iter().map(Vec::len).collect();
-    let max_bytes = max_bytes.min(format::size_bound(&names, &lengths));
-    SliceExpectation { names, lengths, meta, max_bytes }
+    let max_bytes = max_bytes.min(format::size_bound(&names, &lengths, &codec));
+    SliceExpectation { names, lengths, codec, meta, max_bytes }
+}
+
+/// The public dithers of `hotkey`'s codes in the window of `seed`: one stream per parameter
+/// (its canonical position), one value per index.
+pub fn dithers(seed: &[u8], hotkey: &str, indices: &SliceIndices) -> Vec<Vec<f32>> {
+    indices.all().iter().enumerate().map(|(p, ids)| quant::dither(seed, hotkey, p as u64, ids.len())).collect()
+}
+
+/// An honest slice's codes: the gradient at the indices, quantised with `hotkey`'s dithers.
+pub fn encode_gradient(codec: &quant::Codec, grad_at_i: &[Vec<f32>], dithers: &[Vec<f32>]) -> Vec<quant::Quantised> {
+    grad_at_i.iter().zip(dithers).map(|(g, u)| codec.encode(g, u)).collect()
 }
 
 /// `theta[I]`: the current parameter values at the slice indices.
@@ -154,22 +174,4 @@ pub fn scatter_params(params: &Params, indices: &SliceIndices, values: &[Vec<f32
         params.scatter(i, indices.param(i), v)?;
     }
     Ok(())
-}
-
-/// Slice values of the reference step: `s = theta[I] - eta * g[I]` (computed in f64, stored f32).
-pub fn step_values(theta_at_i: &[Vec<f32>], grad_at_i: &[Vec<f32>], eta: f64) -> Vec<Vec<f32>> {
-    theta_at_i
-        .iter()
-        .zip(grad_at_i)
-        .map(|(t, g)| t.iter().zip(g).map(|(&a, &b)| (a as f64 - eta * b as f64) as f32).collect())
-        .collect()
-}
-
-/// The gradient a slice implies: `g[I] = (theta[I] - s) / eta` (computed in f64, stored f32).
-pub fn implied_gradient(theta_at_i: &[Vec<f32>], values: &[Vec<f32>], eta: f64) -> Vec<Vec<f32>> {
-    theta_at_i
-        .iter()
-        .zip(values)
-        .map(|(t, s)| t.iter().zip(s).map(|(&a, &b)| ((a as f64 - b as f64) / eta) as f32).collect())
-        .collect()
 }

@@ -97,6 +97,12 @@ pub struct Consistency {
     pub room_sq: f64,
     /// Squared norm of the values decoded from the peer's codes.
     pub decoded_sq: f64,
+    /// Squared distance from the peer's decoded values to the nearest values the check
+    /// allows (0 when every code is consistent; a block whose scale failed counts its
+    /// distance to the validator's own codes).
+    pub excess_sq: f64,
+    /// Squared norm of the validator's own values.
+    pub reference_sq: f64,
 }
 
 impl Consistency {
@@ -110,8 +116,22 @@ impl Consistency {
         (self.room_sq / self.decoded_sq.max(f64::MIN_POSITIVE)).sqrt()
     }
 
+    /// How far the peer's decoded values are from any consistent upload, relative to the
+    /// norm of the validator's values: the `e` of protocol v4 (0 for an honest miner).
+    pub fn relative_error(&self) -> f64 {
+        if self.reference_sq > 0.0 {
+            (self.excess_sq / self.reference_sq).sqrt()
+        } else if self.excess_sq > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    }
+
     /// Add another tensor's result.
     pub fn merge(&mut self, o: &Consistency) {
+        self.excess_sq += o.excess_sq;
+        self.reference_sq += o.reference_sq;
         self.codes += o.codes;
         self.inconsistent += o.inconsistent;
         self.bad_scales += o.bad_scales;
@@ -141,6 +161,9 @@ fn block_scale(xs: &[f32]) -> f32 {
 }
 
 impl Codec {
+    /// 2-bit codes, the protocol's default.
+    pub const TWO_BIT: Codec = Codec { bits: 2 };
+
     /// A codec of `bits` bits per code (1, 2, 4 or 8).
     pub fn new(bits: u8) -> Result<Self, QuantError> {
         match bits {
@@ -152,6 +175,12 @@ impl Codec {
     /// Bits per code.
     pub fn bits(&self) -> u8 {
         self.bits
+    }
+
+    /// The check's tolerance for `bins` of slack: scales may differ by a relative
+    /// `2 bins / (levels - 1)` (a scale moves every position of its block by at most that).
+    pub fn tolerance(&self, bins: f64) -> Tolerance {
+        Tolerance { bins, scale_rtol: 2.0 * bins / self.top() }
     }
 
     /// Number of code values, `2^bits`.
@@ -258,6 +287,8 @@ impl Codec {
         if q.codes.len() != reference.len() || q.scales.len() != reference.len().div_ceil(BLOCK) {
             c.inconsistent = reference.len();
             c.bad_scales = reference.len().div_ceil(BLOCK);
+            c.reference_sq = reference.iter().map(|&x| (x as f64).powi(2)).sum();
+            c.excess_sq = f64::INFINITY;
             return c;
         }
         for (((xs, us), cs), &s) in
@@ -265,9 +296,15 @@ impl Codec {
         {
             let sv = block_scale(xs);
             c.decoded_sq += cs.iter().map(|&k| (self.value(k, s) as f64).powi(2)).sum::<f64>();
+            c.reference_sq += xs.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
             if !s.is_finite() || (s as f64 - sv as f64).abs() > tol.scale_rtol * sv as f64 + f64::MIN_POSITIVE {
                 c.bad_scales += 1;
                 c.inconsistent += xs.len();
+                let sp = if s.is_finite() { s } else { f32::MAX };
+                for ((&x, &u), &k) in xs.iter().zip(us).zip(cs) {
+                    let own = self.value(self.code_at(self.position(x, sv) + u as f64), sv) as f64;
+                    c.excess_sq += (self.value(k, sp) as f64 - own).powi(2);
+                }
                 continue;
             }
             let bin = 2.0 * s as f64 / self.top();
@@ -276,6 +313,8 @@ impl Codec {
                 let (lo, hi) = (self.code_at(z - tol.bins), self.code_at(z + tol.bins));
                 if k < lo || k > hi {
                     c.inconsistent += 1;
+                    let near = if k < lo { lo } else { hi };
+                    c.excess_sq += (self.value(k, s) as f64 - self.value(near, s) as f64).powi(2);
                 }
                 if hi > lo {
                     c.movable += 1;
@@ -372,12 +411,14 @@ mod tests {
         let noisy: Vec<f32> = x.iter().map(|v| v * (1.0 + 1e-7)).collect();
         let honest = c.check(&x, &c.encode(&noisy, &u), &u, tol);
         assert_eq!(honest.inconsistent, 0, "{honest:?}");
+        assert_eq!(honest.relative_error(), 0.0);
         assert!(honest.movable < 10, "{honest:?}");
         assert!(honest.room() < 0.05);
         // Zeros with the honest scales: most codes fail.
         let mut zeros = c.encode(&vec![0.0; x.len()], &u);
         zeros.scales = c.encode(&x, &u).scales;
         assert!(c.check(&x, &zeros, &u, tol).inconsistent_fraction() > 0.3);
+        assert!(c.check(&x, &zeros, &u, tol).relative_error() > 0.3);
         // Another dither (a private choice of codes): inconsistent.
         let other = c.encode(&x, &dither(b"s", "other", 0, x.len()));
         assert!(c.check(&x, &other, &u, tol).inconsistent_fraction() > 0.1);
@@ -386,6 +427,7 @@ mod tests {
         scaled.scales[3] *= 1.01;
         let r = c.check(&x, &scaled, &u, tol);
         assert_eq!((r.bad_scales, r.inconsistent), (1, BLOCK));
+        assert!(r.relative_error() > 0.0 && r.relative_error() < 0.05, "{r:?}");
         // Wrong lengths fail everything.
         let short = Quantised { codes: vec![0; 10], scales: vec![1.0] };
         assert_eq!(c.check(&x, &short, &u, tol).inconsistent, x.len());

@@ -252,6 +252,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         .collect();
     let model_config = ModelConfig::resolve(&h.model)?;
     let reference = Params::genesis(&model_config, h.genesis_seed, &Device::Cpu)?;
+    let mut reference_adam = bistro_train::public_adam::PublicAdam::zeros(reference.specs());
     let lead_node = || validators[0].node();
     let heldout = lead_node().dataset.pages(&h.network, "bistro/held-out", u64::MAX, opts.heldout_pages);
     let trigger = strategy::backdoor_batch(lead_node())?;
@@ -288,7 +289,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         let guessed_seed = chain.block_hash(h.first_block(w)).await?;
         // The window's slice coordinates: one model config, so the same for every node.
         let idx = SliceIndices::select(reference.specs(), &seed, h.compression);
-        let mut first_honest_values: Option<Vec<Vec<f32>>> = None;
+        let mut first_honest_values: Option<slices::SliceUpdate> = None;
         for (si, (slot, g)) in slots.iter().zip(&grads).enumerate() {
             let cx = strategy::UploadContext {
                 h: &h,
@@ -297,7 +298,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 indices: &idx,
                 guessed_seed: &guessed_seed,
                 trigger: &trigger,
-                first_honest: first_honest_values.as_deref(),
+                first_honest: first_honest_values.as_ref(),
             };
             let bytes = strategy::upload(slot, si, g.as_ref(), &cx)?;
             if first_honest_values.is_none()
@@ -310,6 +311,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                     &idx,
                     node.ctx.meta(w, &node.cfg.hotkey, &node.state_hash),
                     u64::MAX,
+                    h.codec(),
                 );
                 first_honest_values = Some(slices::decode(b, &exp).map_err(|e| anyhow::anyhow!("{e}"))?);
             }
@@ -376,7 +378,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 let node = v.node_mut();
                 let idx: Vec<u32> = (0..8).collect();
                 node.params.scatter(0, &idx, &[0.5; 8])?;
-                node.state_hash = bistro_train::accepted::state_hash(&node.params)?;
+                node.state_hash = bistro_train::accepted::state_hash(&node.params, &node.adam)?;
                 tracing::warn!(validator = vi, window = w, "forked on purpose");
             }
         }
@@ -400,22 +402,26 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             let name = strategies.get(hk).map(|s| s.name()).unwrap_or("honest").to_string();
             by_strategy.entry(name).or_insert(StrategyReport { share: 0.0, included_windows: 0 }).included_windows += 1;
         }
-        // 5. The honest-only centralised reference: the same rule on the honest miners' pages.
-        let eta = h.learning_rate_at(w);
-        let theta_ref = slices::gather_params(&reference, &idx)?;
+        // 5. The honest-only reference: the same rule (each honest miner's codes under its
+        //    own dithers, decoded, combined, the public AdamW step) on the honest miners' pages.
+        let codec = h.codec();
         let mut contributions = Vec::new();
         for slot in slots.iter().filter(|s| s.strategy == Strategy::Honest) {
             let node = slot.miner.node();
             let pages = node.dataset.pages(&h.network, &node.cfg.hotkey, w, h.pages_per_window);
             let g = gradient_on(&reference, node, &pages)?;
             let gi = slices::gather_grads(&g.grads, &idx)?;
+            let codes = slices::encode_gradient(&codec, &gi, &slices::dithers(&seed, &node.cfg.hotkey, &idx));
             contributions.push(slices::Contribution {
                 hotkey: node.cfg.hotkey.clone(),
-                values: slices::step_values(&theta_ref, &gi, eta),
+                values: codes.iter().map(|q| codec.decode(q)).collect(),
             });
         }
-        let agg = slices::aggregate(&theta_ref, &contributions, &h.aggregation);
-        slices::scatter_params(&reference, &idx, &agg.values)?;
+        if !contributions.is_empty() {
+            let agg = slices::aggregate(&idx.lengths(), &contributions, &h.aggregation);
+            let step = bistro_train::public_adam::AdamStep::of(&h, w);
+            reference_adam.apply(&reference, &idx, &agg.values, &step)?;
+        }
         let lead_hash = validators[0].node().state_hash.clone();
         let forks = slots
             .iter()

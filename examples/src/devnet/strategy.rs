@@ -211,23 +211,18 @@ pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepare
     let node = r.validator.node();
     let w = p.window();
     let idx = node.ctx.indices(&node.params, w).await?;
-    let theta = slices::gather_params(&node.params, &idx)?;
     let mut lie = obj.clone();
     if r.strategy == Strategy::ForkingLead {
         lie.set.parent = "f".repeat(64);
         return publish_lie(r, &idx, w, &lie).await;
     }
-    lie.values = theta
-        .iter()
-        .zip(&obj.values)
-        .map(|(t, v)| t.iter().zip(v).map(|(&a, &b)| a - 3.0 * (a - b) - 1e-3).collect())
-        .collect();
+    lie.values = obj.values.iter().map(|v| v.iter().map(|&b| 3.0 * b + 1e-3).collect()).collect();
     for i in &mut lie.set.included {
         i.norm *= 3.0;
     }
     if lie.set.included.is_empty() {
         // Nothing to scale: claim a miner's slice with the norm the shift needs.
-        let norm = slices::update_norm(&theta, &lie.values);
+        let norm = slices::update_norm(&lie.values);
         lie.set.included.push(bistro_train::accepted::Included {
             hotkey: obj.set.excluded.first().map(|x| x.hotkey.clone()).unwrap_or_else(|| "m00-honest".into()),
             sha256: "0".repeat(64),
@@ -236,8 +231,9 @@ pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepare
         });
     }
     let scratch = node.params.deep_clone()?;
-    slices::scatter_params(&scratch, &idx, &lie.values)?;
-    lie.set.state = bistro_train::accepted::state_hash(&scratch)?;
+    let mut adam = node.adam.clone();
+    adam.apply(&scratch, &idx, &lie.values, &bistro_train::public_adam::AdamStep::of(&node.cfg.hparams, w))?;
+    lie.set.state = bistro_train::accepted::state_hash(&scratch, &adam)?;
     publish_lie(r, &idx, w, &lie).await
 }
 
@@ -323,8 +319,8 @@ pub(super) struct UploadContext<'a> {
     pub(super) guessed_seed: &'a BlockHash,
     /// The backdoor's training batch.
     pub(super) trigger: &'a WindowBatch,
-    /// The first honest miner's slice values (what a copycat sends).
-    pub(super) first_honest: Option<&'a [Vec<f32>]>,
+    /// The first honest miner's slice (what a copycat sends).
+    pub(super) first_honest: Option<&'a slices::SliceUpdate>,
 }
 
 /// The bytes miner `si` of `slot` uploads for its gradient `g` (`None`: nothing).
@@ -335,29 +331,21 @@ pub(super) fn upload(
     cx: &UploadContext<'_>,
 ) -> anyhow::Result<Option<Vec<u8>>> {
     let (h, w, seed) = (cx.h, cx.window, cx.seed);
-    let eta = h.learning_rate_at(w);
     let node = slot.miner.node();
-    let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
-    let meta = node.ctx.meta(w, &node.cfg.hotkey, &node.state_hash);
     let idx = cx.indices;
-    let theta = slices::gather_params(&node.params, idx)?;
-    let encode = |values: &[Vec<f32>]| slices::encode(&meta, &names, values).map_err(|e| anyhow::anyhow!("{e}"));
-    // s = theta - eta * (g + extra)
-    let step_with = |gi: &[Vec<f32>], scale: f32| -> Vec<Vec<f32>> {
-        theta
-            .iter()
-            .zip(gi)
-            .map(|(t, gg)| t.iter().zip(gg).map(|(&a, &b)| a - scale * eta as f32 * b).collect())
-            .collect()
+    let miner = &slot.miner;
+    // Upload `values` as this window's codes under this miner's public dithers.
+    let encode = |values: &[Vec<f32>]| miner.encode_slice(seed, values).map_err(|e| anyhow::anyhow!("{e}"));
+    let filled = |x: f32| -> Vec<Vec<f32>> { idx.all().iter().map(|i| vec![x; i.len()]).collect() };
+    let scaled = |gi: &[Vec<f32>], k: f32| -> Vec<Vec<f32>> {
+        gi.iter().map(|t| t.iter().map(|&b| k * b).collect()).collect()
     };
     let bytes = match (slot.strategy, g) {
-        (Strategy::Honest | Strategy::SplitView | Strategy::ForkVictim, Some(g)) => {
-            Some(slot.miner.build_slice(seed, g)?)
-        }
-        (Strategy::Patient, Some(g)) if !slot.seen_recomputed => Some(slot.miner.build_slice(seed, g)?),
+        (Strategy::Honest | Strategy::SplitView | Strategy::ForkVictim, Some(g)) => Some(miner.build_slice(seed, g)?),
+        (Strategy::Patient, Some(g)) if !slot.seen_recomputed => Some(miner.build_slice(seed, g)?),
         (Strategy::Patient, Some(g)) => {
             let gi = slices::gather_grads(&g.grads, idx)?;
-            Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
+            Some(encode(&scaled(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
         }
         (
             Strategy::Idle
@@ -369,62 +357,62 @@ pub(super) fn upload(
             | Strategy::ForkingLead,
             _,
         ) => None,
-        (Strategy::Zeros, _) => Some(encode(&theta.iter().map(|t| vec![0.0; t.len()]).collect::<Vec<_>>())?),
-        (Strategy::SybilZero, _) => Some(encode(&theta)?),
-        (Strategy::Poison, _) => {
-            Some(encode(&theta.iter().map(|t| t.iter().map(|x| x + 1e4).collect()).collect::<Vec<_>>())?)
-        }
+        (Strategy::Zeros | Strategy::SybilZero, _) => Some(encode(&filled(0.0))?),
+        (Strategy::Poison, _) => Some(encode(&filled(1e4))?),
         (Strategy::Noise, Some(g)) => {
-            // The honest update's scale, in random directions.
+            // The honest gradient's scale, in random directions.
             let gi = slices::gather_grads(&g.grads, idx)?;
             let r = direction(&gi, 0x2545F4914F6CDD1D ^ w);
-            let v: Vec<Vec<f32>> = theta
+            let v: Vec<Vec<f32>> = gi
                 .iter()
-                .zip(gi.iter().zip(&r))
-                .map(|(t, (gg, rr))| {
-                    t.iter().zip(gg.iter().zip(rr)).map(|(&a, (&b, &x))| a - eta as f32 * b.abs() * x * 1.7).collect()
-                })
+                .zip(&r)
+                .map(|(gg, rr)| gg.iter().zip(rr).map(|(&b, &x)| b.abs() * x * 1.7).collect())
                 .collect();
             Some(encode(&v)?)
         }
         (Strategy::BoundedPoison, Some(g)) => {
             // The anti-gradient at 0.9 x the outlier bound.
             let gi = slices::gather_grads(&g.grads, idx)?;
-            Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
+            Some(encode(&scaled(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
         }
         (Strategy::SampleAware, Some(g)) => {
             // Under v1 the sample was public before the deadline; this miner acts as if
             // it learned it is scored every other window.
             if w % 2 == 0 {
-                Some(slot.miner.build_slice(seed, g)?)
+                Some(miner.build_slice(seed, g)?)
             } else {
                 let gi = slices::gather_grads(&g.grads, idx)?;
-                Some(encode(&step_with(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
+                Some(encode(&scaled(&gi, -(0.9 * h.outlier_norm_factor) as f32))?)
             }
         }
         (Strategy::Backdoor, Some(g)) => {
-            // Toward trigger -> target, scaled to the honest update's norm.
+            // Toward trigger -> target, scaled to the honest gradient's norm.
             let gi = slices::gather_grads(&g.grads, idx)?;
             let bd = gradient_of(&node.params, node, cx.trigger)?;
             let bi = slices::gather_grads(&bd.grads, idx)?;
-            let scale = (l2(&gi) / l2(&bi).max(1e-30)) as f32;
-            Some(encode(&step_with(&bi, scale))?)
+            let k = (l2(&gi) / l2(&bi).max(1e-30)) as f32;
+            Some(encode(&scaled(&bi, k))?)
         }
         (Strategy::Bias, Some(g)) => {
-            // g + p with ||p|| = 0.6 tol ||g||: e = 0.6 tol by construction.
+            // g + p with ||p|| = 0.6 tol ||g||: before quantisation, e = 0.6 tol.
             let gi = slices::gather_grads(&g.grads, idx)?;
             let r = direction(&gi, 0x9E3779B97F4A7C15 ^ (si as u64));
             let k = (0.6 * h.honest_tolerance * l2(&gi) / l2(&r).max(1e-30)) as f32;
             let biased: Vec<Vec<f32>> =
                 gi.iter().zip(&r).map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x + k * y).collect()).collect();
-            Some(encode(&step_with(&biased, 1.0))?)
+            Some(encode(&biased)?)
         }
         (Strategy::Copycat, _) => match cx.first_honest {
-            Some(v) => Some(encode(v)?),
+            // The honest miner's codes, under its own name (its dithers are not this miner's).
+            Some(first) => {
+                let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
+                let meta = node.ctx.meta(w, &node.cfg.hotkey, &node.state_hash);
+                Some(slices::encode(&meta, &names, &h.codec(), &first.codes).map_err(|e| anyhow::anyhow!("{e}"))?)
+            }
             None => None,
         },
-        (Strategy::Early, Some(g)) => Some(slot.miner.build_slice(cx.guessed_seed, g)?),
-        (Strategy::Stale | Strategy::WrongPages | Strategy::Lazy, Some(g)) => Some(slot.miner.build_slice(seed, g)?),
+        (Strategy::Early, Some(g)) => Some(miner.build_slice(cx.guessed_seed, g)?),
+        (Strategy::Stale | Strategy::WrongPages | Strategy::Lazy, Some(g)) => Some(miner.build_slice(seed, g)?),
         (_, None) => None,
     };
     Ok(bytes)

@@ -21,9 +21,8 @@ use std::time::Instant;
 use anyhow::bail;
 use bistro_model::Params;
 use bistro_model::optim::AdamW;
-use bistro_train::hparams::Aggregation;
 use bistro_train::slices::quant::{Codec, Consistency, Quantised};
-use bistro_train::slices::{self, Contribution, SliceIndices, SliceMeta};
+use bistro_train::slices::{self, SliceIndices, SliceMeta};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
@@ -230,9 +229,10 @@ pub fn d3_density(bits: u8, h: u64) -> f64 {
 pub fn sgd_slice_bytes(lab: &Lab, params: &Params, compression: usize) -> anyhow::Result<usize> {
     let idx = SliceIndices::select(params.specs(), &lab.seed(0), compression);
     let names: Vec<String> = params.specs().iter().map(|s| s.name.clone()).collect();
-    let values: Flat = idx.all().iter().map(|i| vec![0.0; i.len()]).collect();
+    // Protocol v3's slice: one f32 per value (written here as its raw bytes).
+    let values: Vec<Vec<u8>> = idx.all().iter().map(|i| vec![0u8; 4 * i.len()]).collect();
     let meta = SliceMeta::new(0, &lab.hotkeys[0], "lab", compression, "lab", "lab");
-    Ok(slices::encode(&meta, &names, &values).map_err(|e| anyhow::anyhow!("{e}"))?.len())
+    Ok(slices::format::encode_raw(&meta, &names, &values).map_err(|e| anyhow::anyhow!("{e}"))?.len())
 }
 
 /// Run `spec` over the lab's windows; `progress` sees each evaluation.
@@ -339,14 +339,34 @@ impl Arm for SgdSlices {
         let idx = SliceIndices::select(self.params.specs(), &lab.seed(w), self.compression);
         let theta = slices::gather_params(&self.params, &idx)?;
         let eta = lab.hparams.learning_rate_at(w);
-        let mut contributions = Vec::new();
-        for (m, hk) in lab.hotkeys.iter().enumerate() {
+        // Protocol v3's rule: each miner's slice `s = theta - eta g` in f32, the mean of the
+        // deltas `theta - s` in f64, `theta - mean` in f32.
+        let mut deltas: Vec<Vec<Vec<f64>>> = Vec::new();
+        for m in 0..lab.hotkeys.len() {
             let g = gradient(&self.params, &lab.batches[w as usize][m], lab.opts.micro_rows)?;
             let gi = slices::gather_grads(&g, &idx)?;
-            contributions.push(Contribution { hotkey: hk.clone(), values: slices::step_values(&theta, &gi, eta) });
+            deltas.push(
+                theta
+                    .iter()
+                    .zip(&gi)
+                    .map(|(t, gg)| {
+                        t.iter().zip(gg).map(|(&a, &b)| a as f64 - ((a as f64 - eta * b as f64) as f32) as f64).collect()
+                    })
+                    .collect(),
+            );
         }
-        let agg = slices::aggregate(&theta, &contributions, &Aggregation::Mean);
-        Ok(slices::scatter_params(&self.params, &idx, &agg.values)?)
+        let n = deltas.len().max(1) as f64;
+        let new: Flat = theta
+            .iter()
+            .enumerate()
+            .map(|(p, t)| {
+                t.iter()
+                    .enumerate()
+                    .map(|(j, &a)| (a as f64 - deltas.iter().map(|d| d[p][j]).sum::<f64>() / n) as f32)
+                    .collect()
+            })
+            .collect();
+        Ok(slices::scatter_params(&self.params, &idx, &new)?)
     }
     fn public(&self) -> &Params {
         &self.params

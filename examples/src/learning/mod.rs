@@ -107,7 +107,16 @@ fn overlaps(a: &Page, b: &Page, rows: u64) -> bool {
 impl Lab {
     /// Load the embedded corpus and tokenizer and build every window's batches.
     pub fn new(opts: LabOptions) -> anyhow::Result<Self> {
-        let hparams = HParams { network: opts.network.clone(), model: opts.model.clone(), ..HParams::default() };
+        // The SGD arms (R1, R2) keep protocol v3's schedule (peak 0.5, cosine to 0.05 at
+        // window 2000), the one they were measured with.
+        let hparams = HParams {
+            network: opts.network.clone(),
+            model: opts.model.clone(),
+            learning_rate: 0.5,
+            min_learning_rate: 0.05,
+            decay_windows: 2000,
+            ..HParams::default()
+        };
         let config = ModelConfig::resolve(&opts.model)?;
         let dataset = Dataset::embedded(hparams.rows_per_page)?;
         let tokenizer = TextTokenizer::embedded()?;

@@ -31,9 +31,16 @@ struct Cli {
     /// Model preset (tiny, small, 125m, 1b) or config file.
     #[arg(long, default_value = "tiny")]
     model: String,
-    /// Slice compression.
+    /// Slice compression [default: the hparams']
+    #[arg(long)]
+    compression: Option<usize>,
+    /// Protocol constants from a TOML file (`HParams`; the devnet's defaults otherwise).
+    /// `--model` and `--compression` still override theirs.
+    #[arg(long)]
+    hparams: Option<PathBuf>,
+    /// Pages in the held-out set the loss is measured on.
     #[arg(long, default_value_t = 8)]
-    compression: usize,
+    heldout_pages: usize,
     /// Adversaries to add, comma separated. Miners: idle, zeros, noise, copycat, stale,
     /// wrong-pages, lazy, poison, early, split-view, stall, bounded-poison, backdoor, bias,
     /// sybil-zero, sample-aware, patient, stall-flood (8 hotkeys at the lowest uids),
@@ -82,7 +89,11 @@ async fn run() -> anyhow::Result<()> {
     opts.validators = cli.validators;
     opts.windows = cli.windows;
     opts.model = cli.model.clone();
-    opts.compression = cli.compression;
+    if let Some(path) = &cli.hparams {
+        opts.hparams = bistro_train::HParams::from_file(path)?;
+    }
+    opts.compression = cli.compression.unwrap_or(opts.hparams.compression);
+    opts.heldout_pages = cli.heldout_pages.max(1);
     opts.adversaries = adversaries;
     opts.max_miners = cli.max_miners.max(1);
     if let Some(addr) = cli.serve {

@@ -200,14 +200,13 @@ fn every_rejection_reason_from_a_crafted_file() {
     names.push("model.evil".into());
     vals.push(vec![1]);
     assert_eq!(code(&slices::format::encode_raw(&exp.meta, &names, &vals).unwrap()), "unexpected-key");
-    // Wrong dtype (protocol v3's f32 values) and a 2-D tensor.
+    // Wrong dtype (signed bytes) and a 2-D tensor.
     let meta_map: std::collections::HashMap<String, String> =
         safetensors::SafeTensors::read_metadata(&good_bytes).unwrap().1.metadata().clone().unwrap();
     let mut tv = Vec::new();
     for (i, (n, b)) in exp.names.iter().zip(&wires).enumerate() {
-        let (dtype, shape) =
-            if i == 0 && b.len().is_multiple_of(4) { (safetensors::Dtype::F32, vec![b.len() / 4]) } else { (safetensors::Dtype::U8, vec![b.len()]) };
-        tv.push((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b).unwrap()));
+        let dtype = if i == 0 { safetensors::Dtype::I8 } else { safetensors::Dtype::U8 };
+        tv.push((n.clone(), safetensors::tensor::TensorView::new(dtype, vec![b.len()], b).unwrap()));
     }
     let bytes = safetensors::serialize(tv, Some(meta_map.clone())).unwrap();
     assert_eq!(code(&bytes), "dtype");

@@ -80,14 +80,14 @@ impl std::fmt::Debug for WindowHook {
 }
 
 impl DevnetOptions {
-    /// Defaults: 4 honest miners, 1 validator, 10 windows of the `tiny` model at compression 8.
+    /// Defaults: 4 honest miners, 1 validator, 10 windows of the `tiny` model at the devnet's compression.
     pub fn new(dir: &Path) -> Self {
         DevnetOptions {
             miners: 4,
             validators: 1,
             windows: 10,
             model: "tiny".into(),
-            compression: 8,
+            compression: HParams::default().compression,
             adversaries: Vec::new(),
             dir: dir.to_path_buf(),
             hparams: HParams { collect_budget_ms: 1_000, ..HParams::default() },

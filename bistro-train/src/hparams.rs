@@ -251,7 +251,7 @@ impl HParams {
             return bad("code_tolerance_bins must be in [0, 0.5)");
         }
         let betas_ok = (0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2);
-        if !betas_ok || !(self.adam_eps > 0.0 && self.adam_eps.is_finite()) {
+        if !(betas_ok && self.adam_eps > 0.0 && self.adam_eps.is_finite()) {
             return bad("adam_beta1 and adam_beta2 must be in [0, 1) and adam_eps positive");
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {

@@ -136,7 +136,12 @@ impl PublicAdam {
             theta: theta_at_i.to_vec(),
             m: pick(&self.m),
             v: pick(&self.v),
-            t: indices.all().iter().zip(&self.t).map(|(ids, ts)| ids.iter().map(|&i| ts[i as usize]).collect()).collect(),
+            t: indices
+                .all()
+                .iter()
+                .zip(&self.t)
+                .map(|(ids, ts)| ids.iter().map(|&i| ts[i as usize]).collect())
+                .collect(),
         }
     }
 

@@ -208,14 +208,14 @@ pub fn build(
 ) -> bistro_model::Result<AggregateObject> {
     let agg = slices::aggregate(&ws.indices.lengths(), &decision.contributions, &h.aggregation);
     let set = AcceptedSet {
-            window: ws.window,
-            lead: lead.to_string(),
-            parent: parent.to_string(),
-            state: String::new(),
-            included: decision.included.clone(),
-            excluded: decision.excluded.clone(),
-            scored: decision.scored,
-            record_clip: decision.record_clip,
+        window: ws.window,
+        lead: lead.to_string(),
+        parent: parent.to_string(),
+        state: String::new(),
+        included: decision.included.clone(),
+        excluded: decision.excluded.clone(),
+        scored: decision.scored,
+        record_clip: decision.record_clip,
     };
     let mut obj = AggregateObject { set, values: agg.values };
     obj.set.state = crate::audit::produced_state(params, adam, ws, &obj, h)?;

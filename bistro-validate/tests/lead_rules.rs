@@ -4,8 +4,8 @@
 
 use bistro_model::Params;
 use bistro_train::accepted::state_hash;
-use bistro_train::public_adam::PublicAdam;
 use bistro_train::protocol::RECORD_WEIGHT;
+use bistro_train::public_adam::PublicAdam;
 use bistro_train::slices::{self, SliceIndices, update_norm};
 use bistro_train::sync::{PeerSlice, WindowSlices};
 use bistro_validate::audit::{Audit, audit};

@@ -36,8 +36,7 @@ fn window(dir: &std::path::Path) -> Window {
     let peers = miners
         .iter()
         .map(|(uid, hk)| {
-            let codes =
-                slices::encode_gradient(&h.codec(), &zeros, &slices::dithers(&[7u8; 32], hk, &indices));
+            let codes = slices::encode_gradient(&h.codec(), &zeros, &slices::dithers(&[7u8; 32], hk, &indices));
             let outcome = Ok(slices::SliceUpdate { codes, values: zeros.clone() });
             PeerSlice { uid: *uid, hotkey: hk.clone(), outcome, sha256: None }
         })

@@ -10,7 +10,8 @@ fn options(dir: &std::path::Path) -> DevnetOptions {
     let (h, _) = bistro_train::hparams::write_test_network(dir, |h| {
         h.pages_per_window = 2;
         h.warmup_windows = 1;
-        h.learning_rate = 2.0;
+        h.learning_rate = 0.05;
+        h.min_learning_rate = 0.05;
     })
     .unwrap();
     let mut o = DevnetOptions::new(&dir.join("run"));
@@ -70,10 +71,14 @@ async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
             assert!(!s.destructive() || honest_now, "window {}: {hk} ({}) was included", w.window, s.name());
         }
     }
+    // No harm: the shared model is no worse than 1 % above the honest-only reference. It
+    // may be better: it also includes split-view's honest slice and the honest windows of
+    // sample-aware and patient, which the reference (the two honest miners only) leaves out,
+    // and with two honest miners one more honest slice per window shows (up to 2 % lower).
     let (last, reference) = (r.final_heldout_loss, r.final_reference_loss);
     assert!(
-        (last - reference).abs() <= 0.01 * reference,
-        "held-out loss {last} is not within 1% of the honest-only reference {reference}"
+        last <= 1.01 * reference,
+        "held-out loss {last} is more than 1% above the honest-only reference {reference}"
     );
     for (h, s) in &r.shares {
         if r.strategies[h].destructive() {
@@ -86,9 +91,14 @@ async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
         "honest miners hold {honest:.4}, destructive {:.4}",
         r.destructive_share()
     );
-    // The backdoor never landed: its trigger loss is what the honest-only model gives.
+    // The backdoor never landed: it was never included (above), and its trigger loss is
+    // not below the honest-only model's. The shared model legitimately differs from that
+    // reference (it also includes split-view's and fork-victim's honest slices, and under
+    // the public AdamW every drawn coordinate moves by about the learning rate whatever
+    // the gradient's size), by about 1 % in loss on any small batch after four windows
+    // here; an implanted backdoor drives the trigger loss far lower.
     let (b, br) = (r.backdoor_loss.unwrap(), r.backdoor_reference_loss.unwrap());
-    assert!((b - br).abs() <= 0.01 * br, "backdoor moved the trigger loss: {b} vs {br}");
+    assert!(b >= 0.97 * br, "the backdoor's trigger loss fell: {b} vs {br} honest-only");
     let svg = r.svg();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }

@@ -19,8 +19,8 @@ use crate::accepted::{AcceptedSet, AggregateObject, bytes_sha256, state_hash, va
 use crate::data::{Dataset, TextTokenizer};
 use crate::history::{HistoryError, apply_checked, short};
 use crate::hparams::HParams;
-use crate::public_adam::PublicAdam;
 use crate::network::attestation::{self, Attestation, Tally, Voice};
+use crate::public_adam::PublicAdam;
 use crate::state::{self, StateInfo};
 use crate::storage::{Bucket, BucketOptions};
 use crate::sync::{SyncContext, SyncError};

@@ -147,7 +147,9 @@ fn node_config(opts: &DevnetOptions, h: &HParams, hotkey: &str, role: &str, stak
         bucket_options: BucketOptions::default(),
         state_dir: opts.dir.join(format!("{role}s")).join(hotkey),
         device: Device::Cpu,
-        micro_batch_rows: 8,
+        // Validators recompute through another f32 path than the miners' (other micro-batches,
+        // so every gradient is summed in another order): the code check must hold across it.
+        micro_batch_rows: if role == "validator" { 3 } else { 8 },
         auto_register: Some(stake),
         allow_local_buckets: true,
         allow_private_endpoints: true,
@@ -253,6 +255,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     let model_config = ModelConfig::resolve(&h.model)?;
     let reference = Params::genesis(&model_config, h.genesis_seed, &Device::Cpu)?;
     let mut reference_adam = bistro_train::public_adam::PublicAdam::zeros(reference.specs());
+    let mut honest_slice_bytes = 0;
     let lead_node = || validators[0].node();
     let heldout = lead_node().dataset.pages(&h.network, "bistro/held-out", u64::MAX, opts.heldout_pages);
     let trigger = strategy::backdoor_batch(lead_node())?;
@@ -316,6 +319,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 first_honest_values = Some(slices::decode(b, &exp).map_err(|e| anyhow::anyhow!("{e}"))?);
             }
             if let Some(b) = bytes {
+                if slot.strategy == Strategy::Honest {
+                    honest_slice_bytes = b.len();
+                }
                 slot.miner.upload_slice(b, u64::MAX, &stop).await;
             }
         }
@@ -502,5 +508,6 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         final_reference_loss,
         backdoor_loss,
         backdoor_reference_loss,
+        honest_slice_bytes,
     })
 }

@@ -91,6 +91,8 @@ pub struct Report {
     pub backdoor_loss: Option<f64>,
     /// The same on the honest-only reference.
     pub backdoor_reference_loss: Option<f64>,
+    /// Bytes of an honest miner's slice (its upload per window), as last uploaded.
+    pub honest_slice_bytes: usize,
 }
 
 impl Report {
@@ -152,6 +154,17 @@ impl Report {
             s.push_str(&format!("backdoor trigger->target loss: shared {b:.4}, honest-only reference {r:.4}\n"));
         }
         s.push_str(&format!("all honest nodes hold the lead's state: {}\n", self.all_nodes_identical));
+        let honest: Vec<f64> = self
+            .windows
+            .iter()
+            .flat_map(|w| w.miners.iter().filter(|m| m.strategy == Strategy::Honest && m.status == "ok").map(|m| m.e))
+            .collect();
+        s.push_str(&format!(
+            "honest miners: {} recomputations (validators through other micro-batches), largest e {:.3e}\n",
+            honest.len(),
+            honest.iter().cloned().fold(0.0, f64::max)
+        ));
+        s.push_str(&format!("upload per honest miner per window: {} bytes\n", self.honest_slice_bytes));
         s
     }
 

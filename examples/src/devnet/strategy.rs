@@ -337,9 +337,8 @@ pub(super) fn upload(
     // Upload `values` as this window's codes under this miner's public dithers.
     let encode = |values: &[Vec<f32>]| miner.encode_slice(seed, values).map_err(|e| anyhow::anyhow!("{e}"));
     let filled = |x: f32| -> Vec<Vec<f32>> { idx.all().iter().map(|i| vec![x; i.len()]).collect() };
-    let scaled = |gi: &[Vec<f32>], k: f32| -> Vec<Vec<f32>> {
-        gi.iter().map(|t| t.iter().map(|&b| k * b).collect()).collect()
-    };
+    let scaled =
+        |gi: &[Vec<f32>], k: f32| -> Vec<Vec<f32>> { gi.iter().map(|t| t.iter().map(|&b| k * b).collect()).collect() };
     let bytes = match (slot.strategy, g) {
         (Strategy::Honest | Strategy::SplitView | Strategy::ForkVictim, Some(g)) => Some(miner.build_slice(seed, g)?),
         (Strategy::Patient, Some(g)) if !slot.seen_recomputed => Some(miner.build_slice(seed, g)?),

@@ -350,7 +350,10 @@ impl Arm for SgdSlices {
                     .iter()
                     .zip(&gi)
                     .map(|(t, gg)| {
-                        t.iter().zip(gg).map(|(&a, &b)| a as f64 - ((a as f64 - eta * b as f64) as f32) as f64).collect()
+                        t.iter()
+                            .zip(gg)
+                            .map(|(&a, &b)| a as f64 - ((a as f64 - eta * b as f64) as f32) as f64)
+                            .collect()
                     })
                     .collect(),
             );

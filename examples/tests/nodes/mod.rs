@@ -31,9 +31,8 @@ pub(crate) fn saved_state(dir: &Path, model: &bistro_model::ModelConfig) -> (u64
     let w = meta.metadata().as_ref().expect("metadata")["bistro_window"].parse().expect("window");
     let info: bistro_train::state::StateInfo =
         serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state.json")).expect("state.json parses");
-    let (_, params, adam) =
-        bistro_train::state::load(dir, model, &info.hparams_hash, &candle_core::Device::Cpu)
-            .expect("the saved state loads")
-            .expect("a saved state");
+    let (_, params, adam) = bistro_train::state::load(dir, model, &info.hparams_hash, &candle_core::Device::Cpu)
+        .expect("the saved state loads")
+        .expect("a saved state");
     (w, bistro_train::accepted::state_hash(&params, &adam).expect("hash"))
 }

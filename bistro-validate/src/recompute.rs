@@ -201,7 +201,7 @@ impl Scorer {
             uid,
             hotkey: hotkey.to_string(),
             status: "ok".into(),
-            r: -c.excess_sq.sqrt(),
+            r: 0.0 - c.excess_sq.sqrt(),
             e: c.relative_error(),
             recomputed: true,
         }))

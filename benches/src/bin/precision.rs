@@ -122,15 +122,45 @@ fn main() -> BoxResult<()> {
                     ));
                 }
             }
+            // Protocol v4 checks codes, not the gradient: the validator's f32 gradient at the
+            // window's coordinates against each way's codes under a miner's public dithers.
+            let seed = w.to_le_bytes();
+            let indices = SliceIndices::select(params.specs(), &seed, h.compression);
+            let at_i = |flat: &[f64]| -> Vec<Vec<f32>> {
+                let mut start = 0;
+                params
+                    .specs()
+                    .iter()
+                    .zip(indices.all())
+                    .map(|(s, ids)| {
+                        let v = ids.iter().map(|&i| flat[start + i as usize] as f32).collect();
+                        start += s.numel();
+                        v
+                    })
+                    .collect()
+            };
+            let v_at_i = at_i(&g_v);
+            let codec = h.codec();
+            let dithers = slices::dithers(&seed, "precision", &indices);
             for (way, g) in ways {
-                let e = rel(&g?, &g_v);
+                let g = g?;
+                let e = rel(&g, &g_v);
+                let w_at_i = at_i(&g);
+                let codes = slices::encode_gradient(&codec, &w_at_i, &dithers);
+                let tol = h.code_tolerance();
+                let (mut bins, mut c) = (0f64, slices::quant::Consistency::default());
+                for ((v, x), (q, u)) in v_at_i.iter().zip(&w_at_i).zip(codes.iter().zip(&dithers)) {
+                    bins = bins.max(codec.max_bin_deviation(v, x));
+                    c.merge(&codec.check(v, q, u, tol));
+                }
+                let codes_e = c.relative_error();
                 match worst.iter_mut().find(|(n, _)| *n == way) {
                     Some(slot) => slot.1 = slot.1.max(e),
                     None => worst.push((way, e)),
                 }
                 println!(
-                    r#"{{"what":"honest_e","model":"{preset}","window":{w},"loss":{:.4},"grad_norm":{g_norm:.3e},"way":"{way}","e":{e:.3e},"tolerance":{}}}"#,
-                    gv.loss, h.honest_tolerance
+                    r#"{{"what":"honest_e","model":"{preset}","window":{w},"loss":{:.4},"grad_norm":{g_norm:.3e},"way":"{way}","e":{e:.3e},"tolerance":{},"bins":{bins:.3e},"bins_tolerance":{},"codes_e":{codes_e:.3e}}}"#,
+                    gv.loss, h.honest_tolerance, h.code_tolerance_bins
                 );
             }
         }

@@ -153,9 +153,9 @@ pub(crate) fn parse_bounded(bytes: &[u8], max_bytes: u64, max_header: u64) -> Re
 }
 
 impl Parsed<'_> {
-    /// The 1-D u8 tensors `names` with byte lengths `lengths`, in that order: exactly that
-    /// key set, dtype U8, shape `[len]`.
-    pub(crate) fn u8_tensors(&self, names: &[String], lengths: &[usize]) -> Result<Vec<&[u8]>, Rejection> {
+    /// The raw bytes of the 1-D tensors `names` of `dtype` with `lengths` elements, in that
+    /// order: exactly that key set, that dtype, shape `[len]`.
+    fn raw_tensors(&self, names: &[String], lengths: &[usize], dtype: Dtype) -> Result<Vec<&[u8]>, Rejection> {
         let table = self.header.tensors();
         let known: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         let mut found: Vec<&String> = table.keys().collect();
@@ -166,7 +166,7 @@ impl Parsed<'_> {
         let mut out = Vec::with_capacity(names.len());
         for (name, &len) in names.iter().zip(lengths) {
             let info = table.get(name).ok_or_else(|| Rejection::MissingKey(name.clone()))?;
-            if info.dtype != Dtype::U8 {
+            if info.dtype != dtype {
                 return Err(Rejection::WrongDtype { name: name.clone(), dtype: format!("{:?}", info.dtype) });
             }
             if info.shape != [len] {
@@ -178,27 +178,16 @@ impl Parsed<'_> {
         Ok(out)
     }
 
-    /// The 1-D f32 tensors `names` with `lengths`, in that order: exactly that key set,
-    /// dtype F32, shape `[len]`, every value finite.
+    /// The 1-D u8 tensors `names` with byte lengths `lengths`, in that order.
+    pub(crate) fn u8_tensors(&self, names: &[String], lengths: &[usize]) -> Result<Vec<&[u8]>, Rejection> {
+        self.raw_tensors(names, lengths, Dtype::U8)
+    }
+
+    /// The 1-D f32 tensors `names` with `lengths`, in that order, every value finite.
     pub(crate) fn f32_tensors(&self, names: &[String], lengths: &[usize]) -> Result<Vec<Vec<f32>>, Rejection> {
-        let table = self.header.tensors();
-        let known: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
-        let mut found: Vec<&String> = table.keys().collect();
-        found.sort();
-        if let Some(extra) = found.iter().find(|n| !known.contains(n.as_str())) {
-            return Err(Rejection::UnexpectedKey((*extra).clone()));
-        }
-        let mut out = Vec::with_capacity(names.len());
-        for (name, &len) in names.iter().zip(lengths) {
-            let info = table.get(name).ok_or_else(|| Rejection::MissingKey(name.clone()))?;
-            if info.dtype != Dtype::F32 {
-                return Err(Rejection::WrongDtype { name: name.clone(), dtype: format!("{:?}", info.dtype) });
-            }
-            if info.shape != [len] {
-                return Err(Rejection::WrongShape { name: name.clone(), expected: len, found: info.shape.clone() });
-            }
-            let (a, b) = info.data_offsets;
-            let raw = self.data.get(a..b).ok_or_else(|| Rejection::Malformed(format!("`{name}` out of bounds")))?;
+        let raw = self.raw_tensors(names, lengths, Dtype::F32)?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (name, raw) in names.iter().zip(raw) {
             let values: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(Rejection::NonFinite { name: name.clone(), index: i });

@@ -244,16 +244,6 @@ pub fn check_codes(
     total
 }
 
-/// The CUDA device the norm kernel runs on for a scoring `device` (`None`: the CPU kernel).
-/// The gradient is recomputed on `device`; its values at the slice indices are gathered to
-/// the host once and, on CUDA, copied up once with the miner's slice for the kernel.
-pub fn cuda_ordinal(device: &Device) -> Option<usize> {
-    match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
-        _ => None,
-    }
-}
-
 /// The order in which to recompute `miners`: a random permutation from this validator's
 /// own entropy, drawn after the upload deadline, so no miner can know in advance whether or
 /// when it will be checked; at most `max` of them.
@@ -272,15 +262,4 @@ pub fn private_sample(miners: &[(u16, String)], max: usize) -> Vec<(u16, String)
 /// The miners of a metagraph: registered uids without a validator permit.
 pub fn miners_of(mg: &Metagraph) -> Vec<(u16, String)> {
     mg.neurons.iter().filter(|n| !n.validator_permit).map(|n| (n.uid, n.hotkey.clone())).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_norm_kernel_follows_the_scoring_device() {
-        assert_eq!(cuda_ordinal(&Device::Cpu), None);
-        assert_eq!(bistro_kernels::NormKernel::for_device(cuda_ordinal(&Device::Cpu)).unwrap().name(), "cpu");
-    }
 }

@@ -48,9 +48,6 @@ pub enum ValidatorError {
     /// Recomputation failed.
     #[error(transparent)]
     Step(#[from] step::StepError),
-    /// The kernel failed.
-    #[error(transparent)]
-    Kernel(#[from] bistro_kernels::KernelError),
 }
 
 /// Everything a validator needs.

@@ -41,7 +41,8 @@ fn verify(c: &mut Criterion) {
     let codec = h.codec();
     let codes = slices::encode_gradient(&codec, &g4, &slices::dithers(&seed, "bench-miner", &idx4));
     let slice4 = slices::SliceUpdate { values: codes.iter().map(|q| codec.decode(q)).collect(), codes };
-    let check4 = |gv: &[Vec<f32>]| bistro_validate::recompute::check_codes(&h, &seed, "bench-miner", &idx4, gv, &slice4);
+    let check4 =
+        |gv: &[Vec<f32>]| bistro_validate::recompute::check_codes(&h, &seed, "bench-miner", &idx4, gv, &slice4);
     assert_eq!(check4(&g4).relative_error(), 0.0);
 
     let mut grp = c.benchmark_group("verify_one_miner_tiny");

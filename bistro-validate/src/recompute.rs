@@ -229,19 +229,7 @@ pub fn check_codes(
     gv: &[Vec<f32>],
     slice: &slices::SliceUpdate,
 ) -> slices::quant::Consistency {
-    let codec = h.codec();
-    let tol = h.code_tolerance();
-    let dithers = slices::dithers(seed, hotkey, indices);
-    let mut total = slices::quant::Consistency::default();
-    if slice.codes.len() != gv.len() {
-        // Decoded slices always hold every parameter; anything else fails as a whole.
-        total.excess_sq = f64::INFINITY;
-        return total;
-    }
-    for ((x, q), u) in gv.iter().zip(&slice.codes).zip(&dithers) {
-        total.merge(&codec.check(x, q, u, tol));
-    }
-    total
+    slices::check_codes(&h.codec(), h.code_tolerance(), seed, hotkey, indices, gv, &slice.codes)
 }
 
 /// The order in which to recompute `miners`: a random permutation from this validator's

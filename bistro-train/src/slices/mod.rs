@@ -153,6 +153,37 @@ pub fn dithers(seed: &[u8], hotkey: &str, indices: &SliceIndices) -> Vec<Vec<f32
     indices.all().iter().enumerate().map(|(p, ids)| quant::dither(seed, hotkey, p as u64, ids.len())).collect()
 }
 
+/// The validator's check of `hotkey`'s codes against its own gradient `gv` at `indices` (the
+/// window of `seed`): each tensor with the miner's public dithers, in parallel, merged in
+/// canonical order ([`quant::Codec::check`]). Codes for another number of tensors fail as
+/// a whole.
+pub fn check_codes(
+    codec: &quant::Codec,
+    tol: quant::Tolerance,
+    seed: &[u8],
+    hotkey: &str,
+    indices: &SliceIndices,
+    gv: &[Vec<f32>],
+    codes: &[quant::Quantised],
+) -> quant::Consistency {
+    use rayon::prelude::*;
+    let mut total = quant::Consistency::default();
+    if codes.len() != gv.len() || indices.len() != gv.len() {
+        total.excess_sq = f64::INFINITY;
+        return total;
+    }
+    let parts: Vec<quant::Consistency> = gv
+        .par_iter()
+        .zip(codes)
+        .enumerate()
+        .map(|(p, (x, q))| codec.check(x, q, &quant::dither(seed, hotkey, p as u64, x.len()), tol))
+        .collect();
+    for c in &parts {
+        total.merge(c);
+    }
+    total
+}
+
 /// An honest slice's codes: the gradient at the indices, quantised with `hotkey`'s dithers.
 pub fn encode_gradient(codec: &quant::Codec, grad_at_i: &[Vec<f32>], dithers: &[Vec<f32>]) -> Vec<quant::Quantised> {
     grad_at_i.iter().zip(dithers).map(|(g, u)| codec.encode(g, u)).collect()

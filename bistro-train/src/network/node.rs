@@ -750,6 +750,7 @@ impl Node {
         let mut applied = None;
         let outcome = match accepted {
             None => {
+                self.catch_up_to_attested(&found, &publishers, w).await?;
                 let reason = if publishers.is_empty() {
                     "no validator on the network".to_string()
                 } else if found.is_empty() {
@@ -806,6 +807,99 @@ impl Node {
             crate::history::cleanup(&self.bucket, &self.cfg.hotkey, self.window, &self.cfg.hparams).await;
         }
         Ok(outcome)
+    }
+
+    /// After a window without an accepted aggregate: when the aggregates found build on a
+    /// state other than this node's, and a stake majority attested that state as the product
+    /// of window `w - 1`, this node missed an accepted update (its reads of the other
+    /// validators were cut short, say). It rebuilds that state from the publisher's history
+    /// (each link checked) instead of staying off the network's state, where, as a
+    /// validator, it could not attest anything again. Returns whether it caught up.
+    async fn catch_up_to_attested(
+        &mut self,
+        found: &[Found],
+        publishers: &[Publisher],
+        w: u64,
+    ) -> Result<bool, NodeError> {
+        let Some(prev) = w.checked_sub(1) else { return Ok(false) };
+        let mut tried = HashSet::new();
+        for f in found.iter().filter(|f| f.obj.set.parent != self.state_hash) {
+            let parent = f.obj.set.parent.clone();
+            if !tried.insert(parent.clone()) {
+                continue;
+            }
+            // One collection budget for the attestations: a stalling validator costs that
+            // once and counts against, never a peer timeout per window.
+            let cutoff = now_ms() + self.cfg.hparams.collect_budget_ms;
+            let voices = self.voices(publishers, prev, cutoff, &mut HashMap::new()).await;
+            if !Tally::count_where(&voices, |st| st.state == parent).accepted() {
+                continue;
+            }
+            match self.rebuild_to(&f.from, &parent, publishers, w).await {
+                Ok(r) => {
+                    self.install(r.params, r.adam, w)?;
+                    self.repairs += 1;
+                    tracing::info!(
+                        window = w,
+                        state = short(&parent),
+                        from = %f.from,
+                        "caught up with the state a stake majority attested for the window before, which this node had missed"
+                    );
+                    return Ok(true);
+                }
+                Err(e) => {
+                    tracing::warn!(window = w, from = %f.from, error = %e, "cannot catch up with the attested state")
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Rebuild the state `parent` of window `w` from `who`'s history, then other validators'
+    /// (a publisher may hold only the attested bytes it republished, not a history that
+    /// links): at most [`crate::protocol::REPAIR_SOURCES`] of them under one deadline.
+    async fn rebuild_to(
+        &self,
+        who: &str,
+        parent: &str,
+        publishers: &[Publisher],
+        w: u64,
+    ) -> Result<crate::history::Rebuilt, HistoryError> {
+        let chain_window = self.chain_window().await.unwrap_or(w + 1);
+        let mut sources: Vec<&Publisher> = publishers.iter().filter(|p| p.hotkey == who).collect();
+        sources.extend(
+            publishers
+                .iter()
+                .filter(|p| p.hotkey != who && p.hotkey != self.cfg.hotkey && !self.is_skipped(&p.hotkey, w)),
+        );
+        let budget = crate::protocol::REPAIR_BUDGET;
+        let search = async {
+            let mut last = HistoryError::Other(format!("{who} has no bucket"));
+            for p in sources.into_iter().take(crate::protocol::REPAIR_SOURCES) {
+                let attested = |aw, hash| self.state_attested(publishers, aw, hash);
+                match self
+                    .ctx
+                    .rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, Some(w), chain_window, attested)
+                    .await
+                {
+                    Ok(r) if r.hash == parent => return Ok(r),
+                    Ok(r) => {
+                        tracing::warn!(window = w, source = %p.hotkey, state = short(&r.hash), "rebuilt another state");
+                        last = HistoryError::Mismatch(format!(
+                            "rebuilt state {} is not {}",
+                            short(&r.hash),
+                            short(parent)
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(window = w, source = %p.hotkey, error = %e, "cannot rebuild from this history");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
+        };
+        tokio::time::timeout(budget, search).await.unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }))
     }
 
     /// How long a read of a peer's object may take now: until `cutoff_ms` when live; the
@@ -891,41 +985,7 @@ impl Node {
                 from = %who,
                 "fork detected: this state is not the one the accepted set applies to; repairing"
             );
-            // The publisher's history first, then other validators' (a publisher may hold
-            // only the attested bytes it republished, not a history that links): at most
-            // REPAIR_SOURCES of them.
-            let chain_window = self.chain_window().await.unwrap_or(w + 1);
-            let mut sources: Vec<&Publisher> = publishers.iter().filter(|p| p.hotkey == who).collect();
-            sources.extend(
-                publishers
-                    .iter()
-                    .filter(|p| p.hotkey != who && p.hotkey != self.cfg.hotkey && !self.is_skipped(&p.hotkey, w)),
-            );
-            // One deadline for the whole repair, whatever the number of sources.
-            let budget = crate::protocol::REPAIR_BUDGET;
-            let search = async {
-                let mut rebuilt = Err(HistoryError::Other(format!("{who} has no bucket")));
-                for p in sources.into_iter().take(crate::protocol::REPAIR_SOURCES) {
-                    let attested = |aw, hash| self.state_attested(publishers, aw, hash);
-                    rebuilt = self
-                        .ctx
-                        .rebuild_from(&p.bucket, &self.model_config, &self.cfg.device, Some(w), chain_window, attested)
-                        .await;
-                    match &rebuilt {
-                        Ok(r) if r.hash == obj.set.parent => break,
-                        Ok(r) => {
-                            tracing::warn!(window = w, source = %p.hotkey, state = short(&r.hash), "rebuilt another state")
-                        }
-                        Err(e) => {
-                            tracing::warn!(window = w, source = %p.hotkey, error = %e, "cannot rebuild from this history")
-                        }
-                    }
-                }
-                rebuilt
-            };
-            let rebuilt = tokio::time::timeout(budget, search)
-                .await
-                .unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }));
+            let rebuilt = self.rebuild_to(&who, &obj.set.parent, publishers, w).await;
             match rebuilt {
                 Ok(r) if r.hash == obj.set.parent => {
                     self.install(r.params, r.adam, w)?;

@@ -5,8 +5,35 @@ use std::path::PathBuf;
 use bistro_chain::cli::ChainArgs;
 use candle_core::Device;
 
+use anyhow::Context;
+
 use crate::hparams::HParams;
 use crate::storage::BucketOptions;
+
+/// The exit code of a node that stops on a configuration error: `EX_CONFIG` of BSD's
+/// `sysexits.h`, what service managers and operators' scripts read as "fix the settings,
+/// do not restart in a loop". Other errors exit with 1.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Marks an error as the operator's configuration (hyper-parameters, wallet, network,
+/// bucket, device): the binaries exit with [`EXIT_CONFIG`] on it ([`exit_code`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The exit code for an error a node binary stopped on: [`EXIT_CONFIG`] when anything in
+/// its chain is a configuration error ([`ConfigError`], a node's, chain's or hparams'
+/// configuration error), else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    let config = e.downcast_ref::<ConfigError>().is_some()
+        || e.chain().any(|c| {
+            c.is::<ConfigError>()
+                || c.is::<crate::hparams::HParamsError>()
+                || c.downcast_ref::<crate::node::NodeError>().is_some_and(crate::node::NodeError::is_config)
+                || matches!(c.downcast_ref::<bistro_chain::ChainError>(), Some(bistro_chain::ChainError::Config(_)))
+        });
+    if config { EXIT_CONFIG } else { 1 }
+}
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -161,9 +188,10 @@ impl NodeArgs {
         devnet_stake: u64,
     ) -> anyhow::Result<(crate::node::NodeConfig, std::sync::Arc<dyn bistro_chain::Chain>)> {
         init_logging(self.log_format);
-        let hparams = self.hparams()?;
-        let hotkey = self.chain.hotkey(role)?;
-        let device = self.device()?;
+        let config = |what: &str| ConfigError(what.to_string());
+        let hparams = self.hparams().context(config("the hyper-parameters"))?;
+        let hotkey = self.chain.hotkey(role).context(config("the wallet and network"))?;
+        let device = self.device().context(config("--device"))?;
         let chain = self.chain.connect(role).await?;
         if !self.chain.is_devnet() {
             let newest = chain.block_number().await?;
@@ -177,7 +205,9 @@ impl NodeArgs {
             hparams.model,
             bistro_model::device_name(&device)
         );
-        let cfg = self.node_config(role, hotkey, hparams, device, self.chain.is_devnet().then_some(devnet_stake))?;
+        let cfg = self
+            .node_config(role, hotkey, hparams, device, self.chain.is_devnet().then_some(devnet_stake))
+            .context(config("the bucket"))?;
         Ok((cfg, chain))
     }
 

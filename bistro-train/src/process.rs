@@ -65,7 +65,9 @@ pub unsafe fn block_on<F: std::future::Future>(fut: F) -> std::io::Result<F::Out
 
 /// The `main` of a node binary: mimalloc as the global allocator, then [`block_on`] of the
 /// named `async fn() -> anyhow::Result<()>` first thing in `main`, which is what makes the
-/// `unsafe` sound. The calling crate depends on `anyhow`.
+/// `unsafe` sound. An error is printed with its causes and exits with
+/// [`crate::cli::exit_code`]: 78 for a configuration error, else 1. The calling crate
+/// depends on `anyhow`.
 ///
 /// ```ignore
 /// async fn run() -> anyhow::Result<()> { Ok(()) }
@@ -77,9 +79,19 @@ macro_rules! node_main {
         #[global_allocator]
         static ALLOC: $crate::process::MiMalloc = $crate::process::MiMalloc;
 
-        fn main() -> anyhow::Result<()> {
+        fn main() -> std::process::ExitCode {
             // SAFETY: first thing in `main`, before any other thread exists.
-            unsafe { $crate::process::block_on($run()) }?
+            let result: anyhow::Result<()> = match unsafe { $crate::process::block_on($run()) } {
+                Ok(r) => r,
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
+            match result {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("Error: {e:?}");
+                    std::process::ExitCode::from($crate::cli::exit_code(&e) as u8)
+                }
+            }
         }
     };
 }

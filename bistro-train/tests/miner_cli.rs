@@ -87,13 +87,16 @@ fn bad_configuration_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     write_config(dir);
+    // Configuration errors exit with 78 (EX_CONFIG): a service manager must not restart
+    // the node in a loop, and a script can tell them from failures at run time.
+    let config = bistro_train::cli::EXIT_CONFIG;
     let out = miner(dir, &["--max-windows", "1", "--model", "huge"]).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(config), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown model preset `huge`"), "{err}");
 
     let out = miner(dir, &["--subtensor.network", "nowhere"]).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(config));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("unknown network"),
         "{}",
@@ -106,17 +109,24 @@ fn bad_configuration_is_a_clear_error() {
         .args(["--subtensor.network", "ws://127.0.0.1:9", "--device", "cpu"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(config));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--hparams FILE is required"), "{err}");
 
     std::fs::write(dir.join("hparams.toml"), "compression = \"lots\"").unwrap();
     let start = Instant::now();
     let out = miner(dir, &[]).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(config));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hparams.toml") && err.contains("compression"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(20));
+    // A missing file is a configuration error too.
+    let out = Command::new(env!("CARGO_BIN_EXE_miner"))
+        .current_dir(dir)
+        .args(["--devnet.dir", "devnet", "--hparams", "no-such-file.toml", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(config), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -50,6 +50,22 @@ pub enum ValidatorError {
     Step(#[from] step::StepError),
 }
 
+impl ValidatorError {
+    /// Whether the operator's settings are wrong rather than something at run time.
+    pub fn is_config(&self) -> bool {
+        match self {
+            ValidatorError::Config(_) | ValidatorError::Chain(ChainError::Config(_)) => true,
+            ValidatorError::Node(e) => e.is_config(),
+            ValidatorError::Model(
+                bistro_model::ModelError::UnknownPreset { .. }
+                | bistro_model::ModelError::ConfigParse { .. }
+                | bistro_model::ModelError::InvalidConfig(_),
+            ) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Everything a validator needs.
 #[derive(Clone, Debug)]
 pub struct ValidatorConfig {

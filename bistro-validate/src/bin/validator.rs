@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use bistro_train::cli::{NodeArgs, stop_on_ctrl_c};
 use bistro_train::status::{ScoreEntry, StatusBoard};
 use bistro_validate::{Validator, ValidatorConfig, ValidatorEvent};
@@ -149,7 +148,11 @@ async fn run() -> anyhow::Result<()> {
         heldout_pages: cli.heldout_pages,
     };
     let (countdown_chain, bpw) = (chain.clone(), cfg.node.hparams.blocks_per_window);
-    let mut v = Validator::new(cfg, chain).await.context("cannot start the validator")?;
+    let mut v = Validator::new(cfg, chain).await.map_err(|e| {
+        let config = e.is_config();
+        let e = anyhow::Error::new(e).context("cannot start the validator");
+        if config { e.context(bistro_train::cli::ConfigError("the validator's settings".into())) } else { e }
+    })?;
     v.on_event(print_event);
     let held = bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, v.window());
     v.on_event(move |e| {

@@ -585,7 +585,12 @@ impl Node {
     /// `window` (how a checkpoint of window `window + 1` is accepted).
     pub async fn state_attested(&self, publishers: &[Publisher], window: u64, hash: String) -> bool {
         let cutoff = now_ms() + crate::protocol::PEER_TIMEOUT.as_millis() as u64;
-        let voices = self.voices(publishers, window, cutoff, &mut HashMap::new()).await;
+        self.state_attested_by(publishers, window, hash, cutoff).await
+    }
+
+    /// [`Self::state_attested`] with the attestations read until `cutoff_ms` (Unix ms).
+    async fn state_attested_by(&self, publishers: &[Publisher], window: u64, hash: String, cutoff_ms: u64) -> bool {
+        let voices = self.voices(publishers, window, cutoff_ms, &mut HashMap::new()).await;
         let t = Tally::count_where(&voices, |s| s.state == hash);
         if !t.accepted() {
             tracing::info!(window, state = short(&hash), tally = %t.describe(), "state not attested");
@@ -847,8 +852,7 @@ impl Node {
             // One collection budget for the attestations: a stalling validator costs that
             // once and counts against, never a peer timeout per window.
             let cutoff = now_ms() + self.cfg.hparams.collect_budget_ms;
-            let voices = self.voices(publishers, prev, cutoff, &mut HashMap::new()).await;
-            if !Tally::count_where(&voices, |st| st.state == parent).accepted() {
+            if !self.state_attested_by(publishers, prev, parent.clone(), cutoff).await {
                 continue;
             }
             match self.rebuild_to(&f.from, &parent, publishers, w).await {
@@ -1003,20 +1007,13 @@ impl Node {
             );
             let rebuilt = self.rebuild_to(&who, &obj.set.parent, publishers, w).await;
             match rebuilt {
-                Ok(r) if r.hash == obj.set.parent => {
+                // `rebuild_to` returns only the state asked for.
+                Ok(r) => {
                     self.install(r.params, r.adam, w)?;
                     self.repairs += 1;
                     crate::telemetry::fork(true);
                     repaired = true;
                     tracing::info!(window = w, checkpoint = r.checkpoint, from = %who, "fork repaired");
-                }
-                Ok(r) => {
-                    crate::telemetry::fork(false);
-                    self.window = w + 1;
-                    return Ok(Followed::Forked {
-                        window: w,
-                        reason: format!("rebuilt state {} is not {}", short(&r.hash), short(&obj.set.parent)),
-                    });
                 }
                 Err(e) => {
                     crate::telemetry::fork(false);

@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::CHECKPOINT_WINDOW_KEY;
 use crate::public_adam::{PublicAdam, TENSOR_PREFIXES};
 
-/// The file of the public optimizer state in a state directory (beside `model.safetensors`,
-/// which stays a plain Hugging Face checkpoint).
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The file of the public optimizer state of `window` in a state directory (beside
+/// `model.safetensors`, which stays a plain Hugging Face checkpoint). Named by window, so a
+/// process killed between writing it and the parameters still finds the pair it had.
+pub fn optimizer_file(window: u64) -> String {
+    format!("optimizer-{window}.safetensors")
+}
 
 /// Errors of state persistence.
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +47,13 @@ pub struct StateInfo {
 }
 
 /// Save `params` and `adam` as the state of `window` in `dir` (optimizer state, parameters
-/// and `config.json` first, then the small JSON, each written atomically; both tensor files
-/// record the window, so a process killed between them is found out on load).
+/// and `config.json` next, then the small JSON, each written atomically; the older optimizer
+/// file is deleted last, so a process killed at any moment leaves a pair that resumes).
 pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) -> Result<(), StateError> {
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
     let opt = adam_bytes(params, adam, &meta)?;
-    bistro_model::checkpoint::write_atomic(&dir.join(OPTIMIZER_FILE), &opt)?;
+    bistro_model::checkpoint::write_atomic(&dir.join(optimizer_file(info.window)), &opt)?;
     bistro_model::save_safetensors(params, &dir.join(bistro_model::checkpoint::WEIGHTS_FILE), &meta)?;
     let hf = serde_json::to_vec_pretty(&params.config().to_hf_json())
         .map_err(|e| StateError::File { path: dir.join("config.json"), reason: e.to_string() })?;
@@ -58,12 +61,21 @@ pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) ->
     let json = serde_json::to_vec_pretty(info)
         .map_err(|e| StateError::File { path: dir.join("state.json"), reason: e.to_string() })?;
     bistro_model::checkpoint::write_atomic(&dir.join("state.json"), &json)?;
+    // Only now is the older optimizer state no longer needed to resume.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("optimizer-") && name.ends_with(".safetensors") && name != optimizer_file(info.window) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(())
 }
 
 /// Load the state in `dir` if it exists and matches `hparams_hash` and `config`.
-/// `Ok(None)` when there is no state, or when the process stopped between writing the
-/// parameters and the optimizer state (logged: the node rejoins from the network); an
+/// `Ok(None)` when there is no state, or no optimizer state of the parameters' window
+/// (logged: the node rejoins from the network); an
 /// error when it exists but belongs to another network or model.
 pub fn load(
     dir: &Path,
@@ -100,9 +112,13 @@ pub fn load(
         );
         info.window = w;
     }
-    let opt_path = dir.join(OPTIMIZER_FILE);
+    let opt_path = dir.join(optimizer_file(info.window));
     let bad = |reason: String| StateError::File { path: opt_path.clone(), reason };
-    let bytes = std::fs::read(&opt_path).map_err(|e| bad(format!("{e} (a state from before protocol v4?)")))?;
+    if !opt_path.exists() {
+        tracing::warn!(path = %opt_path.display(), "no optimizer state for the saved parameters; rejoining from the network");
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&opt_path).map_err(|e| bad(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let adam = PublicAdam::from_safetensors(&st, params.specs()).map_err(|e| bad(e.to_string()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;

@@ -64,14 +64,16 @@ fn checkpoints_and_local_state_resume_the_optimizer_exactly() {
     assert_eq!((i3.window, &a3), (12, &adam));
     assert_eq!(state_hash(&p3, &a3).unwrap(), hash);
     // A process killed after writing the optimizer state of window 13 but before the
-    // parameters: the two disagree, and the node does not load either (it rejoins).
-    let newer = StateInfo { window: 13, ..info.clone() };
-    let opt_only = tempfile::tempdir().unwrap();
-    state::save(opt_only.path(), &params, &adam, &info).unwrap();
+    // parameters: the pair of window 12 is still there and resumes.
     let other = tempfile::tempdir().unwrap();
-    state::save(other.path(), &params, &adam, &newer).unwrap();
-    std::fs::copy(other.path().join(state::OPTIMIZER_FILE), opt_only.path().join(state::OPTIMIZER_FILE)).unwrap();
-    assert!(state::load(opt_only.path(), &micro(), "hp", &Device::Cpu).unwrap().is_none());
+    let newer = StateInfo { window: 13, ..info.clone() };
+    state::save(other.path(), &params, &PublicAdam::zeros(params.specs()), &newer).unwrap();
+    std::fs::copy(other.path().join(state::optimizer_file(13)), dir.path().join(state::optimizer_file(13))).unwrap();
+    let (i4, _, a4) = state::load(dir.path(), &micro(), "hp", &Device::Cpu).unwrap().unwrap();
+    assert_eq!((i4.window, &a4), (12, &adam));
+    // Without the optimizer state of the parameters' window, the node rejoins.
+    std::fs::remove_file(dir.path().join(state::optimizer_file(12))).unwrap();
+    assert!(state::load(dir.path(), &micro(), "hp", &Device::Cpu).unwrap().is_none());
 }
 
 #[test]

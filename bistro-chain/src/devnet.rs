@@ -485,6 +485,7 @@ impl Chain for Devnet {
     }
 
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()> {
+        crate::check_commitment_len(data.len())?;
         self.update(|st| {
             let s = st.subnets.entry(netuid).or_default();
             if !s.neurons.iter().any(|n| n.hotkey == hotkey) {

@@ -86,6 +86,22 @@ pub enum ChainError {
     Timeout(String),
 }
 
+/// The longest commitment (bucket URL) a node publishes: subtensor's `Data::BigRaw` bound
+/// (`pallet_commitments`, 512 bytes). Shorter URLs of at most 128 bytes go out as `Raw<N>`.
+/// The devnet enforces the same bound, so a URL that works there works on a real network.
+pub const MAX_COMMITMENT_BYTES: usize = 512;
+
+/// Refuse a commitment longer than [`MAX_COMMITMENT_BYTES`], with what to do about it.
+pub fn check_commitment_len(len: usize) -> Result<()> {
+    if len > MAX_COMMITMENT_BYTES {
+        return Err(ChainError::Config(format!(
+            "the bucket URL is {len} bytes, over the {MAX_COMMITMENT_BYTES}-byte commitment limit: \
+             shorten the bucket name or prefix, or leave out query parameters peers do not need"
+        )));
+    }
+    Ok(())
+}
+
 /// Result alias for chain operations.
 pub type Result<T, E = ChainError> = std::result::Result<T, E>;
 
@@ -280,7 +296,7 @@ pub trait Chain: Send + Sync {
         Ok(out)
     }
 
-    /// Publish `data` as `hotkey`'s commitment on `netuid`.
+    /// Publish `data` as `hotkey`'s commitment on `netuid` (at most [`MAX_COMMITMENT_BYTES`]).
     async fn set_commitment(&self, netuid: u16, hotkey: &str, data: &str) -> Result<()>;
 
     /// Set `hotkey`'s weights on `netuid` (u16 weights per uid).

@@ -1,7 +1,8 @@
 //! The real subxt client against an in-process mock node that answers from real recorded
 //! subtensor data (`tests/fixtures/golden.json`, bittensor 11.3.0, Apache-2.0): storage
 //! keys, decoded values, call data and the signer payload must equal the recording byte
-//! for byte, a commitment round-trips, and a wallet file signs what the fixture expects.
+//! for byte, a commitment round-trips (a real-length R2 URL too, also through the devnet),
+//! and a wallet file signs what the fixture expects.
 
 mod conformance;
 
@@ -407,7 +408,82 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
     want.push(url.len() as u8 + 1);
     want.extend(url.as_bytes());
     assert_eq!(data, want);
-    assert!(subtensor::set_commitment_call(1, &"x".repeat(129)).is_err());
+    assert!(subtensor::set_commitment_call(1, &"x".repeat(513)).is_err());
+}
+
+/// A real-length R2 bucket URL with its read-only key: a 32-hex account id, a 32-character
+/// key id and a 64-character secret. 223 bytes, over `Raw<N>`'s 128.
+fn r2_url() -> String {
+    let account = "0123456789abcdef0123456789abcdef";
+    let key_id = "fedcba9876543210fedcba9876543210";
+    let secret = "a".repeat(32) + &"b".repeat(32);
+    let url = format!(
+        "s3://bistro/miner?endpoint=https://{account}.r2.cloudflarestorage.com&region=auto\
+         &read_key={key_id}&read_secret={secret}"
+    );
+    assert_eq!(url.len(), 223);
+    url
+}
+
+#[tokio::test]
+async fn a_real_length_r2_url_commits_as_big_raw_and_reads_back() {
+    // The recorded runtime's `Data` enum: BigRaw is variant 136, after None, Raw0..Raw128,
+    // BlakeTwo256, Sha256, Keccak256, ShaThree256, TimelockEncrypted and ResetBondsFlag.
+    let storage: Storage = Arc::new(Mutex::new(HashMap::new()));
+    let client = mock_client(storage.clone()).await;
+    let at = client.at_current_block().await.unwrap();
+    let url = r2_url();
+    // The call encodes through the recorded metadata (an unknown variant would fail here):
+    // Commitments (18).set_commitment (0), netuid 1, one field: BigRaw (136), compact
+    // length, bytes.
+    let data = at.transactions().call_data(&subtensor::set_commitment_call(1, &url).unwrap()).unwrap();
+    let mut want = vec![18u8, 0, 1, 0];
+    want.extend(compact(1));
+    want.push(136);
+    want.extend(compact(url.len()));
+    want.extend(url.as_bytes());
+    assert_eq!(data, want);
+    // A 128-byte URL still goes out as Raw128 (variant 129), as older nodes read it.
+    let short = "s".repeat(128);
+    let data = at.transactions().call_data(&subtensor::set_commitment_call(1, &short).unwrap()).unwrap();
+    assert_eq!(data[5], 129);
+    // Bob's commitment as the chain stores it: Registration { deposit, block, info: { fields:
+    // [BigRaw(url)] } }, read back through the Chain trait.
+    let bob = subtensor::account_id(BOB).unwrap();
+    let mut reg = 0u64.to_le_bytes().to_vec();
+    reg.extend(60u32.to_le_bytes());
+    reg.extend(compact(1));
+    reg.push(136);
+    reg.extend(compact(url.len()));
+    reg.extend(url.as_bytes());
+    let k = at
+        .storage()
+        .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf"))
+        .unwrap()
+        .fetch_key((1, bob.0))
+        .unwrap();
+    storage.lock().unwrap().insert(k, reg);
+    let chain = Subtensor::from_client("golden mock", client.clone(), None, Duration::from_secs(10));
+    assert_eq!(chain.commitment(1, BOB).await.unwrap().as_deref(), Some(url.as_str()));
+    // Over the BigRaw bound: a clear error before anything is submitted.
+    let e = subtensor::set_commitment_call(1, &"x".repeat(bistro_chain::MAX_COMMITMENT_BYTES + 1)).unwrap_err();
+    assert!(e.to_string().contains("513 bytes") && e.to_string().contains("512-byte"), "{e}");
+}
+
+#[tokio::test]
+async fn a_real_length_r2_url_round_trips_through_the_devnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = bistro_chain::devnet::Devnet::open(dir.path(), Duration::from_millis(50)).unwrap();
+    d.ensure_registered(1, "alice", 0).await.unwrap();
+    let url = r2_url();
+    d.set_commitment(1, "alice", &url).await.unwrap();
+    assert_eq!(d.commitment(1, "alice").await.unwrap().as_deref(), Some(url.as_str()));
+    // A second process reads what the first committed.
+    let again = bistro_chain::devnet::Devnet::open(dir.path(), Duration::from_millis(50)).unwrap();
+    assert_eq!(again.commitment(1, "alice").await.unwrap().as_deref(), Some(url.as_str()));
+    let e = d.set_commitment(1, "alice", &"x".repeat(513)).await.unwrap_err().to_string();
+    assert!(e.contains("512-byte commitment limit"), "{e}");
+    assert_eq!(d.commitment(1, "alice").await.unwrap().as_deref(), Some(url.as_str()), "the old one stays");
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Encoding and decoding: accounts and signers, the `Data::Raw<N>` commitment field, and the
+//! Encoding and decoding: accounts and signers, the `Data::Raw<N>`/`BigRaw` commitment field, and the
 //! extrinsics this client submits.
 
 use subxt::dynamic::{self, Value};
@@ -20,22 +20,35 @@ pub fn keypair_from_seed_hex(seed_hex: &str) -> Result<Keypair> {
     Keypair::from_secret_key(seed).map_err(|e| ChainError::Wallet(format!("bad secretSeed: {e}")))
 }
 
-/// The SCALE `Data::Raw<N>` value that holds `bytes` (at most 128 bytes).
+/// The SCALE `Data` value that holds `bytes`: `Raw<N>` up to [`RAW_MAX_BYTES`] (the variant
+/// index carries the length, as every subtensor since the commitments pallet reads), else
+/// `BigRaw` (a length-prefixed vector) up to [`crate::MAX_COMMITMENT_BYTES`]. An R2 bucket
+/// URL with its read key (about 220 bytes) needs `BigRaw`.
 pub fn raw_data(bytes: &[u8]) -> Result<Value> {
-    if bytes.len() > 128 {
-        return Err(ChainError::Config(format!("commitment of {} bytes is over the 128-byte Raw limit", bytes.len())));
+    crate::check_commitment_len(bytes.len())?;
+    if bytes.len() <= RAW_MAX_BYTES {
+        return Ok(Value::variant(
+            format!("Raw{}", bytes.len()),
+            subxt::ext::scale_value::Composite::unnamed([Value::from_bytes(bytes)]),
+        ));
     }
-    Ok(Value::variant(
-        format!("Raw{}", bytes.len()),
-        subxt::ext::scale_value::Composite::unnamed([Value::from_bytes(bytes)]),
-    ))
+    Ok(Value::variant("BigRaw", subxt::ext::scale_value::Composite::unnamed([Value::from_bytes(bytes)])))
 }
 
-/// The bytes of the first `Raw<N>` field of a decoded `Registration`/`CommitmentInfo` value.
+/// The longest commitment field a `Raw<N>` variant holds.
+pub const RAW_MAX_BYTES: usize = 128;
+
+/// The bytes of the first `Raw<N>` or `BigRaw` field of a decoded `Registration`/`CommitmentInfo` value.
 pub(super) fn first_raw_field(v: &Value<()>) -> Option<Vec<u8>> {
     use subxt::ext::scale_value::{Composite, Primitive, ValueDef, Variant};
     fn bytes_of(v: &Value<()>) -> Option<Vec<u8>> {
         match &v.value {
+            // A newtype around the bytes (BigRaw's `BoundedVec`): look inside.
+            ValueDef::Composite(Composite::Unnamed(items))
+                if items.len() == 1 && matches!(items[0].value, ValueDef::Composite(_)) =>
+            {
+                bytes_of(&items[0])
+            }
             ValueDef::Composite(Composite::Unnamed(items)) => items
                 .iter()
                 .map(|x| match &x.value {
@@ -49,7 +62,7 @@ pub(super) fn first_raw_field(v: &Value<()>) -> Option<Vec<u8>> {
     }
     fn search(v: &Value<()>) -> Option<Vec<u8>> {
         match &v.value {
-            ValueDef::Variant(Variant { name, values }) if name.starts_with("Raw") => {
+            ValueDef::Variant(Variant { name, values }) if name.starts_with("Raw") || name == "BigRaw" => {
                 let inner: Vec<&Value<()>> = values.values().collect();
                 inner.first().and_then(|x| bytes_of(x)).or_else(|| Some(Vec::new()))
             }
@@ -100,7 +113,7 @@ pub fn commit_timelocked_weights_call(
     )
 }
 
-/// The `Commitments.set_commitment(netuid, CommitmentInfo { fields: [Raw(url)] })` call.
+/// The `Commitments.set_commitment(netuid, CommitmentInfo { fields: [Raw<N>(url) or BigRaw(url)] })` call.
 pub fn set_commitment_call(netuid: u16, data: &str) -> Result<subxt::tx::DynamicPayload<Vec<Value>>> {
     let info = Value::named_composite([("fields", Value::unnamed_composite([raw_data(data.as_bytes())?]))]);
     Ok(dynamic::transaction("Commitments", "set_commitment", vec![Value::u128(netuid as u128), info]))

@@ -5,8 +5,9 @@
 //! `SubtensorModule.{SubnetworkN, Keys, Uids, ValidatorPermit, Incentive, Weights,
 //! TotalHotkeyAlpha, CommitRevealWeightsEnabled, RevealPeriodEpochs, Tempo,
 //! CommitRevealWeightsVersion, WeightsSetRateLimit, LastUpdate}`, `Drand.LastStoredRound`,
-//! `Commitments.CommitmentOf`. Extrinsics: `Commitments.set_commitment` (a `Raw<N>` field
-//! holding the bucket URL; the `Data` enum's variant index carries the length),
+//! `Commitments.CommitmentOf`. Extrinsics: `Commitments.set_commitment` (one field holding
+//! the bucket URL: `Raw<N>`, whose variant index carries the length, up to 128 bytes, else
+//! `BigRaw` up to 512),
 //! `SubtensorModule.set_weights` and, on commit-reveal subnets,
 //! `SubtensorModule.commit_timelocked_weights` (see [`crate::commit_reveal`]).
 //!
@@ -28,7 +29,8 @@ use tokio::sync::Mutex;
 
 use codec::first_raw_field;
 pub use codec::{
-    account_id, commit_timelocked_weights_call, keypair_from_seed_hex, raw_data, set_commitment_call, set_weights_call,
+    RAW_MAX_BYTES, account_id, commit_timelocked_weights_call, keypair_from_seed_hex, raw_data, set_commitment_call,
+    set_weights_call,
 };
 use connection::Connector;
 

@@ -298,6 +298,9 @@ impl Node {
         }
         let dataset = Dataset::open(&cfg.hparams.dataset, cfg.hparams.rows_per_page)?;
         let bucket = Bucket::open(&cfg.bucket_url, &cfg.bucket_options)?;
+        // The URL is committed on chain below: refuse one the chain would refuse, before
+        // anything else happens.
+        bistro_chain::check_commitment_len(bucket.url().len()).map_err(|e| NodeError::Config(e.to_string()))?;
         let ctx = SyncContext {
             chain: chain.clone(),
             netuid: cfg.netuid,

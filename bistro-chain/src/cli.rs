@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::devnet::{DEFAULT_BLOCK_TIME, Devnet};
-use crate::wallet::{WalletRef, default_wallets_dir};
+use crate::wallet::{WalletRef, default_wallets_dir, expand_tilde};
 use crate::{Chain, ChainError, Result};
 
 /// Known Bittensor networks and their endpoints.
@@ -20,40 +20,40 @@ pub const NETWORKS: [(&str, &str); 4] = [
 #[derive(Clone, Debug, clap::Args)]
 pub struct ChainArgs {
     /// Network: devnet (embedded default), finney, test, local, or a ws:// / wss:// endpoint.
-    #[arg(long = "subtensor.network", default_value = "devnet", env = "BISTRO_NETWORK")]
+    #[arg(long = "subtensor.network", default_value = "devnet", env = "BT_SUBTENSOR_NETWORK")]
     pub network: String,
 
     /// Explicit chain endpoint (overrides the network's default endpoint).
-    #[arg(long = "subtensor.chain_endpoint")]
+    #[arg(long = "subtensor.chain_endpoint", env = "BT_SUBTENSOR_CHAIN_ENDPOINT")]
     pub chain_endpoint: Option<String>,
 
-    /// Subnet id.
-    #[arg(long = "netuid", default_value_t = 1)]
+    /// Subnet id. Off the devnet, name it: the default 1 is the devnet's.
+    #[arg(long = "netuid", default_value_t = 1, env = "BT_NETUID")]
     pub netuid: u16,
 
     /// Wallet (coldkey) name.
-    #[arg(long = "wallet.name", default_value = "default")]
+    #[arg(long = "wallet.name", default_value = "default", env = "BT_WALLET_NAME")]
     pub wallet_name: String,
 
     /// Hotkey name inside the wallet (default: `miner` for the miner, `validator` for the validator).
-    #[arg(long = "wallet.hotkey")]
+    #[arg(long = "wallet.hotkey", env = "BT_WALLET_HOTKEY")]
     pub wallet_hotkey: Option<String>,
 
-    /// Directory of Bittensor wallets (default `$BT_WALLET_PATH` or `~/.bittensor/wallets`).
-    #[arg(long = "wallet.path")]
+    /// Directory of Bittensor wallets (`~` is expanded) [default: ~/.bittensor/wallets]
+    #[arg(long = "wallet.path", env = "BT_WALLET_PATH")]
     pub wallet_path: Option<PathBuf>,
 
     /// Directory of the local devnet's state (shared by every process on this machine).
-    #[arg(long = "devnet.dir", default_value = ".bistro/devnet")]
+    #[arg(long = "devnet.dir", default_value = ".bistro/devnet", env = "BISTRO_DEVNET_DIR", help_heading = "Devnet")]
     pub devnet_dir: PathBuf,
 
     /// Block time of a newly created devnet, in milliseconds.
-    #[arg(long = "devnet.block-ms", default_value_t = DEFAULT_BLOCK_TIME.as_millis() as u64)]
+    #[arg(long = "devnet.block-ms", default_value_t = DEFAULT_BLOCK_TIME.as_millis() as u64, env = "BISTRO_DEVNET_BLOCK_MS", help_heading = "Devnet")]
     pub devnet_block_ms: u64,
 
     /// Create the devnet with commit-reveal weights, as new Bittensor subnets have: weights
     /// are committed timelocked to the devnet's beacon and revealed this many blocks later.
-    #[arg(long = "devnet.commit-reveal", value_name = "BLOCKS")]
+    #[arg(long = "devnet.commit-reveal", value_name = "BLOCKS", env = "BISTRO_DEVNET_COMMIT_REVEAL", help_heading = "Devnet")]
     pub devnet_commit_reveal: Option<u64>,
 }
 
@@ -66,7 +66,7 @@ impl ChainArgs {
     /// The wallet these options name, with `default_hotkey` when `--wallet.hotkey` is absent.
     pub fn wallet(&self, default_hotkey: &str) -> WalletRef {
         WalletRef {
-            root: self.wallet_path.clone().unwrap_or_else(default_wallets_dir),
+            root: self.wallet_path.as_deref().map(expand_tilde).unwrap_or_else(default_wallets_dir),
             name: self.wallet_name.clone(),
             hotkey: self.wallet_hotkey.clone().unwrap_or_else(|| default_hotkey.to_string()),
         }

@@ -47,13 +47,26 @@ impl HotkeyFile {
     }
 }
 
-/// The default wallets directory: `$BT_WALLET_PATH`, else `~/.bittensor/wallets`.
+/// The default wallets directory: `$BT_WALLET_PATH` (with `~` expanded, as the Bittensor
+/// SDK does), else `~/.bittensor/wallets`.
 pub fn default_wallets_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("BT_WALLET_PATH") {
-        return PathBuf::from(p);
+    if let Some(p) = std::env::var_os("BT_WALLET_PATH").filter(|p| !p.is_empty()) {
+        return expand_tilde(Path::new(&p));
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".bittensor").join("wallets")
+    home_dir().join(".bittensor").join("wallets")
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `path` with a leading `~` (alone or followed by `/`) replaced by `$HOME`; other paths
+/// unchanged (`~user` is not expanded).
+pub fn expand_tilde(path: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => home_dir().join(rest),
+        Err(_) => path.to_path_buf(),
+    }
 }
 
 impl WalletRef {
@@ -101,6 +114,15 @@ pub fn read_hotkey_file(path: &Path) -> Result<HotkeyFile> {
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| ChainError::Wallet(format!("cannot read {}: {e}", path.display())))?;
+    if let Some(kind) = encryption_of(&text) {
+        return Err(ChainError::Wallet(format!(
+            "hotkey file {} is encrypted ({kind}): a node signs every window without a person to type \
+             a password, so it needs an unencrypted hotkey. Create one with `btcli wallet new_hotkey` \
+             (hotkeys are unencrypted by default) or regenerate this one unencrypted with \
+             `btcli wallet regen_hotkey`; the coldkey stays encrypted",
+            path.display()
+        )));
+    }
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ChainError::Wallet(format!("{} is not a Bittensor hotkey file (JSON): {e}", path.display())))?;
     let ss58 = v
@@ -112,6 +134,21 @@ pub fn read_hotkey_file(path: &Path) -> Result<HotkeyFile> {
         ss58_address: ss58.to_string(),
         secret_seed: v.get("secretSeed").and_then(|s| s.as_str()).map(str::to_string),
     })
+}
+
+/// How a keyfile's text is encrypted, if it is: btwallet's NaCl secretbox (`$NACL`), an
+/// Ansible vault, or the legacy Fernet format (`gAAAAA`).
+fn encryption_of(text: &str) -> Option<&'static str> {
+    let t = text.trim_start();
+    if t.starts_with("$NACL") {
+        Some("NaCl secretbox, password-protected")
+    } else if t.starts_with("$ANSIBLE_VAULT") {
+        Some("Ansible vault")
+    } else if t.starts_with("gAAAAA") {
+        Some("legacy Fernet, password-protected")
+    } else {
+        None
+    }
 }
 
 /// Write a Bittensor-format hotkey file for the sr25519 key with mini-secret `seed`
@@ -174,6 +211,30 @@ mod tests {
         assert_eq!(h.ss58_address, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY");
         assert!(!format!("{h:?}").contains("0x1234"), "secrets never appear in Debug");
         assert_eq!(h.secret_seed(), Some("0x1234"));
+    }
+
+    #[test]
+    fn an_encrypted_hotkey_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = WalletRef { root: dir.path().into(), name: "default".into(), hotkey: "miner".into() };
+        std::fs::create_dir_all(w.hotkey_path().parent().unwrap()).unwrap();
+        std::fs::write(w.hotkey_path(), "$NACL\x01\x02 ciphertext").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(w.hotkey_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let e = w.read_hotkey().unwrap_err().to_string();
+        assert!(e.contains("is encrypted") && e.contains("regen_hotkey"), "{e}");
+    }
+
+    #[test]
+    fn a_leading_tilde_is_the_home_directory() {
+        let home = home_dir();
+        assert_eq!(expand_tilde(Path::new("~/.bittensor/wallets")), home.join(".bittensor/wallets"));
+        assert_eq!(expand_tilde(Path::new("~")), home);
+        assert_eq!(expand_tilde(Path::new("/srv/wallets")), PathBuf::from("/srv/wallets"));
+        assert_eq!(expand_tilde(Path::new("~bob/w")), PathBuf::from("~bob/w"));
     }
 
     #[test]

@@ -35,6 +35,111 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     if config { EXIT_CONFIG } else { 1 }
 }
 
+/// The binaries' version line: the crate version, the git commit they were built from, the
+/// protocol version and whether CUDA is compiled in (`--version`, the build-info metric).
+pub fn version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        format!(
+            "{} (git {}, protocol {}, cuda {})",
+            env!("CARGO_PKG_VERSION"),
+            crate::GIT_HASH,
+            crate::protocol::PROTOCOL_VERSION,
+            if cfg!(feature = "cuda") { "on" } else { "off" }
+        )
+    })
+}
+
+/// Operator tools both binaries offer besides running a node.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Tool {
+    /// The network's hyper-parameters: write a network's file, show what a node would run
+    /// with, print its hash.
+    #[command(subcommand)]
+    Hparams(HparamsCmd),
+    /// Check this node's set-up before running it: wallet, registration, permit and stake,
+    /// bucket (own and as peers read it), commitment length, finality lag, clock, hparams
+    /// against the lead's, CUDA. One line per check; exit 0 when none fails, 78 otherwise.
+    Doctor {
+        /// The node's options, exactly as it will be started with.
+        #[command(flatten)]
+        node: Box<NodeArgs>,
+    },
+}
+
+/// `hparams` subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum HparamsCmd {
+    /// Write a network's settings as TOML: `test` (BISTRO's testnet, commented) or `devnet`.
+    Init {
+        /// Which shipped settings.
+        #[arg(long, default_value = "test")]
+        network: String,
+        /// Write to this file (refuses to overwrite) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Show the settings a node with these options runs with, and their hashes.
+    Show {
+        /// The node's options.
+        #[command(flatten)]
+        node: Box<NodeArgs>,
+    },
+    /// Print the hparams hash every slice of this network carries (nodes with different
+    /// hashes cannot work together).
+    Hash {
+        /// The node's options.
+        #[command(flatten)]
+        node: Box<NodeArgs>,
+    },
+}
+
+/// Run an operator tool for a node of `role`.
+pub async fn run_tool(tool: &Tool, role: crate::doctor::Role) -> anyhow::Result<()> {
+    use std::io::Write;
+    match tool {
+        Tool::Hparams(HparamsCmd::Init { network, out }) => {
+            let text = crate::hparams::shipped_text(network).ok_or_else(|| {
+                let known: Vec<&str> =
+                    std::iter::once("devnet").chain(crate::hparams::SHIPPED_FILES.iter().map(|(n, _)| *n)).collect();
+                ConfigError(format!("no shipped settings for `{network}` (known: {})", known.join(", ")))
+            })??;
+            match out {
+                Some(path) => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(path)
+                        .map_err(|e| ConfigError(format!("cannot create {}: {e}", path.display())))?;
+                    f.write_all(text.as_bytes())?;
+                    eprintln!("wrote the {network} settings to {}", path.display());
+                }
+                None => std::io::stdout().write_all(text.as_bytes())?,
+            }
+        }
+        Tool::Hparams(HparamsCmd::Show { node }) => {
+            let h = node.hparams().context(ConfigError("the hyper-parameters".into()))?;
+            let model = bistro_model::ModelConfig::resolve(&h.model).context(ConfigError("the model".into()))?;
+            println!("# network `{}`", h.network);
+            println!("# hparams hash {}", h.hash()?);
+            println!("# model config hash {} ({} parameters)", model.hash()?, model.num_params());
+            print!("{}", toml::to_string(&h).map_err(|e| anyhow::anyhow!("cannot serialise the hparams: {e}"))?);
+        }
+        Tool::Hparams(HparamsCmd::Hash { node }) => {
+            let h = node.hparams().context(ConfigError("the hyper-parameters".into()))?;
+            println!("{}", h.hash()?);
+        }
+        Tool::Doctor { node } => {
+            let report = crate::doctor::run(node, role).await;
+            print!("{}", report.render());
+            if report.failures() > 0 {
+                return Err(ConfigError(format!("doctor: {} check(s) failed", report.failures())).into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -55,7 +160,7 @@ pub struct NodeArgs {
 
     /// This node's bucket URL: file:///path, s3://bucket/prefix?endpoint=..&region=.., or a
     /// plain directory [default: .bistro/buckets/<hotkey>]
-    #[arg(long)]
+    #[arg(long, env = "BISTRO_BUCKET")]
     pub bucket: Option<String>,
 
     /// S3 access key id of this node's bucket (else BISTRO_S3_ACCESS_KEY_ID / AWS_ACCESS_KEY_ID).
@@ -69,74 +174,100 @@ pub struct NodeArgs {
     pub s3_secret_key: Option<crate::storage::Secret>,
 
     /// A file holding the S3 secret of this node's bucket (first line).
-    #[arg(long = "s3.secret-key-file")]
+    #[arg(long = "s3.secret-key-file", env = "BISTRO_S3_SECRET_KEY_FILE")]
     pub s3_secret_key_file: Option<PathBuf>,
 
     /// Read peers' endpoints even when they are internal addresses (loopback, private,
     /// link-local). Always on for the local devnet; on a real network only for a private
     /// deployment.
-    #[arg(long = "allow-private-endpoints")]
+    #[arg(long = "allow-private-endpoints", env = "BISTRO_ALLOW_PRIVATE_ENDPOINTS")]
     pub allow_private_endpoints: bool,
 
     /// Compute device: auto (CUDA when built with it and present, else CPU), cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", env = "BISTRO_DEVICE")]
     pub device: String,
 
-    /// Protocol hyper-parameters (TOML). Every node of a network must use the same file.
-    /// Required on a real network [default on the devnet: the embedded devnet settings]
-    #[arg(long)]
+    /// Protocol hyper-parameters (TOML). Every node of a network must use the same file
+    /// (`hparams init` writes one). Required on finney and custom endpoints [default: the
+    /// embedded settings of the devnet, or of BISTRO's testnet on `test`]
+    #[arg(long, env = "BISTRO_HPARAMS")]
     pub hparams: Option<PathBuf>,
 
-    /// Model preset (tiny, small, 125m, 1b) or config file; overrides the hparams' model.
-    #[arg(long)]
+    /// Model preset (tiny, small, 125m, 1b) or config file: on the devnet it overrides the
+    /// hparams' model; elsewhere it must agree with them (the network's hash covers it).
+    #[arg(long, env = "BISTRO_MODEL")]
     pub model: Option<String>,
 
-    /// Dataset: `embedded` or a path to .jsonl/.jsonl.gz/.txt files; overrides the hparams' dataset.
-    #[arg(long)]
+    /// Dataset: `embedded` or a path to .jsonl/.jsonl.gz/.txt files: on the devnet it
+    /// overrides the hparams' dataset; elsewhere it must agree with them.
+    #[arg(long, env = "BISTRO_DATA")]
     pub data: Option<String>,
 
     /// Stop cleanly after this many windows (exit 0).
-    #[arg(long = "max-windows")]
+    #[arg(long = "max-windows", env = "BISTRO_MAX_WINDOWS")]
     pub max_windows: Option<u64>,
 
     /// Directory for local state [default: .bistro/<role>s/<hotkey>]
-    #[arg(long = "state-dir")]
+    #[arg(long = "state-dir", env = "BISTRO_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
     /// Rows per micro-batch (gradient accumulation keeps memory bounded).
-    #[arg(long = "micro-batch", default_value_t = 8)]
+    #[arg(long = "micro-batch", default_value_t = 8, env = "BISTRO_MICRO_BATCH")]
     pub micro_batch: usize,
 
     /// Log format.
-    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Pretty)]
+    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Pretty, env = "BISTRO_LOG_FORMAT")]
     pub log_format: LogFormat,
 
     /// Serve Prometheus metrics (/metrics), the node's status (/status.json) and a live
     /// page (/) on this address; without a value 127.0.0.1:9616 [default: off]
-    #[arg(long = "metrics.addr", num_args = 0..=1, default_missing_value = "127.0.0.1:9616")]
+    #[arg(
+        long = "metrics.addr",
+        num_args = 0..=1,
+        default_missing_value = "127.0.0.1:9616",
+        env = "BISTRO_METRICS_ADDR"
+    )]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
-    /// The hyper-parameters: the file (or defaults) with `--model` and `--data` applied.
+    /// The hyper-parameters: the file, else the embedded settings of the network
+    /// ([`crate::hparams::shipped`]: the devnet's, BISTRO's testnet on `test`). On the devnet
+    /// `--model` and `--data` override them; on any other network they must agree with them,
+    /// and devnet settings are refused (every node's hash must match, and nothing is
+    /// changed behind the operator's back).
     pub fn hparams(&self) -> anyhow::Result<HParams> {
+        let devnet = self.chain.is_devnet();
         let mut h = match &self.hparams {
             Some(p) => HParams::from_file(p)?,
-            None if self.chain.is_devnet() => HParams::default(),
-            None => anyhow::bail!(
-                "--hparams FILE is required on {}: every node of a network must share its settings \
-                 (windows, budgets, tolerance, model); the embedded defaults are for the local devnet only",
-                self.chain.network
-            ),
+            None => match crate::hparams::shipped(&self.chain.network) {
+                Some(h) => h?,
+                None => anyhow::bail!(
+                    "--hparams FILE is required on {}: every node of a network must share its settings \
+                     (windows, budgets, tolerance, model). Ask the subnet owner for the file, or start from \
+                     `hparams init --network test --out network.toml`",
+                    self.chain.network
+                ),
+            },
         };
-        if let Some(m) = &self.model {
-            h.model = m.clone();
+        for (flag, given, field) in [("--model", &self.model, &mut h.model), ("--data", &self.data, &mut h.dataset)] {
+            let Some(given) = given else { continue };
+            if devnet {
+                *field = given.clone();
+            } else if given != field {
+                anyhow::bail!(
+                    "{flag} {given} contradicts the network's hparams ({field}): off the devnet the model and \
+                     data are the network's, fixed by its hparams file (leave {flag} out)"
+                );
+            }
         }
-        if let Some(d) = &self.data {
-            h.dataset = d.clone();
-        }
-        if !self.chain.is_devnet() && h.network == "devnet" {
-            h.network = self.chain.network.clone();
+        if !devnet && h.network == "devnet" {
+            anyhow::bail!(
+                "the hparams name the network `devnet`, but this node runs on {}: devnet settings do not fit a \
+                 real chain (4 s blocks, a 2 s upload grace). Use the network's file (`hparams init --network \
+                 test` writes BISTRO's testnet settings)",
+                self.chain.network
+            );
         }
         h.validate()?;
         Ok(h)

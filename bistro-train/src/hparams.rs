@@ -315,6 +315,26 @@ impl HParams {
         window * self.blocks_per_window
     }
 
+    /// The fields whose values differ from `other`'s, as `name: ours vs theirs`, in field
+    /// order.
+    pub fn differences(&self, other: &HParams) -> Vec<String> {
+        let table = |h: &HParams| match toml::Value::try_from(h) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::map::Map::new(),
+        };
+        let (ours, theirs) = (table(self), table(other));
+        let mut names: Vec<&String> = ours.keys().chain(theirs.keys()).collect();
+        names.dedup();
+        let mut seen = std::collections::BTreeSet::new();
+        let shown = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into());
+        names
+            .into_iter()
+            .filter(|n| seen.insert(n.as_str()))
+            .filter(|n| ours.get(*n) != theirs.get(*n))
+            .map(|n| format!("{n}: {} vs {}", shown(ours.get(n)), shown(theirs.get(n))))
+            .collect()
+    }
+
     /// Hex sha256 of the canonical TOML (field order is the struct's), with the protocol version.
     pub fn hash(&self) -> Result<String, HParamsError> {
         let text = toml::to_string(self).map_err(|e| HParamsError::Serialize(Box::new(e)))?;
@@ -324,6 +344,35 @@ impl HParams {
         h.update(text.as_bytes());
         Ok(hex::encode(h.finalize()))
     }
+}
+
+/// The settings files shipped with BISTRO, by network name: `test` is BISTRO's testnet on
+/// Bittensor's test chain (`hparams/testnet.toml`, timing derived from 12 s blocks and
+/// GRANDPA finality). The devnet's are [`HParams::default`].
+pub const SHIPPED_FILES: [(&str, &str); 1] = [("test", include_str!("../hparams/testnet.toml"))];
+
+/// The shipped settings of `network` (`devnet`, `test`), parsed and validated; `None` for a
+/// network without shipped settings (finney, a custom endpoint), which must name a file.
+pub fn shipped(network: &str) -> Option<Result<HParams, HParamsError>> {
+    if network == "devnet" {
+        return Some(Ok(HParams::default()));
+    }
+    let (name, text) = SHIPPED_FILES.iter().find(|(n, _)| *n == network)?;
+    let path = std::path::PathBuf::from(format!("<shipped {name} hparams>"));
+    Some(
+        toml::from_str::<HParams>(text)
+            .map_err(|e| HParamsError::Parse { path, source: Box::new(e) })
+            .and_then(|h| h.validate().map(|()| h)),
+    )
+}
+
+/// The shipped settings of `network` as TOML text: the commented file for `test`, the
+/// canonical serialisation of [`HParams::default`] for `devnet`.
+pub fn shipped_text(network: &str) -> Option<Result<String, HParamsError>> {
+    if network == "devnet" {
+        return Some(toml::to_string(&HParams::default()).map_err(|e| HParamsError::Serialize(Box::new(e))));
+    }
+    SHIPPED_FILES.iter().find(|(n, _)| *n == network).map(|(_, t)| Ok(t.to_string()))
 }
 
 /// A fast network for tests and demos: writes `model.toml` (a one-layer model over the

@@ -15,9 +15,15 @@
 //!
 //! A miner never needs validator code; `bistro-validate` builds on this crate.
 
+/// The git commit this crate was built from (`BISTRO_GIT_HASH` at build time, else `git
+/// rev-parse`, else `unknown`).
+pub const GIT_HASH: &str = env!("BISTRO_GIT_HASH");
+
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
+#[cfg(feature = "cli")]
+pub mod doctor;
 pub mod hparams;
 pub mod miner;
 pub mod network;

@@ -56,6 +56,14 @@ pub fn parse_checkpoint_key(key: &str) -> Option<u64> {
     key.strip_prefix("checkpoint-")?.strip_suffix(".safetensors")?.parse().ok()
 }
 
+/// Object key of the hyper-parameters a node runs with, as TOML, written to its bucket when
+/// it starts: what `doctor` compares against the lead's (informative; slices and
+/// aggregates carry the hash that counts).
+pub const HPARAMS_KEY: &str = "hparams.toml";
+
+/// Largest hparams object read from a peer.
+pub const HPARAMS_MAX_BYTES: u64 = 64 * 1024;
+
 /// Metadata key of the window inside a checkpoint file.
 pub const CHECKPOINT_WINDOW_KEY: &str = "bistro_window";
 

@@ -14,16 +14,29 @@ use clap::Parser;
 /// its assigned data pages, and uploads a slice of the result to its bucket.
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = bistro_train::cli::version(),
+    args_conflicts_with_subcommands = true,
     after_help = "Examples:
   cargo run --release --bin miner                       # join the local devnet (no accounts)
   cargo run --release --bin miner -- --max-windows 3    # train three windows, then exit
-  miner --subtensor.network finney --netuid N --wallet.name W --wallet.hotkey H \\
-        --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml"
+  miner doctor --subtensor.network test --netuid N --wallet.name W --wallet.hotkey H \\
+        --bucket 's3://B/prefix?endpoint=https://...'   # check the set-up first
+  miner --subtensor.network test --netuid N --wallet.name W --wallet.hotkey H \\
+        --bucket 's3://B/prefix?endpoint=https://...'   # testnet: shipped hparams
+  miner hparams init --network test --out network.toml  # start another network's file
+
+Every option also reads an environment variable (shown as [env: ...]); the wallet and
+network ones are the Bittensor SDK's (BT_WALLET_NAME, BT_WALLET_HOTKEY, BT_WALLET_PATH,
+BT_SUBTENSOR_NETWORK, BT_SUBTENSOR_CHAIN_ENDPOINT). Exit codes: 0 done, 78 configuration
+error (do not restart), 1 other errors, 130/143 second Ctrl-C/SIGTERM."
 )]
 struct Cli {
     #[command(flatten)]
     node: NodeArgs,
+
+    /// An operator tool instead of running the node.
+    #[command(subcommand)]
+    tool: Option<bistro_train::cli::Tool>,
 }
 
 fn print_event(e: &MinerEvent) {
@@ -81,6 +94,9 @@ bistro_train::node_main!(run);
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(tool) = &cli.tool {
+        return bistro_train::cli::run_tool(tool, bistro_train::doctor::Role::Miner).await;
+    }
     let node = cli.node;
     let (cfg, chain): (MinerConfig, _) = node.prepare("miner", 0).await?;
     let state_dir = cfg.state_dir.clone();

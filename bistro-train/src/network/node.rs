@@ -326,6 +326,15 @@ impl Node {
             chain.set_commitment(cfg.netuid, &cfg.hotkey, bucket.url()).await?;
             tracing::info!(bucket = bucket.url(), "committed bucket URL on chain");
         }
+        // What `doctor` compares against (the slices' hash is what counts): best effort.
+        match toml::to_string(&cfg.hparams) {
+            Ok(text) => {
+                if let Err(e) = bucket.put(crate::protocol::HPARAMS_KEY, text.into()).await {
+                    tracing::warn!(error = %e, "cannot publish the hparams in the bucket");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serialise the hparams"),
+        }
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| NodeError::Config(format!("cannot create state dir {}: {e}", cfg.state_dir.display())))?;
         let params = Params::genesis(&model_config, cfg.hparams.genesis_seed, &cfg.device)?;

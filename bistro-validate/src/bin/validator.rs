@@ -13,29 +13,40 @@ use clap::Parser;
 /// from the same model state, rewards R = -||g_m - g_v|| and sets weights on chain.
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = bistro_train::cli::version(),
+    args_conflicts_with_subcommands = true,
     after_help = "Examples:
   cargo run --bin validator                             # score the miners of the local devnet
   cargo run --bin validator -- --max-windows 5          # score five windows, then exit
-  validator --subtensor.network finney --netuid N --wallet.name W --wallet.hotkey H \\
-            --bucket 's3://B/prefix?endpoint=https://...' --hparams network.toml"
+  validator doctor --subtensor.network test --netuid N --wallet.name W --wallet.hotkey H \\
+            --bucket 's3://B/prefix?endpoint=https://...'   # check the set-up first
+  validator --subtensor.network test --netuid N --wallet.name W --wallet.hotkey H \\
+            --bucket 's3://B/prefix?endpoint=https://...'   # testnet: shipped hparams
+
+Every option also reads an environment variable (shown as [env: ...]); the wallet and
+network ones are the Bittensor SDK's. Exit codes: 0 done, 78 configuration error (do not
+restart), 1 other errors, 130/143 second Ctrl-C/SIGTERM."
 )]
 struct Cli {
     #[command(flatten)]
     node: NodeArgs,
 
+    /// An operator tool instead of running the node.
+    #[command(subcommand)]
+    tool: Option<bistro_train::cli::Tool>,
+
     /// Most miners recomputed per window (a private random sample, drawn after the upload
     /// deadline, when there are more; the verification budget may stop it earlier).
-    #[arg(long = "max-miners", default_value_t = 64)]
+    #[arg(long = "max-miners", default_value_t = 64, env = "BISTRO_MAX_MINERS")]
     max_miners: usize,
 
     /// Pages of the fixed held-out set on which the shared model's loss is measured after
     /// every window (0: off).
-    #[arg(long = "heldout-pages", default_value_t = 2)]
+    #[arg(long = "heldout-pages", default_value_t = 2, env = "BISTRO_HELDOUT_PAGES")]
     heldout_pages: usize,
 
     /// Stake to register with on the devnet (gives the validator permit).
-    #[arg(long = "devnet.stake", default_value_t = 1000)]
+    #[arg(long = "devnet.stake", default_value_t = 1000, env = "BISTRO_DEVNET_STAKE", help_heading = "Devnet")]
     devnet_stake: u64,
 }
 
@@ -132,6 +143,9 @@ bistro_train::node_main!(run);
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(tool) = &cli.tool {
+        return bistro_train::cli::run_tool(tool, bistro_train::doctor::Role::Validator).await;
+    }
     let node = cli.node;
     let (node_cfg, chain) = node.prepare("validator", cli.devnet_stake).await?;
     let board = bistro_train::cli::start_status(

@@ -53,7 +53,12 @@ pub struct ChainArgs {
 
     /// Create the devnet with commit-reveal weights, as new Bittensor subnets have: weights
     /// are committed timelocked to the devnet's beacon and revealed this many blocks later.
-    #[arg(long = "devnet.commit-reveal", value_name = "BLOCKS", env = "BISTRO_DEVNET_COMMIT_REVEAL", help_heading = "Devnet")]
+    #[arg(
+        long = "devnet.commit-reveal",
+        value_name = "BLOCKS",
+        env = "BISTRO_DEVNET_COMMIT_REVEAL",
+        help_heading = "Devnet"
+    )]
     pub devnet_commit_reveal: Option<u64>,
 }
 

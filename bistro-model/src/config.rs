@@ -374,6 +374,21 @@ mod tests {
         assert!(ModelConfig::from_json_str(j).unwrap_err().to_string().contains("untied"));
     }
 
+    /// Known answers: the model-config hash is sha256 over serde_json's output, part of
+    /// every slice; a serialiser change in a dependency bump must fail here, not split a
+    /// network (pin the old serialisation then; do not update these values).
+    #[test]
+    fn preset_hashes_are_known_answers() {
+        for (name, want) in [
+            ("tiny", "1e744713449ed878509fc0eee8483a090820713a41bfa784ef3a19411547df36"),
+            ("small", "5cf3127fb96df708f95bb433334cd201d6ab8afe954bc0724a3f571737faa837"),
+            ("125m", "7e9e13b44eb0416fa2b97751c7b6a78ce3263415e231ed7a522ee901f7479295"),
+            ("1b", "b8293b6a6ddadcc0f9c6218360d1da78b7a4959f61716d1062c3cae12adaad4e"),
+        ] {
+            assert_eq!(ModelConfig::preset(name).unwrap().hash().unwrap(), want, "{name}");
+        }
+    }
+
     #[test]
     fn hash_changes_with_shape() {
         let a = ModelConfig::preset("tiny").unwrap();

@@ -120,7 +120,12 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
             Ok(hash) => {
                 r.pass(
                     "hparams",
-                    format!("network `{}`, model {}, hash {}", h.network, h.model, crate::network::history::short(&hash)),
+                    format!(
+                        "network `{}`, model {}, hash {}",
+                        h.network,
+                        h.model,
+                        crate::network::history::short(&hash)
+                    ),
                 );
                 Some(h)
             }
@@ -231,13 +236,16 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
         None => None,
     };
     match &url {
-        Some(u) if u.len() <= bistro_chain::MAX_COMMITMENT_BYTES => r.pass(
-            "commitment",
-            format!("bucket URL is {} of {} bytes", u.len(), bistro_chain::MAX_COMMITMENT_BYTES),
-        ),
+        Some(u) if u.len() <= bistro_chain::MAX_COMMITMENT_BYTES => {
+            r.pass("commitment", format!("bucket URL is {} of {} bytes", u.len(), bistro_chain::MAX_COMMITMENT_BYTES))
+        }
         Some(u) => r.fail(
             "commitment",
-            format!("bucket URL is {} bytes, over the chain's {}-byte limit", u.len(), bistro_chain::MAX_COMMITMENT_BYTES),
+            format!(
+                "bucket URL is {} bytes, over the chain's {}-byte limit",
+                u.len(),
+                bistro_chain::MAX_COMMITMENT_BYTES
+            ),
             "shorten the bucket name or prefix, or drop query parameters peers do not need",
         ),
         None => r.skip("commitment", "needs the wallet (the default bucket is named after the hotkey)"),
@@ -289,7 +297,11 @@ async fn check_buckets(r: &mut Report, args: &NodeArgs, url: &str, devnet: bool)
     match own {
         Ok(true) => r.pass("bucket", format!("put, get and delete in {}", redact(url))),
         Ok(false) => {
-            r.fail("bucket", "the probe read back different bytes", "check the endpoint: it does not serve what it stores");
+            r.fail(
+                "bucket",
+                "the probe read back different bytes",
+                "check the endpoint: it does not serve what it stores",
+            );
         }
         Err(e) => {
             r.fail("bucket", e.to_string(), "check --bucket, the endpoint and this node's write credentials");
@@ -433,7 +445,9 @@ async fn check_lead(r: &mut Report, args: &NodeArgs, chain: Option<&dyn Chain>, 
     t.timeout = crate::protocol::PEER_TIMEOUT;
     let allow_internal = args.chain.is_devnet() || args.allow_private_endpoints;
     let fetched = match Bucket::open_peer(&url, &t, allow_internal) {
-        Ok(b) => b.get(crate::protocol::HPARAMS_KEY, crate::protocol::HPARAMS_MAX_BYTES).await.map_err(|e| e.to_string()),
+        Ok(b) => {
+            b.get(crate::protocol::HPARAMS_KEY, crate::protocol::HPARAMS_MAX_BYTES).await.map_err(|e| e.to_string())
+        }
         Err(e) => Err(e.to_string()),
     };
     let theirs = fetched.and_then(|f| {

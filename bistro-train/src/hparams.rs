@@ -315,7 +315,7 @@ impl HParams {
         window * self.blocks_per_window
     }
 
-    /// The fields whose values differ from `other`'s, as `name: ours vs theirs`, in field
+    /// The fields whose values differ from `other`'s, as `name: ours vs theirs`, in name
     /// order.
     pub fn differences(&self, other: &HParams) -> Vec<String> {
         let table = |h: &HParams| match toml::Value::try_from(h) {
@@ -323,13 +323,10 @@ impl HParams {
             _ => toml::map::Map::new(),
         };
         let (ours, theirs) = (table(self), table(other));
-        let mut names: Vec<&String> = ours.keys().chain(theirs.keys()).collect();
-        names.dedup();
-        let mut seen = std::collections::BTreeSet::new();
+        let names: std::collections::BTreeSet<&String> = ours.keys().chain(theirs.keys()).collect();
         let shown = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into());
         names
             .into_iter()
-            .filter(|n| seen.insert(n.as_str()))
             .filter(|n| ours.get(*n) != theirs.get(*n))
             .map(|n| format!("{n}: {} vs {}", shown(ours.get(n)), shown(theirs.get(n))))
             .collect()
@@ -418,6 +415,52 @@ mod tests {
         let mut g = h.clone();
         g.compression = 9;
         assert_ne!(g.hash().unwrap(), h.hash().unwrap());
+    }
+
+    /// Known answers. Every node of a network must compute the same hash from the same
+    /// settings; the hash is sha256 over `toml::to_string`, so a dependency bump that
+    /// changes the serialiser (quoting, float formatting, field order) would split running
+    /// networks silently. It fails here instead: then pin the old serialisation, do not
+    /// update these values.
+    #[test]
+    fn hashes_are_known_answers() {
+        assert_eq!(
+            HParams::default().hash().unwrap(),
+            "e03b808b5b96e8ceb46054fe4f7f91ce3b73520c50b39bcc2a7726791702d97a"
+        );
+        assert_eq!(
+            shipped("test").unwrap().unwrap().hash().unwrap(),
+            "12d347968943378e31643b7326e91a7e3d7fc389be6db6ed78e9c80ef69b8dc5"
+        );
+    }
+
+    #[test]
+    fn shipped_files_parse_and_fit_their_chain() {
+        assert!(shipped("finney").is_none() && shipped_text("finney").is_none());
+        assert_eq!(shipped("devnet").unwrap().unwrap(), HParams::default());
+        let t = shipped("test").unwrap().unwrap();
+        assert_eq!(t.network, "bistro-test");
+        assert_eq!(toml::from_str::<HParams>(&shipped_text("test").unwrap().unwrap()).unwrap(), t);
+        // 12 s blocks, final 2-3 blocks behind the head: the grace exceeds 36 s, and a
+        // window holds the aggregate wait plus a step and an upload.
+        let block_ms = 12_000;
+        assert!(t.upload_grace_secs * 1000 > 3 * block_ms);
+        assert!(t.blocks_per_window * block_ms >= t.aggregate_wait_ms + 10_000);
+        // set_weights at most once per 100 blocks (subtensor's usual WeightsSetRateLimit).
+        assert!(t.windows_per_weights * t.blocks_per_window >= 100);
+    }
+
+    #[test]
+    fn differences_name_the_fields() {
+        let a = HParams::default();
+        let mut b = a.clone();
+        b.compression = 12;
+        b.aggregation = Aggregation::Median;
+        let d = a.differences(&b);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[0], r#"aggregation: { rule = "mean" } vs { rule = "median" }"#);
+        assert_eq!(d[1], "compression: 24 vs 12");
+        assert!(a.differences(&a).is_empty());
     }
 
     #[test]

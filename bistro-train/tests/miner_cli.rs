@@ -208,3 +208,86 @@ fn sigterm_saves_state_and_exits_0() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("state/state.json")).unwrap()).unwrap();
     assert!(state["window"].as_u64().is_some(), "{state}");
 }
+
+fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_miner"));
+    c.current_dir(dir).args(args).env("RUST_BACKTRACE", "0");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--version`, `hparams init|show|hash`, and the settings rules off the devnet.
+#[test]
+fn version_and_hparams_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = Some(bistro_train::cli::EXIT_CONFIG);
+    let (code, out, _) = run(dir, &["--version"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("(git ") && out.contains(", protocol 4, cuda off)"), "{out}");
+
+    // The shipped testnet file, written out, hashes as the settings `test` loads by itself.
+    let (code, _, err) = run(dir, &["hparams", "init", "--network", "test", "--out", "net.toml"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read_to_string(dir.join("net.toml")).unwrap().contains("network = \"bistro-test\""));
+    let (_, shipped, _) = run(dir, &["hparams", "hash", "--subtensor.network", "test"], &[]);
+    let (_, from_file, _) = run(dir, &["hparams", "hash", "--subtensor.network", "test", "--hparams", "net.toml"], &[]);
+    assert_eq!(shipped.trim(), bistro_train::hparams::shipped("test").unwrap().unwrap().hash().unwrap());
+    assert_eq!(shipped, from_file);
+    let (code, _, err) = run(dir, &["hparams", "init", "--network", "test", "--out", "net.toml"], &[]);
+    assert_eq!(code, config, "never overwrites: {err}");
+    let (code, _, err) = run(dir, &["hparams", "init", "--network", "mars"], &[]);
+    assert_eq!(code, config);
+    assert!(err.contains("no shipped settings for `mars`"), "{err}");
+    let (code, out, _) = run(dir, &["hparams", "show"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("# hparams hash ") && out.contains("network = \"devnet\""), "{out}");
+
+    // Off the devnet --model and --data are the network's, and devnet settings are refused
+    // rather than renamed.
+    let (code, _, err) = run(dir, &["--subtensor.network", "test", "--model", "tiny"], &[]);
+    assert_eq!(code, config);
+    assert!(err.contains("--model tiny contradicts the network's hparams (small)"), "{err}");
+    let (_, devnet, _) = run(dir, &["hparams", "init", "--network", "devnet"], &[]);
+    std::fs::write(dir.join("devnet.toml"), devnet).unwrap();
+    let (code, _, err) = run(dir, &["--subtensor.network", "test", "--hparams", "devnet.toml"], &[]);
+    assert_eq!(code, config);
+    assert!(err.contains("the hparams name the network `devnet`"), "{err}");
+}
+
+/// Every flag reads the environment; the wallet and network ones by the Bittensor SDK's
+/// names, with `~` in BT_WALLET_PATH expanded.
+#[test]
+fn flags_fall_back_to_the_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let home = dir.display().to_string();
+    let env = [
+        ("HOME", home.as_str()),
+        ("BT_SUBTENSOR_NETWORK", "test"),
+        ("BT_WALLET_PATH", "~/wallets"),
+        ("BT_WALLET_NAME", "cold"),
+        ("BT_WALLET_HOTKEY", "hot"),
+    ];
+    let (code, _, err) = run(dir, &[], &env);
+    assert_eq!(code, Some(bistro_train::cli::EXIT_CONFIG), "{err}");
+    let want = dir.join("wallets/cold/hotkeys/hot");
+    assert!(err.contains(&want.display().to_string()), "the hotkey path from BT_* variables: {err}");
+    // The flag wins over the variable.
+    let (_, _, err) = run(dir, &["--wallet.hotkey", "other"], &env);
+    assert!(err.contains("wallets/cold/hotkeys/other"), "{err}");
+    // BISTRO_* for BISTRO's own flags.
+    let (code, _, err) = run(dir, &["hparams", "hash"], &[("BISTRO_HPARAMS", "missing.toml")]);
+    assert_eq!(code, Some(bistro_train::cli::EXIT_CONFIG));
+    assert!(err.contains("missing.toml"), "{err}");
+    let (code, _, err) = run(dir, &[], &[("BISTRO_DEVICE", "tpu"), ("BISTRO_DEVNET_DIR", "d")]);
+    assert_eq!(code, Some(bistro_train::cli::EXIT_CONFIG));
+    assert!(err.contains("--device"), "{err}");
+}

@@ -126,3 +126,35 @@ async fn run() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every option of the miner and its tools reads an environment variable, except the
+    /// S3 secret flag (the secret's variable is read where the bucket is opened, so that a
+    /// secret given on the command line, and only then, draws a warning).
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let mut missing = Vec::new();
+        let mut seen = 0;
+        let cmd = super::Cli::command();
+        let mut stack = vec![cmd];
+        while let Some(c) = stack.pop() {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                // `hparams init` writes a shipped file: its two options are not node settings.
+                if a.is_positional() || c.get_name() == "init" || ["help", "version", "s3_secret_key"].contains(&id) {
+                    continue;
+                }
+                seen += 1;
+                if a.get_env().is_none() {
+                    missing.push(format!("{} --{}", c.get_name(), a.get_long().unwrap_or(id)));
+                }
+            }
+            stack.extend(c.get_subcommands().cloned());
+        }
+        assert!(seen > 25, "{seen}");
+        assert!(missing.is_empty(), "flags without an environment variable: {missing:?}");
+    }
+}

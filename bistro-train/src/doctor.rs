@@ -416,13 +416,15 @@ async fn check_lead(r: &mut Report, args: &NodeArgs, chain: Option<&dyn Chain>, 
     };
     let netuid = args.chain.netuid;
     let lead = async {
+        // As of now (a node reads each window's roster at its seed block; this is the
+        // current picture): the first permit holder by stake with a committed bucket.
         let mg = chain.metagraph(netuid).await?;
-        let block = mg.block;
-        let commitments = chain.commitments_at(&mg, block).await?;
-        let lead = crate::network::accepted::validators_by_stake(&mg)
-            .into_iter()
-            .find_map(|n| commitments.get(&n.uid).map(|u| (n.hotkey.clone(), u.clone())));
-        Ok::<_, bistro_chain::ChainError>(lead)
+        for n in crate::network::accepted::validators_by_stake(&mg) {
+            if let Some(url) = chain.commitment(netuid, &n.hotkey).await? {
+                return Ok(Some((n.hotkey, url)));
+            }
+        }
+        Ok::<_, bistro_chain::ChainError>(None)
     }
     .await;
     let (lead, url) = match lead {

@@ -319,6 +319,9 @@ impl NodeArgs {
         devnet_stake: u64,
     ) -> anyhow::Result<(crate::node::NodeConfig, std::sync::Arc<dyn bistro_chain::Chain>)> {
         init_logging(self.log_format);
+        if self.log_format == LogFormat::Pretty && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            install_download_bars();
+        }
         let config = |what: &str| ConfigError(what.to_string());
         let hparams = self.hparams().context(config("the hyper-parameters"))?;
         let hotkey = self.chain.hotkey(role).context(config("the wallet and network"))?;
@@ -443,6 +446,44 @@ pub fn spawn_countdown(
         }
     });
     held
+}
+
+/// Show large downloads (checkpoints) as progress bars on the terminal, one per object,
+/// with a log line when each completes.
+fn install_download_bars() {
+    use std::collections::HashMap;
+    let bars: std::sync::Mutex<HashMap<String, indicatif::ProgressBar>> = Default::default();
+    crate::storage::set_progress_hook(Some(std::sync::Arc::new(move |p: &crate::storage::DownloadProgress| {
+        let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = bars.entry(p.key.clone()).or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(p.total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_message(format!("downloading {}", p.key));
+            b
+        });
+        bar.set_position(p.done);
+        if p.resumes > 0 {
+            bar.set_message(format!("downloading {} (resumed {}x)", p.key, p.resumes));
+        }
+        if p.finished {
+            bar.finish_and_clear();
+            bars.remove(&p.key);
+            tracing::info!(
+                "downloaded {} from {}: {:.1} MB in {:.1} s{}",
+                p.key,
+                p.bucket,
+                p.total as f64 / 1e6,
+                p.elapsed.as_secs_f64(),
+                if p.resumes > 0 { format!(", resumed {} time(s)", p.resumes) } else { String::new() }
+            );
+        }
+    })));
 }
 
 /// Install the `tracing` subscriber (`RUST_LOG` overrides the default `info` level).

@@ -99,7 +99,8 @@ pub const REPAIR_CHECKPOINTS: usize = 2;
 /// Validators' histories a repair tries (the aggregate's publisher first).
 pub const REPAIR_SOURCES: usize = 3;
 
-/// The whole budget of one repair or bootstrap from one publisher.
+/// The whole budget of one repair or bootstrap from one publisher, besides the checkpoint
+/// downloads (each may add its size at [`crate::storage::MIN_LARGE_RATE`]).
 pub const REPAIR_BUDGET: Duration = Duration::from_secs(120);
 
 /// Longest a node waits to connect to any endpoint.

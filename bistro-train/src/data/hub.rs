@@ -99,7 +99,12 @@ pub fn fetch(spec: &HubSpec, cache: Option<PathBuf>, endpoint: Option<String>) -
             )));
         }
         if api.is_none() {
-            let mut b = hf_hub::api::sync::ApiBuilder::new().with_cache_dir(cache.clone()).with_progress(false);
+            // A bar on a terminal; an interrupted download resumes from the partial file
+            // (hf-hub keeps it and asks for the rest with a ranged read), in this run up to
+            // 5 times, and across runs.
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut b =
+                hf_hub::api::sync::ApiBuilder::new().with_cache_dir(cache.clone()).with_progress(tty).with_retries(5);
             if let Some(e) = endpoint.clone().or_else(|| std::env::var("HF_ENDPOINT").ok()) {
                 b = b.with_endpoint(e);
             }

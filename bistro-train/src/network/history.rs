@@ -72,6 +72,12 @@ impl From<bistro_chain::ChainError> for HistoryError {
     }
 }
 
+/// The largest checkpoint of `model_config` accepted: parameters, two moments and a step
+/// count (16 bytes per parameter), and the header.
+fn checkpoint_limit(model_config: &ModelConfig) -> u64 {
+    model_config.num_params() as u64 * 16 + (4 << 20)
+}
+
 /// A state rebuilt from a validator's history.
 #[derive(Debug)]
 pub struct Rebuilt {
@@ -140,7 +146,8 @@ impl SyncContext {
     /// [`crate::protocol::REPAIR_CHECKPOINTS`] of them; genesis is replayed only while the
     /// history can still reach back to it (`target <= max_history`: owners delete older
     /// aggregates). The whole rebuild runs under [`crate::protocol::REPAIR_BUDGET`] (red team
-    /// 3, F8: a publisher listing thousands of checkpoints kept a node repairing for hours).
+    /// 3, F8: a publisher listing thousands of checkpoints kept a node repairing for hours),
+    /// plus the time the checkpoints' downloads may take at [`crate::storage::MIN_LARGE_RATE`].
     pub async fn rebuild_from<F, Fut>(
         &self,
         bucket: &Bucket,
@@ -154,7 +161,13 @@ impl SyncContext {
         F: Fn(u64, String) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let budget = crate::protocol::REPAIR_BUDGET;
+        // The fixed budget covers listing and replaying; each checkpoint tried may add its
+        // download at the slowest rate a large download may have.
+        let checkpoint_bytes = checkpoint_limit(model_config);
+        let budget = crate::protocol::REPAIR_BUDGET
+            + std::time::Duration::from_secs(
+                crate::protocol::REPAIR_CHECKPOINTS as u64 * checkpoint_bytes / crate::storage::MIN_LARGE_RATE,
+            );
         let rebuild = async {
             let list = bucket
                 .list("checkpoint-")
@@ -239,9 +252,10 @@ impl SyncContext {
         Fut: std::future::Future<Output = bool>,
     {
         let key = crate::protocol::checkpoint_key(c);
-        // Parameters, two moments and a step count: 16 bytes per parameter, and the header.
-        let limit = model_config.num_params() as u64 * 16 + (4 << 20);
-        let f = bucket.get(&key, limit).await.map_err(|source| match source {
+        let limit = checkpoint_limit(model_config);
+        // Resumable, with a time limit scaled to the size and progress shown: a late joiner
+        // of a `small` network fetches half a gigabyte here.
+        let f = bucket.get_large(&key, limit).await.map_err(|source| match source {
             StorageError::NotFound { .. } => HistoryError::Missing(key.clone()),
             source => HistoryError::Download { key: key.clone(), source },
         })?;

@@ -13,10 +13,13 @@
 //!
 //! Uploads use multipart above a threshold; every operation has a timeout and retries
 //! transient failures with exponential backoff; downloads check the size before reading
-//! the body and stop reading at the cap.
+//! the body and stop reading at the cap. Large objects (checkpoints) are read by
+//! [`Bucket::get_large`]: a time limit scaled to their size, resumed after interruptions,
+//! with progress reports.
 
 mod config;
 mod error;
+mod large;
 mod open;
 mod retry;
 
@@ -30,6 +33,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 pub use config::{BucketOptions, Secret, TransferConfig};
 pub use error::{Result, StorageError};
+pub use large::{DownloadProgress, MAX_RESUMES, MIN_LARGE_RATE, ProgressHook, set_progress_hook};
 
 /// The most keys a listing returns: far above what any node keeps (its history is bounded
 /// by `max_history`), far below what would exhaust memory.

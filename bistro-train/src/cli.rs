@@ -579,6 +579,14 @@ pub async fn start_status(
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     tracing::info!("metrics at http://{bound}/metrics, status page at http://{bound}/");
+    crate::telemetry::record_build_info(
+        env!("CARGO_PKG_VERSION"),
+        cfg!(feature = "cuda"),
+        role,
+        &hparams.hash().map_err(anyhow::Error::msg)?,
+        &hparams.network,
+        &hparams.model,
+    );
     let (b, bpw) = (board.clone(), hparams.blocks_per_window.max(1));
     tokio::spawn(async move {
         loop {

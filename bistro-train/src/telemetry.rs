@@ -52,6 +52,27 @@ pub const MINER_WEIGHT: &str = "bistro_miner_weight";
 /// Miners recomputed in the last window (validators).
 pub const RECOMPUTED: &str = "bistro_recomputed_miners";
 
+/// Always 1, labelled with what the node is: `version`, `git`, `protocol`, `cuda`, `role`.
+pub const BUILD_INFO: &str = "bistro_build_info";
+/// Always 1, labelled with the network's settings: `hash`, `network`, `model`.
+pub const HPARAMS_INFO: &str = "bistro_hparams_info";
+
+/// Publish [`BUILD_INFO`] and [`HPARAMS_INFO`] (Prometheus' info-metric pattern: join on
+/// them to tell versions and networks apart across a fleet).
+pub fn record_build_info(version: &str, cuda: bool, role: &str, hparams_hash: &str, network: &str, model: &str) {
+    gauge!(
+        BUILD_INFO,
+        "version" => version.to_string(),
+        "git" => crate::GIT_HASH,
+        "protocol" => crate::protocol::PROTOCOL_VERSION.to_string(),
+        "cuda" => if cuda { "on" } else { "off" },
+        "role" => role.to_string()
+    )
+    .set(1.0);
+    gauge!(HPARAMS_INFO, "hash" => hparams_hash.to_string(), "network" => network.to_string(), "model" => model.to_string())
+        .set(1.0);
+}
+
 /// The phases of a window, in order.
 pub const PHASES: [&str; 6] = ["train", "upload", "collect", "verify", "follow", "idle"];
 
@@ -61,6 +82,8 @@ pub fn describe() {
     describe_gauge!(WINDOW, "Window the node's model state belongs to");
     describe_gauge!(CHAIN_WINDOW, "The chain's current window");
     describe_gauge!(PHASE, "1 for the window phase the node is in");
+    describe_gauge!(BUILD_INFO, "1, labelled with the build: version, git commit, protocol, cuda, role");
+    describe_gauge!(HPARAMS_INFO, "1, labelled with the network's hparams hash, name and model");
     describe_gauge!(CATCHUP_LAG, "Windows the node's state is behind the chain");
     describe_gauge!(LOSS, "Mean training loss of the last window");
     describe_gauge!(HELDOUT_LOSS, "Held-out loss of the shared model");

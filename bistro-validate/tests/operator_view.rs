@@ -66,7 +66,7 @@ fn metrics_status_and_page_of_real_nodes() {
     let mut v = common::spawn(
         &common::validator_binary(),
         dir,
-        &[&metrics[..], &["--max-windows", "30"]].concat(),
+        &[&metrics[..], &["--max-windows", "30", "--log-format", "json"]].concat(),
         "validator.log",
     );
     let mut m = common::spawn(
@@ -121,6 +121,23 @@ fn metrics_status_and_page_of_real_nodes() {
     assert!(sample(&vm, "bistro_heldout_loss", "").is_some_and(f64::is_finite), "{vm}");
     assert_eq!(sample(&vm, "bistro_forks_total", "").unwrap_or(0.0), 0.0, "{vm}");
 
+    // Who is running what: the build and the network's settings as info metrics.
+    let build = sample(&vm, "bistro_build_info", "role=\"validator\"");
+    assert_eq!(build, Some(1.0), "{vm}");
+    assert!(vm.contains("protocol=\"4\"") && vm.contains("cuda=\"off\""), "{vm}");
+    assert_eq!(sample(&mm, "bistro_hparams_info", "network=\"devnet\""), Some(1.0), "{mm}");
+    // Under --log-format json every line the validator writes is a JSON object, the score
+    // table included: one structured event per scored miner.
+    let vlog = std::fs::read_to_string(dir.join("validator.log")).unwrap();
+    let events: Vec<serde_json::Value> = vlog
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let scored = events.iter().find(|e| e["fields"]["message"] == "score" && e["fields"]["hotkey"] == "default-m1");
+    let scored = scored.unwrap_or_else(|| panic!("no score event for default-m1:\n{vlog}"));
+    assert!(scored["fields"]["e"].as_f64().is_some_and(|e| e < 1e-3), "{scored}");
+    assert!(scored["fields"]["weight"].is_f64() && scored["fields"]["window"].is_u64(), "{scored}");
+
     // /status.json: the node's state and the score table.
     let status: serde_json::Value = serde_json::from_str(&get(&vaddr, "/status.json")).unwrap();
     assert_eq!(status["role"], "validator");
@@ -146,6 +163,25 @@ fn metrics_status_and_page_of_real_nodes() {
             .and_then(|x| x.parse::<u64>().ok())
             .expect("window number shown");
         assert!(shown >= window, "page shows window {shown}, status said {window}");
+        // The window bar: one segment per block, the blocks passed full, the block under
+        // way striped, whatever block the chain is in (at "block 3 of 3" too).
+        let bar = dom.split("id=\"progress\"").nth(1).and_then(|r| r.split("</div></div>").next()).unwrap_or("");
+        let segments = bar.matches("<div").count();
+        let (done, now) = (bar.matches("class=\"done\"").count(), bar.matches("class=\"now\"").count());
+        assert_eq!(segments, 3, "one segment per block of a 3-block window: {bar}");
+        assert_eq!(now, 1, "the block under way is marked: {bar}");
+        let text = dom.split("id=\"progress-text\">").nth(1).and_then(|r| r.split('<').next()).unwrap_or("");
+        assert!(text.contains(&format!("block {} of 3 under way", done + 1)), "{text} / {bar}");
+        // The loss axis: a handful of labels with at most 3 decimals, however flat the loss.
+        let chart = dom.split("<svg id=\"chart\"").nth(1).and_then(|r| r.split("</svg>").next()).unwrap_or("");
+        let labels: Vec<&str> = chart
+            .split("<text")
+            .skip(1)
+            .filter_map(|t| t.split('>').nth(1)?.split('<').next())
+            .filter(|t| t.parse::<f64>().is_ok())
+            .collect();
+        assert_eq!(labels.len(), 5, "{chart}");
+        assert!(labels.iter().all(|l| l.split('.').nth(1).is_none_or(|d| d.len() <= 3)), "{labels:?}");
         let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
         let _ = std::fs::remove_file(&shot);
         let out = browser(&url, &[format!("--screenshot={}", shot.display())]);

@@ -86,7 +86,10 @@ fn record(board: &StatusBoard, e: &ValidatorEvent) {
     }
 }
 
-fn print_event(e: &ValidatorEvent) {
+/// Log a node event; under `--log-format json` the score table is one structured event per
+/// miner (fields `window`, `uid`, `hotkey`, `status`, `r`, `e`, `score`, `ema`, `weight`),
+/// so JSON-lines shippers get no raw text.
+fn print_event(e: &ValidatorEvent, json: bool) {
     match e {
         ValidatorEvent::Started { uid, window, origin } => {
             tracing::info!("validator uid {uid} ready: model at window {window} from {origin}")
@@ -102,6 +105,23 @@ fn print_event(e: &ValidatorEvent) {
             bistro_train::node::Followed::Applied { .. } => tracing::info!("{}", f.describe()),
             _ => tracing::warn!("{}", f.describe()),
         },
+        ValidatorEvent::Scored { window, rows, seconds } if json => {
+            tracing::info!(window, miners = rows.len(), seconds, "scores");
+            for r in rows {
+                tracing::info!(
+                    window,
+                    uid = r.uid,
+                    hotkey = %r.hotkey,
+                    status = %r.status,
+                    r = r.r,
+                    e = r.e,
+                    score = r.score,
+                    ema = r.ema,
+                    weight = r.weight,
+                    "score"
+                );
+            }
+        }
         ValidatorEvent::Scored { window, rows, seconds } => {
             let mut t = format!("window {window} scores ({seconds:.1}s of recomputation):\n");
             t.push_str(&format!(
@@ -167,7 +187,8 @@ async fn run() -> anyhow::Result<()> {
         let e = anyhow::Error::new(e).context("cannot start the validator");
         if config { e.context(bistro_train::cli::ConfigError("the validator's settings".into())) } else { e }
     })?;
-    v.on_event(print_event);
+    let json = node.log_format == bistro_train::cli::LogFormat::Json;
+    v.on_event(move |e| print_event(e, json));
     let held = bistro_train::cli::spawn_countdown(node.log_format, countdown_chain, bpw, v.window());
     v.on_event(move |e| {
         if let ValidatorEvent::Followed(f) = e {

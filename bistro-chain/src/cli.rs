@@ -27,9 +27,10 @@ pub struct ChainArgs {
     #[arg(long = "subtensor.chain_endpoint", env = "BT_SUBTENSOR_CHAIN_ENDPOINT")]
     pub chain_endpoint: Option<String>,
 
-    /// Subnet id. Off the devnet, name it: the default 1 is the devnet's.
-    #[arg(long = "netuid", default_value_t = 1, env = "BT_NETUID")]
-    pub netuid: u16,
+    /// Subnet id: required off the devnet (a wrong subnet would register, commit and set
+    /// weights on someone else's) [default on the devnet: 1]
+    #[arg(long = "netuid", env = "BT_NETUID")]
+    pub netuid: Option<u16>,
 
     /// Wallet (coldkey) name.
     #[arg(long = "wallet.name", default_value = "default", env = "BT_WALLET_NAME")]
@@ -63,6 +64,18 @@ pub struct ChainArgs {
 }
 
 impl ChainArgs {
+    /// The subnet: `--netuid`, else 1 on the devnet; off the devnet it must be given.
+    pub fn netuid(&self) -> Result<u16> {
+        match (self.netuid, self.is_devnet()) {
+            (Some(n), _) => Ok(n),
+            (None, true) => Ok(1),
+            (None, false) => Err(ChainError::Config(format!(
+                "--netuid (or BT_NETUID) is required on {}: name the subnet you registered on",
+                self.network
+            ))),
+        }
+    }
+
     /// True for the embedded devnet.
     pub fn is_devnet(&self) -> bool {
         self.network == "devnet"
@@ -155,14 +168,17 @@ mod tests {
             "--subtensor.network",
             "test",
         ]);
-        assert_eq!(c.chain.netuid, 3);
+        assert_eq!(c.chain.netuid().unwrap(), 3);
         assert_eq!(c.chain.wallet("d").hotkey, "h");
         assert_eq!(c.chain.endpoint().unwrap(), "wss://test.finney.opentensor.ai:443");
         let c = Cli::parse_from(["x", "--subtensor.network", "mainnet"]);
         let e = c.chain.endpoint().unwrap_err().to_string();
         assert!(e.contains("unknown network `mainnet`"), "{e}");
+        let c = Cli::parse_from(["x", "--subtensor.network", "test"]);
+        assert!(c.chain.netuid().unwrap_err().to_string().contains("--netuid (or BT_NETUID) is required on test"));
         let c = Cli::parse_from(["x"]);
         assert!(c.chain.is_devnet());
+        assert_eq!(c.chain.netuid().unwrap(), 1);
         assert_eq!(c.chain.hotkey("miner").unwrap(), "default-miner");
     }
 

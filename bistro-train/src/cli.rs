@@ -238,6 +238,10 @@ impl NodeArgs {
     /// changed behind the operator's back).
     pub fn hparams(&self) -> anyhow::Result<HParams> {
         let devnet = self.chain.is_devnet();
+        if !devnet {
+            // An unknown network name first: its settings cannot be right either.
+            self.chain.endpoint()?;
+        }
         let mut h = match &self.hparams {
             Some(p) => HParams::from_file(p)?,
             None => match crate::hparams::shipped(&self.chain.network) {
@@ -324,6 +328,7 @@ impl NodeArgs {
         }
         let config = |what: &str| ConfigError(what.to_string());
         let hparams = self.hparams().context(config("the hyper-parameters"))?;
+        let netuid = self.chain.netuid().context(config("the subnet"))?;
         let hotkey = self.chain.hotkey(role).context(config("the wallet and network"))?;
         let device = self.device().context(config("--device"))?;
         let chain = self.chain.connect(role).await?;
@@ -335,7 +340,7 @@ impl NodeArgs {
         tracing::info!(
             "BISTRO {role} {hotkey} on {} (netuid {}), model {}, device {}",
             chain.describe(),
-            self.chain.netuid,
+            netuid,
             hparams.model,
             bistro_model::device_name(&device)
         );
@@ -355,7 +360,7 @@ impl NodeArgs {
         auto_register: Option<u64>,
     ) -> anyhow::Result<crate::node::NodeConfig> {
         Ok(crate::node::NodeConfig {
-            netuid: self.chain.netuid,
+            netuid: self.chain.netuid()?,
             bucket_url: self.bucket_url(&hotkey)?,
             bucket_options: self.bucket_options()?,
             state_dir: self.state_dir(role, &hotkey),

@@ -183,9 +183,15 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
         }
     };
 
-    let netuid = args.chain.netuid;
-    match (&chain, &hotkey) {
-        (Some(c), Some(h)) => match c.metagraph(netuid).await {
+    let netuid = match args.chain.netuid() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            r.fail("netuid", e.to_string(), "pass --netuid N (or set BT_NETUID)");
+            None
+        }
+    };
+    match (&chain, &hotkey, netuid) {
+        (Some(c), Some(h), Some(netuid)) => match c.metagraph(netuid).await {
             Ok(mg) => match mg.neurons.iter().find(|n| &n.hotkey == h) {
                 Some(n) => {
                     r.pass("registered", format!("uid {} on netuid {netuid}", n.uid));
@@ -223,7 +229,7 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
             },
             Err(e) => r.fail("registered", format!("cannot read netuid {netuid}: {e}"), "check --netuid"),
         },
-        _ => r.skip("registered", "needs the chain and the wallet"),
+        _ => r.skip("registered", "needs the chain, the wallet and the netuid"),
     }
 
     let url = hotkey.as_deref().map(|h| args.bucket_url(h));
@@ -414,7 +420,10 @@ async fn check_lead(r: &mut Report, args: &NodeArgs, chain: Option<&dyn Chain>, 
         r.skip("lead hparams", "needs the chain and the hparams");
         return;
     };
-    let netuid = args.chain.netuid;
+    let Ok(netuid) = args.chain.netuid() else {
+        r.skip("lead hparams", "needs the netuid");
+        return;
+    };
     let lead = async {
         // As of now (a node reads each window's roster at its seed block; this is the
         // current picture): the first permit holder by stake with a committed bucket.

@@ -272,6 +272,7 @@ fn flags_fall_back_to_the_environment() {
     let env = [
         ("HOME", home.as_str()),
         ("BT_SUBTENSOR_NETWORK", "test"),
+        ("BT_NETUID", "3"),
         ("BT_WALLET_PATH", "~/wallets"),
         ("BT_WALLET_NAME", "cold"),
         ("BT_WALLET_HOTKEY", "hot"),
@@ -280,6 +281,10 @@ fn flags_fall_back_to_the_environment() {
     assert_eq!(code, Some(bistro_train::cli::EXIT_CONFIG), "{err}");
     let want = dir.join("wallets/cold/hotkeys/hot");
     assert!(err.contains(&want.display().to_string()), "the hotkey path from BT_* variables: {err}");
+    // Off the devnet the subnet must be named: no silent netuid 1.
+    let (code, _, err) = run(dir, &[], &env[..2]);
+    assert_eq!(code, Some(bistro_train::cli::EXIT_CONFIG));
+    assert!(err.contains("--netuid (or BT_NETUID) is required on test"), "{err}");
     // The flag wins over the variable.
     let (_, _, err) = run(dir, &["--wallet.hotkey", "other"], &env);
     assert!(err.contains("wallets/cold/hotkeys/other"), "{err}");

@@ -116,7 +116,7 @@ impl Bucket {
             let attempt = async {
                 let opts = GetOptions {
                     if_match: meta.e_tag.clone(),
-                    range: (!buf.is_empty()).then(|| GetRange::Offset(buf.len() as u64)),
+                    range: (!buf.is_empty()).then_some(GetRange::Offset(buf.len() as u64)),
                     ..Default::default()
                 };
                 let r = tokio::time::timeout(self.transfer.timeout, self.store.get_opts(&path, opts))

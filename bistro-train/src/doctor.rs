@@ -451,11 +451,8 @@ async fn check_lead(r: &mut Report, args: &NodeArgs, chain: Option<&dyn Chain>, 
         r.pass("lead hparams", "this node is the lead candidate: its hparams are the network's");
         return;
     }
-    let t = crate::storage::TransferConfig {
-        attempts: 1,
-        timeout: crate::protocol::PEER_TIMEOUT,
-        ..Default::default()
-    };
+    let t =
+        crate::storage::TransferConfig { attempts: 1, timeout: crate::protocol::PEER_TIMEOUT, ..Default::default() };
     let allow_internal = args.chain.is_devnet() || args.allow_private_endpoints;
     let fetched = match Bucket::open_peer(&url, &t, allow_internal) {
         Ok(b) => {

@@ -55,8 +55,17 @@ fn runtime_version(spec: u32, tx: u32) -> Vec<u8> {
 
 type Storage = Arc<Mutex<HashMap<Vec<u8>, Vec<u8>>>>;
 
+/// RPC calls the mock answered, by method.
+type Calls = Arc<Mutex<HashMap<String, usize>>>;
+
 /// A mock node serving golden data plus `storage` (key -> SCALE value).
 async fn mock_client(storage: Storage) -> OnlineClient<SubstrateConfig> {
+    mock_node(storage).await.0
+}
+
+/// [`mock_client`], with the RPC client under it and a count of the calls it answered.
+async fn mock_node(storage: Storage) -> (OnlineClient<SubstrateConfig>, RpcClient, Calls) {
+    let calls: Calls = Arc::default();
     let g = golden();
     let genesis = g["network"]["genesis_hash"].as_str().unwrap().to_string();
     let head = g["block"]["block_hash"].as_str().unwrap().to_string();
@@ -79,9 +88,13 @@ async fn mock_client(storage: Storage) -> OnlineClient<SubstrateConfig> {
     let version_json = json!({"specName": "node-subtensor", "implName": "node-subtensor", "authoringVersion": 1,
         "specVersion": spec, "implVersion": 1, "apis": [], "transactionVersion": txv, "stateVersion": 1});
     let v2 = version_json.clone();
+    let count = |calls: &Calls, method: &str| *calls.lock().unwrap().entry(method.to_string()).or_default() += 1;
+    let (c1, c2, c3) = (calls.clone(), calls.clone(), calls.clone());
+    let batch_storage = storage.clone();
     let mock = MockRpcClient::builder()
         .method_handler("chain_getBlockHash", move |params| {
             let (g1, h1) = (g1.clone(), h1.clone());
+            count(&c1, "chain_getBlockHash");
             async move {
                 let n = params
                     .and_then(|p| serde_json::from_str::<Vec<Json>>(p.get()).ok())
@@ -123,6 +136,7 @@ async fn mock_client(storage: Storage) -> OnlineClient<SubstrateConfig> {
         })
         .method_handler("state_getStorage", move |params| {
             let storage = storage.clone();
+            count(&c2, "state_getStorage");
             async move {
                 let p: Vec<Json> = params.and_then(|p| serde_json::from_str(p.get()).ok()).unwrap_or_default();
                 let key = unhex(p.first().and_then(|x| x.as_str()).unwrap_or("0x"));
@@ -130,6 +144,24 @@ async fn mock_client(storage: Storage) -> OnlineClient<SubstrateConfig> {
             }
         })
         .method_handler("state_getKeysPaged", |_| async { J(Vec::<String>::new()) })
+        .method_handler("state_queryStorageAt", move |params| {
+            let storage = batch_storage.clone();
+            count(&c3, "state_queryStorageAt");
+            async move {
+                let p: Vec<Json> = params.and_then(|p| serde_json::from_str(p.get()).ok()).unwrap_or_default();
+                let keys: Vec<String> =
+                    p.first().and_then(|k| serde_json::from_value(k.clone()).ok()).unwrap_or_default();
+                let s = storage.lock().unwrap();
+                let changes: Vec<(String, Option<String>)> = keys
+                    .into_iter()
+                    .map(|k| {
+                        let v = s.get(&unhex(&k)).map(|v| format!("0x{}", hex::encode(v)));
+                        (k, v)
+                    })
+                    .collect();
+                J(json!([{ "block": p.get(1).cloned().unwrap_or(Json::Null), "changes": changes }]))
+            }
+        })
         .subscription_handler("state_subscribeRuntimeVersion", move |_, _| {
             let v = v2.clone();
             async move { vec![J(v)] }
@@ -139,8 +171,10 @@ async fn mock_client(storage: Storage) -> OnlineClient<SubstrateConfig> {
             async move { Vec::<J<Json>>::new() }
         })
         .build();
-    let backend = LegacyBackend::builder().build(RpcClient::new(mock));
-    OnlineClient::<SubstrateConfig>::from_backend(Arc::new(backend)).await.expect("client over the mock")
+    let rpc = RpcClient::new(mock);
+    let backend = LegacyBackend::builder().build(rpc.clone());
+    let client = OnlineClient::<SubstrateConfig>::from_backend(Arc::new(backend)).await.expect("client over the mock");
+    (client, rpc, calls)
 }
 
 fn sha_block(n: u64) -> [u8; 32] {
@@ -286,7 +320,7 @@ async fn signer_payload_equals_the_recording_and_a_wallet_file_signs_it() {
 #[tokio::test]
 async fn metagraph_and_commitment_through_the_chain_trait() {
     let storage: Storage = Arc::new(Mutex::new(HashMap::new()));
-    let client = mock_client(storage.clone()).await;
+    let (client, rpc, _) = mock_node(storage.clone()).await;
     let at = client.at_current_block().await.unwrap();
     let key = |entry: &str, parts: Vec<u8>| -> Vec<u8> {
         // Recompute keys with subxt from the real metadata.
@@ -371,7 +405,7 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
         s.insert(k, reg);
     }
 
-    let chain = Subtensor::from_client("golden mock", client.clone(), None, Duration::from_secs(10));
+    let chain = Subtensor::from_client("golden mock", client.clone(), rpc.clone(), None, Duration::from_secs(10));
     assert_eq!(chain.block_number().await.unwrap(), 67);
     assert!(matches!(chain.block_hash(68).await, Err(ChainError::FutureBlock(68))));
     let mg = chain.metagraph(1).await.unwrap();
@@ -430,7 +464,7 @@ async fn a_real_length_r2_url_commits_as_big_raw_and_reads_back() {
     // The recorded runtime's `Data` enum: BigRaw is variant 136, after None, Raw0..Raw128,
     // BlakeTwo256, Sha256, Keccak256, ShaThree256, TimelockEncrypted and ResetBondsFlag.
     let storage: Storage = Arc::new(Mutex::new(HashMap::new()));
-    let client = mock_client(storage.clone()).await;
+    let (client, rpc, _) = mock_node(storage.clone()).await;
     let at = client.at_current_block().await.unwrap();
     let url = r2_url();
     // The call encodes through the recorded metadata (an unknown variant would fail here):
@@ -463,7 +497,7 @@ async fn a_real_length_r2_url_commits_as_big_raw_and_reads_back() {
         .fetch_key((1, bob.0))
         .unwrap();
     storage.lock().unwrap().insert(k, reg);
-    let chain = Subtensor::from_client("golden mock", client.clone(), None, Duration::from_secs(10));
+    let chain = Subtensor::from_client("golden mock", client.clone(), rpc.clone(), None, Duration::from_secs(10));
     assert_eq!(chain.commitment(1, BOB).await.unwrap().as_deref(), Some(url.as_str()));
     // Over the BigRaw bound: a clear error before anything is submitted.
     let e = subtensor::set_commitment_call(1, &"x".repeat(bistro_chain::MAX_COMMITMENT_BYTES + 1)).unwrap_err();
@@ -493,4 +527,90 @@ async fn unreachable_endpoint_is_a_clear_error_within_the_timeout() {
     assert!(start.elapsed() < Duration::from_secs(10));
     let text = e.to_string();
     assert!(text.contains("127.0.0.1:9") && text.contains("cannot connect"), "{text}");
+}
+
+/// Fill `storage` with a subnet 2 of `n` neurons (hotkey i = [i, i+1, ...], stake 1000 + i,
+/// permits for every 8th, a `Raw` commitment each) through keys computed from the
+/// recorded metadata.
+async fn subnet_of(client: &OnlineClient<SubstrateConfig>, storage: &Storage, n: u16) {
+    use subxt::ext::codec::Encode;
+    let at = client.at_current_block().await.unwrap();
+    let mut s = storage.lock().unwrap();
+    let subnet_key = |item: &str| {
+        at.storage()
+            .entry(dynamic::storage::<(u16,), dynamic::Value>("SubtensorModule", item))
+            .unwrap()
+            .fetch_key((2,))
+            .unwrap()
+    };
+    s.insert(subnet_key("SubnetworkN"), n.encode());
+    s.insert(subnet_key("ValidatorPermit"), (0..n).map(|i| i % 8 == 0).collect::<Vec<bool>>().encode());
+    s.insert(subnet_key("Incentive"), (0..n).map(|i| i * 10).collect::<Vec<u16>>().encode());
+    for uid in 0..n {
+        let who: [u8; 32] = std::array::from_fn(|j| (uid as usize + j) as u8 ^ (uid >> 8) as u8 ^ 0x5a);
+        let k = at
+            .storage()
+            .entry(dynamic::storage::<(u16, u16), dynamic::Value>("SubtensorModule", "Keys"))
+            .unwrap()
+            .fetch_key((2, uid))
+            .unwrap();
+        s.insert(k, who.to_vec());
+        let k = at
+            .storage()
+            .entry(dynamic::storage::<([u8; 32], u16), dynamic::Value>("SubtensorModule", "TotalHotkeyAlpha"))
+            .unwrap()
+            .fetch_key((who, 2))
+            .unwrap();
+        s.insert(k, (1000 + uid as u64).encode());
+        let url = format!("s3://bucket-{uid}");
+        let mut reg = 0u64.to_le_bytes().to_vec();
+        reg.extend(60u32.to_le_bytes());
+        reg.extend(compact(1));
+        reg.push(url.len() as u8 + 1);
+        reg.extend(url.as_bytes());
+        let k = at
+            .storage()
+            .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf"))
+            .unwrap()
+            .fetch_key((2, who))
+            .unwrap();
+        s.insert(k, reg);
+    }
+}
+
+/// A window's registry and commitments cost the same number of calls at 16 uids and at 256:
+/// every value is read in bulk (`state_queryStorageAt`), none one key per call.
+#[tokio::test]
+async fn registry_reads_cost_a_constant_number_of_calls() {
+    let mut costs = Vec::new();
+    for n in [16u16, 256] {
+        let storage: Storage = Arc::new(Mutex::new(HashMap::new()));
+        let (client, rpc, calls) = mock_node(storage.clone()).await;
+        subnet_of(&client, &storage, n).await;
+        let chain = Subtensor::from_client("golden mock", client.clone(), rpc, None, Duration::from_secs(10));
+        calls.lock().unwrap().clear();
+        let mg = chain.metagraph_at(2, 60).await.unwrap();
+        let urls = chain.commitments_at(&mg, 60).await.unwrap();
+        assert_eq!(mg.neurons.len(), n as usize);
+        assert_eq!(urls.len(), n as usize);
+        for (i, nr) in mg.neurons.iter().enumerate() {
+            assert_eq!(nr.uid, i as u16);
+            assert_eq!(nr.stake, 1000 + i as u64);
+            assert_eq!(nr.validator_permit, i % 8 == 0);
+            assert!((nr.incentive - (i * 10) as f64 / 65535.0).abs() < 1e-12);
+            assert_eq!(urls[&nr.uid], format!("s3://bucket-{i}"));
+        }
+        // The bulk read agrees with reading key by key.
+        assert_eq!(
+            chain.commitment_at(2, &mg.neurons[n as usize - 1].hotkey, 60).await.unwrap(),
+            Some(format!("s3://bucket-{}", n - 1))
+        );
+        let counted = calls.lock().unwrap().clone();
+        eprintln!("{n} uids: {counted:?}");
+        costs.push(counted);
+    }
+    assert_eq!(costs[0], costs[1], "the calls grew with the subnet");
+    let total: usize = costs[1].values().sum();
+    assert!(costs[1].get("state_queryStorageAt").copied().unwrap_or(0) <= 4, "{:?}", costs[1]);
+    assert!(total <= 16, "{total} calls for a window's registry at 256 uids: {:?}", costs[1]);
 }

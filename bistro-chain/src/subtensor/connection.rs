@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use subxt::dynamic::{self, Value};
+use subxt::rpcs::RpcClient;
 use subxt::utils::AccountId32;
 use subxt::{OnlineClient, SubstrateConfig};
 use subxt_signer::sr25519::Keypair;
@@ -13,27 +14,42 @@ use subxt_signer::sr25519::Keypair;
 use super::Subtensor;
 use crate::{Chain, ChainError, Result};
 
-type ConnectFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::result::Result<OnlineClient<SubstrateConfig>, subxt::Error>> + Send>,
->;
+type ConnectFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<Conn, subxt::Error>> + Send>>;
+
+/// A live connection: the subxt client, and the RPC client under it for the calls subxt
+/// does not batch (`state_queryStorageAt`, [`super::bulk`]).
+#[derive(Clone)]
+pub(super) struct Conn {
+    pub(super) client: OnlineClient<SubstrateConfig>,
+    pub(super) rpc: RpcClient,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = OnlineClient<SubstrateConfig>;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
 
 /// How to (re)connect: to a URL, or through a ready client (tests).
 #[derive(Clone)]
 pub(super) enum Connector {
     Url(String),
-    Fixed(OnlineClient<SubstrateConfig>),
+    Fixed(Conn),
 }
 
 impl Connector {
     pub(super) fn connect(&self) -> ConnectFuture {
         match self.clone() {
             Connector::Url(url) => Box::pin(async move {
-                let r = if url.starts_with("ws://") || url.starts_with("http://") {
-                    OnlineClient::<SubstrateConfig>::from_insecure_url(&url).await
+                let rpc = if url.starts_with("ws://") || url.starts_with("http://") {
+                    RpcClient::from_insecure_url(&url).await
                 } else {
-                    OnlineClient::<SubstrateConfig>::from_url(&url).await
-                };
-                r.map_err(subxt::Error::from)
+                    RpcClient::from_url(&url).await
+                }?;
+                let client = OnlineClient::<SubstrateConfig>::from_rpc_client(rpc.clone()).await?;
+                Ok(Conn { client, rpc })
             }),
             Connector::Fixed(c) => Box::pin(async move { Ok(c) }),
         }
@@ -65,7 +81,7 @@ fn connection_survives(e: &subxt::Error) -> bool {
 
 impl Subtensor {
     /// The current client, connecting (with backoff, within the timeout) when there is none.
-    pub(super) async fn client(&self) -> Result<OnlineClient<SubstrateConfig>> {
+    pub(super) async fn client(&self) -> Result<Conn> {
         let mut guard = self.client.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
@@ -102,7 +118,7 @@ impl Subtensor {
     /// next call reconnects.
     pub(super) async fn with_client<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
     where
-        F: FnOnce(OnlineClient<SubstrateConfig>) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, subxt::Error>>,
     {
         let client = self.client().await?;

@@ -11,12 +11,17 @@
 //! `SubtensorModule.set_weights` and, on commit-reveal subnets,
 //! `SubtensorModule.commit_timelocked_weights` (see [`crate::commit_reveal`]).
 //!
+//! A window's registry and commitments are read in bulk ([`bulk`]: `state_queryStorageAt`
+//! with every key), a fixed number of round trips whatever the subnet's size.
+//!
 //! Every call has a timeout; a failed connection is dropped and re-established on the next
 //! call with exponential backoff, so a node never hangs on a dead endpoint.
 
+mod bulk;
 mod codec;
 mod connection;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +37,7 @@ pub use codec::{
     RAW_MAX_BYTES, account_id, commit_timelocked_weights_call, keypair_from_seed_hex, raw_data, set_commitment_call,
     set_weights_call,
 };
-use connection::Connector;
+use connection::{Conn, Connector};
 
 use crate::{BlockHash, Chain, ChainError, CommitRevealParams, Metagraph, Neuron, Result, WeightsMode, commit_reveal};
 
@@ -42,7 +47,7 @@ pub const BLOCK_TIME: Duration = Duration::from_secs(12);
 /// A connection to a subtensor node.
 pub struct Subtensor {
     endpoint: String,
-    client: Mutex<Option<OnlineClient<SubstrateConfig>>>,
+    client: Mutex<Option<Conn>>,
     connector: Connector,
     signer: Option<Arc<Keypair>>,
     timeout: Duration,
@@ -73,17 +78,19 @@ impl Subtensor {
         Ok(s)
     }
 
-    /// Use a ready client (an in-process mock in tests).
+    /// Use a ready client and the RPC client under it (an in-process mock in tests).
     pub fn from_client(
         name: &str,
         client: OnlineClient<SubstrateConfig>,
+        rpc: subxt::rpcs::RpcClient,
         signer: Option<Keypair>,
         timeout: Duration,
     ) -> Self {
+        let conn = Conn { client, rpc };
         Subtensor {
             endpoint: name.to_string(),
-            client: Mutex::new(Some(client.clone())),
-            connector: Connector::Fixed(client),
+            client: Mutex::new(Some(conn.clone())),
+            connector: Connector::Fixed(conn),
             signer: signer.map(Arc::new),
             timeout,
         }
@@ -97,7 +104,10 @@ impl Subtensor {
         }
     }
 
-    /// The metagraph at `block` (the newest block when `None`).
+    /// The metagraph at `block` (the newest block when `None`), in a fixed number of round
+    /// trips whatever the subnet's size ([`bulk`]): the subnet's size, permits and
+    /// incentives; every uid's hotkey (`Keys`); every hotkey's stake (`TotalHotkeyAlpha`).
+    #[allow(clippy::result_large_err)] // closures inside `with_client` return `subxt::Error`
     async fn metagraph_in(&self, netuid: u16, block: Option<u64>) -> Result<Metagraph> {
         self.check_exists(block).await?;
         self.with_client("metagraph", move |c| async move {
@@ -107,61 +117,91 @@ impl Subtensor {
             }
             .map_err(subxt::Error::from)?;
             let block = at.block_number();
+            let hash = at.block_hash();
             let st = at.storage();
-            let n: u16 = match st
-                .try_fetch(dynamic::storage::<(u16,), u16>("SubtensorModule", "SubnetworkN"), (netuid,))
-                .await
-                .map_err(subxt::Error::from)?
-            {
-                Some(v) => v.decode().map_err(subxt::Error::from)?,
-                None => 0,
+            let subnet_key = |item: &str| {
+                st.entry(dynamic::storage::<(u16,), Value>("SubtensorModule", item))
+                    .and_then(|e| e.fetch_key((netuid,)))
+                    .map_err(subxt::Error::from)
             };
-            let permits: Vec<bool> = match st
-                .try_fetch(dynamic::storage::<(u16,), Vec<bool>>("SubtensorModule", "ValidatorPermit"), (netuid,))
-                .await
-                .map_err(subxt::Error::from)?
-            {
-                Some(v) => v.decode().map_err(subxt::Error::from)?,
-                None => Vec::new(),
-            };
-            let incentive: Vec<u16> = match st
-                .try_fetch(dynamic::storage::<(u16,), Vec<u16>>("SubtensorModule", "Incentive"), (netuid,))
-                .await
-                .map_err(subxt::Error::from)?
-            {
-                Some(v) => v.decode().map_err(subxt::Error::from)?,
-                None => Vec::new(),
-            };
-            let mut neurons = Vec::with_capacity(n as usize);
-            for uid in 0..n {
-                let Some(key) = st
-                    .try_fetch(dynamic::storage::<(u16, u16), [u8; 32]>("SubtensorModule", "Keys"), (netuid, uid))
-                    .await
-                    .map_err(subxt::Error::from)?
-                else {
-                    continue;
-                };
-                let key: [u8; 32] = key.decode().map_err(subxt::Error::from)?;
-                let stake: u64 = match st
-                    .try_fetch(
-                        dynamic::storage::<([u8; 32], u16), u64>("SubtensorModule", "TotalHotkeyAlpha"),
-                        (key, netuid),
-                    )
-                    .await
-                    .map_err(subxt::Error::from)?
-                {
-                    Some(v) => v.decode().map_err(subxt::Error::from)?,
-                    None => 0,
-                };
+            let head_keys = vec![subnet_key("SubnetworkN")?, subnet_key("ValidatorPermit")?, subnet_key("Incentive")?];
+            let head = bulk::query_at(&c.rpc, &head_keys, hash).await?;
+            let n: u16 = bulk::decode_or(&head[0], 0)?;
+            let permits: Vec<bool> = bulk::decode_or(&head[1], Vec::new())?;
+            let incentive: Vec<u16> = bulk::decode_or(&head[2], Vec::new())?;
+            let keys_entry = st
+                .entry(dynamic::storage::<(u16, u16), Value>("SubtensorModule", "Keys"))
+                .map_err(subxt::Error::from)?;
+            let uid_keys =
+                (0..n).map(|uid| keys_entry.fetch_key((netuid, uid))).collect::<std::result::Result<Vec<_>, _>>();
+            let hotkeys = bulk::query_at(&c.rpc, &uid_keys.map_err(subxt::Error::from)?, hash).await?;
+            let hotkeys: Vec<(u16, [u8; 32])> = hotkeys
+                .iter()
+                .enumerate()
+                .filter_map(|(uid, v)| v.as_ref().map(|b| (uid as u16, b)))
+                .map(|(uid, b)| bulk::decode::<[u8; 32]>(b).map(|k| (uid, k)))
+                .collect::<std::result::Result<_, _>>()?;
+            let stake_entry = st
+                .entry(dynamic::storage::<([u8; 32], u16), Value>("SubtensorModule", "TotalHotkeyAlpha"))
+                .map_err(subxt::Error::from)?;
+            let stake_keys = hotkeys
+                .iter()
+                .map(|(_, k)| stake_entry.fetch_key((*k, netuid)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(subxt::Error::from)?;
+            let stakes = bulk::query_at(&c.rpc, &stake_keys, hash).await?;
+            let mut neurons = Vec::with_capacity(hotkeys.len());
+            for ((uid, key), stake) in hotkeys.into_iter().zip(&stakes) {
                 neurons.push(Neuron {
                     uid,
                     hotkey: AccountId32::from(key).to_string(),
-                    stake,
+                    stake: bulk::decode_or(stake, 0u64)?,
                     validator_permit: permits.get(uid as usize).copied().unwrap_or(false),
                     incentive: incentive.get(uid as usize).map(|&x| x as f64 / 65535.0).unwrap_or(0.0),
                 });
             }
             Ok(Metagraph { netuid, block, neurons })
+        })
+        .await
+    }
+
+    /// The commitments of `metagraph`'s neurons at `block`, in one round trip ([`bulk`]).
+    async fn commitments_in(&self, metagraph: &Metagraph, block: u64) -> Result<HashMap<u16, String>> {
+        self.check_exists(Some(block)).await?;
+        let who: Vec<(u16, [u8; 32])> =
+            metagraph.neurons.iter().map(|n| Ok((n.uid, account_id(&n.hotkey)?.0))).collect::<Result<_>>()?;
+        let netuid = metagraph.netuid;
+        self.with_client("commitments", move |c| async move {
+            let at = c.at_block(block).await.map_err(subxt::Error::from)?;
+            let entry = at
+                .storage()
+                .entry(dynamic::storage::<(u16, [u8; 32]), Value>("Commitments", "CommitmentOf"))
+                .map_err(subxt::Error::from)?;
+            let keys = who
+                .iter()
+                .map(|(_, k)| entry.fetch_key((netuid, *k)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(subxt::Error::from)?;
+            let values = bulk::query_at(&c.rpc, &keys, at.block_hash()).await?;
+            let md = at.metadata();
+            let ty = md
+                .pallet_by_name("Commitments")
+                .and_then(|p| p.storage())
+                .and_then(|s| s.entry_by_name("CommitmentOf"))
+                .map(|e| e.value_ty())
+                .ok_or_else(|| subxt::Error::other_str("the runtime has no Commitments.CommitmentOf"))?;
+            let mut out = HashMap::new();
+            for ((uid, _), v) in who.iter().zip(values) {
+                let Some(bytes) = v else { continue };
+                // A value that does not decode is that neuron's problem: no commitment.
+                let Ok(value) = subxt::ext::scale_value::scale::decode_as_type(&mut &bytes[..], ty, md.types()) else {
+                    continue;
+                };
+                if let Some(url) = first_raw_field(&value.remove_context()).and_then(|b| String::from_utf8(b).ok()) {
+                    out.insert(*uid, url);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -244,6 +284,10 @@ impl Chain for Subtensor {
 
     async fn commitment_at(&self, netuid: u16, hotkey: &str, block: u64) -> Result<Option<String>> {
         self.commitment_in(netuid, hotkey, Some(block)).await
+    }
+
+    async fn commitments_at(&self, metagraph: &Metagraph, block: u64) -> Result<HashMap<u16, String>> {
+        self.commitments_in(metagraph, block).await
     }
 
     async fn commitment(&self, netuid: u16, hotkey: &str) -> Result<Option<String>> {

@@ -11,7 +11,7 @@
 //! `SubtensorModule.set_weights` and, on commit-reveal subnets,
 //! `SubtensorModule.commit_timelocked_weights` (see [`crate::commit_reveal`]).
 //!
-//! A window's registry and commitments are read in bulk ([`bulk`]: `state_queryStorageAt`
+//! A window's registry and commitments are read in bulk (`state_queryStorageAt`
 //! with every key), a fixed number of round trips whatever the subnet's size.
 //!
 //! Every call has a timeout; a failed connection is dropped and re-established on the next

@@ -3,6 +3,8 @@
 //! own message (exit 78), without touching the chain.
 
 mod common;
+#[path = "../../bistro-train/tests/support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::process::Command;
@@ -95,6 +97,30 @@ fn every_check_passes_on_a_joined_devnet_and_each_fault_fails_its_own() {
     assert_eq!(code, config);
     assert!(failed(&report, "bucket"), "{report}");
     assert!(line(&report, "peer read").starts_with("[skip]"), "{report}");
+
+    // A bucket on a real S3 server (s3s-fs, SigV4 checked) that its owner can write but
+    // peers cannot read: its URL carries no read key, and the server refuses unsigned
+    // requests. With the read key in the URL, peers read it.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    std::fs::create_dir_all(dir.join("s3/own")).unwrap();
+    let s3 = rt.block_on(support::start_s3s_fs(&dir.join("s3")));
+    let owner = [
+        "--s3.access-key",
+        support::ACCESS_KEY,
+        "--s3.secret-key-file",
+        dir.join("secret").to_str().unwrap().to_string().leak(),
+    ];
+    std::fs::write(dir.join("secret"), support::SECRET_KEY).unwrap();
+    let closed = format!("s3://own?endpoint=http://{s3}&region=us-east-1");
+    let (code, report) = doctor(&miner, dir, &[&h[..], &owner[..], &["--bucket", &closed]].concat());
+    assert_eq!(code, config, "{report}");
+    assert!(line(&report, "bucket").starts_with("[ok  ]"), "the owner writes: {report}");
+    assert!(failed(&report, "peer read") && report.contains("read_key"), "{report}");
+    let open = format!("{closed}{}", support::read_params());
+    let (code, report) = doctor(&miner, dir, &[&h[..], &owner[..], &["--bucket", &open]].concat());
+    assert!(line(&report, "peer read").starts_with("[ok  ]"), "{report}");
+    assert_eq!(code, Some(0), "{report}");
+    drop(rt);
 
     // A bucket URL longer than the chain's commitment limit.
     let long = format!("s3://b/{}?endpoint=http://127.0.0.1:9", "p".repeat(600));

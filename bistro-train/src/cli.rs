@@ -50,9 +50,16 @@ pub fn version() -> &'static str {
     })
 }
 
-/// Operator tools both binaries offer besides running a node.
+/// Options a binary takes besides [`NodeArgs`] (the validator's `--max-miners`, ...): the
+/// tools accept them too, so a tool runs with exactly the node's command line. The miner
+/// has none (`NoExtra`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NoExtra {}
+
+/// Operator tools both binaries offer besides running a node; `X` is the binary's own
+/// options beyond [`NodeArgs`], accepted (and not needed) by the tools.
 #[derive(Clone, Debug, clap::Subcommand)]
-pub enum Tool {
+pub enum Tool<X: clap::Args = NoExtra> {
     /// The network's hyper-parameters: write a network's file, show what a node would run
     /// with, print its hash.
     #[command(subcommand)]
@@ -64,6 +71,9 @@ pub enum Tool {
         /// The node's options, exactly as it will be started with.
         #[command(flatten)]
         node: Box<NodeArgs>,
+        /// The binary's own options (accepted, not checked).
+        #[command(flatten)]
+        extra: X,
     },
 }
 
@@ -95,7 +105,7 @@ pub enum HparamsCmd {
 }
 
 /// Run an operator tool for a node of `role`.
-pub async fn run_tool(tool: &Tool, role: crate::doctor::Role) -> anyhow::Result<()> {
+pub async fn run_tool<X: clap::Args>(tool: &Tool<X>, role: crate::doctor::Role) -> anyhow::Result<()> {
     use std::io::Write;
     match tool {
         Tool::Hparams(HparamsCmd::Init { network, out }) => {
@@ -129,7 +139,7 @@ pub async fn run_tool(tool: &Tool, role: crate::doctor::Role) -> anyhow::Result<
             let h = node.hparams().context(ConfigError("the hyper-parameters".into()))?;
             println!("{}", h.hash()?);
         }
-        Tool::Doctor { node } => {
+        Tool::Doctor { node, .. } => {
             let report = crate::doctor::run(node, role).await;
             print!("{}", report.render());
             if report.failures() > 0 {

@@ -71,7 +71,8 @@ fn every_check_passes_on_a_joined_devnet_and_each_fault_fails_its_own() {
     assert_eq!(code, Some(0), "{report}");
     assert_eq!(report.matches("[FAIL]").count() + report.matches("[skip]").count(), 0, "{report}");
     assert!(line(&report, "lead hparams").contains("same hash as the lead default-validator"), "{report}");
-    let (code, report) = doctor(&validator, dir, &h);
+    // With exactly the validator's command line, its own options included.
+    let (code, report) = doctor(&validator, dir, &[&h[..], &["--max-miners", "8", "--heldout-pages", "0"]].concat());
     assert_eq!(code, Some(0), "{report}");
     assert!(line(&report, "permit").contains("validator permit, stake 1000"), "{report}");
     assert!(line(&report, "lead hparams").contains("this node is the lead candidate"), "{report}");
@@ -149,4 +150,14 @@ fn every_check_passes_on_a_joined_devnet_and_each_fault_fails_its_own() {
         assert_eq!(code, config);
         assert!(failed(&report, "wallet") && line(&report, "wallet").contains("chmod 600"), "{report}");
     }
+
+    // The validator stops on its settings with 78 too (here before any network access).
+    let out = Command::new(&validator)
+        .current_dir(dir)
+        .args(["--subtensor.network", "test", "--netuid", "3", "--model", "tiny", "--max-miners", "8"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), config, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model tiny contradicts"));
 }

@@ -31,10 +31,18 @@ struct Cli {
     #[command(flatten)]
     node: NodeArgs,
 
+    /// The validator's own options.
+    #[command(flatten)]
+    own: ValidatorArgs,
+
     /// An operator tool instead of running the node.
     #[command(subcommand)]
-    tool: Option<bistro_train::cli::Tool>,
+    tool: Option<bistro_train::cli::Tool<ValidatorArgs>>,
+}
 
+/// The validator's options beyond every node's.
+#[derive(clap::Args, Clone, Debug)]
+struct ValidatorArgs {
     /// Most miners recomputed per window (a private random sample, drawn after the upload
     /// deadline, when there are more; the verification budget may stop it earlier).
     #[arg(long = "max-miners", default_value_t = 64, env = "BISTRO_MAX_MINERS")]
@@ -167,7 +175,7 @@ async fn run() -> anyhow::Result<()> {
         return bistro_train::cli::run_tool(tool, bistro_train::doctor::Role::Validator).await;
     }
     let node = cli.node;
-    let (node_cfg, chain) = node.prepare("validator", cli.devnet_stake).await?;
+    let (node_cfg, chain) = node.prepare("validator", cli.own.devnet_stake).await?;
     let board = bistro_train::cli::start_status(
         node.metrics_addr,
         "validator",
@@ -178,8 +186,8 @@ async fn run() -> anyhow::Result<()> {
     .await?;
     let cfg = ValidatorConfig {
         node: node_cfg,
-        max_miners_per_window: cli.max_miners.max(1),
-        heldout_pages: cli.heldout_pages,
+        max_miners_per_window: cli.own.max_miners.max(1),
+        heldout_pages: cli.own.heldout_pages,
     };
     let (countdown_chain, bpw) = (chain.clone(), cfg.node.hparams.blocks_per_window);
     let mut v = Validator::new(cfg, chain).await.map_err(|e| {

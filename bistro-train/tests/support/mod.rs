@@ -94,6 +94,17 @@ pub(crate) async fn throttled_proxy(
     bytes_per_sec: u64,
     cut_after: Option<u64>,
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU32>, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    slow_link(upstream, std::time::Duration::ZERO, bytes_per_sec, cut_after).await
+}
+
+/// [`throttled_proxy`] that also delays every new connection by `latency` before it
+/// reaches the server (a distant peer: each request on a fresh connection pays it).
+pub(crate) async fn slow_link(
+    upstream: SocketAddr,
+    latency: std::time::Duration,
+    bytes_per_sec: u64,
+    cut_after: Option<u64>,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU32>, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,37 +116,40 @@ pub(crate) async fn throttled_proxy(
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else { break };
-            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            let up = tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut cr, &mut sw).await;
-            });
             let (sent_total, cut_done, counter) = (sent_total.clone(), cut_done.clone(), counter.clone());
             tokio::spawn(async move {
-                let start = std::time::Instant::now();
-                let mut sent = 0u64;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let n = match sr.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        break;
+                tokio::time::sleep(latency).await;
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                tokio::spawn(async move {
+                    let start = std::time::Instant::now();
+                    let mut sent = 0u64;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        sent += n as u64;
+                        let total = sent_total.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if cut_after.is_some_and(|c| total >= c) && !cut_done.swap(true, Ordering::Relaxed) {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        let due = std::time::Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
+                        if let Some(wait) = due.checked_sub(start.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
                     }
-                    sent += n as u64;
-                    let total = sent_total.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-                    if cut_after.is_some_and(|c| total >= c) && !cut_done.swap(true, Ordering::Relaxed) {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    let due = std::time::Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-                up.abort();
+                    up.abort();
+                });
             });
         }
     });

@@ -1,0 +1,273 @@
+//! The scale harness: N miners per window on one machine, the real lead pipeline (collect,
+//! recompute, decide, aggregate, hash, publish, follow) against a real S3 server (`s3s-fs`)
+//! reached through a link with emulated latency and bandwidth.
+//!
+//! N - 1 miners are *replay* miners: every page holds the same document, so every miner's
+//! gradient is the same, computed once by one real [`Miner`] and encoded under each replay
+//! hotkey's own dithers, so each slice is genuinely honest (a validator that recomputes one
+//! finds `e = 0`) and slices differ by hotkey. The lead is the library's [`Validator`];
+//! the real miner follows its aggregate like any node. Included by `examples/scale.rs` and
+//! its smoke test (`examples/tests/scale.rs`), both of which may use the S3 test server.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bistro_chain::Chain;
+use bistro_chain::devnet::Devnet;
+use bistro_train::hparams::HParams;
+use bistro_train::miner::{Miner, MinerConfig};
+use bistro_train::node::{Followed, NodeConfig, Pace};
+use bistro_train::slices::{self, SliceIndices};
+use bistro_train::storage::{Bucket, BucketOptions, Secret};
+use bistro_validate::{Validator, ValidatorConfig};
+use candle_core::Device;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub(crate) struct ScaleOptions {
+    /// Miners per window (one real, the rest replay).
+    pub(crate) miners: usize,
+    /// Windows to measure.
+    pub(crate) windows: u64,
+    /// Model preset.
+    pub(crate) model: String,
+    /// Working directory.
+    pub(crate) dir: PathBuf,
+    /// Budgets and the rest (model, dataset and network are set by the harness).
+    pub(crate) hparams: HParams,
+}
+
+/// One window as the harness measured it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WindowMeasure {
+    /// Uploading every slice (the harness's own work, not a node's).
+    pub(crate) upload_ms: f64,
+    /// The lead from the upload deadline (lockstep: at once) to its aggregate published:
+    /// collect, recompute, decide, aggregate, hash, publish.
+    pub(crate) lead_publish_ms: f64,
+    /// The lead's whole window (also attesting and following its own aggregate).
+    pub(crate) lead_window_ms: f64,
+    /// A follower fetching, checking and applying the aggregate.
+    pub(crate) follow_ms: f64,
+    /// Slices included, and how many of them the lead recomputed.
+    pub(crate) included: usize,
+    /// Of those, recomputed this window.
+    pub(crate) recomputed: usize,
+    /// Miners excluded for a timeout or a missing slice.
+    pub(crate) timeouts: usize,
+    /// Miners excluded for any other reason.
+    pub(crate) other_excluded: usize,
+    /// Whether the follower applied the lead's aggregate.
+    pub(crate) applied: bool,
+}
+
+/// A run at one N.
+#[derive(Clone, Debug)]
+pub(crate) struct ScaleReport {
+    /// Miners per window.
+    pub(crate) miners: usize,
+    /// Bytes of one slice.
+    pub(crate) slice_bytes: u64,
+    /// Bytes of one aggregate.
+    pub(crate) aggregate_bytes: u64,
+    /// Every window measured.
+    pub(crate) windows: Vec<WindowMeasure>,
+    /// Peak resident memory of the whole process (every node in it), MiB.
+    pub(crate) peak_rss_mib: f64,
+    /// The budget the lead must publish within (`aggregate_wait_ms`).
+    pub(crate) publish_budget_ms: u64,
+}
+
+impl ScaleReport {
+    /// The largest value of `f` over the windows.
+    pub(crate) fn max(&self, f: impl Fn(&WindowMeasure) -> f64) -> f64 {
+        self.windows.iter().map(f).fold(0.0, f64::max)
+    }
+
+    /// Bytes the lead downloads per window (every slice, from the object sizes).
+    pub(crate) fn lead_bytes_down(&self) -> u64 {
+        self.slice_bytes * self.miners as u64
+    }
+
+    /// One Markdown table row: N, lead publish time (max) against its budget, timeouts,
+    /// follow time, lead and follower bytes per window, peak RSS.
+    pub(crate) fn row(&self) -> String {
+        let timeouts: usize = self.windows.iter().map(|w| w.timeouts).sum();
+        let included = self.windows.iter().map(|w| w.included).min().unwrap_or(0);
+        let recomputed = self.windows.iter().map(|w| w.recomputed).max().unwrap_or(0);
+        format!(
+            "| {} | {:.0} of {} | {} | {} ({} recomputed) | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
+            self.miners,
+            self.max(|w| w.lead_publish_ms),
+            self.publish_budget_ms,
+            timeouts,
+            included,
+            recomputed,
+            self.max(|w| w.follow_ms),
+            self.lead_bytes_down() as f64 / 1e6,
+            self.aggregate_bytes as f64 / 1e6,
+            self.peak_rss_mib,
+        )
+    }
+}
+
+/// The table header matching [`ScaleReport::row`].
+pub(crate) const TABLE_HEADER: &str = "| N | lead deadline → publish, ms (max) of budget | timeouts | included, min (recomputed, max) | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|";
+
+/// Peak resident memory of this process (Linux `VmHWM`), MiB; 0 where unknown.
+pub(crate) fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn node_config(dir: &Path, h: &HParams, hotkey: &str, role: &str, stake: u64) -> anyhow::Result<NodeConfig> {
+    let bucket = std::path::absolute(dir.join("buckets").join(hotkey))?;
+    Ok(NodeConfig {
+        hparams: h.clone(),
+        netuid: 1,
+        hotkey: hotkey.to_string(),
+        bucket_url: format!("file://{}", bucket.display()),
+        bucket_options: BucketOptions::default(),
+        state_dir: dir.join(format!("{role}s")).join(hotkey),
+        device: Device::Cpu,
+        micro_batch_rows: if role == "validator" { 3 } else { 8 },
+        auto_register: Some(stake),
+        allow_local_buckets: true,
+        allow_private_endpoints: true,
+    })
+}
+
+/// Run N miners for the given windows against `s3` (the S3 server) behind `link` (the same
+/// server through the emulated link), and measure.
+pub(crate) async fn run(
+    opts: &ScaleOptions,
+    s3: std::net::SocketAddr,
+    link: std::net::SocketAddr,
+) -> anyhow::Result<ScaleReport> {
+    anyhow::ensure!(opts.miners >= 1, "at least one miner");
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir)?;
+    // Every page holds the same document: every miner's gradient is the same.
+    let doc = "The scale harness trains every miner on this one document, again and again, so that a \
+               single gradient stands for all of them and a validator recomputing any miner finds it \
+               honest. ";
+    let corpus = dir.join("corpus.jsonl");
+    let line = serde_json::json!({ "text": doc.repeat(4) }).to_string();
+    std::fs::write(&corpus, std::iter::repeat_n(line, 64).collect::<Vec<_>>().join("\n") + "\n")?;
+    let mut h = opts.hparams.clone();
+    h.model = opts.model.clone();
+    h.dataset = corpus.display().to_string();
+    h.network = "scale".into();
+    h.validate()?;
+    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(20))?);
+    let dyn_chain: Arc<dyn Chain> = chain.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let mut real = Miner::new(node_config(dir, &h, "real-miner", "miner", 0)? as MinerConfig, dyn_chain.clone())
+        .await
+        .context("starting the real miner")?;
+    // Replay miners: registered, each committing its own bucket on the S3 server, read by
+    // peers through the link.
+    let replay: Vec<String> = (1..opts.miners).map(|i| format!("replay-{i:04}")).collect();
+    let owner = BucketOptions {
+        access_key_id: Some(crate::support::ACCESS_KEY.into()),
+        secret_access_key: Some(Secret::new(crate::support::SECRET_KEY)),
+        ..Default::default()
+    };
+    let root = dir.join("s3");
+    let mut own_buckets = Vec::new();
+    for hk in &replay {
+        let name = hk.to_ascii_lowercase();
+        std::fs::create_dir_all(root.join(&name))?;
+        chain.ensure_registered(1, hk, 0).await?;
+        let peer_url = format!("s3://{name}?endpoint=http://{link}&region=us-east-1{}", crate::support::read_params());
+        chain.set_commitment(1, hk, &peer_url).await?;
+        own_buckets.push(Bucket::open(&format!("s3://{name}?endpoint=http://{s3}&region=us-east-1"), &owner)?);
+    }
+    let lead_cfg = ValidatorConfig {
+        node: node_config(dir, &h, "lead", "validator", 2000)?,
+        max_miners_per_window: 4096,
+        heldout_pages: 0,
+    };
+    let mut lead = Validator::new(lead_cfg, dyn_chain.clone()).await.context("starting the lead")?;
+
+    let start = h.window_of(chain.block_number().await?) + 1;
+    real.node_mut().window = start;
+    lead.node_mut().window = start;
+    let mut windows = Vec::new();
+    let (mut slice_bytes, mut aggregate_bytes) = (0u64, 0u64);
+    for w in start..start + opts.windows {
+        let g = real.compute_gradient(&stop).await?.context("the real miner did not train")?;
+        chain.wait_for_block(h.first_block(w + 1), Duration::from_secs(30)).await?;
+        let seed = real.node().ctx.seed(w).await?;
+        let g_at_i = real.slice_gradient(&seed, &g)?;
+        let up = Instant::now();
+        let own = real.encode_slice(&seed, &g_at_i)?;
+        slice_bytes = own.len() as u64;
+        real.upload_slice(own, u64::MAX, &stop).await;
+        // Each replay miner's slice: the same gradient under its own dithers and metadata.
+        let node = real.node();
+        let idx = SliceIndices::select(node.params.specs(), &seed, h.compression);
+        let codec = h.codec();
+        let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
+        let mut uploads = Vec::new();
+        for (hk, b) in replay.iter().zip(&own_buckets) {
+            let codes = slices::encode_gradient(&codec, &g_at_i, &slices::dithers(&seed, hk, &idx));
+            let bytes = slices::encode(&node.ctx.meta(w, hk, &node.state_hash), &names, &codec, &codes)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (b, key) = (b.clone(), bistro_train::protocol::slice_key(w, hk));
+            uploads.push(tokio::spawn(async move { b.put(&key, bytes.into()).await }));
+        }
+        for u in uploads {
+            u.await??;
+        }
+        let upload_ms = up.elapsed().as_secs_f64() * 1e3;
+
+        let t = Instant::now();
+        let prepared = lead.prepare_window(Pace::Lockstep, true, &stop).await?;
+        let lead_publish_ms = t.elapsed().as_secs_f64() * 1e3;
+        lead.attest_window(&prepared, &stop).await?;
+        let out = lead.finish_window(prepared, &stop).await?;
+        let lead_window_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let followed = real.follow(Pace::Lockstep, &stop).await?;
+        let follow_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut m = WindowMeasure { upload_ms, lead_publish_ms, lead_window_ms, follow_ms, ..Default::default() };
+        if let Followed::Applied { set, .. } = &out.followed {
+            m.included = set.included.len();
+            m.recomputed = set.included.iter().filter(|i| i.e.is_some()).count();
+            for x in &set.excluded {
+                if x.reason.contains("timeout") || x.reason.contains("missing") {
+                    m.timeouts += 1;
+                } else {
+                    m.other_excluded += 1;
+                }
+            }
+        }
+        m.applied = matches!(followed, Followed::Applied { .. });
+        let agg = lead.node().bucket.head(&bistro_train::protocol::aggregate_key(w)).await;
+        aggregate_bytes = agg.map(|o| o.size).unwrap_or(0);
+        tracing::info!(miners = opts.miners, window = w, ?m, "window measured");
+        windows.push(m);
+    }
+    Ok(ScaleReport {
+        miners: opts.miners,
+        slice_bytes,
+        aggregate_bytes,
+        windows,
+        peak_rss_mib: peak_rss_mib(),
+        publish_budget_ms: h.aggregate_wait_ms,
+    })
+}

@@ -3,7 +3,7 @@
 //! server behind an emulated link, and a table of what each phase costs as N grows.
 //!
 //! ```bash
-//! cargo run --release --example scale -- --miners 16,64,128,256 --windows 2 \
+//! cargo run --release --example scale -- --miners 16,64,128,255 --windows 2 \
 //!     --latency-ms 20 --mbps 200
 //! ```
 
@@ -19,8 +19,9 @@ use clap::Parser;
 /// Measure the lead's pipeline and a follower as the miners per window grow.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Miners per window, one run each (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "16,64,128,256")]
+    /// Miners per window, one run each (comma-separated; at most 255: a subnet holds 256
+    /// uids and the lead takes one).
+    #[arg(long, value_delimiter = ',', default_value = "16,64,128,255")]
     miners: Vec<usize>,
     /// Windows measured per run.
     #[arg(long, default_value_t = 2)]
@@ -31,6 +32,9 @@ struct Args {
     /// Bandwidth of each connection's responses, in megabits per second.
     #[arg(long, default_value_t = 200)]
     mbps: u64,
+    /// Devnet block time in milliseconds (the devnet's default: 3-block windows of 12 s).
+    #[arg(long = "block-ms", default_value_t = 4000)]
+    block_ms: u64,
     /// Model preset.
     #[arg(long, default_value = "tiny")]
     model: String,
@@ -44,9 +48,10 @@ async fn main() -> anyhow::Result<()> {
     bistro_train::cli::init_logging(bistro_train::cli::LogFormat::Pretty);
     let args = Args::parse();
     let mut table = format!(
-        "{} windows per N, model {}, link {} ms + {} Mbit/s per connection, {} cores\n\n{}\n",
+        "{} windows per N, model {}, {} ms blocks, link {} ms + {} Mbit/s per connection, {} cores\n\n{}\n",
         args.windows,
         args.model,
+        args.block_ms,
         args.latency_ms,
         args.mbps,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -62,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
             miners: *n,
             windows: args.windows,
             model: args.model.clone(),
+            block: Duration::from_millis(args.block_ms),
             dir: tmp.path().join("run"),
             hparams: bistro_train::hparams::HParams::default(),
         };

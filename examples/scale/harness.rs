@@ -35,6 +35,9 @@ pub(crate) struct ScaleOptions {
     pub(crate) windows: u64,
     /// Model preset.
     pub(crate) model: String,
+    /// Devnet block time (windows are `blocks_per_window` of these; the nodes follow the
+    /// wall clock, so deadlines, budgets and cut-offs apply as on a live network).
+    pub(crate) block: Duration,
     /// Working directory.
     pub(crate) dir: PathBuf,
     /// Budgets and the rest (model, dataset and network are set by the harness).
@@ -46,8 +49,8 @@ pub(crate) struct ScaleOptions {
 pub(crate) struct WindowMeasure {
     /// Uploading every slice (the harness's own work, not a node's).
     pub(crate) upload_ms: f64,
-    /// The lead from the upload deadline (lockstep: at once) to its aggregate published:
-    /// collect, recompute, decide, aggregate, hash, publish.
+    /// The lead from the upload deadline to its aggregate published: collect, recompute,
+    /// decide, aggregate, hash, publish (negative: done before the deadline, impossible live).
     pub(crate) lead_publish_ms: f64,
     /// The lead's whole window (also attesting and following its own aggregate).
     pub(crate) lead_window_ms: f64,
@@ -94,19 +97,21 @@ impl ScaleReport {
     }
 
     /// One Markdown table row: N, lead publish time (max) against its budget, timeouts,
-    /// follow time, lead and follower bytes per window, peak RSS.
+    /// miners recomputed per window (most, and as a share of N), slices included window by
+    /// window, follow time, lead and follower bytes per window, peak RSS.
     pub(crate) fn row(&self) -> String {
         let timeouts: usize = self.windows.iter().map(|w| w.timeouts).sum();
-        let included = self.windows.iter().map(|w| w.included).min().unwrap_or(0);
+        let included: Vec<String> = self.windows.iter().map(|w| w.included.to_string()).collect();
         let recomputed = self.windows.iter().map(|w| w.recomputed).max().unwrap_or(0);
         format!(
-            "| {} | {:.0} of {} | {} | {} ({} recomputed) | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
+            "| {} | {:.0} of {} | {} | {} ({:.2}) | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
             self.miners,
             self.max(|w| w.lead_publish_ms),
             self.publish_budget_ms,
             timeouts,
-            included,
             recomputed,
+            recomputed as f64 / self.miners as f64,
+            included.join(" → "),
             self.max(|w| w.follow_ms),
             self.lead_bytes_down() as f64 / 1e6,
             self.aggregate_bytes as f64 / 1e6,
@@ -116,7 +121,7 @@ impl ScaleReport {
 }
 
 /// The table header matching [`ScaleReport::row`].
-pub(crate) const TABLE_HEADER: &str = "| N | lead deadline → publish, ms (max) of budget | timeouts | included, min (recomputed, max) | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|";
+pub(crate) const TABLE_HEADER: &str = "| N | lead deadline → publish, ms (max) of budget | timeouts | recomputed / window (share) | included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|";
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB; 0 where unknown.
 pub(crate) fn peak_rss_mib() -> f64 {
@@ -157,6 +162,7 @@ pub(crate) async fn run(
     link: std::net::SocketAddr,
 ) -> anyhow::Result<ScaleReport> {
     anyhow::ensure!(opts.miners >= 1, "at least one miner");
+    anyhow::ensure!(opts.miners <= 255, "a subnet holds 256 uids: at most 255 miners beside the lead");
     let dir = &opts.dir;
     std::fs::create_dir_all(dir)?;
     // Every page holds the same document: every miner's gradient is the same.
@@ -171,7 +177,7 @@ pub(crate) async fn run(
     h.dataset = corpus.display().to_string();
     h.network = "scale".into();
     h.validate()?;
-    let chain = Arc::new(Devnet::open(&dir.join("devnet"), Duration::from_millis(20))?);
+    let chain = Arc::new(Devnet::open(&dir.join("devnet"), opts.block)?);
     let dyn_chain: Arc<dyn Chain> = chain.clone();
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -235,14 +241,17 @@ pub(crate) async fn run(
         }
         let upload_ms = up.elapsed().as_secs_f64() * 1e3;
 
+        // Live pace: the lead waits for the upload deadline, then works under its budgets
+        // and publishes only before its cut-off, as on a real network.
+        let deadline = lead.node().ctx.deadline_ms(w).await?;
         let t = Instant::now();
-        let prepared = lead.prepare_window(Pace::Lockstep, true, &stop).await?;
-        let lead_publish_ms = t.elapsed().as_secs_f64() * 1e3;
+        let prepared = lead.prepare_window(Pace::Live, true, &stop).await?;
+        let lead_publish_ms = bistro_train::node::now_ms() as f64 - deadline as f64;
         lead.attest_window(&prepared, &stop).await?;
         let out = lead.finish_window(prepared, &stop).await?;
         let lead_window_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let followed = real.follow(Pace::Lockstep, &stop).await?;
+        let followed = real.follow(Pace::Live, &stop).await?;
         let follow_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut m = WindowMeasure { upload_ms, lead_publish_ms, lead_window_ms, follow_ms, ..Default::default() };
         if let Followed::Applied { set, .. } = &out.followed {

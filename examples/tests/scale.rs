@@ -20,6 +20,7 @@ async fn the_harness_measures_a_small_network() {
         miners: 6,
         windows: 2,
         model: tmp.path().join("model.toml").display().to_string(),
+        block: Duration::from_millis(1000),
         dir: tmp.path().join("run"),
         hparams: bistro_train::hparams::HParams { seq_len: 64, ..Default::default() },
     };

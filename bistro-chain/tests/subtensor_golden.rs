@@ -177,6 +177,30 @@ async fn mock_node(storage: Storage) -> (OnlineClient<SubstrateConfig>, RpcClien
     (client, rpc, calls)
 }
 
+/// A `Commitments.CommitmentOf` value as the chain stores it: `Registration { deposit,
+/// block, info: { fields: [Raw<N>(url)] } }`.
+fn raw_registration(url: &str) -> Vec<u8> {
+    let mut reg = 0u64.to_le_bytes().to_vec();
+    reg.extend(60u32.to_le_bytes());
+    reg.extend(compact(1));
+    reg.push(url.len() as u8 + 1);
+    reg.extend(url.as_bytes());
+    reg
+}
+
+/// The storage key of `who`'s commitment on `netuid`, from the recorded metadata.
+fn commitment_key<C: subxt::client::OfflineClientAtBlockT<SubstrateConfig>>(
+    at: &subxt::client::ClientAtBlock<SubstrateConfig, C>,
+    netuid: u16,
+    who: [u8; 32],
+) -> Vec<u8> {
+    at.storage()
+        .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf"))
+        .unwrap()
+        .fetch_key((netuid, who))
+        .unwrap()
+}
+
 fn sha_block(n: u64) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     Sha256::digest(n.to_le_bytes()).into()
@@ -391,18 +415,7 @@ async fn metagraph_and_commitment_through_the_chain_trait() {
             .unwrap();
         s.insert(k, 5_000_000_000u64.to_le_bytes().to_vec());
         // Bob's commitment: Registration { deposit, block, info: { fields: [Raw(url)] } }.
-        let mut reg = 0u64.to_le_bytes().to_vec();
-        reg.extend(60u32.to_le_bytes());
-        reg.extend(compact(1));
-        reg.push(url.len() as u8 + 1);
-        reg.extend(url.as_bytes());
-        let k = at
-            .storage()
-            .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf"))
-            .unwrap()
-            .fetch_key((1, bob.0))
-            .unwrap();
-        s.insert(k, reg);
+        s.insert(commitment_key(&at, 1, bob.0), raw_registration(url));
     }
 
     let chain = Subtensor::from_client("golden mock", client.clone(), rpc.clone(), None, Duration::from_secs(10));
@@ -562,19 +575,7 @@ async fn subnet_of(client: &OnlineClient<SubstrateConfig>, storage: &Storage, n:
             .fetch_key((who, 2))
             .unwrap();
         s.insert(k, (1000 + uid as u64).encode());
-        let url = format!("s3://bucket-{uid}");
-        let mut reg = 0u64.to_le_bytes().to_vec();
-        reg.extend(60u32.to_le_bytes());
-        reg.extend(compact(1));
-        reg.push(url.len() as u8 + 1);
-        reg.extend(url.as_bytes());
-        let k = at
-            .storage()
-            .entry(dynamic::storage::<(u16, [u8; 32]), dynamic::Value>("Commitments", "CommitmentOf"))
-            .unwrap()
-            .fetch_key((2, who))
-            .unwrap();
-        s.insert(k, reg);
+        s.insert(commitment_key(&at, 2, who), raw_registration(&format!("s3://bucket-{uid}")));
     }
 }
 

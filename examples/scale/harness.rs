@@ -10,7 +10,7 @@
 //! its smoke test (`examples/tests/scale.rs`), both of which may use the S3 test server.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -20,11 +20,10 @@ use bistro_chain::Chain;
 use bistro_chain::devnet::Devnet;
 use bistro_train::hparams::HParams;
 use bistro_train::miner::{Miner, MinerConfig};
-use bistro_train::node::{Followed, NodeConfig, Pace};
+use bistro_train::node::{Followed, Pace};
 use bistro_train::slices::{self, SliceIndices};
 use bistro_train::storage::{Bucket, BucketOptions, Secret};
 use bistro_validate::{Validator, ValidatorConfig};
-use candle_core::Device;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -137,23 +136,6 @@ pub(crate) fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn node_config(dir: &Path, h: &HParams, hotkey: &str, role: &str, stake: u64) -> anyhow::Result<NodeConfig> {
-    let bucket = std::path::absolute(dir.join("buckets").join(hotkey))?;
-    Ok(NodeConfig {
-        hparams: h.clone(),
-        netuid: 1,
-        hotkey: hotkey.to_string(),
-        bucket_url: format!("file://{}", bucket.display()),
-        bucket_options: BucketOptions::default(),
-        state_dir: dir.join(format!("{role}s")).join(hotkey),
-        device: Device::Cpu,
-        micro_batch_rows: if role == "validator" { 3 } else { 8 },
-        auto_register: Some(stake),
-        allow_local_buckets: true,
-        allow_private_endpoints: true,
-    })
-}
-
 /// Run N miners for the given windows against `s3` (the S3 server) behind `link` (the same
 /// server through the emulated link), and measure.
 pub(crate) async fn run(
@@ -181,9 +163,12 @@ pub(crate) async fn run(
     let dyn_chain: Arc<dyn Chain> = chain.clone();
     let stop = Arc::new(AtomicBool::new(false));
 
-    let mut real = Miner::new(node_config(dir, &h, "real-miner", "miner", 0)? as MinerConfig, dyn_chain.clone())
-        .await
-        .context("starting the real miner")?;
+    let mut real = Miner::new(
+        bistro_examples::devnet::local_node_config(dir, &h, "real-miner", "miner", 0)? as MinerConfig,
+        dyn_chain.clone(),
+    )
+    .await
+    .context("starting the real miner")?;
     // Replay miners: registered, each committing its own bucket on the S3 server, read by
     // peers through the link.
     let replay: Vec<String> = (1..opts.miners).map(|i| format!("replay-{i:04}")).collect();
@@ -203,7 +188,7 @@ pub(crate) async fn run(
         own_buckets.push(Bucket::open(&format!("s3://{name}?endpoint=http://{s3}&region=us-east-1"), &owner)?);
     }
     let lead_cfg = ValidatorConfig {
-        node: node_config(dir, &h, "lead", "validator", 2000)?,
+        node: bistro_examples::devnet::local_node_config(dir, &h, "lead", "validator", 2000)?,
         max_miners_per_window: 4096,
         heldout_pages: 0,
     };

@@ -138,14 +138,21 @@ fn max_abs_diff(a: &Params, b: &Params) -> anyhow::Result<f64> {
 }
 
 fn node_config(opts: &DevnetOptions, h: &HParams, hotkey: &str, role: &str, stake: u64) -> anyhow::Result<NodeConfig> {
-    let bucket = std::path::absolute(opts.dir.join("buckets").join(hotkey))?;
+    local_node_config(&opts.dir, h, hotkey, role, stake)
+}
+
+/// The settings of an in-process devnet node under `dir`: a local bucket
+/// (`dir/buckets/<hotkey>`), state in `dir/<role>s/<hotkey>`, the CPU, registered on the
+/// devnet with `stake`.
+pub fn local_node_config(dir: &Path, h: &HParams, hotkey: &str, role: &str, stake: u64) -> anyhow::Result<NodeConfig> {
+    let bucket = std::path::absolute(dir.join("buckets").join(hotkey))?;
     Ok(NodeConfig {
         hparams: h.clone(),
         netuid: 1,
         hotkey: hotkey.to_string(),
         bucket_url: format!("file://{}", bucket.display()),
         bucket_options: BucketOptions::default(),
-        state_dir: opts.dir.join(format!("{role}s")).join(hotkey),
+        state_dir: dir.join(format!("{role}s")).join(hotkey),
         device: Device::Cpu,
         // Validators recompute through another f32 path than the miners' (other micro-batches,
         // so every gradient is summed in another order): the code check must hold across it.

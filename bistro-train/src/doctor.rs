@@ -15,7 +15,7 @@ use bistro_chain::Chain;
 
 use crate::cli::NodeArgs;
 use crate::hparams::HParams;
-use crate::storage::Bucket;
+use crate::storage::{Bucket, BucketOptions, TransferConfig};
 
 /// What a check found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,28 +141,27 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
     };
 
     let wallet = args.chain.wallet(role_name);
-    let hotkey = if devnet && !wallet.hotkey_path().exists() {
-        let h = wallet.devnet_hotkey();
-        r.pass("wallet", format!("devnet identity `{h}` (no hotkey file needed on the devnet)"));
-        Some(h)
-    } else {
-        match args.chain.hotkey(role_name) {
-            Ok(h) => {
-                r.pass("wallet", format!("{h} from {} (owner-only, unencrypted)", wallet.hotkey_path().display()));
-                Some(h)
-            }
-            Err(e) => {
-                r.fail(
-                    "wallet",
-                    e.to_string(),
-                    format!(
-                        "create the hotkey with `btcli wallet new_hotkey --wallet.name {} --wallet.hotkey {}`, keep \
-                         it unencrypted and owner-only (`chmod 600`)",
-                        wallet.name, wallet.hotkey
-                    ),
-                );
-                None
-            }
+    let hotkey = match args.chain.hotkey(role_name) {
+        // On the devnet a node without a hotkey file is known by its wallet's names.
+        Ok(h) if !wallet.hotkey_path().exists() => {
+            r.pass("wallet", format!("devnet identity `{h}` (no hotkey file needed on the devnet)"));
+            Some(h)
+        }
+        Ok(h) => {
+            r.pass("wallet", format!("{h} from {} (owner-only, unencrypted)", wallet.hotkey_path().display()));
+            Some(h)
+        }
+        Err(e) => {
+            r.fail(
+                "wallet",
+                e.to_string(),
+                format!(
+                    "create the hotkey with `btcli wallet new_hotkey --wallet.name {} --wallet.hotkey {}`, keep \
+                     it unencrypted and owner-only (`chmod 600`)",
+                    wallet.name, wallet.hotkey
+                ),
+            );
+            None
         }
     };
 
@@ -241,17 +240,13 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
         }
         None => None,
     };
-    match &url {
-        Some(u) if u.len() <= bistro_chain::MAX_COMMITMENT_BYTES => {
-            r.pass("commitment", format!("bucket URL is {} of {} bytes", u.len(), bistro_chain::MAX_COMMITMENT_BYTES))
+    match url.as_deref().map(|u| (u.len(), bistro_chain::check_commitment_len(u.len()))) {
+        Some((len, Ok(()))) => {
+            r.pass("commitment", format!("bucket URL is {len} of {} bytes", bistro_chain::MAX_COMMITMENT_BYTES))
         }
-        Some(u) => r.fail(
+        Some((len, Err(_))) => r.fail(
             "commitment",
-            format!(
-                "bucket URL is {} bytes, over the chain's {}-byte limit",
-                u.len(),
-                bistro_chain::MAX_COMMITMENT_BYTES
-            ),
+            format!("bucket URL is {len} bytes, over the chain's {}-byte limit", bistro_chain::MAX_COMMITMENT_BYTES),
             "shorten the bucket name or prefix, or drop query parameters peers do not need",
         ),
         None => r.skip("commitment", "needs the wallet (the default bucket is named after the hotkey)"),
@@ -274,16 +269,13 @@ pub async fn run(args: &NodeArgs, role: Role) -> Report {
 /// Own bucket: put, get, delete a probe; then read the probe through the URL as a peer.
 async fn check_buckets(r: &mut Report, args: &NodeArgs, url: &str, devnet: bool) {
     let opts = match args.bucket_options() {
-        Ok(o) => o,
+        Ok(o) => BucketOptions { transfer: probe_transfer(), ..o },
         Err(e) => {
             r.fail("bucket", format!("{e:#}"), "check --s3.secret-key-file");
             r.skip("peer read", "needs the bucket");
             return;
         }
     };
-    let mut opts = opts;
-    opts.transfer.attempts = 1;
-    opts.transfer.timeout = std::time::Duration::from_secs(15);
     let bucket = match Bucket::open(url, &opts) {
         Ok(b) => b,
         Err(e) => {
@@ -318,10 +310,8 @@ async fn check_buckets(r: &mut Report, args: &NodeArgs, url: &str, devnet: bool)
     }
     // As a peer reads it: the committed URL, its read key (or none), short timeouts, the
     // private-endpoint policy of a real network.
-    let mut t = opts.transfer.clone();
-    t.timeout = crate::protocol::PEER_TIMEOUT;
     let allow_internal = devnet || args.allow_private_endpoints;
-    let peer = Bucket::open_peer(url, &t, allow_internal);
+    let peer = Bucket::open_peer(url, &opts.transfer.for_peers(), allow_internal);
     let read = match peer {
         Ok(p) => match p.get(&key, 1 << 16).await {
             Ok(f) if f.bytes == body => match p.list("doctor-probe-").await {
@@ -345,6 +335,12 @@ async fn check_buckets(r: &mut Report, args: &NodeArgs, url: &str, devnet: bool)
     }
 }
 
+/// How the doctor's probes read and write: one attempt of at most 15 s each (a check says
+/// what it found at once, it does not wait out a node's retries).
+fn probe_transfer() -> TransferConfig {
+    TransferConfig { attempts: 1, timeout: std::time::Duration::from_secs(15), ..Default::default() }
+}
+
 /// The URL with its read secret hidden (it is public by design, but logs travel).
 fn redact(url: &str) -> String {
     match url.find("read_secret=") {
@@ -363,15 +359,8 @@ async fn check_timing(r: &mut Report, chain: Option<&dyn Chain>, h: Option<&HPar
         r.skip("clock", "needs the chain");
         return;
     };
-    let newest = match chain.block_number().await {
-        Ok(n) => n,
-        Err(e) => {
-            r.fail("finality", e.to_string(), "check the chain endpoint");
-            r.skip("clock", "needs the chain");
-            return;
-        }
-    };
-    let produced = match chain.block_time_unix_ms(newest).await {
+    let produced = async { chain.block_time_unix_ms(chain.block_number().await?).await }.await;
+    let produced = match produced {
         Ok(t) => t,
         Err(e) => {
             r.fail("finality", e.to_string(), "check the chain endpoint");
@@ -451,10 +440,8 @@ async fn check_lead(r: &mut Report, args: &NodeArgs, chain: Option<&dyn Chain>, 
         r.pass("lead hparams", "this node is the lead candidate: its hparams are the network's");
         return;
     }
-    let t =
-        crate::storage::TransferConfig { attempts: 1, timeout: crate::protocol::PEER_TIMEOUT, ..Default::default() };
     let allow_internal = args.chain.is_devnet() || args.allow_private_endpoints;
-    let fetched = match Bucket::open_peer(&url, &t, allow_internal) {
+    let fetched = match Bucket::open_peer(&url, &probe_transfer().for_peers(), allow_internal) {
         Ok(b) => {
             b.get(crate::protocol::HPARAMS_KEY, crate::protocol::HPARAMS_MAX_BYTES).await.map_err(|e| e.to_string())
         }

@@ -149,12 +149,9 @@ impl SyncContext {
                 "bucket URL `{url}` is local; only s3:// buckets are read on this network"
             )));
         }
-        // A slow or hostile peer must not stall the window: short, bounded downloads, with
-        // the peer's published read key (never this node's keys).
-        let mut t = self.bucket_options.transfer.clone();
-        t.attempts = t.attempts.min(crate::protocol::PEER_ATTEMPTS);
-        t.timeout = t.timeout.min(crate::protocol::PEER_TIMEOUT);
-        Bucket::open_peer(url, &t, self.allow_private_endpoints).map_err(|e| Rejection::Download(e.to_string()))
+        // Short, bounded downloads, with the peer's published read key (never this node's keys).
+        Bucket::open_peer(url, &self.bucket_options.transfer.for_peers(), self.allow_private_endpoints)
+            .map_err(|e| Rejection::Download(e.to_string()))
     }
 
     /// `window`'s roster: the registry and commitments at its seed block, read once per

@@ -29,6 +29,19 @@ impl Default for TransferConfig {
     }
 }
 
+impl TransferConfig {
+    /// These settings as a peer's bucket is read with them: a slow or hostile peer must not
+    /// stall a window, so at most [`crate::protocol::PEER_ATTEMPTS`] attempts of at most
+    /// [`crate::protocol::PEER_TIMEOUT`] each.
+    pub fn for_peers(&self) -> TransferConfig {
+        TransferConfig {
+            attempts: self.attempts.min(crate::protocol::PEER_ATTEMPTS),
+            timeout: self.timeout.min(crate::protocol::PEER_TIMEOUT),
+            ..self.clone()
+        }
+    }
+}
+
 /// A secret string (an S3 secret key): never shown by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);

@@ -72,3 +72,18 @@ pub enum StorageError {
 
 /// Result alias for bucket operations.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+impl StorageError {
+    /// Whether trying again may help: not for a missing object, refused credentials, an
+    /// object over its limit or an unusable URL; yes for everything else (timeouts,
+    /// connections, servers' errors).
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            StorageError::NotFound { .. }
+                | StorageError::Auth { .. }
+                | StorageError::TooLarge { .. }
+                | StorageError::InvalidUrl { .. }
+        )
+    }
+}

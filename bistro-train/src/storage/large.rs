@@ -151,7 +151,7 @@ impl Bucket {
             let outcome = match tokio::time::timeout(left, attempt).await {
                 Ok(r) => r,
                 Err(_) => {
-                    return Err(self.failed(
+                    return Err(self.timed_out(
                         "get",
                         key,
                         resumes + 1,
@@ -170,18 +170,14 @@ impl Bucket {
                 Ok(()) => {
                     tracing::debug!(key, received = buf.len(), total, "the body ended early; resuming");
                 }
-                Err(
-                    e @ (StorageError::NotFound { .. } | StorageError::Auth { .. } | StorageError::TooLarge { .. }),
-                ) => {
-                    return Err(e);
-                }
+                Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => {
                     tracing::warn!(key, received = buf.len(), total, error = %e, "download interrupted; resuming")
                 }
             }
             resumes += 1;
             if resumes > MAX_RESUMES {
-                return Err(self.failed("get", key, resumes, format!("interrupted {MAX_RESUMES} times")));
+                return Err(self.timed_out("get", key, resumes, format!("interrupted {MAX_RESUMES} times")));
             }
             tokio::time::sleep(self.transfer.backoff).await;
         }
@@ -189,17 +185,7 @@ impl Bucket {
         Ok(Fetched { bytes: Bytes::from(buf), last_modified })
     }
 
-    fn failed(&self, op: &'static str, key: &str, attempts: u32, why: String) -> StorageError {
-        StorageError::Failed {
-            bucket: self.url.clone(),
-            op,
-            key: key.into(),
-            attempts,
-            source: Box::new(std::io::Error::new(std::io::ErrorKind::TimedOut, why)),
-        }
-    }
-
     fn stalled(&self, op: &'static str, key: &str, attempts: u32) -> StorageError {
-        self.failed(op, key, attempts, format!("no bytes for {:?}", self.transfer.timeout))
+        self.timed_out(op, key, attempts, format!("no bytes for {:?}", self.transfer.timeout))
     }
 }

@@ -22,6 +22,17 @@ impl Bucket {
         }
     }
 
+    /// A [`StorageError::Failed`] whose cause is time: `why` says how much.
+    pub(super) fn timed_out(&self, op: &'static str, key: &str, attempts: u32, why: String) -> StorageError {
+        StorageError::Failed {
+            bucket: self.url.clone(),
+            op,
+            key: key.into(),
+            attempts,
+            source: Box::new(std::io::Error::new(std::io::ErrorKind::TimedOut, why)),
+        }
+    }
+
     /// Run `f` with a timeout per attempt, retrying transient failures with backoff.
     pub(super) async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> Result<T>
     where
@@ -34,27 +45,11 @@ impl Bucket {
         for attempt in 1..=attempts {
             let outcome = match tokio::time::timeout(self.transfer.timeout, f()).await {
                 Ok(r) => r,
-                Err(_) => Err(StorageError::Failed {
-                    bucket: self.url.clone(),
-                    op,
-                    key: key.into(),
-                    attempts: attempt,
-                    source: Box::new(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("timed out after {:?}", self.transfer.timeout),
-                    )),
-                }),
+                Err(_) => Err(self.timed_out(op, key, attempt, format!("timed out after {:?}", self.transfer.timeout))),
             };
             match outcome {
                 Ok(v) => return Ok(v),
-                Err(
-                    e @ (StorageError::NotFound { .. }
-                    | StorageError::Auth { .. }
-                    | StorageError::TooLarge { .. }
-                    | StorageError::InvalidUrl { .. }),
-                ) => {
-                    return Err(e);
-                }
+                Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => {
                     tracing::debug!(bucket = %self.url, op, key, attempt, error = %e, "transient storage error");
                     last = Some(e);

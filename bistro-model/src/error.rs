@@ -126,3 +126,11 @@ pub enum ModelError {
 
 /// Result alias for this crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    /// Whether the model's configuration is wrong (an unknown preset, a config file that
+    /// does not parse or holds impossible values), as opposed to a failure at run time.
+    pub fn is_config(&self) -> bool {
+        matches!(self, ModelError::UnknownPreset { .. } | ModelError::ConfigParse { .. } | ModelError::InvalidConfig(_))
+    }
+}

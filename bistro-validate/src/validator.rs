@@ -56,11 +56,7 @@ impl ValidatorError {
         match self {
             ValidatorError::Config(_) | ValidatorError::Chain(ChainError::Config(_)) => true,
             ValidatorError::Node(e) => e.is_config(),
-            ValidatorError::Model(
-                bistro_model::ModelError::UnknownPreset { .. }
-                | bistro_model::ModelError::ConfigParse { .. }
-                | bistro_model::ModelError::InvalidConfig(_),
-            ) => true,
+            ValidatorError::Model(e) => e.is_config(),
             _ => false,
         }
     }

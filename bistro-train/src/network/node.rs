@@ -59,15 +59,16 @@ impl NodeError {
     /// Whether the operator's settings are wrong (hyper-parameters, network, model config,
     /// saved state of another network), as opposed to a failure at run time.
     pub fn is_config(&self) -> bool {
-        use bistro_model::ModelError as M;
-        matches!(
-            self,
-            NodeError::Config(_)
-                | NodeError::HParams(_)
-                | NodeError::Chain(ChainError::Config(_))
-                | NodeError::Model(M::UnknownPreset { .. } | M::ConfigParse { .. } | M::InvalidConfig(_))
-                | NodeError::State(state::StateError::File { .. })
-        )
+        match self {
+            NodeError::Model(e) => e.is_config(),
+            _ => matches!(
+                self,
+                NodeError::Config(_)
+                    | NodeError::HParams(_)
+                    | NodeError::Chain(ChainError::Config(_))
+                    | NodeError::State(state::StateError::File { .. })
+            ),
+        }
     }
 }
 

@@ -595,8 +595,6 @@ pub async fn start_status(
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     tracing::info!("metrics at http://{bound}/metrics, status page at http://{bound}/");
     crate::telemetry::record_build_info(
-        env!("CARGO_PKG_VERSION"),
-        cfg!(feature = "cuda"),
         role,
         &hparams.hash().map_err(anyhow::Error::msg)?,
         &hparams.network,

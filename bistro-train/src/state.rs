@@ -53,7 +53,8 @@ pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) ->
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
     let opt = adam_bytes(params, adam, &meta)?;
-    bistro_model::checkpoint::write_atomic(&dir.join(optimizer_file(info.window)), &opt)?;
+    let own = optimizer_file(info.window);
+    bistro_model::checkpoint::write_atomic(&dir.join(&own), &opt)?;
     bistro_model::save_safetensors(params, &dir.join(bistro_model::checkpoint::WEIGHTS_FILE), &meta)?;
     let hf = serde_json::to_vec_pretty(&params.config().to_hf_json())
         .map_err(|e| StateError::File { path: dir.join("config.json"), reason: e.to_string() })?;
@@ -65,7 +66,7 @@ pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) ->
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("optimizer-") && name.ends_with(".safetensors") && name != optimizer_file(info.window) {
+            if name.starts_with("optimizer-") && name.ends_with(".safetensors") && name != own {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -59,13 +59,13 @@ pub const HPARAMS_INFO: &str = "bistro_hparams_info";
 
 /// Publish [`BUILD_INFO`] and [`HPARAMS_INFO`] (Prometheus' info-metric pattern: join on
 /// them to tell versions and networks apart across a fleet).
-pub fn record_build_info(version: &str, cuda: bool, role: &str, hparams_hash: &str, network: &str, model: &str) {
+pub fn record_build_info(role: &str, hparams_hash: &str, network: &str, model: &str) {
     gauge!(
         BUILD_INFO,
-        "version" => version.to_string(),
+        "version" => env!("CARGO_PKG_VERSION"),
         "git" => crate::GIT_HASH,
         "protocol" => crate::protocol::PROTOCOL_VERSION.to_string(),
-        "cuda" => if cuda { "on" } else { "off" },
+        "cuda" => if cfg!(feature = "cuda") { "on" } else { "off" },
         "role" => role.to_string()
     )
     .set(1.0);

@@ -96,13 +96,19 @@ async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
         r.destructive_share()
     );
     // The backdoor never landed: it was never included (above), and its trigger loss is
-    // not below the honest-only model's. The shared model legitimately differs from that
-    // reference (it also includes split-view's and fork-victim's honest slices, and under
-    // the public AdamW every drawn coordinate moves by about the learning rate whatever
-    // the gradient's size), by about 1 % in loss on any small batch after four windows
-    // here; an implanted backdoor drives the trigger loss far lower.
-    let (b, br) = (r.backdoor_loss.unwrap(), r.backdoor_reference_loss.unwrap());
-    assert!(b >= 0.97 * br, "the backdoor's trigger loss fell: {b} vs {br} honest-only");
+    // nearer the honest-only model's than the counterfactual's that included the backdoor
+    // every window (the run measures what an implanted backdoor looks like here). The
+    // shared model legitimately learns faster than the two-miner reference (it also
+    // includes split-view's, fork-victim's and the honest windows' slices), which lowers
+    // the trigger loss too: a fresh-clone CI run (windows 525-528) ended 3.7 % below the
+    // reference on the trigger and 1.9 % below on held-out text, with nothing destructive
+    // included; a fixed ratio against the reference alone failed on that.
+    let (b, br, bi) = (r.backdoor_loss.unwrap(), r.backdoor_reference_loss.unwrap(), r.backdoor_included_loss.unwrap());
+    assert!(bi < br, "the counterfactual backdoor did not lower the trigger loss: {bi} vs {br}");
+    assert!(
+        br - b < 0.5 * (br - bi),
+        "the backdoor's trigger loss fell: shared {b}, honest-only {br}, had it been included {bi}"
+    );
     let svg = r.svg();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }

@@ -25,6 +25,7 @@ use bistro_train::data::{Page, WindowBatch};
 use bistro_train::hparams::HParams;
 use bistro_train::miner::{Miner, MinerConfig};
 use bistro_train::node::{Followed, Node, NodeConfig, Pace};
+use bistro_train::public_adam::PublicAdam;
 use bistro_train::slices::{self, SliceIndices};
 use bistro_train::step::{self, WindowGradient};
 use bistro_train::storage::BucketOptions;
@@ -124,6 +125,57 @@ fn batch_loss(params: &Params, node: &Node, batch: &WindowBatch) -> anyhow::Resu
 fn mean_loss(params: &Params, node: &Node, pages: &[Page]) -> anyhow::Result<f64> {
     let batch = node.dataset.window_batch(&node.tokenizer, pages, node.cfg.hparams.seq_len)?;
     batch_loss(params, node, &batch)
+}
+
+/// One window of a reference model: each honest miner's gradient at `params` on its pages,
+/// encoded under its own dithers, decoded, combined and applied by the public AdamW, as the
+/// network does. With `backdoor`, one more contribution joins them: the gradient toward the
+/// trigger batch scaled to the first honest gradient's norm, as the backdoor miner uploads.
+fn reference_step(
+    h: &HParams,
+    w: u64,
+    seed: &bistro_chain::BlockHash,
+    idx: &SliceIndices,
+    honest: &[&Node],
+    (params, adam): (&Params, &mut PublicAdam),
+    backdoor: Option<&WindowBatch>,
+) -> anyhow::Result<()> {
+    let codec = h.codec();
+    let mut contributions = Vec::new();
+    let mut honest_norm = None;
+    for node in honest {
+        let pages = node.dataset.pages(&h.network, &node.cfg.hotkey, w, h.pages_per_window);
+        let g = gradient_on(params, node, &pages)?;
+        let gi = slices::gather_grads(&g.grads, idx)?;
+        honest_norm.get_or_insert_with(|| l2(&gi));
+        let codes = slices::encode_gradient(&codec, &gi, &slices::dithers(seed, &node.cfg.hotkey, idx));
+        contributions.push(slices::Contribution {
+            hotkey: node.cfg.hotkey.clone(),
+            values: codes.iter().map(|q| codec.decode(q)).collect(),
+        });
+    }
+    if let (Some(batch), Some(norm), Some(node)) = (backdoor, honest_norm, honest.first()) {
+        let g = gradient_of(params, node, batch)?;
+        let mut bi = slices::gather_grads(&g.grads, idx)?;
+        let k = (norm / l2(&bi).max(1e-30)) as f32;
+        bi.iter_mut().flatten().for_each(|x| *x *= k);
+        let hotkey = "bistro/backdoor-counterfactual";
+        let codes = slices::encode_gradient(&codec, &bi, &slices::dithers(seed, hotkey, idx));
+        contributions.push(slices::Contribution {
+            hotkey: hotkey.to_string(),
+            values: codes.iter().map(|q| codec.decode(q)).collect(),
+        });
+    }
+    if !contributions.is_empty() {
+        let agg = slices::aggregate(&idx.lengths(), &contributions, &h.aggregation);
+        let step = bistro_train::public_adam::AdamStep::of(h, w);
+        adam.apply(params, idx, &agg.values, &step)?;
+    }
+    Ok(())
+}
+
+fn l2(v: &[Vec<f32>]) -> f64 {
+    v.iter().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
 }
 
 fn max_abs_diff(a: &Params, b: &Params) -> anyhow::Result<f64> {
@@ -261,7 +313,13 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         .collect();
     let model_config = ModelConfig::resolve(&h.model)?;
     let reference = Params::genesis(&model_config, h.genesis_seed, &Device::Cpu)?;
-    let mut reference_adam = bistro_train::public_adam::PublicAdam::zeros(reference.specs());
+    let mut reference_adam = PublicAdam::zeros(reference.specs());
+    let mut backdoored = match plan.contains(&Strategy::Backdoor) {
+        true => {
+            Some((Params::genesis(&model_config, h.genesis_seed, &Device::Cpu)?, PublicAdam::zeros(reference.specs())))
+        }
+        false => None,
+    };
     let mut honest_slice_bytes = 0;
     let lead_node = || validators[0].node();
     let heldout = lead_node().dataset.pages(&h.network, "bistro/held-out", u64::MAX, opts.heldout_pages);
@@ -416,24 +474,14 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             by_strategy.entry(name).or_insert(StrategyReport { share: 0.0, included_windows: 0 }).included_windows += 1;
         }
         // 5. The honest-only reference: the same rule (each honest miner's codes under its
-        //    own dithers, decoded, combined, the public AdamW step) on the honest miners' pages.
-        let codec = h.codec();
-        let mut contributions = Vec::new();
-        for slot in slots.iter().filter(|s| s.strategy == Strategy::Honest) {
-            let node = slot.miner.node();
-            let pages = node.dataset.pages(&h.network, &node.cfg.hotkey, w, h.pages_per_window);
-            let g = gradient_on(&reference, node, &pages)?;
-            let gi = slices::gather_grads(&g.grads, &idx)?;
-            let codes = slices::encode_gradient(&codec, &gi, &slices::dithers(&seed, &node.cfg.hotkey, &idx));
-            contributions.push(slices::Contribution {
-                hotkey: node.cfg.hotkey.clone(),
-                values: codes.iter().map(|q| codec.decode(q)).collect(),
-            });
-        }
-        if !contributions.is_empty() {
-            let agg = slices::aggregate(&idx.lengths(), &contributions, &h.aggregation);
-            let step = bistro_train::public_adam::AdamStep::of(&h, w);
-            reference_adam.apply(&reference, &idx, &agg.values, &step)?;
+        //    own dithers, decoded, combined, the public AdamW step) on the honest miners' pages;
+        //    beside it, when a backdoor miner runs, the counterfactual model that included
+        //    the backdoor's slice every window as well.
+        let honest: Vec<&Node> =
+            slots.iter().filter(|s| s.strategy == Strategy::Honest).map(|s| s.miner.node()).collect();
+        reference_step(&h, w, &seed, &idx, &honest, (&reference, &mut reference_adam), None)?;
+        if let Some((params, adam)) = backdoored.as_mut() {
+            reference_step(&h, w, &seed, &idx, &honest, (params, adam), Some(&trigger))?;
         }
         let lead_hash = validators[0].node().state_hash.clone();
         let forks = slots
@@ -492,13 +540,17 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     let v0 = validators[0].params();
     let final_heldout_loss = mean_loss(v0, validators[0].node(), &heldout)?;
     let final_reference_loss = mean_loss(&reference, validators[0].node(), &heldout)?;
-    let (backdoor_loss, backdoor_reference_loss) = if plan.contains(&Strategy::Backdoor) {
+    let (backdoor_loss, backdoor_reference_loss, backdoor_included_loss) = if plan.contains(&Strategy::Backdoor) {
         (
             Some(batch_loss(v0, validators[0].node(), &trigger)?),
             Some(batch_loss(&reference, validators[0].node(), &trigger)?),
+            match &backdoored {
+                Some((params, _)) => Some(batch_loss(params, validators[0].node(), &trigger)?),
+                None => None,
+            },
         )
     } else {
-        (None, None)
+        (None, None, None)
     };
     drop(slots);
     Ok(Report {
@@ -515,6 +567,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         final_reference_loss,
         backdoor_loss,
         backdoor_reference_loss,
+        backdoor_included_loss,
         honest_slice_bytes,
     })
 }

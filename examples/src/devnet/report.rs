@@ -91,6 +91,9 @@ pub struct Report {
     pub backdoor_loss: Option<f64>,
     /// The same on the honest-only reference.
     pub backdoor_reference_loss: Option<f64>,
+    /// The same on the counterfactual that included the backdoor's slice every window
+    /// beside the honest miners' (what an implanted backdoor looks like on this run).
+    pub backdoor_included_loss: Option<f64>,
     /// Bytes of an honest miner's slice (its upload per window), as last uploaded.
     pub honest_slice_bytes: usize,
 }
@@ -151,7 +154,11 @@ impl Report {
             self.forks_repaired
         ));
         if let (Some(b), Some(r)) = (self.backdoor_loss, self.backdoor_reference_loss) {
-            s.push_str(&format!("backdoor trigger->target loss: shared {b:.4}, honest-only reference {r:.4}\n"));
+            s.push_str(&format!("backdoor trigger->target loss: shared {b:.4}, honest-only reference {r:.4}"));
+            if let Some(i) = self.backdoor_included_loss {
+                s.push_str(&format!(", had it been included {i:.4}"));
+            }
+            s.push('\n');
         }
         s.push_str(&format!("all honest nodes hold the lead's state: {}\n", self.all_nodes_identical));
         let honest: Vec<f64> = self

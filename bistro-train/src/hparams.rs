@@ -115,6 +115,20 @@ pub struct HParams {
     /// pages are long, to overrun the validators' budget).
     #[serde(default = "default_max_window_tokens")]
     pub max_window_tokens: usize,
+    /// Validators that recompute each miner every window (`r`, shared verification): after
+    /// the deadline a public draw assigns every miner to `r` validators, each recomputes
+    /// only its share and publishes signed verdicts, and slices are included on them. 0:
+    /// every validator recomputes what its own budget allows, in a private order.
+    #[serde(default)]
+    pub verifiers_per_miner: u32,
+    /// Under shared verification, the share of the other validators' assigned miners the
+    /// deciding validator recomputes itself, in a private random sample (audits of verdicts).
+    #[serde(default = "default_audit_share")]
+    pub audit_share: f64,
+}
+
+fn default_audit_share() -> f64 {
+    0.125
 }
 
 fn default_max_window_tokens() -> usize {
@@ -162,6 +176,8 @@ impl Default for HParams {
             min_include_ema: 0.3,
             penalty_windows: 10,
             max_window_tokens: default_max_window_tokens(),
+            verifiers_per_miner: 0,
+            audit_share: default_audit_share(),
         }
     }
 }
@@ -289,6 +305,12 @@ impl HParams {
         }
         if !(self.honest_tolerance > 0.0 && self.honest_tolerance.is_finite()) {
             return bad("honest_tolerance must be positive and finite");
+        }
+        if self.verifiers_per_miner > 16 {
+            return bad("verifiers_per_miner must be at most 16");
+        }
+        if !(0.0..=1.0).contains(&self.audit_share) {
+            return bad("audit_share must be in [0, 1]");
         }
         Ok(())
     }

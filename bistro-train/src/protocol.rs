@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 /// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Domain-separation tags: the first bytes hashed by each consensus hash, so that no hash
 /// of one kind can be replayed as another.
@@ -19,6 +19,10 @@ pub mod tags {
     pub const STATE: &[u8] = b"bistro/state/v3";
     /// [`crate::network::attestation::Attestation::signing_bytes`]: what a validator signs.
     pub const ATTESTATION: &[u8] = b"bistro/attestation/v1";
+    /// [`crate::network::verdicts::VerdictSheet::signing_bytes`]: what a verifier signs.
+    pub const VERDICTS: &[u8] = b"bistro/verdicts/v1";
+    /// The seed of a window's verification assignment (`bistro_validate::assignment`).
+    pub const ASSIGNMENT: &[u8] = b"bistro/assignment/v1";
     /// [`crate::data::pages::draw_pages`]: the key of a (network, hotkey, window)'s pages.
     pub const PAGES: &[u8] = b"bistro/pages/v1";
     /// [`crate::slices::SliceIndices::select`]: the seed of a window's slice coordinates.

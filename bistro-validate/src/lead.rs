@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::recompute::MinerResult;
 use crate::score::{Scoreboard, honesty_score};
+use crate::verification::{VerdictBook, Verified};
 
 /// Update norms of the slices included in recent windows (the outlier bound's reference).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -90,11 +91,20 @@ pub struct Decision {
     pub record_clip: f64,
 }
 
-/// Decide a window's accepted set from the collected slices `ws`, this window's
-/// recomputations `results`, the validator's `board` and recent included norms.
+/// Decide a window's accepted set from the collected slices `ws`, this window's own
+/// recomputations `results`, the assigned verifiers' counted verdicts `verdicts` (empty
+/// without shared verification), the validator's `board` and recent included norms.
+///
+/// A miner this validator recomputed is judged by that alone. Otherwise, under shared
+/// verification: included when every required verifier's counted verdict found it honest
+/// (`e` the largest, `verified_by` the verifiers); excluded as `dishonest` when every one
+/// found it dishonest, and as `disputed` when any did without the others agreeing (a
+/// verifier that did not deliver, or one that disagrees). Anything else (verdicts missing,
+/// none dishonest) falls to the record rule.
 pub fn decide(
     ws: &WindowSlices,
     results: &[MinerResult],
+    verdicts: &VerdictBook,
     board: &Scoreboard,
     history: &NormHistory,
     h: &HParams,
@@ -106,11 +116,19 @@ pub fn decide(
         .iter()
         .filter_map(|p| p.outcome.as_ref().ok().map(|v| (p.hotkey.as_str(), update_norm(&v.values))))
         .collect();
-    // Norms of slices proven honest this window join the reference.
+    // Verdict-backed inclusions: no own recomputation, every required verifier's verdict
+    // counted and honest.
+    let backed = |hk: &str| -> Option<&Verified> {
+        let v = verdicts.get(hk)?;
+        (!by_hotkey.contains_key(hk) && v.vouched()).then_some(v)
+    };
+    // Norms of slices proven honest this window (here or by verdicts) join the reference.
     let honest_now: Vec<f64> = by_hotkey
         .iter()
         .filter(|(_, r)| r.e <= h.honest_tolerance)
-        .filter_map(|(hk, _)| norms.get(hk).copied())
+        .map(|(hk, _)| *hk)
+        .chain(verdicts.keys().map(String::as_str).filter(|hk| backed(hk).is_some()))
+        .filter_map(|hk| norms.get(hk).copied())
         .collect();
     let reference = history.median(&honest_now);
     let record_clip = {
@@ -138,6 +156,7 @@ pub fn decide(
             }
         };
         let norm = norms.get(p.hotkey.as_str()).copied().unwrap_or(f64::NAN);
+        let mut verified_by = Vec::new();
         let verdict: Result<Option<f64>, Excluded> = match by_hotkey.get(p.hotkey.as_str()) {
             Some(r) if r.e <= h.honest_tolerance => Ok(Some(r.e)),
             Some(r) => Err(exclude(
@@ -147,6 +166,21 @@ pub fn decide(
                     r.e,
                     h.honest_tolerance,
                     honesty_score(r.e, h.honest_tolerance)
+                ),
+            )),
+            None if backed(&p.hotkey).is_some() => {
+                let v = backed(&p.hotkey).map(|v| v.honest_by.as_slice()).unwrap_or_default();
+                verified_by = v.iter().map(|(who, _)| who.clone()).collect();
+                Ok(Some(v.iter().map(|(_, e)| *e).fold(0.0, f64::max)))
+            }
+            None if verdicts.get(&p.hotkey).is_some_and(Verified::condemned) => {
+                Err(exclude("dishonest", format!("verdicts: {}", describe(&verdicts[&p.hotkey]))))
+            }
+            None if verdicts.get(&p.hotkey).is_some_and(|v| !v.dishonest_by.is_empty()) => Err(exclude(
+                "disputed",
+                format!(
+                    "a verdict found it dishonest ({}), not settled by a recomputation here",
+                    describe(&verdicts[&p.hotkey])
                 ),
             )),
             None => {
@@ -176,6 +210,7 @@ pub fn decide(
                     sha256: p.sha256.clone().unwrap_or_default(),
                     norm,
                     e,
+                    verified_by,
                 });
                 d.contributions.push(Contribution { hotkey: p.hotkey.clone(), values: values.clone() });
             }
@@ -190,6 +225,13 @@ pub fn decide(
         }
     }
     d
+}
+
+fn describe(v: &Verified) -> String {
+    let side = |who: &[(String, f64)], what: &str| {
+        who.iter().map(|(w, e)| format!("{w} {what} e = {e:.3e}")).collect::<Vec<_>>()
+    };
+    [side(&v.honest_by, "honest"), side(&v.dishonest_by, "dishonest")].concat().join(", ")
 }
 
 /// Build the aggregate of a decision over the state of `ws.window` (`params` and `adam`,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use bistro_chain::{Chain, ChainError, Metagraph};
 use bistro_model::{Llama, Params};
@@ -17,11 +17,14 @@ use bistro_train::node::{Followed, Found, Listeners, Node, NodeConfig, NodeError
 use bistro_train::step;
 use bistro_train::sync::SyncError;
 use bistro_train::sync::WindowSlices;
+use bistro_train::verdicts::{MinerVerdict, VerdictSheet};
 
+use crate::assignment::{Assignment, assignment_block};
 use crate::audit::{Audit, audit};
 use crate::lead::{self, NormHistory};
 use crate::recompute::{Budget, MinerResult, Scorer, private_sample};
 use crate::score::{ScoreRow, Scoreboard, fold_scores, quantize};
+use crate::verification::{self, VerdictBook};
 
 /// Errors that stop a validator.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,16 @@ pub enum ValidatorEvent {
         /// The block at which the chain reveals and applies them.
         reveal_block: u64,
     },
+    /// A verifier's signed verdict was contradicted by this validator's own recomputation of
+    /// the same slice: its verdicts no longer count here for a while.
+    VerifierContradicted {
+        /// The window.
+        window: u64,
+        /// The verifier.
+        verifier: String,
+        /// The miner its verdict was about.
+        miner: String,
+    },
     /// Setting weights failed (retried next time).
     WeightsFailed {
         /// The window.
@@ -152,6 +165,9 @@ pub struct Validator {
     scorer: Arc<Scorer>,
     board: Scoreboard,
     norms: NormHistory,
+    /// Verifiers whose verdicts an own recomputation contradicted, until which window they
+    /// do not count here.
+    contradicted: BTreeMap<String, u64>,
     listeners: Listeners<ValidatorEvent>,
 }
 
@@ -183,6 +199,7 @@ impl Validator {
             scorer,
             board,
             norms,
+            contradicted: BTreeMap::new(),
             listeners: Listeners::default(),
         })
     }
@@ -221,24 +238,27 @@ impl Validator {
         &self.board
     }
 
-    /// Process the held window: [`Self::prepare_window`], [`Self::attest_window`], then
-    /// [`Self::finish_window`]. Far behind the chain (`score == false`), it only follows.
+    /// Process the held window: [`Self::prepare_window`], [`Self::decide_window`],
+    /// [`Self::attest_window`], then [`Self::finish_window`]. Far behind the chain
+    /// (`score == false`), it only follows.
     pub async fn process_window(
         &mut self,
         pace: Pace,
         score: bool,
         stop: &Arc<AtomicBool>,
     ) -> Result<WindowOutcome, ValidatorError> {
-        let prepared = self.prepare_window(pace, score, stop).await?;
+        let mut prepared = self.prepare_window(pace, score, stop).await?;
+        self.decide_window(&mut prepared, stop).await?;
         self.attest_window(&prepared, stop).await?;
         self.finish_window(prepared, stop).await
     }
 
-    /// Collect the slices after the upload deadline, recompute miners in a private random
-    /// order within the verification budget and decide the window's accepted set. The lead
-    /// publishes it at once with its own attestation; any other validator keeps it as its
-    /// fallback. Far behind the chain (`score == false`), or restarted after publishing this
-    /// window, nothing is collected.
+    /// Collect the slices after the upload deadline and recompute miners within the
+    /// verification budget: under shared verification (`verifiers_per_miner > 0`) the
+    /// miners the public draw assigned to this validator (and, for the lead, a private
+    /// sample of the others', its audits), whose verdicts it then publishes signed; else
+    /// miners in a private random order. Far behind the chain (`score == false`), or
+    /// restarted after publishing this window, nothing is collected.
     pub async fn prepare_window(
         &mut self,
         pace: Pace,
@@ -247,7 +267,7 @@ impl Validator {
     ) -> Result<Prepared, ValidatorError> {
         let w = self.node.window;
         let h = self.node.cfg.hparams.clone();
-        let skip = Prepared { window: w, pace, work: None };
+        let skip = Prepared { window: w, pace, scored: None, work: None };
         if !score {
             return Ok(skip);
         }
@@ -265,7 +285,26 @@ impl Validator {
             self.node.ctx.collect(&self.node.params, &self.node.state_hash.clone(), w, &self.node.cfg.hotkey).await?;
         let mg = self.node.ctx.roster(w).await?.metagraph.clone();
         let miners = ws.miners();
-        let order = private_sample(&miners, self.max_miners_per_window);
+        let me = self.node.cfg.hotkey.clone();
+        self.node.review_disputes(w).await?;
+        let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
+        let assignment = match h.verifiers_per_miner {
+            0 => None,
+            r => self.draw_assignment(w, &miners, r as usize, pace, stop).await,
+        };
+        let (order, share) = match &assignment {
+            Some(a) => {
+                let share: HashSet<String> = a.share_of(&me).into_iter().collect();
+                let (mine, others): (Vec<_>, Vec<_>) = miners.iter().cloned().partition(|(_, hk)| share.contains(hk));
+                let mut order = private_sample(&mine, usize::MAX);
+                if is_lead {
+                    let audits = (h.audit_share * others.len() as f64).ceil() as usize;
+                    order.extend(private_sample(&others, audits));
+                }
+                (order, share)
+            }
+            None => (private_sample(&miners, self.max_miners_per_window), HashSet::new()),
+        };
         let budget = match pace {
             Pace::Live => Some(Budget::from_now(h.verify_budget_ms, self.board.on_probation(&miners))),
             Pace::Lockstep => None,
@@ -274,36 +313,241 @@ impl Validator {
         bistro_train::telemetry::phase("verify");
         let (scorer, flag, ws) = (self.scorer.clone(), stop.clone(), Arc::new(ws));
         let (theta_w, ws2) = (self.node.params.clone(), ws.clone());
-        let mut results =
-            tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &order, &flag, budget.as_ref()))
-                .await
-                .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
-        results.sort_by_key(|r| r.uid);
+        let results = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws2, &order, &flag, budget.as_ref()))
+            .await
+            .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
         let seconds = started.elapsed().as_secs_f64();
         let recomputed = results.iter().filter(|r| r.recomputed).count();
         bistro_train::telemetry::phase_seconds("verify", seconds);
         metrics::gauge!(bistro_train::telemetry::RECOMPUTED).set(recomputed as f64);
-        tracing::info!(window = w, recomputed, miners = miners.len(), seconds, "recomputed miners' gradients");
-        let decision = lead::decide(&ws, &results, &self.board, &self.norms, &h);
-        let me = self.node.cfg.hotkey.clone();
+        tracing::info!(
+            window = w,
+            recomputed,
+            miners = miners.len(),
+            share = share.len(),
+            seconds,
+            "recomputed miners' gradients"
+        );
+        if let Some(a) = &assignment {
+            let verdicts = results
+                .iter()
+                .filter(|r| share.contains(&r.hotkey))
+                .map(|r| MinerVerdict {
+                    hotkey: r.hotkey.clone(),
+                    sha256: ws
+                        .peers
+                        .iter()
+                        .find(|p| p.hotkey == r.hotkey)
+                        .and_then(|p| p.sha256.clone())
+                        .unwrap_or_default(),
+                    status: r.status.clone(),
+                    e: r.recomputed.then_some(r.e),
+                })
+                .collect();
+            if let Err(e) = self.node.publish_verdicts(w, &a.randomness, verdicts).await {
+                tracing::warn!(window = w, error = %e, "cannot publish this validator's verdicts");
+            }
+        }
         let parent = self.node.state_hash.clone();
+        let scored = Scored { ws, results, mg, miners, seconds, parent, assignment };
+        Ok(Prepared { window: w, pace, scored: Some(scored), work: None })
+    }
+
+    /// The window's public draw of miners to verifiers, from the hash of its assignment
+    /// block (waited for until the lead's cut-off when live). `None`, logged, when the block
+    /// cannot be read: this validator then recomputes in a private order as without sharing.
+    async fn draw_assignment(
+        &self,
+        w: u64,
+        miners: &[(u16, String)],
+        r: usize,
+        pace: Pace,
+        stop: &Arc<AtomicBool>,
+    ) -> Option<Assignment> {
+        let h = &self.node.cfg.hparams;
+        let chain = &self.node.chain;
+        let block = assignment_block(h, w, chain.block_time().as_millis() as u64);
+        let give_up = match pace {
+            Pace::Live => self.node.cutoffs_ms(w).await.ok()?.0,
+            Pace::Lockstep => now_ms() + 4 * h.upload_grace_secs * 1000 + 10_000,
+        };
+        let hash = loop {
+            match chain.block_hash(block).await {
+                Ok(hash) => break hash,
+                Err(ChainError::FutureBlock(_)) if now_ms() < give_up && !stop.load(Ordering::Relaxed) => {
+                    tokio::time::sleep(chain.block_time() / 4).await;
+                }
+                Err(e) => {
+                    tracing::warn!(window = w, block, error = %e, "cannot read the assignment block: verifying privately this window");
+                    return None;
+                }
+            }
+        };
+        let roster = self.node.ctx.roster(w).await.ok()?;
+        let verifiers: Vec<String> = bistro_train::accepted::validators_by_stake(&roster.metagraph)
+            .into_iter()
+            .filter(|n| roster.commitments.contains_key(&n.uid))
+            .map(|n| n.hotkey)
+            .collect();
+        let miners: Vec<String> = miners.iter().map(|(_, hk)| hk.clone()).collect();
+        Some(Assignment::draw(&hash, &miners, &verifiers, r))
+    }
+
+    /// Read the verdict sheets of the window's verifiers (not this validator's own: its
+    /// recomputations are in hand), all at once. Live, poll until every verifier's sheet is
+    /// in or the verdict cut-off (halfway from the end of the verification budget to the
+    /// lead's cut-off) passes; a bucket that does not answer by then, or serves an unusable
+    /// sheet, is not read again this window.
+    async fn read_verdicts(&self, w: u64, a: &Assignment, pace: Pace, stop: &Arc<AtomicBool>) -> Vec<VerdictSheet> {
+        let h = &self.node.cfg.hparams;
+        let Ok(publishers) = self.node.publishers(w, true).await else { return Vec::new() };
+        // Validators this node skips (a stalled bucket, a disputed aggregate) are not waited for.
+        let wanted: Vec<_> = publishers
+            .into_iter()
+            .filter(|p| !a.share_of(&p.hotkey).is_empty() && !self.node.is_skipped(&p.hotkey, w))
+            .collect();
+        let cutoff = match (pace, self.node.ctx.deadline_ms(w).await) {
+            (Pace::Live, Ok(deadline)) => {
+                let checked = h.collect_budget_ms + h.verify_budget_ms;
+                deadline + checked + h.aggregate_wait_ms.saturating_sub(checked) / 2
+            }
+            _ => now_ms() + LOCKSTEP_VERDICT_WAIT_MS,
+        };
+        let mut sheets: BTreeMap<String, VerdictSheet> = BTreeMap::new();
+        let mut done: HashSet<String> = HashSet::new();
+        loop {
+            let mut reads = tokio::task::JoinSet::new();
+            for p in wanted.iter().filter(|p| !done.contains(&p.hotkey)) {
+                let (bucket, hotkey) = (p.bucket.clone(), p.hotkey.clone());
+                reads.spawn(async move {
+                    let got = bistro_train::verdicts::fetch(&bucket, &hotkey, w).await;
+                    (hotkey, got)
+                });
+            }
+            let wait = std::time::Duration::from_millis(cutoff.saturating_sub(now_ms()).max(1));
+            let _ = tokio::time::timeout(wait, async {
+                while let Some(joined) = reads.join_next().await {
+                    let Ok((hotkey, got)) = joined else { continue };
+                    match got {
+                        Ok(Some(s)) => {
+                            sheets.insert(hotkey.clone(), s);
+                            done.insert(hotkey);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(window = w, verifier = %hotkey, error = %e, "unusable verdicts");
+                            done.insert(hotkey);
+                        }
+                    }
+                }
+            })
+            .await;
+            if !reads.is_empty() {
+                // Still reading at the cut-off: those buckets stall; not read again.
+                reads.abort_all();
+                break;
+            }
+            if done.len() >= wanted.len()
+                || pace == Pace::Lockstep
+                || now_ms() >= cutoff
+                || stop.load(Ordering::Relaxed)
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        tracing::info!(window = w, read = sheets.len(), verifiers = wanted.len(), "verdict sheets read");
+        sheets.into_values().collect()
+    }
+
+    /// Decide the window's accepted set from this validator's recomputations and, under
+    /// shared verification, the verifiers' counted verdicts (the lead first settles with
+    /// its own recomputation every miner whose verifiers disagree; a verifier any own
+    /// recomputation contradicts loses its voice here for
+    /// [`CONTRADICTED_SKIP`](crate::verification::CONTRADICTED_SKIP) windows). The lead
+    /// publishes it at once with its own attestation; any other validator keeps it as its
+    /// fallback.
+    pub async fn decide_window(
+        &mut self,
+        prepared: &mut Prepared,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(), ValidatorError> {
+        let Some(sc) = prepared.scored.take() else { return Ok(()) };
+        let (w, pace) = (prepared.window, prepared.pace);
+        let h = self.node.cfg.hparams.clone();
+        let me = self.node.cfg.hotkey.clone();
+        let Scored { ws, mut results, mg, miners, mut seconds, parent, assignment } = sc;
+        let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
+        let book = match &assignment {
+            None => VerdictBook::new(),
+            Some(a) => {
+                let sheets = self.read_verdicts(w, a, pace, stop).await;
+                let fetched = verification::fetched_digests(&ws);
+                let tol = h.honest_tolerance;
+                let mut book = verification::tally(&fetched, a, &sheets, &self.ignored_verifiers(w), &me, tol);
+                let settle = verification::to_settle(&book, &results);
+                if is_lead && !settle.is_empty() {
+                    tracing::info!(
+                        window = w,
+                        miners = settle.len(),
+                        "settling by recomputation what the verdicts leave open"
+                    );
+                    let order: Vec<(u16, String)> =
+                        miners.iter().filter(|(_, hk)| settle.contains(hk)).cloned().collect();
+                    let budget = match (pace, self.node.cutoffs_ms(w).await) {
+                        (Pace::Live, Ok((lead_cutoff, _))) => {
+                            let left = lead_cutoff.saturating_sub(now_ms() + h.aggregate_wait_ms / 10);
+                            Some(Budget::from_now(left, HashSet::new()))
+                        }
+                        _ => None,
+                    };
+                    let started = Instant::now();
+                    let (scorer, flag, ws2, theta_w) =
+                        (self.scorer.clone(), stop.clone(), ws.clone(), self.node.params.clone());
+                    let more = tokio::task::spawn_blocking(move || {
+                        scorer.score(&theta_w, &ws2, &order, &flag, budget.as_ref())
+                    })
+                    .await
+                    .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
+                    seconds += started.elapsed().as_secs_f64();
+                    results.extend(more);
+                }
+                let caught = verification::contradictions(&book, &results, tol);
+                for (verifier, miner) in &caught {
+                    if *verifier == me {
+                        continue;
+                    }
+                    tracing::warn!(window = w, %verifier, %miner, "a verifier's verdict contradicts this validator's recomputation: its verdicts no longer count here");
+                    self.contradicted.insert(verifier.clone(), w + verification::CONTRADICTED_SKIP);
+                    self.emit(ValidatorEvent::VerifierContradicted {
+                        window: w,
+                        verifier: verifier.clone(),
+                        miner: miner.clone(),
+                    });
+                }
+                if !caught.is_empty() {
+                    book = verification::tally(&fetched, a, &sheets, &self.ignored_verifiers(w), &me, tol);
+                }
+                book
+            }
+        };
+        results.sort_by_key(|r| r.uid);
+        let decision = lead::decide(&ws, &results, &book, &self.board, &self.norms, &h);
         let obj = lead::build(&self.node.params, &mut self.node.adam, &parent, &ws, &decision, &me, &h)?;
         let expect = self.node.ctx.aggregate_expectation(&self.node.params, &ws.indices, w);
         let bytes = bytes::Bytes::from(
             bistro_train::accepted::encode(&expect, &obj)
                 .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
         );
-        self.node.review_disputes(w).await?;
-        let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
         let mut work = Work { ws, results, decision, obj, bytes, mg, miners, seconds, parent, is_lead };
         if is_lead {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;
             if pace == Pace::Lockstep || now_ms() < final_cutoff {
                 for i in &work.decision.included {
-                    bistro_train::telemetry::decision(if i.e.is_some() {
-                        "included-recomputed"
-                    } else {
-                        "included-record"
+                    bistro_train::telemetry::decision(match (i.e.is_some(), i.verified_by.is_empty()) {
+                        (true, true) => "included-recomputed",
+                        (true, false) => "included-verdicts",
+                        (false, _) => "included-record",
                     });
                 }
                 for x in &work.decision.excluded {
@@ -323,7 +567,13 @@ impl Validator {
                 work.is_lead = false;
             }
         }
-        Ok(Prepared { window: w, pace, work: Some(work) })
+        prepared.work = Some(work);
+        Ok(())
+    }
+
+    /// Verifiers whose verdicts do not count here in `window` (contradicted recently).
+    fn ignored_verifiers(&self, window: u64) -> HashSet<String> {
+        self.contradicted.iter().filter(|(_, until)| **until > window).map(|(v, _)| v.clone()).collect()
     }
 
     /// Publish this validator's own aggregate and attest it.
@@ -487,8 +737,14 @@ impl Validator {
         // The outlier bound's reference: the norms of the slices this validator itself
         // recomputed and found honest, never the norms an aggregate reports (red team 3,
         // F9/F13: a lead or on-record sybils could steer every validator's reference).
-        let own: Vec<f64> =
-            work.decision.included.iter().filter(|i| i.e.is_some()).map(|i| i.norm).filter(|n| n.is_finite()).collect();
+        let own: Vec<f64> = work
+            .decision
+            .included
+            .iter()
+            .filter(|i| i.e.is_some() && i.verified_by.is_empty())
+            .map(|i| i.norm)
+            .filter(|n| n.is_finite())
+            .collect();
         self.norms.push(w, own, h.norm_history_windows);
         if let Err(e) = self.norms.save(&self.node.cfg.state_dir.join("norms.json")) {
             tracing::error!(error = %e, "cannot save the norm history");
@@ -595,12 +851,18 @@ impl Validator {
     }
 }
 
-/// A window collected, recomputed and decided by [`Validator::prepare_window`], waiting
-/// for [`Validator::attest_window`] and [`Validator::finish_window`].
+/// In lockstep (tests, replays), how long a validator reads the verifiers' sheets, which are
+/// all published before anyone decides: only a stalling bucket takes this long.
+const LOCKSTEP_VERDICT_WAIT_MS: u64 = 3_000;
+
+/// A window collected and recomputed by [`Validator::prepare_window`], then decided by
+/// [`Validator::decide_window`], waiting for [`Validator::attest_window`] and
+/// [`Validator::finish_window`].
 #[derive(Debug)]
 pub struct Prepared {
     window: u64,
     pace: Pace,
+    scored: Option<Scored>,
     work: Option<Work>,
 }
 
@@ -610,6 +872,28 @@ impl Prepared {
         self.window
     }
 
+    /// Miners this validator recomputed in the window (its share and audits under shared
+    /// verification, and disputes it settled).
+    pub fn recomputed(&self) -> usize {
+        let results = match (&self.work, &self.scored) {
+            (Some(w), _) => &w.results,
+            (None, Some(s)) => &s.results,
+            (None, None) => return 0,
+        };
+        results.iter().filter(|r| r.recomputed).count()
+    }
+
+    /// Valid slices this validator collected in the window: what recomputing every miner
+    /// (full coverage) costs.
+    pub fn valid_slices(&self) -> usize {
+        let ws = match (&self.work, &self.scored) {
+            (Some(w), _) => &w.ws,
+            (None, Some(s)) => &s.ws,
+            (None, None) => return 0,
+        };
+        ws.peers.iter().filter(|p| p.outcome.is_ok()).count()
+    }
+
     /// This validator's own aggregate of the window (when it collected it), and whether it
     /// published it as the lead.
     pub fn own_aggregate(&self) -> Option<(&AggregateObject, &bytes::Bytes, bool)> {
@@ -617,7 +901,19 @@ impl Prepared {
     }
 }
 
-/// What a validator holds of a window it collected.
+/// What a validator holds of a window it collected and recomputed, before deciding.
+#[derive(Debug)]
+struct Scored {
+    ws: Arc<WindowSlices>,
+    results: Vec<MinerResult>,
+    mg: Metagraph,
+    miners: Vec<(u16, String)>,
+    seconds: f64,
+    parent: String,
+    assignment: Option<Assignment>,
+}
+
+/// What a validator holds of a window it collected and decided.
 #[derive(Debug)]
 struct Work {
     ws: Arc<WindowSlices>,

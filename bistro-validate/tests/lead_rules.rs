@@ -12,6 +12,7 @@ use bistro_validate::audit::{Audit, audit};
 use bistro_validate::lead::{self, NormHistory};
 use bistro_validate::recompute::MinerResult;
 use bistro_validate::score::Scoreboard;
+use bistro_validate::verification::{VerdictBook, Verified};
 use candle_core::Device;
 
 struct Window {
@@ -85,7 +86,7 @@ fn window(dir: &std::path::Path) -> Window {
 fn f6_a_slice_included_on_its_record_is_clipped_and_weighted() {
     let tmp = tempfile::tempdir().unwrap();
     let mut w = window(tmp.path());
-    let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
+    let d = lead::decide(&w.ws, &w.results, &VerdictBook::new(), &w.board, &w.history, &w.h);
     let included: Vec<(&str, Option<f64>)> = d.included.iter().map(|i| (i.hotkey.as_str(), i.e)).collect();
     assert_eq!(included, vec![("honest-a", Some(1e-7)), ("honest-b", Some(1e-7)), ("patient", None)]);
     let median = {
@@ -118,7 +119,7 @@ fn f6_a_slice_included_on_its_record_is_clipped_and_weighted() {
 fn f1_an_auditor_disputes_each_kind_of_lie() {
     let tmp = tempfile::tempdir().unwrap();
     let mut w = window(tmp.path());
-    let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
+    let d = lead::decide(&w.ws, &w.results, &VerdictBook::new(), &w.board, &w.history, &w.h);
     let honest = lead::build(&w.params, &mut w.adam, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
     let check = |o: &bistro_train::accepted::AggregateObject| {
         audit(o, &w.ws, &w.results, &w.params, &mut w.adam.clone(), &w.parent, &w.h)
@@ -187,7 +188,7 @@ fn f9_f13_zero_norm_sybils_do_not_steer_the_outlier_reference() {
             w.board.update(10 + i, &hk, x, 1.0, w.h.ema_alpha);
         }
     }
-    let d = lead::decide(&w.ws, &w.results, &w.board, &w.history, &w.h);
+    let d = lead::decide(&w.ws, &w.results, &VerdictBook::new(), &w.board, &w.history, &w.h);
     assert!(
         d.included.iter().any(|i| i.hotkey == "patient" && i.e.is_none()),
         "the honest on-record slice was excluded: {:?}",
@@ -195,4 +196,57 @@ fn f9_f13_zero_norm_sybils_do_not_steer_the_outlier_reference() {
     );
     // The clip is the recomputed median, not pulled to 0 by the sybils.
     assert!(d.record_clip > 0.9, "record clip {}", d.record_clip);
+}
+
+/// Shared verification: a miner this validator did not recompute is included on one
+/// counted honest verdict (weight 1, `verified_by` named, its norm in the record clip's
+/// median), excluded on dishonest ones, and left out as `disputed` when verifiers disagree;
+/// an own recomputation overrides every verdict; an auditor holding the same view attests.
+#[test]
+fn verdicts_decide_what_this_validator_did_not_recompute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = window(tmp.path());
+    // honest-b not recomputed here: v1 vouches for it; patient: v1 honest, v2 dishonest.
+    w.results.retain(|r| r.hotkey != "honest-b");
+    let mut book = VerdictBook::new();
+    book.insert("honest-b".into(), Verified { honest_by: vec![("v1".into(), 2e-7)], ..Default::default() });
+    book.insert(
+        "patient".into(),
+        Verified { honest_by: vec![("v1".into(), 0.0)], dishonest_by: vec![("v2".into(), 0.8)], ..Default::default() },
+    );
+    let d = lead::decide(&w.ws, &w.results, &book, &w.board, &w.history, &w.h);
+    let inc: Vec<(&str, Option<f64>, Vec<String>)> =
+        d.included.iter().map(|i| (i.hotkey.as_str(), i.e, i.verified_by.clone())).collect();
+    assert_eq!(inc, vec![("honest-a", Some(1e-7), vec![]), ("honest-b", Some(2e-7), vec!["v1".to_string()])]);
+    assert_eq!(d.excluded.len(), 1);
+    assert_eq!((d.excluded[0].hotkey.as_str(), d.excluded[0].reason.as_str()), ("patient", "disputed"));
+    // Both recomputed norms are in the clip's median, as an auditor computes it.
+    let mut n: Vec<f64> = d.included.iter().map(|i| i.norm).collect();
+    n.sort_by(f64::total_cmp);
+    assert_eq!(d.record_clip.to_bits(), slices::aggregate::median(&n).to_bits());
+    let obj = lead::build(&w.params, &mut w.adam, &w.parent, &w.ws, &d, "lead", &w.h).unwrap();
+    assert_eq!(audit(&obj, &w.ws, &w.results, &w.params, &mut w.adam, &w.parent, &w.h), Audit::Attest);
+    // Only dishonest verdicts: excluded as dishonest. Its own recomputation overrides them.
+    book.insert("patient".into(), Verified { dishonest_by: vec![("v2".into(), 0.8)], ..Default::default() });
+    let d = lead::decide(&w.ws, &w.results, &book, &w.board, &w.history, &w.h);
+    assert!(d.excluded.iter().any(|x| x.hotkey == "patient" && x.reason == "dishonest"));
+    book.insert("honest-a".into(), Verified { dishonest_by: vec![("v2".into(), 0.8)], ..Default::default() });
+    let d = lead::decide(&w.ws, &w.results, &book, &w.board, &w.history, &w.h);
+    assert!(d.included.iter().any(|i| i.hotkey == "honest-a" && i.verified_by.is_empty()));
+    // One honest verdict while another verifier did not deliver: not vouched for; it falls
+    // to the record rule (honest-b has no record: probation). One dishonest verdict while
+    // another did not deliver: `disputed`, not `dishonest`.
+    let silent = vec!["v3".to_string()];
+    book.insert(
+        "honest-b".into(),
+        Verified { honest_by: vec![("v1".into(), 0.0)], missing: silent.clone(), ..Default::default() },
+    );
+    book.insert(
+        "patient".into(),
+        Verified { dishonest_by: vec![("v2".into(), 0.8)], missing: silent, ..Default::default() },
+    );
+    let d = lead::decide(&w.ws, &w.results, &book, &w.board, &w.history, &w.h);
+    let reason = |hk: &str| d.excluded.iter().find(|x| x.hotkey == hk).map(|x| x.reason.clone());
+    assert_eq!(reason("honest-b").as_deref(), Some("probation"));
+    assert_eq!(reason("patient").as_deref(), Some("disputed"));
 }

@@ -230,7 +230,8 @@ pub(crate) async fn run(
         // and publishes only before its cut-off, as on a real network.
         let deadline = lead.node().ctx.deadline_ms(w).await?;
         let t = Instant::now();
-        let prepared = lead.prepare_window(Pace::Live, true, &stop).await?;
+        let mut prepared = lead.prepare_window(Pace::Live, true, &stop).await?;
+        lead.decide_window(&mut prepared, &stop).await?;
         let lead_publish_ms = bistro_train::node::now_ms() as f64 - deadline as f64;
         lead.attest_window(&prepared, &stop).await?;
         let out = lead.finish_window(prepared, &stop).await?;

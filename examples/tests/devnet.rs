@@ -57,58 +57,7 @@ async fn every_adversary_at_once_no_fork_no_harm_no_weight() {
     o.adversaries = Strategy::CHEATS.to_vec();
     let r = run_in_process(&o).await.unwrap();
     eprintln!("{}", r.summary());
-    assert!(r.all_nodes_identical, "honest nodes diverged");
-    for w in &r.windows {
-        assert_eq!(w.forks, 0, "window {}: {} honest node(s) forked", w.window, w.forks);
-        assert_eq!(w.honest_trained, 2, "window {}: an honest miner did not train", w.window);
-        assert_eq!(w.rogue_applied, 0, "window {}: honest nodes applied a hostile validator's aggregate", w.window);
-        for hk in &w.accepted {
-            let s = r.strategies[hk];
-            // A sample-aware miner is honest in even windows, a patient one until it has been
-            // recomputed (every window here: the first): only then may they be included.
-            let honest_now = (s == Strategy::SampleAware && w.window % 2 == 0)
-                || (s == Strategy::Patient && w.window == r.windows[0].window);
-            assert!(!s.destructive() || honest_now, "window {}: {hk} ({}) was included", w.window, s.name());
-        }
-    }
-    // No harm: the shared model is no worse than 2 % above the honest-only reference (the
-    // inclusions are checked one by one above; this catches harm that slips past them). It
-    // differs either way: it also includes split-view's honest slice and the honest windows
-    // of sample-aware and patient, which the reference (the two honest miners only) leaves
-    // out, and under the public AdamW every drawn coordinate moves by about the learning
-    // rate whatever the gradient's size, so other honest slices give another path: up to
-    // 2 % lower, and a fresh-clone CI run (windows 533-536, nothing dishonest included)
-    // ended 1.56 % above. A poisoned or biased update moves it far more.
-    let (last, reference) = (r.final_heldout_loss, r.final_reference_loss);
-    assert!(
-        last <= 1.02 * reference,
-        "held-out loss {last} is more than 2% above the honest-only reference {reference}"
-    );
-    for (h, s) in &r.shares {
-        if r.strategies[h].destructive() {
-            assert!(*s < 0.01, "{h} holds {s:.4} of the weight");
-        }
-    }
-    let honest = r.honest_share();
-    assert!(
-        honest > 0.95 * (honest + r.destructive_share()),
-        "honest miners hold {honest:.4}, destructive {:.4}",
-        r.destructive_share()
-    );
-    // The backdoor never landed: it was never included (above), and its trigger loss is
-    // nearer the honest-only model's than the counterfactual's that included the backdoor
-    // every window (the run measures what an implanted backdoor looks like here). The
-    // shared model legitimately learns faster than the two-miner reference (it also
-    // includes split-view's, fork-victim's and the honest windows' slices), which lowers
-    // the trigger loss too: a fresh-clone CI run (windows 525-528) ended 3.7 % below the
-    // reference on the trigger and 1.9 % below on held-out text, with nothing destructive
-    // included; a fixed ratio against the reference alone failed on that.
-    let (b, br, bi) = (r.backdoor_loss.unwrap(), r.backdoor_reference_loss.unwrap(), r.backdoor_included_loss.unwrap());
-    assert!(bi < br, "the counterfactual backdoor did not lower the trigger loss: {bi} vs {br}");
-    assert!(
-        br - b < 0.5 * (br - bi),
-        "the backdoor's trigger loss fell: shared {b}, honest-only {br}, had it been included {bi}"
-    );
+    every_adversary_property_holds(&r);
     let svg = r.svg();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }
@@ -233,4 +182,88 @@ async fn f5_a_miner_that_missed_an_aggregate_is_never_penalised() {
     let victim_share = r.shares.iter().find(|(h, _)| r.strategies[*h] == Strategy::ForkVictim).map(|(_, s)| *s);
     let mean = honest.iter().sum::<f64>() / honest.len() as f64;
     assert!(victim_share.is_some_and(|v| v > 0.5 * mean), "victim share {victim_share:?}, honest mean {mean}");
+}
+
+/// What `--adversaries all` must show on any run: no fork, both honest miners trained, no
+/// hostile validator's aggregate applied, nothing destructive included (but the honest
+/// windows of sample-aware and patient), no harm to the held-out loss, no weight to the
+/// destructive, and no backdoor.
+fn every_adversary_property_holds(r: &bistro_examples::devnet::Report) {
+    assert!(r.all_nodes_identical, "honest nodes diverged");
+    for w in &r.windows {
+        assert_eq!(w.forks, 0, "window {}: {} honest node(s) forked", w.window, w.forks);
+        assert_eq!(w.honest_trained, 2, "window {}: an honest miner did not train", w.window);
+        assert_eq!(w.rogue_applied, 0, "window {}: honest nodes applied a hostile validator's aggregate", w.window);
+        for hk in &w.accepted {
+            let s = r.strategies[hk];
+            // A sample-aware miner is honest in even windows, a patient one until it has been
+            // recomputed (every window here: the first): only then may they be included.
+            let honest_now = (s == Strategy::SampleAware && w.window % 2 == 0)
+                || (s == Strategy::Patient && w.window == r.windows[0].window);
+            assert!(!s.destructive() || honest_now, "window {}: {hk} ({}) was included", w.window, s.name());
+        }
+    }
+    // No harm: the shared model is no worse than 2 % above the honest-only reference (the
+    // inclusions are checked one by one above; this catches harm that slips past them). It
+    // differs either way: it also includes split-view's honest slice and the honest windows
+    // of sample-aware and patient, which the reference (the two honest miners only) leaves
+    // out, and under the public AdamW every drawn coordinate moves by about the learning
+    // rate whatever the gradient's size, so other honest slices give another path: up to
+    // 2 % lower, and a fresh-clone CI run (windows 533-536, nothing dishonest included)
+    // ended 1.56 % above. A poisoned or biased update moves it far more.
+    let (last, reference) = (r.final_heldout_loss, r.final_reference_loss);
+    assert!(
+        last <= 1.02 * reference,
+        "held-out loss {last} is more than 2% above the honest-only reference {reference}"
+    );
+    for (h, s) in &r.shares {
+        if r.strategies[h].destructive() {
+            assert!(*s < 0.01, "{h} holds {s:.4} of the weight");
+        }
+    }
+    let honest = r.honest_share();
+    assert!(
+        honest > 0.95 * (honest + r.destructive_share()),
+        "honest miners hold {honest:.4}, destructive {:.4}",
+        r.destructive_share()
+    );
+    // The backdoor never landed: it was never included (above), and its trigger loss is
+    // nearer the honest-only model's than the counterfactual's that included the backdoor
+    // every window (the run measures what an implanted backdoor looks like here). The
+    // shared model legitimately learns faster than the two-miner reference (it also
+    // includes split-view's, fork-victim's and the honest windows' slices), which lowers
+    // the trigger loss too: a fresh-clone CI run (windows 525-528) ended 3.7 % below the
+    // reference on the trigger and 1.9 % below on held-out text, with nothing destructive
+    // included; a fixed ratio against the reference alone failed on that.
+    let (b, br, bi) = (r.backdoor_loss.unwrap(), r.backdoor_reference_loss.unwrap(), r.backdoor_included_loss.unwrap());
+    assert!(bi < br, "the counterfactual backdoor did not lower the trigger loss: {bi} vs {br}");
+    assert!(
+        br - b < 0.5 * (br - bi),
+        "the backdoor's trigger loss fell: shared {b}, honest-only {br}, had it been included {bi}"
+    );
+}
+
+/// Shared verification (issue 29): 8 validators (4 honest, the 3 hostile ones of `all`
+/// and a lying verifier), r = 2. Every miner's slice goes to two verifiers; each validator
+/// recomputes its share, the lead its audits and the disputes; the lying verifier, which
+/// signs its cheaters honest, is caught by the first co-verifier its lie contradicts, in the
+/// first window; no honest miner is left out; every property of `all` holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_verification_with_8_validators_and_r_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(tmp.path());
+    o.hparams.verifiers_per_miner = 2;
+    o.miners = 2;
+    o.validators = 4;
+    o.windows = 4;
+    o.adversaries = Strategy::CHEATS.iter().copied().chain([Strategy::LyingVerifier]).collect();
+    let r = run_in_process(&o).await.unwrap();
+    eprintln!("{}", r.summary());
+    for w in &r.windows {
+        eprintln!(
+            "window {}: valid slices {}, recomputed per honest validator {:?}, caught {:?}",
+            w.window, w.valid_slices, w.recomputed, w.contradicted
+        );
+    }
+    every_adversary_property_holds(&r);
 }

@@ -85,9 +85,15 @@ pub struct Included {
     pub sha256: String,
     /// The norm of the slice's decoded gradient.
     pub norm: f64,
-    /// `e` when the lead recomputed the gradient this window (included because honest), or
-    /// `None` when it was included on its record (good standing and a bounded norm).
+    /// `e` when the gradient was recomputed this window and found honest (by the lead, or
+    /// under shared verification by the verifiers in `verified_by`: the largest of their
+    /// `e`), or `None` when it was included on its record (good standing and a bounded norm).
     pub e: Option<f64>,
+    /// Under shared verification, the assigned verifiers whose signed verdicts found this
+    /// slice (same sha256) honest; empty when the lead recomputed it itself or included it
+    /// on its record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified_by: Vec<String>,
 }
 
 /// One excluded miner.
@@ -289,7 +295,13 @@ mod tests {
                 lead: "v".into(),
                 parent: "0".repeat(64),
                 state: "1".repeat(64),
-                included: vec![Included { hotkey: "m1".into(), sha256: "ab".into(), norm: 0.5, e: Some(1e-7) }],
+                included: vec![Included {
+                    hotkey: "m1".into(),
+                    sha256: "ab".into(),
+                    norm: 0.5,
+                    e: Some(1e-7),
+                    verified_by: Vec::new(),
+                }],
                 excluded: vec![Excluded { hotkey: "m2".into(), reason: "missing".into(), detail: String::new() }],
                 scored: 1,
                 record_clip: 0.0,
@@ -328,7 +340,13 @@ mod tests {
         o.set.included = awkward
             .iter()
             .enumerate()
-            .map(|(i, &n)| Included { hotkey: format!("m{i:03}"), sha256: "ab".into(), norm: n, e: None })
+            .map(|(i, &n)| Included {
+                hotkey: format!("m{i:03}"),
+                sha256: "ab".into(),
+                norm: n,
+                e: None,
+                verified_by: Vec::new(),
+            })
             .collect();
         let back = decode(&encode(&e, &o).unwrap(), &e).unwrap();
         assert_eq!(back.set.record_clip.to_bits(), o.set.record_clip.to_bits());

@@ -375,12 +375,13 @@ pub async fn cleanup(bucket: &Bucket, hotkey: &str, window: u64, hparams: &crate
         tracing::warn!(error = %e, "cannot clean up old slices");
     }
     let keep = 2 * hparams.max_history;
-    for prefix in ["checkpoint-", "aggregate-", "attestation-"] {
+    for prefix in ["checkpoint-", "aggregate-", "attestation-", "verdicts-"] {
         if let Ok(list) = bucket.list(prefix).await {
             for o in list {
                 let w = crate::protocol::parse_checkpoint_key(&o.key)
                     .or_else(|| crate::protocol::parse_aggregate_key(&o.key))
-                    .or_else(|| crate::network::attestation::parse_attestation_key(&o.key));
+                    .or_else(|| crate::network::attestation::parse_attestation_key(&o.key))
+                    .or_else(|| crate::network::verdicts::parse_verdicts_key(&o.key));
                 if w.is_some_and(|w| w + keep < window) {
                     let _ = bucket.delete(&o.key).await;
                 }

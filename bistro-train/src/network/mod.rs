@@ -16,3 +16,4 @@ pub mod history;
 pub mod node;
 pub mod roster;
 pub mod sync;
+pub mod verdicts;

@@ -490,6 +490,23 @@ impl Node {
             .map_err(NodeError::Storage)
     }
 
+    /// Sign `verdicts` on this validator's assigned miners of `window` (the assignment drawn
+    /// from `assignment`, hex) and publish them as its verdict sheet of the window.
+    pub async fn publish_verdicts(
+        &self,
+        window: u64,
+        assignment: &str,
+        verdicts: Vec<crate::verdicts::MinerVerdict>,
+    ) -> Result<(), NodeError> {
+        let s = crate::verdicts::VerdictSheet::new(window, &self.cfg.hotkey, assignment, verdicts);
+        let sig = self.chain.sign(&self.cfg.hotkey, &s.signing_bytes())?;
+        let s = s.with_signature(&sig);
+        self.bucket
+            .put(&crate::verdicts::verdicts_key(window), Bytes::from(s.encode()))
+            .await
+            .map_err(NodeError::Storage)
+    }
+
     /// One publisher's attestation of `window`: `Ok(Some)` when valid, `Ok(None)` when
     /// absent, `Err` when an object is there but unusable (logged; the publisher still counts
     /// as publishing, so a bad object can only weigh against a quorum).

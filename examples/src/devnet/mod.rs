@@ -276,6 +276,8 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         );
     }
     let mut validators = Vec::new();
+    // Verifiers the honest validators caught lying in their verdicts, in order.
+    let contradicted: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     for v in 0..n_validators {
         let hotkey = format!("validator-{v}");
         // Validator 0 has the most stake of the honest ones: it leads when no hostile
@@ -286,7 +288,16 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             max_miners_per_window: opts.max_miners,
             heldout_pages: 0,
         };
-        validators.push(Validator::new(cfg, dyn_chain.clone()).await?);
+        let mut validator = Validator::new(cfg, dyn_chain.clone()).await?;
+        let caught = contradicted.clone();
+        validator.on_event(move |e| {
+            if let bistro_validate::ValidatorEvent::VerifierContradicted { verifier, .. } = e
+                && let Ok(mut c) = caught.lock()
+            {
+                c.push(verifier.clone());
+            }
+        });
+        validators.push(validator);
     }
     let mut rogues = Vec::new();
     for s in &rogue_plan {
@@ -404,9 +415,22 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         let mut rogue_prepared = Vec::new();
         for r in rogues.iter_mut() {
             let p = r.validator.prepare_window(Pace::Lockstep, true, &stop).await?;
-            strategy::misbehave(r, &p).await?;
+            strategy::lie_in_verdicts(r, &p).await?;
             rogue_prepared.push(p);
         }
+        // Every verdict sheet is out: each validator decides (the lead publishes).
+        let caught_before = contradicted.lock().map(|c| c.len()).unwrap_or(0);
+        for (v, p) in validators.iter_mut().zip(prepared.iter_mut()) {
+            v.decide_window(p, &stop).await?;
+        }
+        for (r, p) in rogues.iter_mut().zip(rogue_prepared.iter_mut()) {
+            r.validator.decide_window(p, &stop).await?;
+            strategy::misbehave(r, p).await?;
+        }
+        let recomputed: Vec<usize> = prepared.iter().map(|p| p.recomputed()).collect();
+        let valid_slices = prepared.first().map(|p| p.valid_slices()).unwrap_or(0);
+        let newly_contradicted: Vec<String> =
+            contradicted.lock().map(|c| c[caught_before..].to_vec()).unwrap_or_default();
         for (v, p) in validators.iter_mut().zip(&prepared) {
             v.attest_window(p, &stop).await?;
         }
@@ -505,6 +529,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             honest_trained,
             rogue_applied,
             updated,
+            recomputed,
+            valid_slices,
+            contradicted: newly_contradicted,
         });
         if let (Some(hook), Some(r)) = (&opts.on_window, reports.last()) {
             (hook.0)(r);

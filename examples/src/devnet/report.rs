@@ -50,6 +50,14 @@ pub struct WindowReport {
     pub rogue_applied: usize,
     /// Whether the reporting validator applied an accepted set this window.
     pub updated: bool,
+    /// Miners each honest validator recomputed this window (its share, audits, settled
+    /// disputes; every miner its budget allows without shared verification).
+    pub recomputed: Vec<usize>,
+    /// Valid slices the first honest validator collected: what full coverage recomputes.
+    pub valid_slices: usize,
+    /// Verifiers an honest validator caught this window (a verdict its own recomputation
+    /// contradicted), once per catch.
+    pub contradicted: Vec<String>,
 }
 
 /// How far one strategy got.

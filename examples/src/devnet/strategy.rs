@@ -74,6 +74,10 @@ pub enum Strategy {
     /// A validator with the most stake whose aggregate names a parent state no honest node
     /// holds (not in `all`: run it by name).
     ForkingLead,
+    /// A validator with less stake than the honest ones that, under shared verification,
+    /// signs "honest" for every assigned miner it found dishonest (not in `all`: run it by
+    /// name, with `verifiers_per_miner > 0`).
+    LyingVerifier,
 }
 
 impl Strategy {
@@ -130,6 +134,7 @@ impl Strategy {
             Strategy::StallingLead => "stalling-lead",
             Strategy::FallbackThief => "fallback-thief",
             Strategy::ForkingLead => "forking-lead",
+            Strategy::LyingVerifier => "lying-verifier",
         }
     }
 
@@ -142,7 +147,14 @@ impl Strategy {
 
     /// Whether the strategy is a validator's (it runs a validator node, not a miner).
     pub fn is_validator(self) -> bool {
-        matches!(self, Strategy::LyingLead | Strategy::StallingLead | Strategy::FallbackThief | Strategy::ForkingLead)
+        matches!(
+            self,
+            Strategy::LyingLead
+                | Strategy::StallingLead
+                | Strategy::FallbackThief
+                | Strategy::ForkingLead
+                | Strategy::LyingVerifier
+        )
     }
 
     /// A hostile validator's stake: above the honest validators' (2000 each), so that it
@@ -152,6 +164,7 @@ impl Strategy {
         match self {
             Strategy::LyingLead | Strategy::ForkingLead => 2300,
             Strategy::StallingLead => 2200,
+            Strategy::LyingVerifier => 1500,
             _ => 2100,
         }
     }
@@ -169,10 +182,10 @@ impl Strategy {
 impl std::str::FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let named = [Strategy::Honest, Strategy::ForkingLead];
+        let named = [Strategy::Honest, Strategy::ForkingLead, Strategy::LyingVerifier];
         named.into_iter().chain(Strategy::CHEATS).find(|x| x.name() == s).ok_or_else(|| {
             format!(
-                "unknown strategy `{s}` (known: honest, {}, forking-lead, all)",
+                "unknown strategy `{s}` (known: honest, {}, forking-lead, lying-verifier, all)",
                 Strategy::CHEATS.map(|c| c.name()).join(", ")
             )
         })
@@ -196,6 +209,29 @@ pub(super) struct Rogue {
     pub(super) validator: bistro_validate::Validator,
     /// The stalling endpoint a `stalling-lead` committed instead of its bucket.
     pub(super) _endpoint: Option<Endpoint>,
+}
+
+/// What a `lying-verifier` does once it has published its verdicts honestly: it signs a new
+/// sheet that calls every assigned miner it found dishonest honest (`e = 0`), and replaces
+/// the honest one in its bucket before anyone decides.
+pub(super) async fn lie_in_verdicts(r: &Rogue, p: &bistro_validate::validator::Prepared) -> anyhow::Result<()> {
+    if r.strategy != Strategy::LyingVerifier {
+        return Ok(());
+    }
+    let node = r.validator.node();
+    let (w, tol) = (p.window(), node.cfg.hparams.honest_tolerance);
+    let Ok(Some(sheet)) = bistro_train::verdicts::fetch(&node.bucket, &node.cfg.hotkey, w).await else {
+        return Ok(());
+    };
+    let mut verdicts = sheet.verdicts.clone();
+    let mut lies = 0;
+    for v in verdicts.iter_mut().filter(|v| v.dishonest(tol)) {
+        v.e = Some(0.0);
+        lies += 1;
+    }
+    node.publish_verdicts(w, &sheet.assignment, verdicts).await?;
+    tracing::warn!(window = w, lies, "lying verifier: signed dishonest slices as honest");
+    Ok(())
 }
 
 /// What a hostile validator does after deciding its window honestly: `lying-lead` and
@@ -228,6 +264,7 @@ pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepare
             sha256: "0".repeat(64),
             norm,
             e: Some(0.0),
+            verified_by: Vec::new(),
         });
     }
     let scratch = node.params.deep_clone()?;
@@ -292,7 +329,8 @@ pub(super) async fn train(
         | Strategy::LyingLead
         | Strategy::StallingLead
         | Strategy::FallbackThief
-        | Strategy::ForkingLead => None,
+        | Strategy::ForkingLead
+        | Strategy::LyingVerifier => None,
         Strategy::WrongPages => {
             let other = node.dataset.pages(&h.network, "someone-else", w, h.pages_per_window);
             Some(gradient_on(&node.params, node, &other)?)
@@ -353,7 +391,8 @@ pub(super) fn upload(
             | Strategy::LyingLead
             | Strategy::StallingLead
             | Strategy::FallbackThief
-            | Strategy::ForkingLead,
+            | Strategy::ForkingLead
+            | Strategy::LyingVerifier,
             _,
         ) => None,
         (Strategy::Zeros | Strategy::SybilZero, _) => Some(encode(&filled(0.0))?),

@@ -2,11 +2,14 @@
 //!
 //! After the upload deadline, the hash of the window's *assignment block* (the first block
 //! at or after the deadline, [`assignment_block`]) seeds a draw every validator makes
-//! alike: the miners are shuffled, so are the verifiers (the validators with a permit and a
-//! committed bucket at the window's seed block, sorted by hotkey before shuffling), and the
-//! `i`-th miner goes to verifiers `i·r, i·r + 1, …, i·r + r − 1` (mod V). Every miner gets
-//! `min(r, V)` distinct verifiers and every verifier `⌊N·r/V⌋` or `⌈N·r/V⌉` miners: a fixed
-//! share. No miner can know before it uploads who will check it.
+//! alike. The miners (registered, no permit, a committed bucket) are sorted and shuffled;
+//! the verifiers (a permit and a committed bucket at the window's seed block) are dealt
+//! from a deck of freshly shuffled copies of their list: each miner in turn takes the next
+//! `r` distinct verifiers off the deck (one already taken for this miner waits for the
+//! next). Every miner gets `min(r, V)` distinct verifiers, every verifier about `N·r/V`
+//! miners (a fixed share: within one of each other but for the rare set-aside), and who
+//! verifies with whom changes from miner to miner, so no pair of colluding verifiers holds
+//! a whole share. No miner can know before it uploads who will check it.
 
 use std::collections::BTreeMap;
 
@@ -47,16 +50,26 @@ impl Assignment {
         v.sort();
         v.dedup();
         shuffle(&mut m, &mut rng);
-        shuffle(&mut v, &mut rng);
         let r = r.min(v.len());
-        let by_miner = m
-            .into_iter()
-            .enumerate()
-            .map(|(i, miner)| {
-                let chosen = (0..r).map(|j| v[(i * r + j) % v.len()].clone()).collect();
-                (miner, chosen)
-            })
-            .collect();
+        let mut deck: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+        let mut by_miner = BTreeMap::new();
+        for miner in m {
+            let mut chosen: Vec<usize> = Vec::with_capacity(r);
+            let mut aside = Vec::new();
+            while chosen.len() < r {
+                if deck.is_empty() {
+                    let mut copy: Vec<usize> = (0..v.len()).collect();
+                    shuffle(&mut copy, &mut rng);
+                    deck.extend(copy);
+                }
+                let Some(x) = deck.pop_front() else { break };
+                if chosen.contains(&x) { aside.push(x) } else { chosen.push(x) }
+            }
+            for x in aside.into_iter().rev() {
+                deck.push_front(x);
+            }
+            by_miner.insert(miner, chosen.into_iter().map(|i| v[i].clone()).collect());
+        }
         Assignment { randomness: hex::encode(randomness), by_miner }
     }
 
@@ -106,7 +119,8 @@ mod tests {
             let total = n * r.min(v);
             assert_eq!(shares.iter().sum::<usize>(), total);
             let (lo, hi) = (total / v, total.div_ceil(v));
-            assert!(shares.iter().all(|&s| s == lo || s == hi), "{n} miners, {v} verifiers, r {r}: {shares:?}");
+            let (min, max) = (*shares.iter().min().unwrap(), *shares.iter().max().unwrap());
+            assert!(min + 1 >= lo && max <= hi + 1, "{n} miners, {v} verifiers, r {r}: {shares:?}");
         }
     }
 
@@ -128,6 +142,17 @@ mod tests {
             hits += d.assigned("m000", "v003") as usize;
         }
         assert!((70..=130).contains(&hits), "{hits} of 400 (expected 100)");
+    }
+
+    #[test]
+    fn partners_change_from_miner_to_miner() {
+        // With 8 verifiers and r = 2, a verifier's share is not checked by one fixed partner.
+        let a = Assignment::draw(&[3; 32], &names("m", 40), &names("v", 8), 2);
+        for x in names("v", 8) {
+            let partners: std::collections::HashSet<&String> =
+                a.share_of(&x).iter().flat_map(|m| a.verifiers_of(m)).filter(|p| **p != x).collect();
+            assert!(partners.len() >= 3, "{x}'s share is checked by {partners:?} only");
+        }
     }
 
     #[test]

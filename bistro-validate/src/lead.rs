@@ -77,7 +77,7 @@ impl NormHistory {
 }
 
 /// The decision for one window, before hashing.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Decision {
     /// Included slices' values (sorted by hotkey).
     pub contributions: Vec<Contribution>,

@@ -249,7 +249,7 @@ impl Validator {
     ) -> Result<WindowOutcome, ValidatorError> {
         let mut prepared = self.prepare_window(pace, score, stop).await?;
         self.decide_window(&mut prepared, stop).await?;
-        self.attest_window(&prepared, stop).await?;
+        self.attest_window(&mut prepared, stop).await?;
         self.finish_window(prepared, stop).await
     }
 
@@ -290,7 +290,7 @@ impl Validator {
         let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
         let assignment = match h.verifiers_per_miner {
             0 => None,
-            r => self.draw_assignment(w, &miners, r as usize, pace, stop).await,
+            r => self.draw_assignment(w, r as usize, pace, stop).await,
         };
         let (order, share) = match &assignment {
             Some(a) => {
@@ -349,7 +349,8 @@ impl Validator {
             }
         }
         let parent = self.node.state_hash.clone();
-        let scored = Scored { ws, results, mg, miners, seconds, parent, assignment };
+        let share = share.len();
+        let scored = Scored { ws, results, mg, miners, seconds, parent, assignment, share };
         Ok(Prepared { window: w, pace, scored: Some(scored), work: None })
     }
 
@@ -359,7 +360,6 @@ impl Validator {
     async fn draw_assignment(
         &self,
         w: u64,
-        miners: &[(u16, String)],
         r: usize,
         pace: Pace,
         stop: &Arc<AtomicBool>,
@@ -389,7 +389,15 @@ impl Validator {
             .filter(|n| roster.commitments.contains_key(&n.uid))
             .map(|n| n.hotkey)
             .collect();
-        let miners: Vec<String> = miners.iter().map(|(_, hk)| hk.clone()).collect();
+        // The miners of the roster (no permit, a committed bucket), not of this validator's
+        // collection: every validator draws over the same list.
+        let miners: Vec<String> = roster
+            .metagraph
+            .neurons
+            .iter()
+            .filter(|n| !n.validator_permit && roster.commitments.contains_key(&n.uid))
+            .map(|n| n.hotkey.clone())
+            .collect();
         Some(Assignment::draw(&hash, &miners, &verifiers, r))
     }
 
@@ -462,11 +470,11 @@ impl Validator {
 
     /// Decide the window's accepted set from this validator's recomputations and, under
     /// shared verification, the verifiers' counted verdicts (the lead first settles with
-    /// its own recomputation every miner whose verifiers disagree; a verifier any own
-    /// recomputation contradicts loses its voice here for
-    /// [`CONTRADICTED_SKIP`](crate::verification::CONTRADICTED_SKIP) windows). The lead
-    /// publishes it at once with its own attestation; any other validator keeps it as its
-    /// fallback.
+    /// its own recomputation every miner the verdicts leave open: verifiers that disagree,
+    /// stall or lost their voice; a verifier any own recomputation contradicts loses its
+    /// voice here for [`CONTRADICTED_SKIP`](crate::verification::CONTRADICTED_SKIP) windows).
+    /// The lead publishes it at once with its own attestation; any other validator keeps it
+    /// as its fallback, settled in its turn only if it has to offer it.
     pub async fn decide_window(
         &mut self,
         prepared: &mut Prepared,
@@ -474,72 +482,20 @@ impl Validator {
     ) -> Result<(), ValidatorError> {
         let Some(sc) = prepared.scored.take() else { return Ok(()) };
         let (w, pace) = (prepared.window, prepared.pace);
-        let h = self.node.cfg.hparams.clone();
         let me = self.node.cfg.hotkey.clone();
-        let Scored { ws, mut results, mg, miners, mut seconds, parent, assignment } = sc;
         let is_lead = self.node.lead(w).await?.is_some_and(|lead| lead == me);
-        let book = match &assignment {
-            None => VerdictBook::new(),
-            Some(a) => {
-                let sheets = self.read_verdicts(w, a, pace, stop).await;
-                let fetched = verification::fetched_digests(&ws);
-                let tol = h.honest_tolerance;
-                let mut book = verification::tally(&fetched, a, &sheets, &self.ignored_verifiers(w), &me, tol);
-                let settle = verification::to_settle(&book, &results);
-                if is_lead && !settle.is_empty() {
-                    tracing::info!(
-                        window = w,
-                        miners = settle.len(),
-                        "settling by recomputation what the verdicts leave open"
-                    );
-                    let order: Vec<(u16, String)> =
-                        miners.iter().filter(|(_, hk)| settle.contains(hk)).cloned().collect();
-                    let budget = match (pace, self.node.cutoffs_ms(w).await) {
-                        (Pace::Live, Ok((lead_cutoff, _))) => {
-                            let left = lead_cutoff.saturating_sub(now_ms() + h.aggregate_wait_ms / 10);
-                            Some(Budget::from_now(left, HashSet::new()))
-                        }
-                        _ => None,
-                    };
-                    let started = Instant::now();
-                    let (scorer, flag, ws2, theta_w) =
-                        (self.scorer.clone(), stop.clone(), ws.clone(), self.node.params.clone());
-                    let more = tokio::task::spawn_blocking(move || {
-                        scorer.score(&theta_w, &ws2, &order, &flag, budget.as_ref())
-                    })
-                    .await
-                    .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
-                    seconds += started.elapsed().as_secs_f64();
-                    results.extend(more);
-                }
-                let caught = verification::contradictions(&book, &results, tol);
-                for (verifier, miner) in &caught {
-                    if *verifier == me {
-                        continue;
-                    }
-                    tracing::warn!(window = w, %verifier, %miner, "a verifier's verdict contradicts this validator's recomputation: its verdicts no longer count here");
-                    self.contradicted.insert(verifier.clone(), w + verification::CONTRADICTED_SKIP);
-                    self.emit(ValidatorEvent::VerifierContradicted {
-                        window: w,
-                        verifier: verifier.clone(),
-                        miner: miner.clone(),
-                    });
-                }
-                if !caught.is_empty() {
-                    book = verification::tally(&fetched, a, &sheets, &self.ignored_verifiers(w), &me, tol);
-                }
-                book
-            }
+        let sheets = match &sc.assignment {
+            Some(a) => self.read_verdicts(w, a, pace, stop).await,
+            None => Vec::new(),
         };
-        results.sort_by_key(|r| r.uid);
-        let decision = lead::decide(&ws, &results, &book, &self.board, &self.norms, &h);
-        let obj = lead::build(&self.node.params, &mut self.node.adam, &parent, &ws, &decision, &me, &h)?;
-        let expect = self.node.ctx.aggregate_expectation(&self.node.params, &ws.indices, w);
-        let bytes = bytes::Bytes::from(
-            bistro_train::accepted::encode(&expect, &obj)
-                .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
-        );
-        let mut work = Work { ws, results, decision, obj, bytes, mg, miners, seconds, parent, is_lead };
+        let mut work = Work::new(sc, sheets, is_lead);
+        self.count_verdicts(&mut work, w);
+        if is_lead {
+            self.settle(&mut work, w, pace, stop).await?;
+        } else {
+            self.note_contradictions(&mut work, w);
+        }
+        self.decide_work(&mut work)?;
         if is_lead {
             let (_, final_cutoff) = self.node.cutoffs_ms(w).await?;
             if pace == Pace::Lockstep || now_ms() < final_cutoff {
@@ -571,9 +527,86 @@ impl Validator {
         Ok(())
     }
 
-    /// Verifiers whose verdicts do not count here in `window` (contradicted recently).
+    /// Count the verdict sheets in `work` against its collection (shared verification).
+    fn count_verdicts(&self, work: &mut Work, w: u64) {
+        let Some(a) = &work.assignment else { return };
+        let fetched = verification::fetched_digests(&work.ws);
+        let (ignored, me) = (self.ignored_verifiers(w), &self.node.cfg.hotkey);
+        work.book = verification::tally(&fetched, a, &work.sheets, &ignored, me, self.node.cfg.hparams.honest_tolerance);
+    }
+
+    /// Recompute every miner the verdicts leave open (when live, until shortly before the
+    /// lead's cut-off), then note the verifiers these and earlier recomputations contradict.
+    async fn settle(&mut self, work: &mut Work, w: u64, pace: Pace, stop: &Arc<AtomicBool>) -> Result<(), ValidatorError> {
+        if work.assignment.is_none() {
+            return Ok(());
+        }
+        let h = self.node.cfg.hparams.clone();
+        let open = verification::to_settle(&work.book, &work.results);
+        if !open.is_empty() {
+            tracing::info!(window = w, miners = open.len(), "settling by recomputation what the verdicts leave open");
+            let order: Vec<(u16, String)> = work.miners.iter().filter(|(_, hk)| open.contains(hk)).cloned().collect();
+            let budget = match (pace, self.node.cutoffs_ms(w).await) {
+                (Pace::Live, Ok((lead_cutoff, _))) => {
+                    let left = lead_cutoff.saturating_sub(now_ms() + h.aggregate_wait_ms / 10);
+                    Some(Budget::from_now(left, HashSet::new()))
+                }
+                _ => None,
+            };
+            let started = Instant::now();
+            let (scorer, flag, ws, theta_w) =
+                (self.scorer.clone(), stop.clone(), work.ws.clone(), self.node.params.clone());
+            let more = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws, &order, &flag, budget.as_ref()))
+                .await
+                .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
+            work.seconds += started.elapsed().as_secs_f64();
+            work.results.extend(more);
+            work.results.sort_by_key(|r| r.uid);
+        }
+        self.note_contradictions(work, w);
+        Ok(())
+    }
+
+    /// Note the verifiers this validator's recomputations contradict (they lose their voice
+    /// here) and count the verdicts again without them.
+    fn note_contradictions(&mut self, work: &mut Work, w: u64) {
+        let h = self.node.cfg.hparams.clone();
+        let me = self.node.cfg.hotkey.clone();
+        let caught = verification::contradictions(&work.book, &work.results, h.honest_tolerance);
+        for (verifier, miner) in &caught {
+            if *verifier == me {
+                continue;
+            }
+            tracing::warn!(window = w, %verifier, %miner, "a verifier's verdict contradicts this validator's recomputation: its verdicts no longer count here");
+            self.contradicted.insert(verifier.clone(), w + verification::CONTRADICTED_SKIP);
+            self.emit(ValidatorEvent::VerifierContradicted { window: w, verifier: verifier.clone(), miner: miner.clone() });
+        }
+        if !caught.is_empty() {
+            self.count_verdicts(work, w);
+        }
+    }
+
+    /// Decide `work`'s accepted set and build its aggregate.
+    fn decide_work(&mut self, work: &mut Work) -> Result<(), ValidatorError> {
+        let h = self.node.cfg.hparams.clone();
+        let w = work.ws.window;
+        work.decision = lead::decide(&work.ws, &work.results, &work.book, &self.board, &self.norms, &h);
+        let me = self.node.cfg.hotkey.clone();
+        work.obj = lead::build(&self.node.params, &mut self.node.adam, &work.parent, &work.ws, &work.decision, &me, &h)?;
+        let expect = self.node.ctx.aggregate_expectation(&self.node.params, &work.ws.indices, w);
+        work.bytes = bytes::Bytes::from(
+            bistro_train::accepted::encode(&expect, &work.obj)
+                .map_err(|e| ValidatorError::Config(format!("cannot encode the aggregate: {e}")))?,
+        );
+        Ok(())
+    }
+
+    /// Verifiers whose verdicts do not count here in `window`: contradicted recently, or
+    /// skipped by this node (a stalled bucket, a disputed aggregate). Their assigned miners
+    /// fall to the deciding validator's own recomputation.
     fn ignored_verifiers(&self, window: u64) -> HashSet<String> {
-        self.contradicted.iter().filter(|(_, until)| **until > window).map(|(v, _)| v.clone()).collect()
+        let skipped = self.node.skipped.iter().filter(|(v, _)| self.node.is_skipped(v, window)).map(|(v, _)| v.clone());
+        self.contradicted.iter().filter(|(_, until)| **until > window).map(|(v, _)| v.clone()).chain(skipped).collect()
     }
 
     /// Publish this validator's own aggregate and attest it.
@@ -603,8 +636,8 @@ impl Validator {
     /// its checks. An honest validator attests at most one aggregate per window; a
     /// validator that did not collect the window, or is off the aggregate's state, says
     /// nothing.
-    pub async fn attest_window(&mut self, prepared: &Prepared, stop: &Arc<AtomicBool>) -> Result<(), ValidatorError> {
-        let Some(work) = &prepared.work else { return Ok(()) };
+    pub async fn attest_window(&mut self, prepared: &mut Prepared, stop: &Arc<AtomicBool>) -> Result<(), ValidatorError> {
+        let Some(work) = prepared.work.as_mut() else { return Ok(()) };
         if work.is_lead {
             return Ok(());
         }
@@ -654,6 +687,11 @@ impl Validator {
         // validator's own as a fallback, then attest the first fallback in stake order that
         // passes the checks.
         if pace == Pace::Lockstep || now_ms() < final_cutoff {
+            // Its fallback must stand on its own: first settle what the verdicts left open.
+            if work.assignment.is_some() && !verification::to_settle(&work.book, &work.results).is_empty() {
+                self.settle(work, w, pace, stop).await?;
+                self.decide_work(work)?;
+            }
             tracing::info!(window = w, "publishing this validator's aggregate as a fallback");
             if let Err(e) = self.node.bucket.put(&bistro_train::protocol::aggregate_key(w), work.bytes.clone()).await {
                 tracing::warn!(window = w, error = %e, "cannot publish the fallback aggregate");
@@ -883,6 +921,16 @@ impl Prepared {
         results.iter().filter(|r| r.recomputed).count()
     }
 
+    /// Miners the public draw assigned to this validator in the window (0 without shared
+    /// verification).
+    pub fn share(&self) -> usize {
+        match (&self.work, &self.scored) {
+            (Some(w), _) => w.share,
+            (None, Some(s)) => s.share,
+            (None, None) => 0,
+        }
+    }
+
     /// Valid slices this validator collected in the window: what recomputing every miner
     /// (full coverage) costs.
     pub fn valid_slices(&self) -> usize {
@@ -911,11 +959,15 @@ struct Scored {
     seconds: f64,
     parent: String,
     assignment: Option<Assignment>,
+    share: usize,
 }
 
 /// What a validator holds of a window it collected and decided.
 #[derive(Debug)]
 struct Work {
+    assignment: Option<Assignment>,
+    sheets: Vec<VerdictSheet>,
+    book: VerdictBook,
     ws: Arc<WindowSlices>,
     results: Vec<MinerResult>,
     decision: lead::Decision,
@@ -926,6 +978,30 @@ struct Work {
     seconds: f64,
     parent: String,
     is_lead: bool,
+    share: usize,
+}
+
+impl Work {
+    /// A scored window with the verdict sheets read, not decided yet.
+    fn new(sc: Scored, sheets: Vec<VerdictSheet>, is_lead: bool) -> Self {
+        let Scored { ws, results, mg, miners, seconds, parent, assignment, share } = sc;
+        Work {
+            assignment,
+            sheets,
+            book: VerdictBook::new(),
+            ws,
+            results,
+            decision: lead::Decision::default(),
+            obj: AggregateObject::default(),
+            bytes: bytes::Bytes::new(),
+            mg,
+            miners,
+            seconds,
+            parent,
+            is_lead,
+            share,
+        }
+    }
 }
 
 fn statement(f: &Found, verdict: Verdict, reason: String) -> Statement {

@@ -25,8 +25,9 @@ pub struct Verified {
     pub honest_by: Vec<(String, f64)>,
     /// Verifiers that recomputed it and found it dishonest, with their `e`.
     pub dishonest_by: Vec<(String, f64)>,
-    /// Assigned verifiers (not ignored, not the reader) with no counted verdict on it: no
-    /// sheet read, no verdict on it, or one on other bytes.
+    /// Assigned verifiers (but the reader) with no counted verdict on it: no sheet read, no
+    /// verdict on it, one on other bytes, or one from an ignored verifier (a verifier that
+    /// lost its voice loses its assignments: they fall to the deciding validator).
     pub missing: Vec<String>,
 }
 
@@ -100,7 +101,7 @@ pub fn tally(
         entry.missing = assignment
             .verifiers_of(miner)
             .iter()
-            .filter(|v| *v != me && !ignored.contains(*v) && !delivered(v))
+            .filter(|v| *v != me && !delivered(v))
             .cloned()
             .collect();
     }
@@ -178,9 +179,10 @@ mod tests {
         let own = [result(m0, 0.0)];
         assert_eq!(contradictions(&book, &own, 1e-3), vec![(y.clone(), m0.to_string())]);
         assert!(!to_settle(&book, &own).contains(&m0.to_string()));
-        // Once y is ignored, x's verdict alone is complete: m0 is vouched for.
+        // Once y is ignored its verdict does not count, and its assignment is not waived:
+        // x's verdict alone does not vouch for m0, the deciding validator settles it.
         let book = tally(&ws, &a, &sheets, &HashSet::from([y.clone()]), "reader", 1e-3);
-        assert!(book[m0].vouched() && book[m0].missing.is_empty());
+        assert!(!book[m0].vouched() && book[m0].dishonest_by.is_empty() && book[m0].missing == vec![y.clone()]);
         // The reader is never waited for: as y, x's verdict is all there is.
         let book = tally(&ws, &a, &sheets[..1], &HashSet::new(), y, 1e-3);
         assert!(book[m0].vouched());

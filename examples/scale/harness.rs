@@ -233,7 +233,7 @@ pub(crate) async fn run(
         let mut prepared = lead.prepare_window(Pace::Live, true, &stop).await?;
         lead.decide_window(&mut prepared, &stop).await?;
         let lead_publish_ms = bistro_train::node::now_ms() as f64 - deadline as f64;
-        lead.attest_window(&prepared, &stop).await?;
+        lead.attest_window(&mut prepared, &stop).await?;
         let out = lead.finish_window(prepared, &stop).await?;
         let lead_window_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();

@@ -244,10 +244,11 @@ fn every_adversary_property_holds(r: &bistro_examples::devnet::Report) {
 }
 
 /// Shared verification (issue 29): 8 validators (4 honest, the 3 hostile ones of `all`
-/// and a lying verifier), r = 2. Every miner's slice goes to two verifiers; each validator
-/// recomputes its share, the lead its audits and the disputes; the lying verifier, which
-/// signs its cheaters honest, is caught by the first co-verifier its lie contradicts, in the
-/// first window; no honest miner is left out; every property of `all` holds.
+/// and a lying verifier), r = 2. Every miner's slice goes to two verifiers drawn after the
+/// deadline; each validator recomputes its share, the lead also its audits and whatever
+/// the verdicts leave open (a verifier that disagrees, stalls or lost its voice). The
+/// lying verifier, which signs its cheaters honest, is caught in the first window it lies;
+/// no honest miner is left out; every property of `all` holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_verification_with_8_validators_and_r_2() {
     let tmp = tempfile::tempdir().unwrap();
@@ -259,11 +260,40 @@ async fn shared_verification_with_8_validators_and_r_2() {
     o.adversaries = Strategy::CHEATS.iter().copied().chain([Strategy::LyingVerifier]).collect();
     let r = run_in_process(&o).await.unwrap();
     eprintln!("{}", r.summary());
+    let validators = 4 + o.adversaries.iter().filter(|s| s.is_validator()).count();
+    assert_eq!(validators, 8);
+    let first = r.windows[0].window;
     for w in &r.windows {
         eprintln!(
-            "window {}: valid slices {}, recomputed per honest validator {:?}, caught {:?}",
-            w.window, w.valid_slices, w.recomputed, w.contradicted
+            "window {}: {} valid slices, assigned {:?}, recomputed per honest validator {:?} (lead: {:?}), caught {:?}",
+            w.window,
+            w.valid_slices,
+            w.assigned,
+            w.recomputed,
+            w.deciding,
+            w.contradicted
         );
+        // A validator that does not decide recomputes its share only (about N r / V of the
+        // N miners: `assignment.rs` tests the deal), against every valid slice without
+        // sharing; the one that decides adds its audits and what the verdicts left open.
+        let roster: usize = w.assigned.iter().sum::<usize>() * validators / (2 * w.assigned.len());
+        for (i, (n, share)) in w.recomputed.iter().zip(&w.assigned).enumerate() {
+            assert!(*share <= (roster * 2).div_ceil(validators) + 1, "window {}: validator {i} assigned {share}", w.window);
+            if Some(i) != w.deciding {
+                assert!(n <= share, "window {}: validator {i} recomputed {n} > its share {share}", w.window);
+            }
+        }
+        // No honest miner is left out.
+        for (hk, s) in &r.strategies {
+            if *s == Strategy::Honest {
+                assert!(w.accepted.contains(hk), "window {}: honest {hk} excluded: {:?}", w.window, w.rejected);
+            }
+        }
     }
+    // The lying verifier lies in every window; the first lie is caught at once.
+    assert!(
+        r.windows[0].contradicted.iter().any(|v| v.contains("lying-verifier")),
+        "window {first}: the lying verifier was not caught"
+    );
     every_adversary_property_holds(&r);
 }

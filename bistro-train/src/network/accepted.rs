@@ -108,7 +108,7 @@ pub struct Excluded {
 }
 
 /// The decision part of an aggregate.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AcceptedSet {
     /// The window.
     pub window: u64,
@@ -167,7 +167,7 @@ pub fn record_factor(included: &[Included], record_clip: f64, inc: &Included) ->
 }
 
 /// A decoded aggregate: the decision and the combined gradient at the window's indices.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct AggregateObject {
     /// The decision.
     pub set: AcceptedSet,

@@ -428,13 +428,15 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             strategy::misbehave(r, p).await?;
         }
         let recomputed: Vec<usize> = prepared.iter().map(|p| p.recomputed()).collect();
+        let assigned: Vec<usize> = prepared.iter().map(|p| p.share()).collect();
         let valid_slices = prepared.first().map(|p| p.valid_slices()).unwrap_or(0);
+        let deciding = prepared.iter().position(|p| p.own_aggregate().is_some_and(|(_, _, lead)| lead));
         let newly_contradicted: Vec<String> =
             contradicted.lock().map(|c| c[caught_before..].to_vec()).unwrap_or_default();
-        for (v, p) in validators.iter_mut().zip(&prepared) {
+        for (v, p) in validators.iter_mut().zip(prepared.iter_mut()) {
             v.attest_window(p, &stop).await?;
         }
-        for (r, p) in rogues.iter_mut().zip(&rogue_prepared) {
+        for (r, p) in rogues.iter_mut().zip(rogue_prepared.iter_mut()) {
             if r.strategy == Strategy::StallingLead {
                 r.validator.attest_window(p, &stop).await?;
             }
@@ -530,7 +532,9 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             rogue_applied,
             updated,
             recomputed,
+            assigned,
             valid_slices,
+            deciding,
             contradicted: newly_contradicted,
         });
         if let (Some(hook), Some(r)) = (&opts.on_window, reports.last()) {

@@ -53,8 +53,12 @@ pub struct WindowReport {
     /// Miners each honest validator recomputed this window (its share, audits, settled
     /// disputes; every miner its budget allows without shared verification).
     pub recomputed: Vec<usize>,
+    /// Miners the public draw assigned to each honest validator (shared verification).
+    pub assigned: Vec<usize>,
     /// Valid slices the first honest validator collected: what full coverage recomputes.
     pub valid_slices: usize,
+    /// The honest validator that published this window's aggregate as the lead, if one did.
+    pub deciding: Option<usize>,
     /// Verifiers an honest validator caught this window (a verdict its own recomputation
     /// contradicted), once per catch.
     pub contradicted: Vec<String>,

@@ -164,7 +164,7 @@ impl Strategy {
         match self {
             Strategy::LyingLead | Strategy::ForkingLead => 2300,
             Strategy::StallingLead => 2200,
-            Strategy::LyingVerifier => 1500,
+            Strategy::LyingVerifier => 1000,
             _ => 2100,
         }
     }

@@ -46,9 +46,14 @@ struct Cli {
     /// sybil-zero, sample-aware, patient, stall-flood (8 hotkeys at the lowest uids),
     /// fork-victim (an honest miner that misses one aggregate). Validators (each outranks
     /// the honest ones by stake): lying-lead, stalling-lead, fallback-thief, and (not in
-    /// `all`) forking-lead. Or `all`.
+    /// `all`) forking-lead and lying-verifier (signs its dishonest assigned miners honest
+    /// under shared verification). Or `all`.
     #[arg(long, value_delimiter = ',')]
     adversaries: Vec<String>,
+    /// Shared verification: validators that recompute each miner per window (`r`; 0, the
+    /// default, leaves the hparams' value: every validator recomputes what its budget allows).
+    #[arg(long, default_value_t = 0)]
+    verifiers_per_miner: u32,
     /// Most miners each validator recomputes per window: fewer than the miners gives the
     /// live protocol's p < 1 (each miner checked with probability about K / miners).
     #[arg(long, default_value_t = 1024)]
@@ -93,6 +98,9 @@ async fn run() -> anyhow::Result<()> {
         opts.hparams = bistro_train::HParams::from_file(path)?;
     }
     opts.compression = cli.compression.unwrap_or(opts.hparams.compression);
+    if cli.verifiers_per_miner > 0 {
+        opts.hparams.verifiers_per_miner = cli.verifiers_per_miner;
+    }
     opts.heldout_pages = cli.heldout_pages.max(1);
     opts.adversaries = adversaries;
     opts.max_miners = cli.max_miners.max(1);

@@ -76,6 +76,8 @@ fn protocol_doc_states_the_fixed_constants() {
         tags::MODEL_CONFIG,
         tags::GENESIS,
         tags::ATTESTATION,
+        tags::VERDICTS,
+        tags::ASSIGNMENT,
     ] {
         let tag = std::str::from_utf8(tag).unwrap();
         assert!(doc.contains(&format!("\"{tag}")), "docs/PROTOCOL.md does not name the tag {tag:?}");
@@ -91,6 +93,7 @@ fn protocol_doc_states_the_fixed_constants() {
     assert_eq!(fill(pattern("aggregate")), protocol::aggregate_key(7));
     assert_eq!(fill(pattern("checkpoint")), protocol::checkpoint_key(7));
     assert_eq!(fill(pattern("attestation")), attestation::attestation_key(7));
+    assert_eq!(fill(pattern("verdicts")), bistro_train::verdicts::verdicts_key(7));
     // Limits and the reward rule, as the document writes them.
     let stated = [
         format!("{} bytes per tensor", protocol::HEADER_BYTES_PER_TENSOR),

@@ -357,13 +357,7 @@ impl Validator {
     /// The window's public draw of miners to verifiers, from the hash of its assignment
     /// block (waited for until the lead's cut-off when live). `None`, logged, when the block
     /// cannot be read: this validator then recomputes in a private order as without sharing.
-    async fn draw_assignment(
-        &self,
-        w: u64,
-        r: usize,
-        pace: Pace,
-        stop: &Arc<AtomicBool>,
-    ) -> Option<Assignment> {
+    async fn draw_assignment(&self, w: u64, r: usize, pace: Pace, stop: &Arc<AtomicBool>) -> Option<Assignment> {
         let h = &self.node.cfg.hparams;
         let chain = &self.node.chain;
         let block = assignment_block(h, w, chain.block_time().as_millis() as u64);
@@ -532,12 +526,19 @@ impl Validator {
         let Some(a) = &work.assignment else { return };
         let fetched = verification::fetched_digests(&work.ws);
         let (ignored, me) = (self.ignored_verifiers(w), &self.node.cfg.hotkey);
-        work.book = verification::tally(&fetched, a, &work.sheets, &ignored, me, self.node.cfg.hparams.honest_tolerance);
+        work.book =
+            verification::tally(&fetched, a, &work.sheets, &ignored, me, self.node.cfg.hparams.honest_tolerance);
     }
 
     /// Recompute every miner the verdicts leave open (when live, until shortly before the
     /// lead's cut-off), then note the verifiers these and earlier recomputations contradict.
-    async fn settle(&mut self, work: &mut Work, w: u64, pace: Pace, stop: &Arc<AtomicBool>) -> Result<(), ValidatorError> {
+    async fn settle(
+        &mut self,
+        work: &mut Work,
+        w: u64,
+        pace: Pace,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(), ValidatorError> {
         if work.assignment.is_none() {
             return Ok(());
         }
@@ -579,7 +580,11 @@ impl Validator {
             }
             tracing::warn!(window = w, %verifier, %miner, "a verifier's verdict contradicts this validator's recomputation: its verdicts no longer count here");
             self.contradicted.insert(verifier.clone(), w + verification::CONTRADICTED_SKIP);
-            self.emit(ValidatorEvent::VerifierContradicted { window: w, verifier: verifier.clone(), miner: miner.clone() });
+            self.emit(ValidatorEvent::VerifierContradicted {
+                window: w,
+                verifier: verifier.clone(),
+                miner: miner.clone(),
+            });
         }
         if !caught.is_empty() {
             self.count_verdicts(work, w);
@@ -592,7 +597,8 @@ impl Validator {
         let w = work.ws.window;
         work.decision = lead::decide(&work.ws, &work.results, &work.book, &self.board, &self.norms, &h);
         let me = self.node.cfg.hotkey.clone();
-        work.obj = lead::build(&self.node.params, &mut self.node.adam, &work.parent, &work.ws, &work.decision, &me, &h)?;
+        work.obj =
+            lead::build(&self.node.params, &mut self.node.adam, &work.parent, &work.ws, &work.decision, &me, &h)?;
         let expect = self.node.ctx.aggregate_expectation(&self.node.params, &work.ws.indices, w);
         work.bytes = bytes::Bytes::from(
             bistro_train::accepted::encode(&expect, &work.obj)
@@ -636,7 +642,11 @@ impl Validator {
     /// its checks. An honest validator attests at most one aggregate per window; a
     /// validator that did not collect the window, or is off the aggregate's state, says
     /// nothing.
-    pub async fn attest_window(&mut self, prepared: &mut Prepared, stop: &Arc<AtomicBool>) -> Result<(), ValidatorError> {
+    pub async fn attest_window(
+        &mut self,
+        prepared: &mut Prepared,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(), ValidatorError> {
         let Some(work) = prepared.work.as_mut() else { return Ok(()) };
         if work.is_lead {
             return Ok(());

@@ -98,12 +98,7 @@ pub fn tally(
     for miner in fetched.keys() {
         let entry = book.entry(miner.clone()).or_default();
         let delivered = |v: &String| entry.honest_by.iter().chain(&entry.dishonest_by).any(|(w, _)| w == v);
-        entry.missing = assignment
-            .verifiers_of(miner)
-            .iter()
-            .filter(|v| *v != me && !delivered(v))
-            .cloned()
-            .collect();
+        entry.missing = assignment.verifiers_of(miner).iter().filter(|v| *v != me && !delivered(v)).cloned().collect();
     }
     book
 }

@@ -266,19 +266,18 @@ async fn shared_verification_with_8_validators_and_r_2() {
     for w in &r.windows {
         eprintln!(
             "window {}: {} valid slices, assigned {:?}, recomputed per honest validator {:?} (lead: {:?}), caught {:?}",
-            w.window,
-            w.valid_slices,
-            w.assigned,
-            w.recomputed,
-            w.deciding,
-            w.contradicted
+            w.window, w.valid_slices, w.assigned, w.recomputed, w.deciding, w.contradicted
         );
         // A validator that does not decide recomputes its share only (about N r / V of the
         // N miners: `assignment.rs` tests the deal), against every valid slice without
         // sharing; the one that decides adds its audits and what the verdicts left open.
         let roster: usize = w.assigned.iter().sum::<usize>() * validators / (2 * w.assigned.len());
         for (i, (n, share)) in w.recomputed.iter().zip(&w.assigned).enumerate() {
-            assert!(*share <= (roster * 2).div_ceil(validators) + 1, "window {}: validator {i} assigned {share}", w.window);
+            assert!(
+                *share <= (roster * 2).div_ceil(validators) + 1,
+                "window {}: validator {i} assigned {share}",
+                w.window
+            );
             if Some(i) != w.deciding {
                 assert!(n <= share, "window {}: validator {i} recomputed {n} > its share {share}", w.window);
             }

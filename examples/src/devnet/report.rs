@@ -138,6 +138,30 @@ impl Report {
             ));
         }
         s.push_str(&format!("final  {:>13.4}  {:>14.4}\n\n", self.final_heldout_loss, self.final_reference_loss));
+        let windows = self.windows.len().max(1) as f64;
+        let valid = self.windows.iter().map(|w| w.valid_slices).sum::<usize>() as f64 / windows;
+        let per: Vec<f64> = (0..self.windows.first().map_or(0, |w| w.recomputed.len()))
+            .map(|i| {
+                self.windows.iter().map(|w| w.recomputed.get(i).copied().unwrap_or(0)).sum::<usize>() as f64 / windows
+            })
+            .collect();
+        if !per.is_empty() {
+            let mean = per.iter().sum::<f64>() / per.len() as f64;
+            s.push_str(&format!(
+                "recomputations per honest validator per window: {} (mean {mean:.1}; full coverage {valid:.1} valid slices)\n",
+                per.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ")
+            ));
+            let caught: Vec<String> = self
+                .windows
+                .iter()
+                .filter(|w| !w.contradicted.is_empty())
+                .map(|w| format!("{} in window {}", w.contradicted[0], w.window))
+                .collect();
+            if !caught.is_empty() {
+                s.push_str(&format!("verifiers caught contradicting a recomputation: {}\n", caught.join("; ")));
+            }
+            s.push('\n');
+        }
         s.push_str("miner                      strategy        mean e      last status   weight share\n");
         for (hk, share) in &self.shares {
             let es: Vec<f64> =

@@ -298,8 +298,7 @@ impl Validator {
                 let (mine, others): (Vec<_>, Vec<_>) = miners.iter().cloned().partition(|(_, hk)| share.contains(hk));
                 let mut order = private_sample(&mine, usize::MAX);
                 if is_lead {
-                    let audits = (h.audit_share * others.len() as f64).ceil() as usize;
-                    order.extend(private_sample(&others, audits));
+                    order.extend(private_sample(&others, audit_count(h.audit_share, others.len())));
                 }
                 (order, share)
             }
@@ -1014,6 +1013,17 @@ impl Work {
     }
 }
 
+/// How many of `n` miners to audit at `share`: `share * n` rounded down, plus one with the
+/// probability of the fraction left (this validator's own entropy), so that each miner is
+/// audited with probability `share` however few there are.
+fn audit_count(share: f64, n: usize) -> usize {
+    use rand_core::{RngCore, SeedableRng};
+    let want = share.clamp(0.0, 1.0) * n as f64;
+    let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+    let coin = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    (want.floor() as usize + usize::from(coin < want.fract())).min(n)
+}
+
 fn statement(f: &Found, verdict: Verdict, reason: String) -> Statement {
     Statement {
         publisher: f.from.clone(),
@@ -1032,4 +1042,16 @@ pub struct WindowOutcome {
     pub followed: Followed,
     /// The score rows of the window (empty when it was not scored).
     pub rows: Vec<ScoreRow>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn audits_are_the_share_in_expectation() {
+        assert_eq!(super::audit_count(0.0, 10), 0);
+        assert_eq!(super::audit_count(1.0, 10), 10);
+        assert_eq!(super::audit_count(0.5, 10), 5);
+        let total: usize = (0..4000).map(|_| super::audit_count(0.125, 1)).sum();
+        assert!((350..650).contains(&total), "{total} audits of 4000 at 1/8");
+    }
 }

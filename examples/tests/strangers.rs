@@ -299,3 +299,62 @@ async fn a_validator_serving_a_tampered_aggregate_moves_nothing() {
     assert_on_the_chain_of_v0(&dir, &model, &all);
     drop(tamper);
 }
+
+/// Shared verification (protocol v5) with the real binaries on real S3, at live pace:
+/// four validators, r = 2, no audits. Each recomputes its share and publishes signed
+/// verdicts; the lead reads the others' sheets within its budgets and includes the slice
+/// it did not recompute on them (`verified_by` in its aggregates: two miners take one deck
+/// of four verifiers, so the lead verifies exactly one of them). Every honest node stays
+/// on one chain and both honest miners train every window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_verification_between_real_validators() {
+    let _serial = ONE_NETWORK_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (net, _chain, model) = network(&dir, |h| {
+        h.blocks_per_window = 5;
+        h.verifiers_per_miner = 2;
+        h.audit_share = 0.0;
+    })
+    .await;
+    let mut children = [
+        net.spawn("validator", "v0", Some("v0"), &["--devnet.stake", "2000", "--max-windows", "5"]),
+        net.spawn("validator", "v1", Some("v1"), &["--devnet.stake", "1000", "--max-windows", "5"]),
+        net.spawn("miner", "m1", Some("m1"), &["--max-windows", "7"]),
+        net.spawn("miner", "m2", Some("m2"), &["--max-windows", "7"]),
+        net.spawn("validator", "v2", Some("v2"), &["--devnet.stake", "1000", "--max-windows", "7"]),
+        net.spawn("validator", "v3", Some("v3"), &["--devnet.stake", "1000", "--max-windows", "7"]),
+    ];
+    let (logs, all) = net.finish(&mut children, Duration::from_secs(300)).await;
+    let all = format!("{all}\n===== v2\n{}\n===== v3\n{}", net.log("v2"), net.log("v3"));
+    for (h, l) in &logs {
+        assert!(!l.contains("fork detected") && !l.contains("FORKED"), "{h} forked:\n{all}");
+    }
+    // Every validator published verdict sheets.
+    for v in ["v0", "v1", "v2", "v3"] {
+        let sheets = std::fs::read_dir(dir.join("s3").join(format!("bucket-{v}")))
+            .map(|d| {
+                d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("verdicts-")).count()
+            })
+            .unwrap_or(0);
+        assert!(sheets >= 3, "{v} published {sheets} verdict sheets:\n{all}");
+    }
+    // The lead included slices on the other validators' verdicts, and both honest miners
+    // in every window it decided once they had joined.
+    let windows: Vec<(u64, serde_json::Value)> =
+        (0..100).filter_map(|w| accepted_set(&dir.join("s3"), "bucket-v0", w).map(|s| (w, s))).collect();
+    assert!(windows.len() >= 4, "v0 holds {} aggregates:\n{all}", windows.len());
+    let on_verdicts = windows
+        .iter()
+        .filter(|(_, s)| s["included"].as_array().is_some_and(|i| i.iter().any(|x| x.get("verified_by").is_some())))
+        .count();
+    assert!(
+        on_verdicts + 1 >= windows.len(),
+        "{on_verdicts} of {} windows included a slice on verdicts: {windows:?}\n{all}",
+        windows.len()
+    );
+    for (h, l) in &logs[2..] {
+        assert!(l.matches("slice uploaded").count() >= 4, "{h} trained too little:\n{all}");
+    }
+    assert_on_the_chain_of_v0(&dir, &model, &all);
+}

@@ -1,7 +1,8 @@
 //! What a window costs every node besides training (issue 29: "1b-sized bytes with training
 //! off"): the full-state hash (parameters and the public AdamW's m, v, t: 16 bytes per
 //! parameter), applying an aggregate through the public AdamW at the window's 1/24 of the
-//! coordinates, saving the local state, and serialising a checkpoint.
+//! coordinates, saving the local state in full (every `JOURNAL_WINDOWS` windows) and as a
+//! journal entry (the windows between), and serialising a checkpoint.
 //!
 //! `BISTRO_BENCH_MODEL` picks the preset (default `small`; `125m` needs ~5 GB of memory,
 //! `1b` ~40 GB). Every step is linear in the parameters, so `1b` is `125m` × 9.0.
@@ -25,7 +26,20 @@ fn bookkeeping(c: &mut Criterion) {
     let step = AdamStep::of(&h, 10);
     adam.apply(&params, &idx, &g, &step).expect("a first step");
     let dir = tempfile::tempdir().expect("tempdir");
-    let info = bistro_train::state::StateInfo { window: 10, hparams_hash: "h".into(), model_hash: "m".into() };
+    let info = bistro_train::state::StateInfo {
+        window: 10,
+        hparams_hash: "h".into(),
+        model_hash: "m".into(),
+        ..Default::default()
+    };
+    let entry = bistro_train::state::JournalEntry { window: 10, indices: idx.clone(), values: g.clone(), step };
+    let journaled = bistro_train::state::StateInfo {
+        window: 11,
+        base: Some(10),
+        journal: vec![10],
+        state: Some("0".repeat(64)),
+        ..info.clone()
+    };
 
     let mut grp = c.benchmark_group(format!("bookkeeping_{model}"));
     grp.sample_size(10);
@@ -35,6 +49,9 @@ fn bookkeeping(c: &mut Criterion) {
     });
     grp.bench_function("save_local_state", |b| {
         b.iter(|| bistro_train::state::save(dir.path(), &params, &adam, &info).expect("save"))
+    });
+    grp.bench_function("save_journal_entry", |b| {
+        b.iter(|| bistro_train::state::append_journal(dir.path(), &entry, &journaled).expect("journal"))
     });
     grp.bench_function("checkpoint_bytes", |b| {
         b.iter(|| bistro_train::state::checkpoint_bytes(&params, &adam, 10).expect("checkpoint").len())

@@ -9,7 +9,32 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::CHECKPOINT_WINDOW_KEY;
-use crate::public_adam::{PublicAdam, TENSOR_PREFIXES};
+use crate::public_adam::{AdamStep, PublicAdam, TENSOR_PREFIXES};
+use crate::slices::SliceIndices;
+
+/// Most windows of updates a node keeps as a journal after a full save of its state: the
+/// parameters and optimizer state (16 bytes per parameter) are rewritten only every this
+/// many windows, and each window in between writes only its update (the aggregate's values
+/// at its coordinates), which a restart replays.
+pub const JOURNAL_WINDOWS: u64 = 8;
+
+/// The journal file of the update applied in `window`.
+pub fn journal_file(window: u64) -> String {
+    format!("journal-{window}.safetensors")
+}
+
+/// One applied update: the public AdamW step of `window` with `values` at `indices`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JournalEntry {
+    /// The window whose aggregate it is.
+    pub window: u64,
+    /// The window's coordinates.
+    pub indices: SliceIndices,
+    /// The aggregate's combined gradient at them.
+    pub values: Vec<Vec<f32>>,
+    /// The step taken with them.
+    pub step: AdamStep,
+}
 
 /// The file of the public optimizer state of `window` in a state directory (beside
 /// `model.safetensors`, which stays a plain Hugging Face checkpoint). Named by window, so a
@@ -36,20 +61,31 @@ pub enum StateError {
 
 /// What `state.json` records next to the parameters (`model.safetensors` and a Hugging Face
 /// `config.json`, so a node's state directory opens in `transformers` as it is).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateInfo {
-    /// The window whose start the saved parameters are (`theta_w`).
+    /// The window whose start the saved state is (`theta_w`), journal replayed.
     pub window: u64,
     /// Hash of the hyper-parameters the state was built with.
     pub hparams_hash: String,
     /// Hash of the model config.
     pub model_hash: String,
+    /// The window of the last full save (the parameters and optimizer files), when a
+    /// journal follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+    /// Windows since `base` whose updates are in journal files, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journal: Vec<u64>,
+    /// The state hash after the journal is replayed (checked on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// Save `params` and `adam` as the state of `window` in `dir` (optimizer state, parameters
 /// and `config.json` next, then the small JSON, each written atomically; the older optimizer
 /// file is deleted last, so a process killed at any moment leaves a pair that resumes).
 pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) -> Result<(), StateError> {
+    let info = &StateInfo { base: Some(info.window), journal: Vec::new(), ..info.clone() };
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
     let opt = adam_bytes(params, adam, &meta)?;
@@ -66,7 +102,8 @@ pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) ->
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("optimizer-") && name.ends_with(".safetensors") && name != own {
+            let old_optimizer = name.starts_with("optimizer-") && name != own;
+            if (old_optimizer || name.starts_with("journal-")) && name.ends_with(".safetensors") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -103,7 +140,13 @@ pub fn load(
     // The window written inside the weights file is atomic with the parameters; a process
     // killed between writing the weights and `state.json` leaves the latter one behind.
     let mut info = info;
-    if let Some(w) = window_in_weights(&weights)
+    let in_weights = window_in_weights(&weights);
+    let journaled = info.base.is_some() && info.base == in_weights && info.window != info.base.unwrap_or_default();
+    let target = info.window;
+    if journaled {
+        // The full save is the base; the journal brings it to `target` below.
+        info.window = info.base.unwrap_or(target);
+    } else if let Some(w) = in_weights
         && w != info.window
     {
         tracing::warn!(
@@ -135,7 +178,113 @@ pub fn load(
         );
         return Ok(None);
     }
+    let mut adam = adam;
+    if journaled {
+        for &w in &info.journal {
+            let path = dir.join(journal_file(w));
+            let entry = match read_journal(&path, &params) {
+                Ok(e) if e.window == w => e,
+                Ok(e) => {
+                    tracing::warn!(path = %path.display(), found = e.window, "journal entry of another window; rejoining from the network");
+                    return Ok(None);
+                }
+                Err(reason) => {
+                    tracing::warn!(path = %path.display(), %reason, "unusable journal entry; rejoining from the network");
+                    return Ok(None);
+                }
+            };
+            adam.apply(&params, &entry.indices, &entry.values, &entry.step)?;
+        }
+        if let Some(expected) = &info.state {
+            let got = crate::accepted::state_hash(&params, &adam)?;
+            if &got != expected {
+                tracing::warn!(dir = %dir.display(), "the replayed journal does not give the saved state; rejoining from the network");
+                return Ok(None);
+            }
+        }
+        info.window = target;
+    }
     Ok(Some((info, params, adam)))
+}
+
+/// Record the update of `entry.window` after the state in `dir` (whose `state.json` will
+/// say `info`: its `journal` already listing the entry): the entry first, then the small
+/// JSON, each atomically. A process killed between them resumes from the previous JSON.
+pub fn append_journal(dir: &Path, entry: &JournalEntry, info: &StateInfo) -> Result<(), StateError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bad = |reason: String| StateError::File { path: dir.join(journal_file(entry.window)), reason };
+    let idx: Vec<Vec<u8>> =
+        entry.indices.all().iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let val: Vec<Vec<u8>> = entry.values.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    if idx.len() != val.len() {
+        return Err(bad("indices and values differ in tensors".into()));
+    }
+    let mut views = Vec::with_capacity(2 * idx.len());
+    for (k, (i, v)) in idx.iter().zip(&val).enumerate() {
+        views.push((
+            format!("i.{k}"),
+            TensorView::new(Dtype::U32, vec![i.len() / 4], i).map_err(|e| bad(e.to_string()))?,
+        ));
+        views.push((
+            format!("g.{k}"),
+            TensorView::new(Dtype::F32, vec![v.len() / 4], v).map_err(|e| bad(e.to_string()))?,
+        ));
+    }
+    let st = &entry.step;
+    let meta: std::collections::HashMap<String, String> = [
+        (CHECKPOINT_WINDOW_KEY.to_string(), entry.window.to_string()),
+        ("step".to_string(), format!("{:?},{:?},{:?},{:?},{:?}", st.lr, st.beta1, st.beta2, st.eps, st.weight_decay)),
+    ]
+    .into_iter()
+    .collect();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
+    bistro_model::checkpoint::write_atomic(&dir.join(journal_file(entry.window)), &bytes)?;
+    write_info(dir, info)
+}
+
+/// Write `state.json` alone (a window without an update after a journaled save).
+pub fn write_info(dir: &Path, info: &StateInfo) -> Result<(), StateError> {
+    let json = serde_json::to_vec_pretty(info)
+        .map_err(|e| StateError::File { path: dir.join("state.json"), reason: e.to_string() })?;
+    bistro_model::checkpoint::write_atomic(&dir.join("state.json"), &json)?;
+    Ok(())
+}
+
+/// Read a journal entry for `params`' tensors: every index in range, one value per index.
+fn read_journal(path: &Path, params: &Params) -> Result<JournalEntry, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let window = meta.get(CHECKPOINT_WINDOW_KEY).and_then(|w| w.parse().ok()).ok_or("no window")?;
+    let nums: Vec<f64> = meta
+        .get("step")
+        .ok_or("no step")?
+        .split(',')
+        .map(|x| x.parse::<f64>().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let [lr, beta1, beta2, eps, weight_decay] = nums[..] else { return Err("a step has five numbers".into()) };
+    let specs = params.specs();
+    let (mut indices, mut values) = (Vec::with_capacity(specs.len()), Vec::with_capacity(specs.len()));
+    for (k, spec) in specs.iter().enumerate() {
+        let read = |name: String| st.tensor(&name).map(|t| t.data().to_vec()).map_err(|e| format!("{name}: {e}"));
+        let i: Vec<u32> =
+            read(format!("i.{k}"))?.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let g: Vec<f32> =
+            read(format!("g.{k}"))?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let numel: usize = spec.shape.iter().product();
+        if i.len() != g.len() || i.iter().any(|&x| x as usize >= numel) || g.iter().any(|x| !x.is_finite()) {
+            return Err(format!("tensor {k} ({}): indices out of range or values not finite", spec.name));
+        }
+        indices.push(i);
+        values.push(g);
+    }
+    Ok(JournalEntry {
+        window,
+        indices: SliceIndices::from_lists(indices),
+        values,
+        step: AdamStep { lr, beta1, beta2, eps, weight_decay },
+    })
 }
 
 /// The optimizer state as a safetensors file with `meta`.

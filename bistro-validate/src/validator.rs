@@ -360,8 +360,11 @@ impl Validator {
         let h = &self.node.cfg.hparams;
         let chain = &self.node.chain;
         let block = assignment_block(h, w, chain.block_time().as_millis() as u64);
+        // The block is due at the deadline, readable once final; waiting past the point
+        // where the verification budget still fits before the lead's cut-off would leave
+        // nothing to verify with (this validator then verifies privately this window).
         let give_up = match pace {
-            Pace::Live => self.node.cutoffs_ms(w).await.ok()?.0,
+            Pace::Live => self.node.cutoffs_ms(w).await.ok()?.0.saturating_sub(h.verify_budget_ms),
             Pace::Lockstep => now_ms() + 4 * h.upload_grace_secs * 1000 + 10_000,
         };
         let hash = loop {

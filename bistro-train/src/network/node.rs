@@ -146,6 +146,18 @@ pub struct Node {
     /// Aggregates read in the current window, so that a validator's follow applies the one
     /// it attested instead of downloading and decoding it again.
     fetched: std::sync::Mutex<Vec<Found>>,
+    /// How the local state is saved: the window of the last full save, the journal written
+    /// since, the update applied since the last save, and whether the next save must be full.
+    saving: Saving,
+}
+
+/// The local state's saving between full saves (see [`state::JOURNAL_WINDOWS`]).
+#[derive(Debug, Default)]
+struct Saving {
+    base: Option<u64>,
+    journal: Vec<u64>,
+    pending: Option<state::JournalEntry>,
+    full_due: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -360,6 +372,7 @@ impl Node {
             skipped: HashMap::new(),
             pending_dispute: None,
             fetched: Default::default(),
+            saving: Saving::default(),
             cfg,
         };
         node.bootstrap().await?;
@@ -412,6 +425,7 @@ impl Node {
         self.adam = adam;
         self.window = window;
         self.state_hash = state_hash(&self.params, &self.adam)?;
+        self.saving.full_due = true;
         Ok(())
     }
 
@@ -628,14 +642,42 @@ impl Node {
         t.accepted()
     }
 
-    /// Save `theta_w` and its window to the state directory.
-    pub fn save_state(&self) -> Result<(), state::StateError> {
-        let info = StateInfo {
+    /// Save `theta_w` and its window to the state directory: in full (parameters and
+    /// optimizer state) after a restart, a repair or a fork, and every
+    /// [`state::JOURNAL_WINDOWS`] windows; in between only the window's update, as a journal
+    /// entry a restart replays.
+    pub fn save_state(&mut self) -> Result<(), state::StateError> {
+        let dir = self.cfg.state_dir.clone();
+        let pending = self.saving.pending.take();
+        let full = self.saving.full_due
+            || self.saving.base.is_none_or(|b| self.window >= b + state::JOURNAL_WINDOWS)
+            || pending.as_ref().is_some_and(|e| e.window + 1 != self.window);
+        let mut info = StateInfo {
             window: self.window,
             hparams_hash: self.ctx.hparams_hash.clone(),
             model_hash: self.ctx.model_hash.clone(),
+            ..StateInfo::default()
         };
-        state::save(&self.cfg.state_dir, &self.params, &self.adam, &info)
+        if full {
+            state::save(&dir, &self.params, &self.adam, &info)?;
+            self.saving = Saving { base: Some(self.window), ..Saving::default() };
+            return Ok(());
+        }
+        let mut journal = self.saving.journal.clone();
+        journal.extend(pending.as_ref().map(|e| e.window));
+        info.base = self.saving.base;
+        info.journal = journal.clone();
+        info.state = Some(self.state_hash.clone());
+        let written = match &pending {
+            Some(e) => state::append_journal(&dir, e, &info),
+            None => state::write_info(&dir, &info),
+        };
+        match written {
+            Ok(()) => self.saving.journal = journal,
+            // The journal on disk may now miss an update: the next save is a full one.
+            Err(_) => self.saving.full_due = true,
+        }
+        written
     }
 
     /// The current window of the chain.
@@ -1060,8 +1102,19 @@ impl Node {
             });
         }
         match apply_checked(&self.params, &mut self.adam, indices, &obj, &self.state_hash, &self.cfg.hparams) {
-            Ok(h) => self.state_hash = h,
+            Ok(h) => {
+                self.state_hash = h;
+                if !obj.set.included.is_empty() {
+                    self.saving.pending = Some(state::JournalEntry {
+                        window: w,
+                        indices: indices.clone(),
+                        values: obj.values.clone(),
+                        step: crate::public_adam::AdamStep::of(&self.cfg.hparams, w),
+                    });
+                }
+            }
             Err(e) => {
+                self.saving.full_due = true;
                 // The values were written but do not hash to what the aggregate names: the
                 // next aggregate's parent check will find and repair the fork.
                 self.state_hash = state_hash(&self.params, &self.adam)?;

@@ -369,6 +369,16 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         // The window's slice coordinates: one model config, so the same for every node.
         let idx = SliceIndices::select(reference.specs(), &seed, h.compression);
         let mut first_honest_values: Option<slices::SliceUpdate> = None;
+        // The conditional cheats that upload an honest slice this window.
+        let honest_now: Vec<String> = slots
+            .iter()
+            .filter(|s| match s.strategy {
+                Strategy::Patient => !s.seen_recomputed,
+                Strategy::SampleAware => w % 2 == 0,
+                _ => false,
+            })
+            .map(|s| s.miner.node().cfg.hotkey.clone())
+            .collect();
         for (si, (slot, g)) in slots.iter().zip(&grads).enumerate() {
             let cx = strategy::UploadContext {
                 h: &h,
@@ -532,6 +542,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
             rogue_applied,
             updated,
             recomputed,
+            honest_now,
             assigned,
             valid_slices,
             deciding,

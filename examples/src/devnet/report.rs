@@ -53,6 +53,9 @@ pub struct WindowReport {
     /// Miners each honest validator recomputed this window (its share, audits, settled
     /// disputes; every miner its budget allows without shared verification).
     pub recomputed: Vec<usize>,
+    /// Hotkeys of the conditional cheats (`patient` before it has seen itself recomputed,
+    /// `sample-aware` in even windows) whose upload this window was honest.
+    pub honest_now: Vec<String>,
     /// Miners the public draw assigned to each honest validator (shared verification).
     pub assigned: Vec<usize>,
     /// Valid slices the first honest validator collected: what full coverage recomputes.

@@ -22,17 +22,13 @@ pub(crate) fn accepted_set(s3_root: &Path, bucket: &str, window: u64) -> Option<
     serde_json::from_str(meta.metadata().as_ref()?.get("accepted")?).ok()
 }
 
-/// A node's saved state: the window written atomically with the weights, and the state
-/// hash (parameters and optimizer state, loaded as the node loads them).
+/// A node's saved state as the node loads it (the last full save with its journal
+/// replayed): its window and state hash (parameters and optimizer state).
 pub(crate) fn saved_state(dir: &Path, model: &bistro_model::ModelConfig) -> (u64, String) {
-    let weights = dir.join("model.safetensors");
-    let bytes = std::fs::read(&weights).expect("weights");
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
-    let w = meta.metadata().as_ref().expect("metadata")["bistro_window"].parse().expect("window");
     let info: bistro_train::state::StateInfo =
         serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state.json")).expect("state.json parses");
-    let (_, params, adam) = bistro_train::state::load(dir, model, &info.hparams_hash, &candle_core::Device::Cpu)
+    let (info, params, adam) = bistro_train::state::load(dir, model, &info.hparams_hash, &candle_core::Device::Cpu)
         .expect("the saved state loads")
         .expect("a saved state");
-    (w, bistro_train::accepted::state_hash(&params, &adam).expect("hash"))
+    (info.window, bistro_train::accepted::state_hash(&params, &adam).expect("hash"))
 }

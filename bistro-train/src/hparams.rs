@@ -453,7 +453,7 @@ mod tests {
         );
         assert_eq!(
             shipped("test").unwrap().unwrap().hash().unwrap(),
-            "cde20cf317e0d5f123cca5ce033eab742929d96fc46e1958b45d3f855b5ac7ea"
+            "11a13ccc409501dc719f1f15a0a5471be082acaa8ed9ba6514f5d87ba78d258e"
         );
     }
 

@@ -231,7 +231,8 @@ fn version_and_hparams_tools() {
     let config = Some(bistro_train::cli::EXIT_CONFIG);
     let (code, out, _) = run(dir, &["--version"], &[]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("(git ") && out.contains(", protocol 4, cuda off)"), "{out}");
+    let protocol = format!(", protocol {}, cuda off)", bistro_train::PROTOCOL_VERSION);
+    assert!(out.contains("(git ") && out.contains(&protocol), "{out}");
 
     // The shipped testnet file, written out, hashes as the settings `test` loads by itself.
     let (code, _, err) = run(dir, &["hparams", "init", "--network", "test", "--out", "net.toml"], &[]);

@@ -221,11 +221,15 @@ async fn a_stalling_lead_and_eight_stalling_miners_cost_a_bounded_wait() {
         // The stalled lead is waited for at most once per node, then skipped.
         assert!(l.matches("skipping this validator").count() <= 1, "{h} skipped more than once:\n{all}");
     }
-    // Every window the validators processed got an update (the first one through the
+    // The windows the validators processed got an update (the first one through the
     // fallback), and the honest miners were collected despite the eight stallers before them.
+    // Under load v0 can miss the acceptance of its own first fallback (v1's attestation
+    // lands after v0's cut-off, with the stalled lead's stake counting against): it then
+    // catches up with the attested state in the next window (`catch_up_to_attested`),
+    // which costs that window its update; one in five local runs, so 3 of 5 at least.
     let windows: Vec<(u64, serde_json::Value)> =
         (0..100).filter_map(|w| accepted_set(&dir.join("s3"), "bucket-v0", w).map(|s| (w, s))).collect();
-    assert!(windows.len() >= 4, "v0 holds {} aggregates:\n{all}", windows.len());
+    assert!(windows.len() >= 3, "v0 holds {} aggregates:\n{all}", windows.len());
     let with_honest = windows
         .iter()
         .filter(|(_, s)| {

@@ -944,6 +944,41 @@ impl Node {
                 }
             }
         }
+        // No aggregate of this window builds on another state (a lead that missed an
+        // acceptance keeps publishing on its own state, and the others only fall silent):
+        // ask the previous window's attestations themselves which state a stake majority
+        // attested, and catch up with it if it is not this node's.
+        let cutoff = now_ms() + self.cfg.hparams.collect_budget_ms;
+        let voices = self.voices(publishers, prev, cutoff, &mut HashMap::new()).await;
+        let mut candidates: Vec<(String, String)> = Vec::new();
+        for v in &voices {
+            if let Some(s) = v.attestation.as_ref().and_then(|a| a.attested())
+                && s.state != self.state_hash
+                && !tried.contains(&s.state)
+                && !candidates.iter().any(|(_, st)| *st == s.state)
+            {
+                candidates.push((s.publisher.clone(), s.state.clone()));
+            }
+        }
+        for (from, state) in candidates {
+            if !Tally::count_where(&voices, |s| s.state == state).accepted() {
+                continue;
+            }
+            match self.rebuild_to(&from, &state, publishers, w).await {
+                Ok(r) => {
+                    self.install(r.params, r.adam, w)?;
+                    self.repairs += 1;
+                    tracing::info!(
+                        window = w,
+                        state = short(&state),
+                        %from,
+                        "caught up with the state a stake majority attested for the window before, which this node had missed"
+                    );
+                    return Ok(true);
+                }
+                Err(e) => tracing::warn!(window = w, %from, error = %e, "cannot catch up with the attested state"),
+            }
+        }
         Ok(false)
     }
 

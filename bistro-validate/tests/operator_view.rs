@@ -124,7 +124,8 @@ fn metrics_status_and_page_of_real_nodes() {
     // Who is running what: the build and the network's settings as info metrics.
     let build = sample(&vm, "bistro_build_info", "role=\"validator\"");
     assert_eq!(build, Some(1.0), "{vm}");
-    assert!(vm.contains("protocol=\"4\"") && vm.contains("cuda=\"off\""), "{vm}");
+    let protocol = format!("protocol=\"{}\"", bistro_train::PROTOCOL_VERSION);
+    assert!(vm.contains(&protocol) && vm.contains("cuda=\"off\""), "{vm}");
     assert_eq!(sample(&mm, "bistro_hparams_info", "network=\"devnet\""), Some(1.0), "{mm}");
     // Under --log-format json every line the validator writes is a JSON object, the score
     // table included: one structured event per scored miner.

@@ -916,7 +916,8 @@ impl Node {
     ) -> Result<bool, NodeError> {
         let Some(prev) = w.checked_sub(1) else { return Ok(false) };
         let mut tried = HashSet::new();
-        for f in found.iter().filter(|f| f.obj.set.parent != self.state_hash) {
+        let own = self.state_hash.clone();
+        for f in found.iter().filter(|f| f.obj.set.parent != own) {
             let parent = f.obj.set.parent.clone();
             if !tried.insert(parent.clone()) {
                 continue;
@@ -927,21 +928,8 @@ impl Node {
             if !self.state_attested_by(publishers, prev, parent.clone(), cutoff).await {
                 continue;
             }
-            match self.rebuild_to(&f.from, &parent, publishers, w).await {
-                Ok(r) => {
-                    self.install(r.params, r.adam, w)?;
-                    self.repairs += 1;
-                    tracing::info!(
-                        window = w,
-                        state = short(&parent),
-                        from = %f.from,
-                        "caught up with the state a stake majority attested for the window before, which this node had missed"
-                    );
-                    return Ok(true);
-                }
-                Err(e) => {
-                    tracing::warn!(window = w, from = %f.from, error = %e, "cannot catch up with the attested state")
-                }
+            if self.catch_up_with(&f.from, &parent, publishers, w).await? {
+                return Ok(true);
             }
         }
         // No aggregate of this window builds on another state (a lead that missed an
@@ -964,22 +952,39 @@ impl Node {
             if !Tally::count_where(&voices, |s| s.state == state).accepted() {
                 continue;
             }
-            match self.rebuild_to(&from, &state, publishers, w).await {
-                Ok(r) => {
-                    self.install(r.params, r.adam, w)?;
-                    self.repairs += 1;
-                    tracing::info!(
-                        window = w,
-                        state = short(&state),
-                        %from,
-                        "caught up with the state a stake majority attested for the window before, which this node had missed"
-                    );
-                    return Ok(true);
-                }
-                Err(e) => tracing::warn!(window = w, %from, error = %e, "cannot catch up with the attested state"),
+            if self.catch_up_with(&from, &state, publishers, w).await? {
+                return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Rebuild `state` (attested for the window before `w`) from `from`'s history, then
+    /// other validators', and install it: `Ok(false)`, logged, when it cannot be rebuilt.
+    async fn catch_up_with(
+        &mut self,
+        from: &str,
+        state: &str,
+        publishers: &[Publisher],
+        w: u64,
+    ) -> Result<bool, NodeError> {
+        match self.rebuild_to(from, state, publishers, w).await {
+            Ok(r) => {
+                self.install(r.params, r.adam, w)?;
+                self.repairs += 1;
+                tracing::info!(
+                    window = w,
+                    state = short(state),
+                    %from,
+                    "caught up with the state a stake majority attested for the window before, which this node had missed"
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::warn!(window = w, %from, error = %e, "cannot catch up with the attested state");
+                Ok(false)
+            }
+        }
     }
 
     /// Rebuild the state `parent` of window `w` from `who`'s history, then other validators'

@@ -32,7 +32,14 @@ fn bookkeeping(c: &mut Criterion) {
         model_hash: "m".into(),
         ..Default::default()
     };
-    let entry = bistro_train::state::JournalEntry { window: 10, indices: idx.clone(), values: g.clone(), step };
+    let entry = bistro_train::state::JournalEntry {
+        window: 10,
+        indices: idx.clone(),
+        values: g.clone(),
+        step,
+        included: true,
+        full: None,
+    };
     let journaled = bistro_train::state::StateInfo {
         window: 11,
         base: Some(10),
@@ -54,7 +61,7 @@ fn bookkeeping(c: &mut Criterion) {
         b.iter(|| bistro_train::state::append_journal(dir.path(), &entry, &journaled).expect("journal"))
     });
     grp.bench_function("checkpoint_bytes", |b| {
-        b.iter(|| bistro_train::state::checkpoint_bytes(&params, &adam, 10).expect("checkpoint").len())
+        b.iter(|| bistro_train::state::checkpoint_bytes(&params, &adam, 10, None).expect("checkpoint").len())
     });
     grp.finish();
 }

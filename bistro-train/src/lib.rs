@@ -39,7 +39,7 @@ pub mod step;
 pub mod storage;
 pub mod telemetry;
 
-pub use network::{accepted, endpoint, history, node, sync, verdicts};
+pub use network::{accepted, endpoint, history, lineage, node, sync, verdicts};
 
 pub use hparams::{Aggregation, HParams, PROTOCOL_VERSION};
 

@@ -10,13 +10,17 @@
 use std::time::Duration;
 
 /// Version of the wire protocol implemented by this crate (slice format, seeds, update rule).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Domain-separation tags: the first bytes hashed by each consensus hash, so that no hash
 /// of one kind can be replayed as another.
 pub mod tags {
     /// [`crate::accepted::state_hash`]: the hash of a full model state.
     pub const STATE: &[u8] = b"bistro/state/v3";
+    /// [`crate::lineage::Link::id`]: a state's identity, one link of the hash chain.
+    pub const LINK: &[u8] = b"bistro/link/v1";
+    /// [`crate::lineage::update_digest`]: the digest of an aggregate's values.
+    pub const UPDATE: &[u8] = b"bistro/update/v1";
     /// [`crate::network::attestation::Attestation::signing_bytes`]: what a validator signs.
     pub const ATTESTATION: &[u8] = b"bistro/attestation/v1";
     /// [`crate::network::verdicts::VerdictSheet::signing_bytes`]: what a verifier signs.

@@ -8,6 +8,7 @@ use bistro_model::{ModelConfig, Params};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::lineage::Link;
 use crate::protocol::CHECKPOINT_WINDOW_KEY;
 use crate::public_adam::{AdamStep, PublicAdam, TENSOR_PREFIXES};
 use crate::slices::SliceIndices;
@@ -23,6 +24,12 @@ pub fn journal_file(window: u64) -> String {
     format!("journal-{window}.safetensors")
 }
 
+/// Metadata key of the saved state's identity in the weights file.
+const STATE_KEY: &str = "bistro_state";
+
+/// Metadata key of the saved state's full hash in the weights file.
+const FULL_KEY: &str = "bistro_full";
+
 /// One applied update: the public AdamW step of `window` with `values` at `indices`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JournalEntry {
@@ -34,6 +41,11 @@ pub struct JournalEntry {
     pub values: Vec<Vec<f32>>,
     /// The step taken with them.
     pub step: AdamStep,
+    /// Whether the aggregate included anything (an empty one takes no step; it is journaled
+    /// only at an anchor, where it still moves the identity).
+    pub included: bool,
+    /// At an anchor window, the full-state hash after the update (checked on replay).
+    pub full: Option<String>,
 }
 
 /// The file of the public optimizer state of `window` in a state directory (beside
@@ -76,18 +88,39 @@ pub struct StateInfo {
     /// Windows since `base` whose updates are in journal files, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub journal: Vec<u64>,
-    /// The state hash after the journal is replayed (checked on load).
+    /// The state's identity ([`crate::lineage`]) after the journal is replayed (checked on
+    /// load).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// The identity of the full save (`base`), from which the journal's links are replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_state: Option<String>,
+    /// The full-state hash of the full save, when the node knew it (genesis, a checkpoint,
+    /// an anchor): checked on load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_full: Option<String>,
 }
 
 /// Save `params` and `adam` as the state of `window` in `dir` (optimizer state, parameters
 /// and `config.json` next, then the small JSON, each written atomically; the older optimizer
 /// file is deleted last, so a process killed at any moment leaves a pair that resumes).
 pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) -> Result<(), StateError> {
-    let info = &StateInfo { base: Some(info.window), journal: Vec::new(), ..info.clone() };
+    let info = &StateInfo {
+        base: Some(info.window),
+        journal: Vec::new(),
+        base_state: info.state.clone(),
+        ..info.clone()
+    };
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
+    // The identity and full hash travel inside the weights file too, atomic with the
+    // parameters: a process killed before `state.json` is rewritten still knows them.
+    if let Some(id) = &info.state {
+        meta.insert(STATE_KEY.to_string(), id.clone());
+    }
+    if let Some(full) = &info.base_full {
+        meta.insert(FULL_KEY.to_string(), full.clone());
+    }
     let opt = adam_bytes(params, adam, &meta)?;
     let own = optimizer_file(info.window);
     bistro_model::checkpoint::write_atomic(&dir.join(&own), &opt)?;
@@ -140,7 +173,7 @@ pub fn load(
     // The window written inside the weights file is atomic with the parameters; a process
     // killed between writing the weights and `state.json` leaves the latter one behind.
     let mut info = info;
-    let in_weights = window_in_weights(&weights);
+    let in_weights = weights_meta(&weights, CHECKPOINT_WINDOW_KEY).and_then(|w| w.parse().ok());
     let journaled = info.base.is_some() && info.base == in_weights && info.window != info.base.unwrap_or_default();
     let target = info.window;
     if journaled {
@@ -155,6 +188,9 @@ pub fn load(
             "state.json lags the saved weights; using the weights' window"
         );
         info.window = w;
+        info.state = weights_meta(&weights, STATE_KEY);
+        info.base_state = info.state.clone();
+        info.base_full = weights_meta(&weights, FULL_KEY);
     }
     let opt_path = dir.join(optimizer_file(info.window));
     let bad = |reason: String| StateError::File { path: opt_path.clone(), reason };
@@ -179,6 +215,13 @@ pub fn load(
         return Ok(None);
     }
     let mut adam = adam;
+    if let Some(full) = &info.base_full
+        && &crate::accepted::state_hash(&params, &adam)? != full
+    {
+        tracing::warn!(dir = %dir.display(), "the saved state does not hash to what was saved; rejoining from the network");
+        return Ok(None);
+    }
+    let mut id = info.base_state.clone();
     if journaled {
         for &w in &info.journal {
             let path = dir.join(journal_file(w));
@@ -193,16 +236,23 @@ pub fn load(
                     return Ok(None);
                 }
             };
-            adam.apply(&params, &entry.indices, &entry.values, &entry.step)?;
-        }
-        if let Some(expected) = &info.state {
-            let got = crate::accepted::state_hash(&params, &adam)?;
-            if &got != expected {
-                tracing::warn!(dir = %dir.display(), "the replayed journal does not give the saved state; rejoining from the network");
+            if entry.included {
+                adam.apply(&params, &entry.indices, &entry.values, &entry.step)?;
+            }
+            if let Some(full) = &entry.full
+                && &crate::accepted::state_hash(&params, &adam)? != full
+            {
+                tracing::warn!(path = %path.display(), "the replayed journal misses an anchor's full hash; rejoining from the network");
                 return Ok(None);
             }
+            // The replayed lineage must reach `state`.
+            id = id.map(|parent| crate::lineage::produce(&parent, w, entry.included, &entry.values, entry.full.clone()).id);
         }
         info.window = target;
+    }
+    if id.is_none() || id != info.state {
+        tracing::warn!(dir = %dir.display(), "the saved state's identity does not replay; rejoining from the network");
+        return Ok(None);
     }
     Ok(Some((info, params, adam)))
 }
@@ -231,12 +281,16 @@ pub fn append_journal(dir: &Path, entry: &JournalEntry, info: &StateInfo) -> Res
         ));
     }
     let st = &entry.step;
-    let meta: std::collections::HashMap<String, String> = [
+    let mut meta: std::collections::HashMap<String, String> = [
         (CHECKPOINT_WINDOW_KEY.to_string(), entry.window.to_string()),
         ("step".to_string(), format!("{:?},{:?},{:?},{:?},{:?}", st.lr, st.beta1, st.beta2, st.eps, st.weight_decay)),
+        ("included".to_string(), entry.included.to_string()),
     ]
     .into_iter()
     .collect();
+    if let Some(full) = &entry.full {
+        meta.insert(FULL_KEY.to_string(), full.clone());
+    }
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
     bistro_model::checkpoint::write_atomic(&dir.join(journal_file(entry.window)), &bytes)?;
     write_info(dir, info)
@@ -279,11 +333,22 @@ fn read_journal(path: &Path, params: &Params) -> Result<JournalEntry, String> {
         indices.push(i);
         values.push(g);
     }
+    let included = match meta.get("included").map(String::as_str) {
+        Some("true") => true,
+        Some("false") => false,
+        _ => return Err("no included flag".into()),
+    };
+    let full = meta.get(FULL_KEY).cloned();
+    if full.as_deref().is_some_and(|f| f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err("the full hash is not a hex sha256".into());
+    }
     Ok(JournalEntry {
         window,
         indices: SliceIndices::from_lists(indices),
         values,
         step: AdamStep { lr, beta1, beta2, eps, weight_decay },
+        included,
+        full,
     })
 }
 
@@ -316,8 +381,8 @@ fn serialize(
     safetensors::serialize(views, Some(meta)).map_err(bad)
 }
 
-/// The window recorded in a weights file's metadata, if readable.
-fn window_in_weights(path: &Path) -> Option<u64> {
+/// A value of a weights file's metadata, if readable.
+fn weights_meta(path: &Path, key: &str) -> Option<String> {
     let mut f = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
     std::io::Read::read_exact(&mut f, &mut len).ok()?;
@@ -325,13 +390,21 @@ fn window_in_weights(path: &Path) -> Option<u64> {
     let mut header = vec![0u8; n];
     std::io::Read::read_exact(&mut f, &mut header).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    v.get("__metadata__")?.get(CHECKPOINT_WINDOW_KEY)?.as_str()?.parse().ok()
+    Some(v.get("__metadata__")?.get(key)?.as_str()?.to_string())
 }
+
+/// Metadata key of a checkpoint's [`Link`]: the anchored link that names its state.
+pub const CHECKPOINT_LINK_KEY: &str = "bistro_link";
 
 /// Serialise `params` and `adam` as a checkpoint of the state of `window` (bytes for a
 /// bucket: the parameters under their names, the optimizer state under
-/// [`TENSOR_PREFIXES`]).
-pub fn checkpoint_bytes(params: &Params, adam: &PublicAdam, window: u64) -> Result<Vec<u8>, StateError> {
+/// [`TENSOR_PREFIXES`]), with the anchored `link` that names the state (none at genesis).
+pub fn checkpoint_bytes(
+    params: &Params,
+    adam: &PublicAdam,
+    window: u64,
+    link: Option<&Link>,
+) -> Result<Vec<u8>, StateError> {
     let tensors = params
         .specs()
         .iter()
@@ -346,7 +419,21 @@ pub fn checkpoint_bytes(params: &Params, adam: &PublicAdam, window: u64) -> Resu
     let cfg = serde_json::to_string(params.config())
         .map_err(|source| bistro_model::ModelError::Serialize { what: "model config", source })?;
     meta.insert(bistro_model::checkpoint::CONFIG_METADATA_KEY.to_string(), cfg);
+    if let Some(l) = link {
+        let json = serde_json::to_string(l)
+            .map_err(|e| StateError::File { path: "<checkpoint>".into(), reason: e.to_string() })?;
+        meta.insert(CHECKPOINT_LINK_KEY.to_string(), json);
+    }
     serialize(tensors, params, adam, &meta)
+}
+
+/// The [`Link`] a checkpoint's metadata names its state by, if any (well-formed: hex
+/// hashes of the right length).
+pub fn checkpoint_link(bytes: &[u8]) -> Option<Link> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    let link: Link = serde_json::from_str(header.metadata().as_ref()?.get(CHECKPOINT_LINK_KEY)?).ok()?;
+    let is_hash = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (is_hash(&link.parent) && is_hash(&link.update) && link.full.as_deref().is_some_and(is_hash)).then_some(link)
 }
 
 /// Parse a downloaded checkpoint for `config` (strict names, shapes and dtypes; the

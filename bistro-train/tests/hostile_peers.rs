@@ -406,11 +406,11 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     chain.set_commitment(1, "evil-validator", vbucket.url()).await.unwrap();
     let genesis = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let adam = PublicAdam::zeros(genesis.specs());
-    let future = bistro_train::state::checkpoint_bytes(&genesis, &adam, u64::MAX).unwrap();
+    let future = bistro_train::state::checkpoint_bytes(&genesis, &adam, u64::MAX, None).unwrap();
     vbucket.put(&bistro_train::protocol::checkpoint_key(u64::MAX), Bytes::from(future)).await.unwrap();
     let tampered = genesis.deep_clone().unwrap();
     tampered.scatter(0, &[0, 1, 2], &[9.0, 9.0, 9.0]).unwrap();
-    let bytes = bistro_train::state::checkpoint_bytes(&tampered, &adam, 1).unwrap();
+    let bytes = bistro_train::state::checkpoint_bytes(&tampered, &adam, 1, None).unwrap();
     vbucket.put(&bistro_train::protocol::checkpoint_key(1), Bytes::from(bytes)).await.unwrap();
 
     let cfg = |name: &str| node_config(dir, &h, name, 0);
@@ -431,11 +431,18 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     let mut good_adam = adam.clone();
     good_adam.t[0][5] = 1;
     good_adam.v[0][5] = 1e-6;
-    let hash = state_hash(&good, &good_adam).unwrap();
+    // The checkpoint names its state by the anchored link of window 1.
+    let link = bistro_train::lineage::Link {
+        parent: state_hash(&genesis, &adam).unwrap(),
+        window: w - 1,
+        update: "b".repeat(64),
+        full: Some(state_hash(&good, &good_adam).unwrap()),
+    };
+    let hash = link.id();
     vbucket
         .put(
             &bistro_train::protocol::checkpoint_key(w),
-            Bytes::from(bistro_train::state::checkpoint_bytes(&good, &good_adam, w).unwrap()),
+            Bytes::from(bistro_train::state::checkpoint_bytes(&good, &good_adam, w, Some(&link)).unwrap()),
         )
         .await
         .unwrap();
@@ -447,6 +454,7 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
             lead: "evil-validator".into(),
             parent: hash.clone(),
             state: hash.clone(),
+            full: None,
             included: vec![],
             excluded: vec![],
             scored: 0,
@@ -499,4 +507,15 @@ async fn f2_a_checkpoint_needs_a_stake_majority_of_attestations() {
     assert!(node.origin.contains("verified checkpoint of window 2"), "{}", node.origin);
     assert_eq!(node.state_hash, hash);
     assert_eq!(node.adam, good_adam, "the checkpoint's optimizer state is resumed exactly");
+    assert_eq!(node.anchor.as_ref(), Some(&link));
+    // Other contents under the same attested link: their full hash is not the link's.
+    vbucket
+        .put(
+            &bistro_train::protocol::checkpoint_key(w),
+            Bytes::from(bistro_train::state::checkpoint_bytes(&tampered, &adam, w, Some(&link)).unwrap()),
+        )
+        .await
+        .unwrap();
+    let node = Node::join(cfg("joiner-5"), chain.clone(), "").await.unwrap();
+    assert_eq!(node.window, 0, "a checkpoint whose contents are not its link's was used: {}", node.origin);
 }

@@ -26,7 +26,7 @@ async fn a_small_checkpoint_arrives_through_a_slow_link_that_breaks_once() {
     let params = Params::genesis(&model, h.genesis_seed, &Device::Cpu).unwrap();
     let adam = PublicAdam::zeros(params.specs());
     let want = bistro_train::accepted::state_hash(&params, &adam).unwrap();
-    let bytes = bistro_train::state::checkpoint_bytes(&params, &adam, 0).unwrap();
+    let bytes = bistro_train::state::checkpoint_bytes(&params, &adam, 0, None).unwrap();
     let size = bytes.len() as u64;
     assert!(size > 500_000_000, "{size}");
     std::fs::write(root.join("ckpt").join(bistro_train::protocol::checkpoint_key(0)), &bytes).unwrap();

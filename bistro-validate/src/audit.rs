@@ -19,6 +19,7 @@
 use bistro_model::Params;
 use bistro_train::accepted::{AggregateObject, state_hash};
 use bistro_train::hparams::{Aggregation, HParams};
+use bistro_train::lineage::{self, Produced};
 use bistro_train::public_adam::{AdamStep, PublicAdam};
 use bistro_train::slices::{self, Contribution, update_norm};
 use bistro_train::sync::WindowSlices;
@@ -144,31 +145,45 @@ pub fn audit(
         }
     }
     match produced_state(params, adam, ws, obj, h) {
-        Ok(s) if s == set.state => Audit::Attest,
-        Ok(s) => {
-            Audit::Dispute(format!("state: the values produce {}, the aggregate names {}", &s[..12], &set.state[..12]))
+        Ok(p) if p.id == set.state && p.link.as_ref().and_then(|l| l.full.as_ref()) == set.full.as_ref() => {
+            Audit::Attest
+        }
+        Ok(p) if p.id == set.state => Audit::Dispute(format!(
+            "full: the aggregate names full state {}, the values produce {}",
+            set.full.as_deref().map_or("none", |f| &f[..12]),
+            p.link.as_ref().and_then(|l| l.full.as_deref()).map_or("none", |f| &f[..12])
+        )),
+        Ok(p) => {
+            Audit::Dispute(format!("state: the values produce {}, the aggregate names {}", &p.id[..12], &set.state[..12]))
         }
         Err(e) => Audit::Abstain(format!("cannot hash the state: {e}")),
     }
 }
 
-/// The state hash `obj` produces from `params` and `adam` (the state of `ws.window`): the
-/// public AdamW step with its values at the window's indices (none when nothing was
-/// included), written, hashed and undone before returning.
+/// The identity ([`bistro_train::lineage`]) `obj` produces from `params` and `adam` (the
+/// state of `ws.window`, named `obj.set.parent`). Outside an anchor window only the
+/// aggregate's values are hashed. At an anchor the public AdamW step with its values at the
+/// window's indices (none when nothing was included) is written, the full state hashed,
+/// and the step undone before returning.
 pub(crate) fn produced_state(
     params: &Params,
     adam: &mut PublicAdam,
     ws: &WindowSlices,
     obj: &AggregateObject,
     h: &HParams,
-) -> bistro_model::Result<String> {
-    if obj.set.included.is_empty() {
-        return state_hash(params, adam);
-    }
-    let before = adam.read(&ws.theta_at_i, &ws.indices);
-    let after = adam.step_at(&ws.theta_at_i, &obj.values, &ws.indices, &AdamStep::of(h, ws.window));
-    let written = adam.write(params, &ws.indices, &after);
-    let state = written.and_then(|()| state_hash(params, adam));
-    adam.write(params, &ws.indices, &before)?;
-    state
+) -> bistro_model::Result<Produced> {
+    let included = !obj.set.included.is_empty();
+    let full = if !lineage::is_anchor(h, ws.window) {
+        None
+    } else if !included {
+        Some(state_hash(params, adam)?)
+    } else {
+        let before = adam.read(&ws.theta_at_i, &ws.indices);
+        let after = adam.step_at(&ws.theta_at_i, &obj.values, &ws.indices, &AdamStep::of(h, ws.window));
+        let written = adam.write(params, &ws.indices, &after);
+        let full = written.and_then(|()| state_hash(params, adam));
+        adam.write(params, &ws.indices, &before)?;
+        Some(full?)
+    };
+    Ok(lineage::produce(&obj.set.parent, ws.window, included, &obj.values, full))
 }

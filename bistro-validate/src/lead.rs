@@ -254,12 +254,15 @@ pub fn build(
         lead: lead.to_string(),
         parent: parent.to_string(),
         state: String::new(),
+        full: None,
         included: decision.included.clone(),
         excluded: decision.excluded.clone(),
         scored: decision.scored,
         record_clip: decision.record_clip,
     };
     let mut obj = AggregateObject { set, values: agg.values };
-    obj.set.state = crate::audit::produced_state(params, adam, ws, &obj, h)?;
+    let produced = crate::audit::produced_state(params, adam, ws, &obj, h)?;
+    obj.set.full = produced.link.and_then(|l| l.full);
+    obj.set.state = produced.id;
     Ok(obj)
 }

@@ -4,11 +4,11 @@
 //! An aggregate is a safetensors file with one 1-D f32 tensor per parameter (canonical
 //! names and order): the combined gradient at the window's slice indices, which every node
 //! applies through the public AdamW ([`crate::public_adam`]). Its metadata says which
-//! state it applies to and which it produces (both [`state_hash`]es), who decided it, and
+//! state it applies to and which it produces (both identities, [`crate::lineage`]), who decided it, and
 //! every included hotkey with the sha256 of its slice bytes and every excluded hotkey with
 //! the reason. Object key: [`crate::protocol::aggregate_key`], in the publishing validator's bucket.
 //!
-//! A node applies an aggregate only when its own state hash equals the aggregate's
+//! A node applies an aggregate only when its own state identity equals the aggregate's
 //! `parent`; a mismatch is a fork, repaired from the publisher's verified checkpoint and
 //! aggregates ([`crate::history`], in [`crate::node::Node::follow`]).
 
@@ -114,10 +114,16 @@ pub struct AcceptedSet {
     pub window: u64,
     /// Hotkey of the validator that decided it.
     pub lead: String,
-    /// [`state_hash`] of the state it applies to.
+    /// Identity ([`crate::lineage`]) of the state it applies to.
     pub parent: String,
-    /// [`state_hash`] of the state it produces.
+    /// Identity of the state it produces ([`crate::lineage::produce`] from `parent`, the
+    /// window and the values).
     pub state: String,
+    /// At an anchor window ([`crate::lineage::is_anchor`]), the full [`state_hash`] of the
+    /// produced state (also inside `state`; here so that a node whose own full hash differs
+    /// can say so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<String>,
     /// Included slices, sorted by hotkey.
     pub included: Vec<Included>,
     /// Excluded miners, sorted by hotkey.
@@ -267,8 +273,8 @@ pub fn decode(bytes: &[u8], expect: &AggregateExpectation) -> Result<AggregateOb
         });
     }
     let is_hash = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !is_hash(&set.parent) || !is_hash(&set.state) {
-        return Err(Rejection::Malformed("parent and state must be hex sha256 hashes".into()));
+    if !is_hash(&set.parent) || !is_hash(&set.state) || set.full.as_deref().is_some_and(|f| !is_hash(f)) {
+        return Err(Rejection::Malformed("parent, state and full must be hex sha256 hashes".into()));
     }
     let values = parsed.f32_tensors(&expect.names, &expect.lengths)?;
     Ok(AggregateObject { set, values })
@@ -295,6 +301,7 @@ mod tests {
                 lead: "v".into(),
                 parent: "0".repeat(64),
                 state: "1".repeat(64),
+                full: None,
                 included: vec![Included {
                     hotkey: "m1".into(),
                     sha256: "ab".into(),

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use candle_core::Device;
 
 use crate::accepted::{self, AggregateExpectation, AggregateObject, state_hash};
+use crate::lineage::{self, Link, Produced};
 use crate::public_adam::{AdamStep, PublicAdam};
 use crate::slices::{Rejection, SliceIndices};
 use crate::storage::{Bucket, StorageError};
@@ -87,8 +88,13 @@ pub struct Rebuilt {
     pub adam: PublicAdam,
     /// The window the parameters belong to.
     pub window: u64,
-    /// Their [`state_hash`].
+    /// Their identity ([`crate::lineage`]).
     pub hash: String,
+    /// The anchored link that named them, when the last link was an anchor (a checkpoint
+    /// names its state this way).
+    pub anchor: Option<Link>,
+    /// Their full [`state_hash`], when it was computed (genesis, an anchor).
+    pub full: Option<String>,
     /// The checkpoint the rebuild started from.
     pub checkpoint: u64,
 }
@@ -209,7 +215,8 @@ impl SyncContext {
                 let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
                 let adam = PublicAdam::zeros(params.specs());
                 let hash = state_hash(&params, &adam)?;
-                match self.replay(bucket, params, adam, hash, 0, t).await {
+                let start = Rebuilt { params, adam, window: 0, full: Some(hash.clone()), hash, anchor: None, checkpoint: 0 };
+                match self.replay(bucket, start, t).await {
                     Ok(r) => return Ok(r),
                     Err(e) => last_err = e,
                 }
@@ -219,23 +226,21 @@ impl SyncContext {
         tokio::time::timeout(budget, rebuild).await.unwrap_or(Err(HistoryError::TimedOut { seconds: budget.as_secs() }))
     }
 
-    /// Apply `bucket`'s aggregates of windows `from..to` to `params` and `adam` (hash
-    /// `hash`), each link checked.
-    async fn replay(
-        &self,
-        bucket: &Bucket,
-        params: Params,
-        mut adam: PublicAdam,
-        mut hash: String,
-        from: u64,
-        to: u64,
-    ) -> Result<Rebuilt, HistoryError> {
+    /// Apply `bucket`'s aggregates of windows `start.window..to` to the state `start`, each
+    /// link checked.
+    async fn replay(&self, bucket: &Bucket, start: Rebuilt, to: u64) -> Result<Rebuilt, HistoryError> {
+        let Rebuilt { params, mut adam, window: from, mut hash, mut anchor, mut full, checkpoint } = start;
         for w in from..to {
             let Some(obj) = self.aggregate_at(bucket, &params, w).await? else { continue };
             let idx = self.indices(&params, w).await?;
-            hash = apply_checked(&params, &mut adam, &idx, &obj, &hash, &self.hparams)?;
+            let produced = apply_checked(&params, &mut adam, &idx, &obj, &hash, &self.hparams)?;
+            if let Some(link) = produced.link {
+                full = link.full.clone();
+                anchor = link.is_anchored().then_some(link);
+            }
+            hash = produced.id;
         }
-        Ok(Rebuilt { params, adam, window: to, hash, checkpoint: from })
+        Ok(Rebuilt { params, adam, window: to, hash, anchor, full, checkpoint })
     }
 
     async fn rebuild_from_checkpoint<F, Fut>(
@@ -261,12 +266,28 @@ impl SyncContext {
         })?;
         let (params, adam) = crate::state::params_from_checkpoint(&f.bytes, model_config, device)
             .map_err(|e| HistoryError::Invalid { key: key.clone(), reason: Rejection::Malformed(e.to_string()) })?;
-        let hash = state_hash(&params, &adam)?;
-        // The checkpoint's state must be the attested product of window c - 1 (genesis
-        // needs no attestation: every node computes it).
+        let full = state_hash(&params, &adam)?;
+        // The checkpoint's state must be the attested product of window c - 1: its identity
+        // is its anchored link, whose full hash must be the checkpoint's own (genesis needs
+        // no attestation: every node computes it, and its identity is its full hash).
         let genesis = c == 0 && {
             let g = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
-            hash == state_hash(&g, &PublicAdam::zeros(g.specs()))?
+            full == state_hash(&g, &PublicAdam::zeros(g.specs()))?
+        };
+        let link = crate::state::checkpoint_link(&f.bytes);
+        let (hash, anchor) = match (&link, c.checked_sub(1)) {
+            _ if genesis => (full.clone(), None),
+            (Some(l), Some(prev)) if l.window == prev && l.full.as_deref() == Some(full.as_str()) => (l.id(), link),
+            (Some(l), _) => {
+                return Err(HistoryError::Mismatch(format!(
+                    "{key} names window {} and full state {}; its contents are window {} with full state {}",
+                    l.window + 1,
+                    short(l.full.as_deref().unwrap_or("none")),
+                    c,
+                    short(&full)
+                )));
+            }
+            (None, _) => return Err(HistoryError::Mismatch(format!("{key} carries no link to the attested lineage"))),
         };
         let vouched = genesis
             || match c.checked_sub(1) {
@@ -275,12 +296,13 @@ impl SyncContext {
             };
         if !vouched {
             return Err(HistoryError::Mismatch(format!(
-                "{key} (hash {}) is not attested by a stake majority of validators as the state after window {}",
-                &hash[..12],
+                "{key} (state {}) is not attested by a stake majority of validators as the state after window {}",
+                short(&hash),
                 c.saturating_sub(1)
             )));
         }
-        self.replay(bucket, params, adam, hash, c, target).await
+        let start = Rebuilt { params, adam, window: c, hash, anchor, full: Some(full), checkpoint: c };
+        self.replay(bucket, start, target).await
     }
 
     async fn aggregate_at(
@@ -294,10 +316,29 @@ impl SyncContext {
     }
 }
 
-/// Apply `obj` to `params` and `adam` (holding a state whose hash is `hash`): the parent
-/// must match, the public AdamW step with the aggregate's gradient is taken at the indices
-/// (no step at all when nothing was included), and the result must hash to the aggregate's
-/// `state`. Returns the new hash. On a parent mismatch nothing is written.
+/// Apply `obj` to `params` and `adam`, whatever state they hold: the public AdamW step with
+/// the aggregate's gradient at the indices (no step at all when nothing was included), and
+/// the full-state hash at an anchor window. Returns the identity produced from `parent`.
+pub fn apply_update(
+    params: &Params,
+    adam: &mut PublicAdam,
+    indices: &SliceIndices,
+    obj: &AggregateObject,
+    parent: &str,
+    hparams: &crate::hparams::HParams,
+) -> Result<Produced, HistoryError> {
+    let w = obj.set.window;
+    let included = !obj.set.included.is_empty();
+    if included {
+        adam.apply(params, indices, &obj.values, &AdamStep::of(hparams, w))?;
+    }
+    let full = if lineage::is_anchor(hparams, w) { Some(state_hash(params, adam)?) } else { None };
+    Ok(lineage::produce(parent, w, included, &obj.values, full))
+}
+
+/// Apply `obj` to `params` and `adam` (holding the state named `hash`): the parent must
+/// match (on a mismatch nothing is written), then [`apply_update`], and the produced
+/// identity must be the aggregate's `state`. Returns what was produced.
 pub fn apply_checked(
     params: &Params,
     adam: &mut PublicAdam,
@@ -305,7 +346,7 @@ pub fn apply_checked(
     obj: &AggregateObject,
     hash: &str,
     hparams: &crate::hparams::HParams,
-) -> Result<String, HistoryError> {
+) -> Result<Produced, HistoryError> {
     if obj.set.parent != hash {
         return Err(HistoryError::Mismatch(format!(
             "aggregate of window {} applies to state {}, this state is {}",
@@ -314,19 +355,31 @@ pub fn apply_checked(
             short(hash)
         )));
     }
-    if !obj.set.included.is_empty() {
-        adam.apply(params, indices, &obj.values, &AdamStep::of(hparams, obj.set.window))?;
+    let produced = apply_update(params, adam, indices, obj, hash, hparams)?;
+    check_produced(obj, &produced)?;
+    Ok(produced)
+}
+
+/// Whether `produced` (this node's own application of `obj`) is the state `obj` names; the
+/// error says whether the full-state hashes differ (this node's values drifted from the
+/// publisher's) or the link itself (the publisher named a state its values do not produce).
+pub fn check_produced(obj: &AggregateObject, produced: &Produced) -> Result<(), HistoryError> {
+    if produced.id == obj.set.state {
+        return Ok(());
     }
-    let new = state_hash(params, adam)?;
-    if new != obj.set.state {
-        return Err(HistoryError::Mismatch(format!(
-            "aggregate of window {} produced state {}, it names {}",
-            obj.set.window,
-            short(&new),
-            short(&obj.set.state)
-        )));
-    }
-    Ok(new)
+    let own_full = produced.link.as_ref().and_then(|l| l.full.as_deref());
+    let detail = match (own_full, obj.set.full.as_deref()) {
+        (Some(own), Some(theirs)) if own != theirs => {
+            format!(" (full state {} here, {} there)", short(own), short(theirs))
+        }
+        _ => String::new(),
+    };
+    Err(HistoryError::Mismatch(format!(
+        "aggregate of window {} produced state {}, it names {}{detail}",
+        obj.set.window,
+        short(&produced.id),
+        short(&obj.set.state)
+    )))
 }
 
 /// The first 12 hex digits of a hash, for logs.
@@ -343,7 +396,7 @@ pub async fn publish_history(
     hotkey: &str,
     applied: Option<&Bytes>,
     window: u64,
-    theta: Option<(u64, &Params, &PublicAdam)>,
+    theta: Option<(u64, &Params, &PublicAdam, Option<&Link>)>,
     hparams: &crate::hparams::HParams,
 ) {
     if let Some(bytes) = applied
@@ -351,11 +404,17 @@ pub async fn publish_history(
     {
         tracing::warn!(window, error = %e, "cannot publish the applied aggregate");
     }
-    let every = hparams.max_history.div_ceil(2).max(1);
-    if let Some((cw, params, adam)) = theta
-        && cw.is_multiple_of(every)
+    if let Some((cw, params, adam, anchor)) = theta
+        && cw.is_multiple_of(lineage::checkpoint_every(hparams))
     {
-        match crate::state::checkpoint_bytes(params, adam, cw) {
+        // A checkpoint names its state by the anchored link that produced it; a node that
+        // did not apply the anchor aggregate (none was accepted in that window) has none.
+        let Some(link) = anchor.filter(|l| l.window + 1 == cw && l.is_anchored()) else {
+            tracing::info!(window = cw, "no checkpoint this time: the state was not produced by the anchor window's aggregate");
+            cleanup(bucket, hotkey, window, hparams).await;
+            return;
+        };
+        match crate::state::checkpoint_bytes(params, adam, cw, Some(link)) {
             Ok(b) => {
                 if let Err(e) = bucket.put(&crate::protocol::checkpoint_key(cw), Bytes::from(b)).await {
                     tracing::warn!(error = %e, "cannot publish checkpoint");

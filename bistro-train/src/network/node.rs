@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::accepted::{AcceptedSet, AggregateObject, bytes_sha256, state_hash, validators_by_stake};
 use crate::data::{Dataset, TextTokenizer};
-use crate::history::{HistoryError, apply_checked, short};
+use crate::history::{HistoryError, short};
 use crate::hparams::HParams;
 use crate::network::attestation::{self, Attestation, Tally, Voice};
 use crate::public_adam::PublicAdam;
@@ -123,8 +123,14 @@ pub struct Node {
     pub adam: PublicAdam,
     /// The window `params` belongs to.
     pub window: u64,
-    /// [`state_hash`] of `params` and `adam`.
+    /// The identity of `params` and `adam` ([`crate::lineage`]: a hash chain over the
+    /// applied updates, anchored by a full [`state_hash`] before every checkpoint).
     pub state_hash: String,
+    /// The anchored link that names the held state, when the last update applied was an
+    /// anchor's (what a checkpoint of it carries).
+    pub anchor: Option<crate::lineage::Link>,
+    /// The held state's full [`state_hash`], when known (genesis, a checkpoint, an anchor).
+    pub full_hash: Option<String>,
     /// Where `params` came from.
     pub origin: String,
     /// Whether this node keeps a published history (validators: applied aggregates and
@@ -155,6 +161,8 @@ pub struct Node {
 #[derive(Debug, Default)]
 struct Saving {
     base: Option<u64>,
+    base_state: Option<String>,
+    base_full: Option<String>,
     journal: Vec<u64>,
     pending: Option<state::JournalEntry>,
     full_due: bool,
@@ -364,7 +372,9 @@ impl Node {
             params,
             adam,
             window: 0,
+            full_hash: Some(state_hash.clone()),
             state_hash,
+            anchor: None,
             origin: format!("genesis (seed {})", cfg.hparams.genesis_seed),
             publishes_history: false,
             forks: 0,
@@ -384,7 +394,9 @@ impl Node {
         if let Some((info, params, adam)) =
             crate::state::load(&dir, &self.model_config, &self.ctx.hparams_hash, &self.cfg.device)?
         {
-            self.install(params, adam, info.window)?;
+            let id = info.state.clone().unwrap_or_default();
+            let full = if info.journal.is_empty() { info.base_full.clone() } else { None };
+            self.install(params, adam, info.window, id, None, full)?;
             self.origin = format!("local state ({})", dir.display());
             return Ok(());
         }
@@ -408,8 +420,9 @@ impl Node {
         };
         match tokio::time::timeout(budget, search).await {
             Ok(Some((r, from))) => {
-                self.install(r.params, r.adam, r.window)?;
-                self.origin = format!("verified checkpoint of window {} from {from}", r.checkpoint);
+                let (window, checkpoint) = (r.window, r.checkpoint);
+                self.install_rebuilt(r, window)?;
+                self.origin = format!("verified checkpoint of window {checkpoint} from {from}");
             }
             Ok(None) => {}
             Err(_) => {
@@ -419,14 +432,30 @@ impl Node {
         Ok(())
     }
 
-    /// Replace the held state (same config) and recompute its hash.
-    fn install(&mut self, params: Params, adam: PublicAdam, window: u64) -> Result<(), NodeError> {
+    /// Replace the held state (same config) with `params` and `adam` of `window`, named
+    /// `id` (with its anchored link and full hash when known). The next save is a full one.
+    fn install(
+        &mut self,
+        params: Params,
+        adam: PublicAdam,
+        window: u64,
+        id: String,
+        anchor: Option<crate::lineage::Link>,
+        full: Option<String>,
+    ) -> Result<(), NodeError> {
         self.params.assign(&params)?;
         self.adam = adam;
         self.window = window;
-        self.state_hash = state_hash(&self.params, &self.adam)?;
+        self.state_hash = id;
+        self.anchor = anchor;
+        self.full_hash = full;
         self.saving.full_due = true;
         Ok(())
+    }
+
+    /// [`Self::install`] a state rebuilt from a validator's history as the state of `window`.
+    fn install_rebuilt(&mut self, r: crate::history::Rebuilt, window: u64) -> Result<(), NodeError> {
+        self.install(r.params, r.adam, window, r.hash, r.anchor, r.full)
     }
 
     /// The lead of `window`: the first validator by stake among those with a usable
@@ -658,16 +687,24 @@ impl Node {
             model_hash: self.ctx.model_hash.clone(),
             ..StateInfo::default()
         };
+        info.state = Some(self.state_hash.clone());
         if full {
+            info.base_full = self.full_hash.clone();
             state::save(&dir, &self.params, &self.adam, &info)?;
-            self.saving = Saving { base: Some(self.window), ..Saving::default() };
+            self.saving = Saving {
+                base: Some(self.window),
+                base_state: info.state.clone(),
+                base_full: info.base_full.clone(),
+                ..Saving::default()
+            };
             return Ok(());
         }
         let mut journal = self.saving.journal.clone();
         journal.extend(pending.as_ref().map(|e| e.window));
         info.base = self.saving.base;
         info.journal = journal.clone();
-        info.state = Some(self.state_hash.clone());
+        info.base_state = self.saving.base_state.clone();
+        info.base_full = self.saving.base_full.clone();
         let written = match &pending {
             Some(e) => state::append_journal(&dir, e, &info),
             None => state::write_info(&dir, &info),
@@ -892,7 +929,7 @@ impl Node {
                 &self.cfg.hotkey,
                 applied.as_ref(),
                 w,
-                Some((self.window, &self.params, &self.adam)),
+                Some((self.window, &self.params, &self.adam, self.anchor.as_ref())),
                 &self.cfg.hparams,
             )
             .await;
@@ -970,7 +1007,7 @@ impl Node {
     ) -> Result<bool, NodeError> {
         match self.rebuild_to(from, state, publishers, w).await {
             Ok(r) => {
-                self.install(r.params, r.adam, w)?;
+                self.install_rebuilt(r, w)?;
                 self.repairs += 1;
                 tracing::info!(
                     window = w,
@@ -1121,11 +1158,12 @@ impl Node {
             match rebuilt {
                 // `rebuild_to` returns only the state asked for.
                 Ok(r) => {
-                    self.install(r.params, r.adam, w)?;
+                    let checkpoint = r.checkpoint;
+                    self.install_rebuilt(r, w)?;
                     self.repairs += 1;
                     crate::telemetry::fork(true);
                     repaired = true;
-                    tracing::info!(window = w, checkpoint = r.checkpoint, from = %who, "fork repaired");
+                    tracing::info!(window = w, checkpoint, from = %who, "fork repaired");
                 }
                 Err(e) => {
                     crate::telemetry::fork(false);
@@ -1141,27 +1179,53 @@ impl Node {
                 reason: format!("the attested aggregate fails the cheap checks: {e}"),
             });
         }
-        match apply_checked(&self.params, &mut self.adam, indices, &obj, &self.state_hash, &self.cfg.hparams) {
-            Ok(h) => {
-                self.state_hash = h;
-                if !obj.set.included.is_empty() {
-                    self.saving.pending = Some(state::JournalEntry {
-                        window: w,
-                        indices: indices.clone(),
-                        values: obj.values.clone(),
-                        step: crate::public_adam::AdamStep::of(&self.cfg.hparams, w),
-                    });
-                }
-            }
+        // The parent matches (checked above, or repaired to): apply, then compare.
+        let produced = crate::history::apply_update(
+            &self.params,
+            &mut self.adam,
+            indices,
+            &obj,
+            &self.state_hash,
+            &self.cfg.hparams,
+        );
+        let produced = match produced {
+            Ok(p) => p,
             Err(e) => {
+                // Nothing is known of the state now: a full save, and the next aggregate's
+                // parent check finds the fork and repairs it.
                 self.saving.full_due = true;
-                // The values were written but do not hash to what the aggregate names: the
-                // next aggregate's parent check will find and repair the fork.
-                self.state_hash = state_hash(&self.params, &self.adam)?;
+                self.state_hash = format!("{:0>64}", "");
+                self.anchor = None;
+                self.full_hash = None;
                 self.forks += 1;
                 self.window = w + 1;
                 return Ok(Followed::Forked { window: w, reason: e.to_string() });
             }
+        };
+        let checked = crate::history::check_produced(&obj, &produced);
+        self.state_hash = produced.id;
+        if let Some(link) = produced.link {
+            self.full_hash = link.full.clone();
+            if !obj.set.included.is_empty() || link.is_anchored() {
+                self.saving.pending = Some(state::JournalEntry {
+                    window: w,
+                    indices: indices.clone(),
+                    values: obj.values.clone(),
+                    step: crate::public_adam::AdamStep::of(&self.cfg.hparams, w),
+                    included: !obj.set.included.is_empty(),
+                    full: link.full.clone(),
+                });
+            }
+            self.anchor = link.is_anchored().then_some(link);
+        }
+        if let Err(e) = checked {
+            // The values were written but do not produce the state the aggregate names:
+            // this node now holds the state it computed itself, and the next aggregate's
+            // parent check finds the fork and repairs it.
+            self.saving.full_due = true;
+            self.forks += 1;
+            self.window = w + 1;
+            return Ok(Followed::Forked { window: w, reason: e.to_string() });
         }
         self.window = w + 1;
         Ok(Followed::Applied { window: w, from: who, set: obj.set, repaired })

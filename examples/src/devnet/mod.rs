@@ -485,7 +485,10 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 let node = v.node_mut();
                 let idx: Vec<u32> = (0..8).collect();
                 node.params.scatter(0, &idx, &[0.5; 8])?;
-                node.state_hash = bistro_train::accepted::state_hash(&node.params, &node.adam)?;
+                // The identity of the state it now holds: one link no accepted set made.
+                node.state_hash = bistro_train::lineage::produce(&node.state_hash, w, true, &[vec![0.5; 8]], None).id;
+                node.anchor = None;
+                node.full_hash = None;
                 tracing::warn!(validator = vi, window = w, "forked on purpose");
             }
         }

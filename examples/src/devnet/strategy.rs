@@ -267,10 +267,18 @@ pub(super) async fn misbehave(r: &Rogue, p: &bistro_validate::validator::Prepare
             verified_by: Vec::new(),
         });
     }
-    let scratch = node.params.deep_clone()?;
-    let mut adam = node.adam.clone();
-    adam.apply(&scratch, &idx, &lie.values, &bistro_train::public_adam::AdamStep::of(&node.cfg.hparams, w))?;
-    lie.set.state = bistro_train::accepted::state_hash(&scratch, &adam)?;
+    // A well-formed lie: the identity its values produce (the full hash at an anchor).
+    let h = &node.cfg.hparams;
+    let full = if bistro_train::lineage::is_anchor(h, w) {
+        let scratch = node.params.deep_clone()?;
+        let mut adam = node.adam.clone();
+        adam.apply(&scratch, &idx, &lie.values, &bistro_train::public_adam::AdamStep::of(h, w))?;
+        Some(bistro_train::accepted::state_hash(&scratch, &adam)?)
+    } else {
+        None
+    };
+    lie.set.full = full.clone();
+    lie.set.state = bistro_train::lineage::produce(&lie.set.parent, w, true, &lie.values, full).id;
     publish_lie(r, &idx, w, &lie).await
 }
 

@@ -23,12 +23,12 @@ pub(crate) fn accepted_set(s3_root: &Path, bucket: &str, window: u64) -> Option<
 }
 
 /// A node's saved state as the node loads it (the last full save with its journal
-/// replayed): its window and state hash (parameters and optimizer state).
+/// replayed, its lineage and any full hash checked): its window and state identity.
 pub(crate) fn saved_state(dir: &Path, model: &bistro_model::ModelConfig) -> (u64, String) {
     let info: bistro_train::state::StateInfo =
         serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state.json")).expect("state.json parses");
-    let (info, params, adam) = bistro_train::state::load(dir, model, &info.hparams_hash, &candle_core::Device::Cpu)
+    let (info, _, _) = bistro_train::state::load(dir, model, &info.hparams_hash, &candle_core::Device::Cpu)
         .expect("the saved state loads")
         .expect("a saved state");
-    (info.window, bistro_train::accepted::state_hash(&params, &adam).expect("hash"))
+    (info.window, info.state.expect("an identity"))
 }

@@ -185,7 +185,7 @@ fn a_journal_of_updates_replays_to_the_same_state() {
     // Killed between the entry of window 15 and its state.json: resumes at 15.
     let e15 = update(&params, 15);
     let mut a16 = adam.clone();
-    a16.apply(&params, &e15.indices, &e15.values, &e15.step).unwrap();
+    a16.apply(&params.deep_clone().unwrap(), &e15.indices, &e15.values, &e15.step).unwrap();
     std::fs::write(dir.path().join("state.json.keep"), std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
     state::append_journal(dir.path(), &e15, &at(16, vec![12, 14, 15], "00")).unwrap();
     std::fs::rename(dir.path().join("state.json.keep"), dir.path().join("state.json")).unwrap();
@@ -207,7 +207,8 @@ fn a_journal_of_updates_replays_to_the_same_state() {
     assert!(load().is_none());
     // A full save clears the journal.
     std::fs::write(&path, &good).unwrap();
-    state::save(dir.path(), &params, &adam, &StateInfo { window: 15, state: Some(s15.clone()), ..base.clone() }).unwrap();
+    let at15 = StateInfo { window: 15, state: Some(s15.clone()), base_full: Some(full15.clone()), ..base.clone() };
+    state::save(dir.path(), &params, &adam, &at15).unwrap();
     assert!(!dir.path().join(state::journal_file(12)).exists() && !path.exists());
     let (info, _, a) = load().unwrap();
     assert_eq!((info.window, info.base, a), (15, Some(15), adam));

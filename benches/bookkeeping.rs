@@ -1,6 +1,8 @@
 //! What a window costs every node besides training (issue 29: "1b-sized bytes with training
 //! off"): the full-state hash (parameters and the public AdamW's m, v, t: 16 bytes per
-//! parameter), applying an aggregate through the public AdamW at the window's 1/24 of the
+//! parameter; every window before protocol 6, at anchors only since), the lineage link that
+//! names the state every window since protocol 6 (a digest of the aggregate's values),
+//! applying an aggregate through the public AdamW at the window's 1/24 of the
 //! coordinates, saving the local state in full (every `JOURNAL_WINDOWS` windows) and as a
 //! journal entry (the windows between), and serialising a checkpoint.
 //!
@@ -51,6 +53,10 @@ fn bookkeeping(c: &mut Criterion) {
     let mut grp = c.benchmark_group(format!("bookkeeping_{model}"));
     grp.sample_size(10);
     grp.bench_function("state_hash", |b| b.iter(|| bistro_train::accepted::state_hash(&params, &adam).expect("hash")));
+    let parent = "a".repeat(64);
+    grp.bench_function("lineage_link", |b| {
+        b.iter(|| bistro_train::lineage::produce(&parent, 10, true, &g, None).id)
+    });
     grp.bench_function("apply_aggregate_public_adamw", |b| {
         b.iter(|| adam.apply(&params, &idx, &g, &step).expect("apply"))
     });

@@ -9,7 +9,8 @@
 #
 # It measures, in the same run: BISTRO's bf16 training step (125m, 1b: tokens/s, MFU, device
 # memory), the gradient-difference-norm kernel against a device-to-device copy, validator
-# throughput (1b miners per 24 s window, with the device norm kernel), the honest `e` of a
+# throughput (1b miners per 24 s and 36 s window, with the device norm kernel, at the f32
+# recompute the numeric contract requires and, for comparison, bf16), the honest `e` of a
 # GPU-computed gradient (f32 and bf16) against the CPU validator on the same window
 # (cross-hardware honesty), and PyTorch's step on the same configs and batches.
 set -uo pipefail
@@ -92,7 +93,7 @@ for r in rows:
     if r.get("what") == "diff_norm":
         md += ["", f"Gradient-difference norm, {r['miners']} miners x {r['params']} params: kernel reads {r['kernel_read_gb_per_s']} GB/s, device-to-device copy {r['d2d_copy_gb_per_s']} GB/s (read + write), ratio {r['ratio']:.2f}."]
     if r.get("what") == "validator":
-        md += ["", f"Validator: one 1b miner costs {r['recompute_s']:.3f} s (forward+backward on its batch) + {r['norm_s']*1e3:.2f} ms (norm): {r['miners_per_24s_window']:.1f} miners per 24 s window."]
+        md += ["", f"Validator ({r.get('dtype', 'bf16')}{', the numeric contract' if r.get('contract') else ', not the contract: bf16 gradients land above the honest tolerance'}): one 1b miner costs {r['recompute_s']:.3f} s (forward+backward on its batch) + {r['norm_s']*1e3:.2f} ms (norm): {r['miners_per_24s_window']:.1f} miners per 24 s window, {r.get('miners_per_36s_window', 0):.1f} per 36 s window."]
 prec = [r for r in rows if r.get("what") == "honest_e_max"]
 if prec:
     p = prec[0]

@@ -70,6 +70,8 @@ fn protocol_doc_states_the_fixed_constants() {
     let doc = include_str!("../../docs/PROTOCOL.md");
     for tag in [
         tags::STATE,
+        tags::LINK,
+        tags::UPDATE,
         tags::PAGES,
         tags::SLICE_INDICES,
         tags::HPARAMS,

@@ -5,6 +5,8 @@
 //! ```bash
 //! cargo run --release --example scale -- --miners 16,64,128,255 --windows 2 \
 //!     --latency-ms 20 --mbps 200
+//! # shared verification: 16 validators, every miner recomputed by 2 of them
+//! cargo run --release --example scale -- --miners 64,128,240 --validators 16 --verifiers-per-miner 2
 //! ```
 
 #[path = "scale/harness.rs"]
@@ -38,6 +40,13 @@ struct Args {
     /// Model preset.
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// Validators. 1: the lead alone at live pace. More: shared verification with
+    /// `--verifiers-per-miner` (each validator's work timed alone, in lockstep).
+    #[arg(long, default_value_t = 1)]
+    validators: usize,
+    /// Verifiers per miner under shared verification (with `--validators` above 1).
+    #[arg(long = "verifiers-per-miner", default_value_t = 2)]
+    verifiers_per_miner: u32,
     /// Append the table to this Markdown file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -55,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         args.latency_ms,
         args.mbps,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        harness::TABLE_HEADER
+        if args.validators > 1 { harness::SHARED_TABLE_HEADER } else { harness::TABLE_HEADER }
     );
     for n in &args.miners {
         let tmp = tempfile::tempdir()?;
@@ -69,7 +78,11 @@ async fn main() -> anyhow::Result<()> {
             model: args.model.clone(),
             block: Duration::from_millis(args.block_ms),
             dir: tmp.path().join("run"),
-            hparams: bistro_train::hparams::HParams::default(),
+            hparams: bistro_train::hparams::HParams {
+                verifiers_per_miner: if args.validators > 1 { args.verifiers_per_miner } else { 0 },
+                ..Default::default()
+            },
+            validators: args.validators,
         };
         let r = harness::run(&opts, s3, link).await?;
         println!("{}", r.row());

@@ -41,6 +41,12 @@ pub(crate) struct ScaleOptions {
     pub(crate) dir: PathBuf,
     /// Budgets and the rest (model, dataset and network are set by the harness).
     pub(crate) hparams: HParams,
+    /// Validators. With 1, the lead runs alone at live pace (deadlines, budgets and
+    /// cut-offs as on a network). With more, verification is shared (`verifiers_per_miner`
+    /// of `hparams` > 0): every validator's phases run one after another in lockstep and
+    /// are timed alone, as if each had this machine to itself, since one machine cannot
+    /// run V validators' recomputations at once at live pace.
+    pub(crate) validators: usize,
 }
 
 /// One window as the harness measured it.
@@ -65,6 +71,11 @@ pub(crate) struct WindowMeasure {
     pub(crate) other_excluded: usize,
     /// Whether the follower applied the lead's aggregate.
     pub(crate) applied: bool,
+    /// Shared verification: miners each validator recomputed (the lead last).
+    pub(crate) recomputed_by: Vec<usize>,
+    /// Shared verification: included on complete verdicts (every assigned verifier found
+    /// the slice honest).
+    pub(crate) vouched: usize,
 }
 
 /// A run at one N.
@@ -82,6 +93,8 @@ pub(crate) struct ScaleReport {
     pub(crate) peak_rss_mib: f64,
     /// The budget the lead must publish within (`aggregate_wait_ms`).
     pub(crate) publish_budget_ms: u64,
+    /// Validators (1: the lead alone at live pace).
+    pub(crate) validators: usize,
 }
 
 impl ScaleReport {
@@ -102,6 +115,9 @@ impl ScaleReport {
         let timeouts: usize = self.windows.iter().map(|w| w.timeouts).sum();
         let included: Vec<String> = self.windows.iter().map(|w| w.included.to_string()).collect();
         let recomputed = self.windows.iter().map(|w| w.recomputed).max().unwrap_or(0);
+        if self.validators > 1 {
+            return self.shared_row();
+        }
         format!(
             "| {} | {:.0} of {} | {} | {} ({:.2}) | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
             self.miners,
@@ -118,6 +134,46 @@ impl ScaleReport {
         )
     }
 }
+
+impl ScaleReport {
+    /// [`ScaleReport::row`] under shared verification: N and V, the critical path (the
+    /// slowest validator's collect and recomputation, then the lead's decision and
+    /// publication, each timed alone), recomputations per validator (most of a non-lead, the
+    /// lead's), the share of N included on verdicts or recomputed, and the rest as above.
+    fn shared_row(&self) -> String {
+        let timeouts: usize = self.windows.iter().map(|w| w.timeouts).sum();
+        let included: Vec<String> = self.windows.iter().map(|w| w.included.to_string()).collect();
+        let others = self
+            .windows
+            .iter()
+            .flat_map(|w| w.recomputed_by.iter().take(w.recomputed_by.len().saturating_sub(1)))
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let lead = self.windows.iter().filter_map(|w| w.recomputed_by.last()).copied().max().unwrap_or(0);
+        let checked = self.windows.iter().map(|w| w.vouched + w.recomputed).min().unwrap_or(0);
+        format!(
+            "| {} | {} | {:.0} of {} | {} | {} / {} | {} ({:.2}) | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
+            self.miners,
+            self.validators,
+            self.max(|w| w.lead_publish_ms),
+            self.publish_budget_ms,
+            timeouts,
+            others,
+            lead,
+            checked,
+            checked as f64 / self.miners as f64,
+            included.join(" → "),
+            self.max(|w| w.follow_ms),
+            self.lead_bytes_down() as f64 / 1e6,
+            self.aggregate_bytes as f64 / 1e6,
+            self.peak_rss_mib,
+        )
+    }
+}
+
+/// The table header matching [`ScaleReport::row`] under shared verification.
+pub(crate) const SHARED_TABLE_HEADER: &str = "| N | V | critical path: slowest validator's collect + recompute, then the lead's decide + publish, ms (max) of budget | timeouts | recomputed per validator (max of the others / the lead) | checked per window: on verdicts or recomputed (share, min) | included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// The table header matching [`ScaleReport::row`].
 pub(crate) const TABLE_HEADER: &str = "| N | lead deadline → publish, ms (max) of budget | timeouts | recomputed / window (share) | included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|";
@@ -193,10 +249,25 @@ pub(crate) async fn run(
         heldout_pages: 0,
     };
     let mut lead = Validator::new(lead_cfg, dyn_chain.clone()).await.context("starting the lead")?;
+    let shared = opts.validators > 1;
+    anyhow::ensure!(!shared || h.verifiers_per_miner > 0, "several validators share verification: set verifiers_per_miner");
+    anyhow::ensure!(opts.miners + opts.validators <= 256, "a subnet holds 256 uids");
+    let mut others = Vec::new();
+    for i in 1..opts.validators {
+        let cfg = ValidatorConfig {
+            node: bistro_examples::devnet::local_node_config(dir, &h, &format!("validator-{i:02}"), "validator", 1000)?,
+            max_miners_per_window: 4096,
+            heldout_pages: 0,
+        };
+        others.push(Validator::new(cfg, dyn_chain.clone()).await.with_context(|| format!("starting validator {i}"))?);
+    }
 
     let start = h.window_of(chain.block_number().await?) + 1;
     real.node_mut().window = start;
     lead.node_mut().window = start;
+    for v in &mut others {
+        v.node_mut().window = start;
+    }
     let mut windows = Vec::new();
     let (mut slice_bytes, mut aggregate_bytes) = (0u64, 0u64);
     for w in start..start + opts.windows {
@@ -226,6 +297,14 @@ pub(crate) async fn run(
         }
         let upload_ms = up.elapsed().as_secs_f64() * 1e3;
 
+        if shared {
+            let m = shared_window(&mut lead, &mut others, &mut real, &stop, upload_ms).await?;
+            let agg = lead.node().bucket.head(&bistro_train::protocol::aggregate_key(w)).await;
+            aggregate_bytes = agg.map(|o| o.size).unwrap_or(0);
+            tracing::info!(miners = opts.miners, window = w, ?m, "window measured");
+            windows.push(m);
+            continue;
+        }
         // Live pace: the lead waits for the upload deadline, then works under its budgets
         // and publishes only before its cut-off, as on a real network.
         let deadline = lead.node().ctx.deadline_ms(w).await?;
@@ -264,5 +343,73 @@ pub(crate) async fn run(
         windows,
         peak_rss_mib: peak_rss_mib(),
         publish_budget_ms: h.aggregate_wait_ms,
+        validators: opts.validators,
     })
+}
+
+/// One window under shared verification, in lockstep: every validator collects and
+/// recomputes its share (and publishes its verdicts), then every validator decides (the
+/// lead publishing its aggregate), attests and finishes; then the real miner follows. Each
+/// validator's phases are timed alone: the critical path is the slowest validator's
+/// preparation plus the lead's decision.
+async fn shared_window(
+    lead: &mut Validator,
+    others: &mut [Validator],
+    real: &mut Miner,
+    stop: &Arc<AtomicBool>,
+    upload_ms: f64,
+) -> anyhow::Result<WindowMeasure> {
+    let mut slowest_prepare = 0f64;
+    let mut prepared = Vec::new();
+    for v in others.iter_mut() {
+        let t = Instant::now();
+        prepared.push(v.prepare_window(Pace::Lockstep, true, stop).await?);
+        slowest_prepare = slowest_prepare.max(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let t = Instant::now();
+    let mut lead_prepared = lead.prepare_window(Pace::Lockstep, true, stop).await?;
+    slowest_prepare = slowest_prepare.max(t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
+    lead.decide_window(&mut lead_prepared, stop).await?;
+    let lead_decide_ms = t.elapsed().as_secs_f64() * 1e3;
+    for (v, p) in others.iter_mut().zip(prepared.iter_mut()) {
+        v.decide_window(p, stop).await?;
+    }
+    let mut recomputed_by: Vec<usize> = prepared.iter().map(|p| p.recomputed()).collect();
+    recomputed_by.push(lead_prepared.recomputed());
+    let t = Instant::now();
+    lead.attest_window(&mut lead_prepared, stop).await?;
+    for (v, p) in others.iter_mut().zip(prepared.iter_mut()) {
+        v.attest_window(p, stop).await?;
+    }
+    let out = lead.finish_window(lead_prepared, stop).await?;
+    for (v, p) in others.iter_mut().zip(prepared) {
+        v.finish_window(p, stop).await?;
+    }
+    let lead_window_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let followed = real.follow(Pace::Lockstep, stop).await?;
+    let follow_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut m = WindowMeasure {
+        upload_ms,
+        lead_publish_ms: slowest_prepare + lead_decide_ms,
+        lead_window_ms,
+        follow_ms,
+        recomputed_by,
+        ..Default::default()
+    };
+    if let Followed::Applied { set, .. } = &out.followed {
+        m.included = set.included.len();
+        m.recomputed = set.included.iter().filter(|i| i.verified_by.is_empty() && i.e.is_some()).count();
+        m.vouched = set.included.iter().filter(|i| !i.verified_by.is_empty()).count();
+        for x in &set.excluded {
+            if x.reason.contains("timeout") || x.reason.contains("missing") {
+                m.timeouts += 1;
+            } else {
+                m.other_excluded += 1;
+            }
+        }
+    }
+    m.applied = matches!(followed, Followed::Applied { .. });
+    Ok(m)
 }

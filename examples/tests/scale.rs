@@ -23,6 +23,7 @@ async fn the_harness_measures_a_small_network() {
         block: Duration::from_millis(1000),
         dir: tmp.path().join("run"),
         hparams: bistro_train::hparams::HParams { seq_len: 64, ..Default::default() },
+        validators: 1,
     };
     let r = harness::run(&opts, s3, link).await.unwrap();
     eprintln!("{}\n{}", harness::TABLE_HEADER, r.row());

@@ -298,6 +298,9 @@ pub(crate) async fn run(
         let upload_ms = up.elapsed().as_secs_f64() * 1e3;
 
         if shared {
+            // The draw's block (at the upload deadline) first: waiting for it is not work.
+            let block = bistro_validate::assignment::assignment_block(&h, w, opts.block.as_millis() as u64);
+            chain.wait_for_block(block + 1, Duration::from_secs(60)).await?;
             let m = shared_window(&mut lead, &mut others, &mut real, &stop, upload_ms).await?;
             let agg = lead.node().bucket.head(&bistro_train::protocol::aggregate_key(w)).await;
             aggregate_bytes = agg.map(|o| o.size).unwrap_or(0);

@@ -13,11 +13,33 @@ use crate::protocol::CHECKPOINT_WINDOW_KEY;
 use crate::public_adam::{AdamStep, PublicAdam, TENSOR_PREFIXES};
 use crate::slices::SliceIndices;
 
-/// Most windows of updates a node keeps as a journal after a full save of its state: the
-/// parameters and optimizer state (16 bytes per parameter) are rewritten only every this
-/// many windows, and each window in between writes only its update (the aggregate's values
-/// at its coordinates), which a restart replays.
+/// Windows of updates a node keeps as a journal after a full save of its state, for a
+/// state under [`CHEAP_FULL_SAVE_BYTES`]: the parameters and optimizer state (16 bytes per
+/// parameter) are rewritten only every this many windows, and each window in between
+/// writes only its update (the aggregate's values at its coordinates), which a restart
+/// replays. Larger states journal longer ([`full_save_period`]).
 pub const JOURNAL_WINDOWS: u64 = 8;
+
+/// Most windows a journal may hold, whatever the state's size (a restart replays them all).
+pub const MAX_JOURNAL_WINDOWS: u64 = 64;
+
+/// A state this large or smaller is saved in full every [`JOURNAL_WINDOWS`] windows (a
+/// gigabyte writes in about a second or two).
+pub const CHEAP_FULL_SAVE_BYTES: u64 = 1 << 30;
+
+/// Windows between two full saves of a state of `num_params` parameters whose journal
+/// entries hold `coordinates` updated values each: [`JOURNAL_WINDOWS`] for a state of at
+/// most [`CHEAP_FULL_SAVE_BYTES`]; above, as many windows as it takes the journal (8 bytes
+/// per coordinate: index and value) to write as many bytes as one full save (16 bytes per
+/// parameter), from [`JOURNAL_WINDOWS`] to [`MAX_JOURNAL_WINDOWS`]. So a `1b` node at 1/32
+/// of the coordinates rewrites its 19.3 GB every 64 windows instead of every 8.
+pub fn full_save_period(num_params: usize, coordinates: usize) -> u64 {
+    let state = 16 * num_params as u64;
+    if state <= CHEAP_FULL_SAVE_BYTES {
+        return JOURNAL_WINDOWS;
+    }
+    (state / (8 * coordinates.max(1) as u64)).clamp(JOURNAL_WINDOWS, MAX_JOURNAL_WINDOWS)
+}
 
 /// The journal file of the update applied in `window`.
 pub fn journal_file(window: u64) -> String {

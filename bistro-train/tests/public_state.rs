@@ -213,3 +213,21 @@ fn a_journal_of_updates_replays_to_the_same_state() {
     let (info, _, a) = load().unwrap();
     assert_eq!((info.window, info.base, a), (15, Some(15), adam));
 }
+
+/// Small states are saved in full every 8 windows; a large one journals until the journal
+/// has written as much as a full save, at most 64 windows.
+#[test]
+fn large_states_journal_longer() {
+    let coords = |preset: &str, c: usize| -> (usize, usize) {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let specs = bistro_model::param_specs(&cfg);
+        let n = specs.iter().map(|s| bistro_train::slices::slice_len(s.shape.iter().product(), c)).sum();
+        (cfg.num_params(), n)
+    };
+    let (p, n) = coords("small", 24);
+    assert_eq!(state::full_save_period(p, n), state::JOURNAL_WINDOWS);
+    let (p, n) = coords("125m", 24);
+    assert_eq!(state::full_save_period(p, n), 48, "2.15 GB of state, 45 MB a window");
+    let (p, n) = coords("1b", 32);
+    assert_eq!(state::full_save_period(p, n), state::MAX_JOURNAL_WINDOWS);
+}

@@ -157,7 +157,7 @@ pub struct Node {
     saving: Saving,
 }
 
-/// The local state's saving between full saves (see [`state::JOURNAL_WINDOWS`]).
+/// The local state's saving between full saves (see [`state::full_save_period`]).
 #[derive(Debug, Default)]
 struct Saving {
     base: Option<u64>,
@@ -673,13 +673,14 @@ impl Node {
 
     /// Save `theta_w` and its window to the state directory: in full (parameters and
     /// optimizer state) after a restart, a repair or a fork, and every
-    /// [`state::JOURNAL_WINDOWS`] windows; in between only the window's update, as a journal
+    /// [`state::full_save_period`] windows (8 for a state under a gigabyte); in between
+    /// only the window's update, as a journal
     /// entry a restart replays.
     pub fn save_state(&mut self) -> Result<(), state::StateError> {
         let dir = self.cfg.state_dir.clone();
         let pending = self.saving.pending.take();
         let full = self.saving.full_due
-            || self.saving.base.is_none_or(|b| self.window >= b + state::JOURNAL_WINDOWS)
+            || self.saving.base.is_none_or(|b| self.window >= b + self.full_save_period())
             || pending.as_ref().is_some_and(|e| e.window + 1 != self.window);
         let mut info = StateInfo {
             window: self.window,
@@ -715,6 +716,17 @@ impl Node {
             Err(_) => self.saving.full_due = true,
         }
         written
+    }
+
+    /// Windows between two full saves of this node's state ([`state::full_save_period`]).
+    pub fn full_save_period(&self) -> u64 {
+        let coordinates: usize = self
+            .params
+            .specs()
+            .iter()
+            .map(|s| crate::slices::slice_len(s.shape.iter().product(), self.cfg.hparams.compression))
+            .sum();
+        state::full_save_period(self.model_config.num_params(), coordinates)
     }
 
     /// The current window of the chain.

@@ -54,9 +54,7 @@ fn bookkeeping(c: &mut Criterion) {
     grp.sample_size(10);
     grp.bench_function("state_hash", |b| b.iter(|| bistro_train::accepted::state_hash(&params, &adam).expect("hash")));
     let parent = "a".repeat(64);
-    grp.bench_function("lineage_link", |b| {
-        b.iter(|| bistro_train::lineage::produce(&parent, 10, true, &g, None).id)
-    });
+    grp.bench_function("lineage_link", |b| b.iter(|| bistro_train::lineage::produce(&parent, 10, true, &g, None).id));
     grp.bench_function("apply_aggregate_public_adamw", |b| {
         b.iter(|| adam.apply(&params, &idx, &g, &step).expect("apply"))
     });

@@ -127,12 +127,8 @@ pub struct StateInfo {
 /// and `config.json` next, then the small JSON, each written atomically; the older optimizer
 /// file is deleted last, so a process killed at any moment leaves a pair that resumes).
 pub fn save(dir: &Path, params: &Params, adam: &PublicAdam, info: &StateInfo) -> Result<(), StateError> {
-    let info = &StateInfo {
-        base: Some(info.window),
-        journal: Vec::new(),
-        base_state: info.state.clone(),
-        ..info.clone()
-    };
+    let info =
+        &StateInfo { base: Some(info.window), journal: Vec::new(), base_state: info.state.clone(), ..info.clone() };
     let mut meta = BTreeMap::new();
     meta.insert(CHECKPOINT_WINDOW_KEY.to_string(), info.window.to_string());
     // The identity and full hash travel inside the weights file too, atomic with the
@@ -268,7 +264,9 @@ pub fn load(
                 return Ok(None);
             }
             // The replayed lineage must reach `state`.
-            id = id.map(|parent| crate::lineage::produce(&parent, w, entry.included, &entry.values, entry.full.clone()).id);
+            id = id.map(|parent| {
+                crate::lineage::produce(&parent, w, entry.included, &entry.values, entry.full.clone()).id
+            });
         }
         info.window = target;
     }

@@ -153,9 +153,11 @@ pub fn audit(
             set.full.as_deref().map_or("none", |f| &f[..12]),
             p.link.as_ref().and_then(|l| l.full.as_deref()).map_or("none", |f| &f[..12])
         )),
-        Ok(p) => {
-            Audit::Dispute(format!("state: the values produce {}, the aggregate names {}", &p.id[..12], &set.state[..12]))
-        }
+        Ok(p) => Audit::Dispute(format!(
+            "state: the values produce {}, the aggregate names {}",
+            &p.id[..12],
+            &set.state[..12]
+        )),
         Err(e) => Audit::Abstain(format!("cannot hash the state: {e}")),
     }
 }

@@ -250,7 +250,10 @@ pub(crate) async fn run(
     };
     let mut lead = Validator::new(lead_cfg, dyn_chain.clone()).await.context("starting the lead")?;
     let shared = opts.validators > 1;
-    anyhow::ensure!(!shared || h.verifiers_per_miner > 0, "several validators share verification: set verifiers_per_miner");
+    anyhow::ensure!(
+        !shared || h.verifiers_per_miner > 0,
+        "several validators share verification: set verifiers_per_miner"
+    );
     anyhow::ensure!(opts.miners + opts.validators <= 256, "a subnet holds 256 uids");
     let mut others = Vec::new();
     for i in 1..opts.validators {

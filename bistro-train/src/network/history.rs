@@ -215,7 +215,8 @@ impl SyncContext {
                 let params = Params::genesis(model_config, self.hparams.genesis_seed, device)?;
                 let adam = PublicAdam::zeros(params.specs());
                 let hash = state_hash(&params, &adam)?;
-                let start = Rebuilt { params, adam, window: 0, full: Some(hash.clone()), hash, anchor: None, checkpoint: 0 };
+                let start =
+                    Rebuilt { params, adam, window: 0, full: Some(hash.clone()), hash, anchor: None, checkpoint: 0 };
                 match self.replay(bucket, start, t).await {
                     Ok(r) => return Ok(r),
                     Err(e) => last_err = e,
@@ -410,7 +411,10 @@ pub async fn publish_history(
         // A checkpoint names its state by the anchored link that produced it; a node that
         // did not apply the anchor aggregate (none was accepted in that window) has none.
         let Some(link) = anchor.filter(|l| l.window + 1 == cw && l.is_anchored()) else {
-            tracing::info!(window = cw, "no checkpoint this time: the state was not produced by the anchor window's aggregate");
+            tracing::info!(
+                window = cw,
+                "no checkpoint this time: the state was not produced by the anchor window's aggregate"
+            );
             cleanup(bucket, hotkey, window, hparams).await;
             return;
         };

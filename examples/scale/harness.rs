@@ -63,7 +63,7 @@ pub(crate) struct WindowMeasure {
     pub(crate) follow_ms: f64,
     /// Slices included, and how many of them the lead recomputed.
     pub(crate) included: usize,
-    /// Of those, recomputed this window.
+    /// Of those, recomputed by the lead itself this window.
     pub(crate) recomputed: usize,
     /// Miners excluded for a timeout or a missing slice.
     pub(crate) timeouts: usize,
@@ -305,10 +305,7 @@ pub(crate) async fn run(
             let block = bistro_validate::assignment::assignment_block(&h, w, opts.block.as_millis() as u64);
             chain.wait_for_block(block + 1, Duration::from_secs(60)).await?;
             let m = shared_window(&mut lead, &mut others, &mut real, &stop, upload_ms).await?;
-            let agg = lead.node().bucket.head(&bistro_train::protocol::aggregate_key(w)).await;
-            aggregate_bytes = agg.map(|o| o.size).unwrap_or(0);
-            tracing::info!(miners = opts.miners, window = w, ?m, "window measured");
-            windows.push(m);
+            aggregate_bytes = record(&lead, opts.miners, w, m, &mut windows).await;
             continue;
         }
         // Live pace: the lead waits for the upload deadline, then works under its budgets
@@ -325,22 +322,8 @@ pub(crate) async fn run(
         let followed = real.follow(Pace::Live, &stop).await?;
         let follow_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut m = WindowMeasure { upload_ms, lead_publish_ms, lead_window_ms, follow_ms, ..Default::default() };
-        if let Followed::Applied { set, .. } = &out.followed {
-            m.included = set.included.len();
-            m.recomputed = set.included.iter().filter(|i| i.e.is_some()).count();
-            for x in &set.excluded {
-                if x.reason.contains("timeout") || x.reason.contains("missing") {
-                    m.timeouts += 1;
-                } else {
-                    m.other_excluded += 1;
-                }
-            }
-        }
-        m.applied = matches!(followed, Followed::Applied { .. });
-        let agg = lead.node().bucket.head(&bistro_train::protocol::aggregate_key(w)).await;
-        aggregate_bytes = agg.map(|o| o.size).unwrap_or(0);
-        tracing::info!(miners = opts.miners, window = w, ?m, "window measured");
-        windows.push(m);
+        m.count(&out.followed, &followed);
+        aggregate_bytes = record(&lead, opts.miners, w, m, &mut windows).await;
     }
     Ok(ScaleReport {
         miners: opts.miners,
@@ -404,18 +387,34 @@ async fn shared_window(
         recomputed_by,
         ..Default::default()
     };
-    if let Followed::Applied { set, .. } = &out.followed {
-        m.included = set.included.len();
-        m.recomputed = set.included.iter().filter(|i| i.verified_by.is_empty() && i.e.is_some()).count();
-        m.vouched = set.included.iter().filter(|i| !i.verified_by.is_empty()).count();
-        for x in &set.excluded {
-            if x.reason.contains("timeout") || x.reason.contains("missing") {
-                m.timeouts += 1;
-            } else {
-                m.other_excluded += 1;
+    m.count(&out.followed, &followed);
+    Ok(m)
+}
+
+/// Log and keep window `w`'s measure; returns the size of the lead's aggregate of `w`.
+async fn record(lead: &Validator, miners: usize, w: u64, m: WindowMeasure, windows: &mut Vec<WindowMeasure>) -> u64 {
+    let agg = lead.node().bucket.head(&bistro_train::protocol::aggregate_key(w)).await;
+    tracing::info!(miners, window = w, ?m, "window measured");
+    windows.push(m);
+    agg.map(|o| o.size).unwrap_or(0)
+}
+
+impl WindowMeasure {
+    /// Count what the lead's accepted set (as the lead followed it) included and excluded,
+    /// and whether the follower applied it.
+    fn count(&mut self, lead: &Followed, follower: &Followed) {
+        if let Followed::Applied { set, .. } = lead {
+            self.included = set.included.len();
+            self.recomputed = set.included.iter().filter(|i| i.verified_by.is_empty() && i.e.is_some()).count();
+            self.vouched = set.included.iter().filter(|i| !i.verified_by.is_empty()).count();
+            for x in &set.excluded {
+                if x.reason.contains("timeout") || x.reason.contains("missing") {
+                    self.timeouts += 1;
+                } else {
+                    self.other_excluded += 1;
+                }
             }
         }
+        self.applied = matches!(follower, Followed::Applied { .. });
     }
-    m.applied = matches!(followed, Followed::Applied { .. });
-    Ok(m)
 }

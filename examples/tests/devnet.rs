@@ -43,6 +43,10 @@ async fn honest_network_learns_and_matches_the_reference() {
     }
     let first = r.windows[0].heldout_loss;
     assert!(r.final_heldout_loss < first - 0.05, "held-out loss did not fall: {first} -> {}", r.final_heldout_loss);
+    // Six windows cross a checkpoint (every max_history / 2 = 5 windows): a node joining
+    // afterwards starts from it, verified through its anchored link and the attestations.
+    assert!(r.joiner_origin.starts_with("verified checkpoint"), "the late joiner started from {}", r.joiner_origin);
+    assert!(r.joiner_on_lead_chain, "the late joiner's state is not the lead's: {}", r.joiner_origin);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

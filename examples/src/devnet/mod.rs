@@ -351,7 +351,10 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     }
     let mut reports = Vec::new();
     let mut by_strategy: BTreeMap<String, StrategyReport> = BTreeMap::new();
+    // The lead's state identity at the start of each window (a late joiner must land on it).
+    let mut lead_states: BTreeMap<u64, String> = BTreeMap::new();
     for w in start..start + opts.windows {
+        lead_states.insert(w, validators[0].node().state_hash.clone());
         let shared_loss = mean_loss(validators[0].params(), validators[0].node(), &heldout)?;
         let reference_loss = mean_loss(&reference, validators[0].node(), &heldout)?;
         // 1. Every miner trains on its pages at theta_w (cheaters do what cheaters do).
@@ -556,6 +559,18 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         }
     }
     let lead_hash = validators[0].node().state_hash.clone();
+    lead_states.insert(validators[0].node().window, lead_hash.clone());
+    // A node joining now bootstraps from the validators' published, attested checkpoints
+    // (each named by the anchored link of its lineage).
+    let joiner = bistro_train::node::Node::join(
+        local_node_config(&opts.dir, &h, "late-joiner", "miner", 0)?,
+        dyn_chain.clone(),
+        "",
+    )
+    .await?;
+    let joiner_origin = joiner.origin.clone();
+    let joiner_on_lead_chain = lead_states.get(&joiner.window) == Some(&joiner.state_hash);
+    drop(joiner);
     let identical = slots
         .iter()
         .filter(|s| s.strategy == Strategy::Honest)
@@ -614,5 +629,7 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         backdoor_reference_loss,
         backdoor_included_loss,
         honest_slice_bytes,
+        joiner_origin,
+        joiner_on_lead_chain,
     })
 }

@@ -111,6 +111,11 @@ pub struct Report {
     pub backdoor_included_loss: Option<f64>,
     /// Bytes of an honest miner's slice (its upload per window), as last uploaded.
     pub honest_slice_bytes: usize,
+    /// Where a node that joined after the run got its state (a verified checkpoint of the
+    /// validators, or genesis).
+    pub joiner_origin: String,
+    /// Whether the joiner's state is the one the lead held at the joiner's window.
+    pub joiner_on_lead_chain: bool,
 }
 
 impl Report {
@@ -200,6 +205,10 @@ impl Report {
             s.push('\n');
         }
         s.push_str(&format!("all honest nodes hold the lead's state: {}\n", self.all_nodes_identical));
+        s.push_str(&format!(
+            "a node joining after the run: {}; on the lead's chain: {}\n",
+            self.joiner_origin, self.joiner_on_lead_chain
+        ));
         let honest: Vec<f64> = self
             .windows
             .iter()

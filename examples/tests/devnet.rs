@@ -29,6 +29,7 @@ async fn honest_network_learns_and_matches_the_reference() {
     o.miners = 3;
     o.validators = 2;
     o.windows = 6;
+    o.late_joiner = true;
     let r = run_in_process(&o).await.unwrap();
     eprintln!("{}", r.summary());
     assert!(r.all_nodes_identical, "nodes diverged");

@@ -68,6 +68,9 @@ pub struct DevnetOptions {
     pub fork_at: Option<(usize, u64)>,
     /// Called after every window with its report (the live page of `--serve`).
     pub on_window: Option<WindowHook>,
+    /// After the run, start one more node that bootstraps from the validators' attested
+    /// checkpoints, and report where it landed.
+    pub late_joiner: bool,
 }
 
 /// A callback that sees every window's report as the run goes.
@@ -96,6 +99,7 @@ impl DevnetOptions {
             max_miners: 1024,
             fork_at: None,
             on_window: None,
+            late_joiner: false,
         }
     }
 }
@@ -562,15 +566,17 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
     lead_states.insert(validators[0].node().window, lead_hash.clone());
     // A node joining now bootstraps from the validators' published, attested checkpoints
     // (each named by the anchored link of its lineage).
-    let joiner = bistro_train::node::Node::join(
-        local_node_config(&opts.dir, &h, "late-joiner", "miner", 0)?,
-        dyn_chain.clone(),
-        "",
-    )
-    .await?;
-    let joiner_origin = joiner.origin.clone();
-    let joiner_on_lead_chain = lead_states.get(&joiner.window) == Some(&joiner.state_hash);
-    drop(joiner);
+    let (mut joiner_origin, mut joiner_on_lead_chain) = (String::new(), false);
+    if opts.late_joiner {
+        let joiner = bistro_train::node::Node::join(
+            local_node_config(&opts.dir, &h, "late-joiner", "miner", 0)?,
+            dyn_chain.clone(),
+            "",
+        )
+        .await?;
+        joiner_origin = joiner.origin.clone();
+        joiner_on_lead_chain = lead_states.get(&joiner.window) == Some(&joiner.state_hash);
+    }
     let identical = slots
         .iter()
         .filter(|s| s.strategy == Strategy::Honest)

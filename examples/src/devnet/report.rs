@@ -205,10 +205,12 @@ impl Report {
             s.push('\n');
         }
         s.push_str(&format!("all honest nodes hold the lead's state: {}\n", self.all_nodes_identical));
-        s.push_str(&format!(
-            "a node joining after the run: {}; on the lead's chain: {}\n",
-            self.joiner_origin, self.joiner_on_lead_chain
-        ));
+        if !self.joiner_origin.is_empty() {
+            s.push_str(&format!(
+                "a node joining after the run: {}; on the lead's chain: {}\n",
+                self.joiner_origin, self.joiner_on_lead_chain
+            ));
+        }
         let honest: Vec<f64> = self
             .windows
             .iter()

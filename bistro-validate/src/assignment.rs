@@ -9,7 +9,9 @@
 //! next). Every miner gets `min(r, V)` distinct verifiers, every verifier about `N·r/V`
 //! miners (a fixed share: within one of each other but for the rare set-aside), and who
 //! verifies with whom changes from miner to miner, so no pair of colluding verifiers holds
-//! a whole share. No miner can know before it uploads who will check it.
+//! a whole share. No miner can know before it uploads who will check it. The expected lead
+//! (the first verifier in stake order), which also audits a share of the others' miners,
+//! is dealt fewer ([`lead_quota`]) so that its whole load matches the others'.
 
 use std::collections::BTreeMap;
 
@@ -35,9 +37,41 @@ pub struct Assignment {
     by_miner: BTreeMap<String, Vec<String>>,
 }
 
+/// How many miners the expected lead is dealt when it also audits `audit_share` of the
+/// miners outside its share: the number that makes its whole load (share plus audits) equal
+/// to every other verifier's share, `s = N (r/(V-1) - a) / (1 - a + 1/(V-1))`, rounded and
+/// clamped to `0..=ceil(N r / V)`. With `a = 0` it is the plain share `N r / V`.
+pub fn lead_quota(miners: usize, verifiers: usize, r: usize, audit_share: f64) -> usize {
+    let (n, v) = (miners as f64, verifiers as f64);
+    let r = r.min(verifiers) as f64;
+    let fair = (n * r / v.max(1.0)).ceil();
+    if verifiers < 2 {
+        return fair as usize;
+    }
+    let a = audit_share.clamp(0.0, 1.0);
+    let s = n * (r / (v - 1.0) - a) / (1.0 - a + 1.0 / (v - 1.0));
+    s.round().clamp(0.0, fair) as usize
+}
+
 impl Assignment {
-    /// Draw the assignment of `miners` to `r` of `verifiers` each from `randomness`.
+    /// Draw the assignment of `miners` to `r` of `verifiers` each from `randomness`, every
+    /// verifier dealt a fair share.
     pub fn draw(randomness: &[u8], miners: &[String], verifiers: &[String], r: usize) -> Self {
+        Self::draw_balanced(randomness, miners, verifiers, r, None)
+    }
+
+    /// [`Assignment::draw`] with `lead = Some((hotkey, quota))`: that verifier is dealt at
+    /// most `quota` miners ([`lead_quota`]), the others share the rest. The expected lead
+    /// audits a private sample of the others' miners on top of its share; dealing it less
+    /// keeps its whole load level with the others' (at 240 miners and 16 validators the lead
+    /// otherwise recomputed 56 where the others did 30).
+    pub fn draw_balanced(
+        randomness: &[u8],
+        miners: &[String],
+        verifiers: &[String],
+        r: usize,
+        lead: Option<(&str, usize)>,
+    ) -> Self {
         let mut h = Sha256::new();
         h.update(tags::ASSIGNMENT);
         h.update((randomness.len() as u64).to_le_bytes());
@@ -51,6 +85,11 @@ impl Assignment {
         v.dedup();
         shuffle(&mut m, &mut rng);
         let r = r.min(v.len());
+        let light = lead.and_then(|(hk, q)| v.iter().position(|x| x == hk).map(|i| (i, q)));
+        // The light verifier leaves the decks once dealt its quota, while enough others
+        // remain to give every miner r distinct verifiers.
+        let mut dealt_light = 0usize;
+        let can_drop = v.len() > r;
         let mut deck: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
         let mut by_miner = BTreeMap::new();
         for miner in m {
@@ -63,7 +102,21 @@ impl Assignment {
                     deck.extend(copy);
                 }
                 let Some(x) = deck.pop_front() else { break };
-                if chosen.contains(&x) { aside.push(x) } else { chosen.push(x) }
+                if let Some((l, quota)) = light
+                    && x == l
+                    && can_drop
+                    && dealt_light >= quota
+                {
+                    continue;
+                }
+                if chosen.contains(&x) {
+                    aside.push(x)
+                } else {
+                    if light.is_some_and(|(l, _)| l == x) {
+                        dealt_light += 1;
+                    }
+                    chosen.push(x)
+                }
             }
             for x in aside.into_iter().rev() {
                 deck.push_front(x);
@@ -122,6 +175,36 @@ mod tests {
             let (min, max) = (*shares.iter().min().unwrap(), *shares.iter().max().unwrap());
             assert!(min + 1 >= lo && max <= hi + 1, "{n} miners, {v} verifiers, r {r}: {shares:?}");
         }
+    }
+
+    #[test]
+    fn the_expected_lead_is_dealt_its_quota_and_the_load_levels() {
+        // Share plus audits of the rest equals every other verifier's share.
+        for (n, v, r, a) in
+            [(240usize, 16usize, 2usize, 0.125f64), (11, 8, 2, 0.125), (64, 16, 2, 0.125), (30, 8, 2, 0.0)]
+        {
+            let q = lead_quota(n, v, r, a);
+            let lead_load = q as f64 + a * (n - q) as f64;
+            let other = (n * r - q) as f64 / (v - 1) as f64;
+            assert!((lead_load - other).abs() <= 1.0, "{n} {v} {r} {a}: quota {q}, lead {lead_load}, others {other}");
+            let a_ = Assignment::draw_balanced(&[9; 32], &names("m", n), &names("v", v), r, Some(("v003", q)));
+            assert!(a_.share_of("v003").len() <= q, "{n} {v}: {} > {q}", a_.share_of("v003").len());
+            let rest = n * r - a_.share_of("v003").len();
+            for x in names("v", v).iter().filter(|x| *x != "v003") {
+                let share = a_.share_of(x).len();
+                assert!(share + 1 >= rest / (v - 1) && share <= rest.div_ceil(v - 1) + 1, "{n} {v}: {x} has {share}");
+            }
+            for m in names("m", n) {
+                let vs = a_.verifiers_of(&m);
+                assert_eq!(vs.len(), r, "{m}");
+                assert_ne!(vs[0], vs[1]);
+            }
+        }
+        assert_eq!(lead_quota(240, 16, 2, 0.125), 2);
+        assert_eq!(lead_quota(30, 8, 2, 0.0), 8, "without audits the lead takes a fair share");
+        // Too few verifiers to leave the lead out: every miner still gets r.
+        let a = Assignment::draw_balanced(&[3; 32], &names("m", 10), &names("v", 2), 2, Some(("v000", 0)));
+        assert!(names("m", 10).iter().all(|m| a.verifiers_of(m).len() == 2));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use bistro_train::sync::SyncError;
 use bistro_train::sync::WindowSlices;
 use bistro_train::verdicts::{MinerVerdict, VerdictSheet};
 
-use crate::assignment::{Assignment, assignment_block};
+use crate::assignment::{Assignment, assignment_block, lead_quota};
 use crate::audit::{Audit, audit};
 use crate::lead::{self, NormHistory};
 use crate::recompute::{Budget, MinerResult, Scorer, private_sample};
@@ -394,7 +394,11 @@ impl Validator {
             .filter(|n| !n.validator_permit && roster.commitments.contains_key(&n.uid))
             .map(|n| n.hotkey.clone())
             .collect();
-        Some(Assignment::draw(&hash, &miners, &verifiers, r))
+        // The first verifier in stake order is the expected lead: it audits on top of its
+        // share, so it is dealt less (every validator computes the same quota).
+        let quota =
+            verifiers.first().map(|v| (v.as_str(), lead_quota(miners.len(), verifiers.len(), r, h.audit_share)));
+        Some(Assignment::draw_balanced(&hash, &miners, &verifiers, r, quota))
     }
 
     /// Read the verdict sheets of the window's verifiers (not this validator's own: its

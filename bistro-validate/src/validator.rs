@@ -491,7 +491,9 @@ impl Validator {
         let mut work = Work::new(sc, sheets, is_lead);
         self.count_verdicts(&mut work, w);
         if is_lead {
-            self.settle(&mut work, w, pace, stop).await?;
+            let (lead_cutoff, _) = self.node.cutoffs_ms(w).await?;
+            let until = lead_cutoff.saturating_sub(self.node.cfg.hparams.aggregate_wait_ms / 10);
+            self.settle(&mut work, w, pace, until, stop).await?;
         } else {
             self.note_contradictions(&mut work, w);
         }
@@ -536,42 +538,70 @@ impl Validator {
             verification::tally(&fetched, a, &work.sheets, &ignored, me, self.node.cfg.hparams.honest_tolerance);
     }
 
-    /// Recompute every miner the verdicts leave open (when live, until shortly before the
-    /// lead's cut-off), then note the verifiers these and earlier recomputations contradict.
+    /// Recompute every miner the verdicts leave open (when live, until `until`, Unix ms: for
+    /// the lead shortly before its cut-off, for a fallback a fifth of the fallback wait
+    /// after it), note the verifiers these and earlier recomputations contradict, and
+    /// go on with the miners that leaves open ([`verification::settle`]: a caught verifier's
+    /// honest verdicts stop counting for its other miners too).
     async fn settle(
         &mut self,
         work: &mut Work,
         w: u64,
         pace: Pace,
+        until: u64,
         stop: &Arc<AtomicBool>,
     ) -> Result<(), ValidatorError> {
-        if work.assignment.is_none() {
-            return Ok(());
-        }
+        let Some(assignment) = work.assignment.clone() else { return Ok(()) };
         let h = self.node.cfg.hparams.clone();
-        let open = verification::to_settle(&work.book, &work.results);
-        if !open.is_empty() {
-            tracing::info!(window = w, miners = open.len(), "settling by recomputation what the verdicts leave open");
-            let order: Vec<(u16, String)> = work.miners.iter().filter(|(_, hk)| open.contains(hk)).cloned().collect();
-            let budget = match (pace, self.node.cutoffs_ms(w).await) {
-                (Pace::Live, Ok((lead_cutoff, _))) => {
-                    let left = lead_cutoff.saturating_sub(now_ms() + h.aggregate_wait_ms / 10);
-                    Some(Budget::from_now(left, HashSet::new()))
-                }
-                _ => None,
+        let budget = (pace == Pace::Live).then(|| Budget::from_now(until.saturating_sub(now_ms()), HashSet::new()));
+        let started = Instant::now();
+        let (scorer, flag, ws, theta_w) =
+            (self.scorer.clone(), stop.clone(), work.ws.clone(), self.node.params.clone());
+        let (sheets, miners, me) = (work.sheets.clone(), work.miners.clone(), self.node.cfg.hotkey.clone());
+        let (mut ignored, mut results) = (self.ignored_verifiers(w), std::mem::take(&mut work.results));
+        let task = tokio::task::spawn_blocking(move || {
+            let fetched = verification::fetched_digests(&ws);
+            let ledger = verification::Ledger {
+                fetched: &fetched,
+                assignment: &assignment,
+                sheets: &sheets,
+                me: &me,
+                tolerance: h.honest_tolerance,
             };
-            let started = Instant::now();
-            let (scorer, flag, ws, theta_w) =
-                (self.scorer.clone(), stop.clone(), work.ws.clone(), self.node.params.clone());
-            let more = tokio::task::spawn_blocking(move || scorer.score(&theta_w, &ws, &order, &flag, budget.as_ref()))
-                .await
-                .map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))??;
-            work.seconds += started.elapsed().as_secs_f64();
-            work.results.extend(more);
-            work.results.sort_by_key(|r| r.uid);
+            let out = verification::settle(ledger, &mut ignored, &mut results, |open| {
+                tracing::info!(
+                    window = w,
+                    miners = open.len(),
+                    "settling by recomputation what the verdicts leave open"
+                );
+                let order: Vec<(u16, String)> = miners.iter().filter(|(_, hk)| open.contains(hk)).cloned().collect();
+                scorer.score(&theta_w, &ws, &order, &flag, budget.as_ref())
+            });
+            (out, results)
+        });
+        let (out, results) = task.await.map_err(|e| ValidatorError::Config(format!("scoring task failed: {e}")))?;
+        work.results = results;
+        work.results.sort_by_key(|r| r.uid);
+        work.seconds += started.elapsed().as_secs_f64();
+        let settled = out?;
+        for (verifier, miner) in &settled.caught {
+            self.caught(verifier, miner, w);
         }
-        self.note_contradictions(work, w);
+        work.book = settled.book;
         Ok(())
+    }
+
+    /// Note that `verifier`'s verdict on `miner` contradicts this validator's recomputation:
+    /// its verdicts stop counting here for
+    /// [`CONTRADICTED_SKIP`](crate::verification::CONTRADICTED_SKIP) windows.
+    fn caught(&mut self, verifier: &str, miner: &str, w: u64) {
+        tracing::warn!(window = w, %verifier, %miner, "a verifier's verdict contradicts this validator's recomputation: its verdicts no longer count here");
+        self.contradicted.insert(verifier.to_string(), w + verification::CONTRADICTED_SKIP);
+        self.emit(ValidatorEvent::VerifierContradicted {
+            window: w,
+            verifier: verifier.to_string(),
+            miner: miner.to_string(),
+        });
     }
 
     /// Note the verifiers this validator's recomputations contradict (they lose their voice
@@ -581,16 +611,9 @@ impl Validator {
         let me = self.node.cfg.hotkey.clone();
         let caught = verification::contradictions(&work.book, &work.results, h.honest_tolerance);
         for (verifier, miner) in &caught {
-            if *verifier == me {
-                continue;
+            if *verifier != me {
+                self.caught(verifier, miner, w);
             }
-            tracing::warn!(window = w, %verifier, %miner, "a verifier's verdict contradicts this validator's recomputation: its verdicts no longer count here");
-            self.contradicted.insert(verifier.clone(), w + verification::CONTRADICTED_SKIP);
-            self.emit(ValidatorEvent::VerifierContradicted {
-                window: w,
-                verifier: verifier.clone(),
-                miner: miner.clone(),
-            });
         }
         if !caught.is_empty() {
             self.count_verdicts(work, w);
@@ -704,8 +727,11 @@ impl Validator {
         // passes the checks.
         if pace == Pace::Lockstep || now_ms() < final_cutoff {
             // Its fallback must stand on its own: first settle what the verdicts left open.
+            // The lead's cut-off may have passed (a stalled lead): settle into the fallback
+            // wait, leaving time to publish before the others stop looking.
             if work.assignment.is_some() && !verification::to_settle(&work.book, &work.results).is_empty() {
-                self.settle(work, w, pace, stop).await?;
+                let until = lead_cutoff + h.fallback_wait_ms / 5;
+                self.settle(work, w, pace, until, stop).await?;
                 self.decide_work(work)?;
             }
             tracing::info!(window = w, "publishing this validator's aggregate as a fallback");

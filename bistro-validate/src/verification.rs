@@ -128,6 +128,76 @@ pub fn contradictions(book: &VerdictBook, results: &[MinerResult], tolerance: f6
     out
 }
 
+/// What [`settle`] ends with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settled {
+    /// The verdicts counted again without every verifier caught (the ones `ignored` held
+    /// and the ones caught here).
+    pub book: VerdictBook,
+    /// `(verifier, miner)` pairs this settling contradicted, in the order found (a verifier
+    /// named once, by the first miner that caught it).
+    pub caught: Vec<(String, String)>,
+}
+
+/// What a deciding validator holds when it settles a window (the inputs of [`tally`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Ledger<'a> {
+    /// The sha256 of every slice this validator fetched ([`fetched_digests`]).
+    pub fetched: &'a BTreeMap<String, String>,
+    /// The window's assignment.
+    pub assignment: &'a Assignment,
+    /// The verdict sheets read.
+    pub sheets: &'a [VerdictSheet],
+    /// This validator's hotkey.
+    pub me: &'a str,
+    /// `honest_tolerance`.
+    pub tolerance: f64,
+}
+
+/// Settle a window by recomputation until nothing the verdicts leave open is left untried:
+/// recompute (with `recompute`, which may stop short at a budget) every miner
+/// [`to_settle`] names that was not tried yet, note the verifiers these recomputations
+/// contradict, count the verdicts again without them, and go on while that leaves new
+/// miners open. A caught verifier's verdicts stop counting on *every* miner, so a miner it
+/// vouched for together with an honest verifier is open again and is recomputed in the
+/// next round: one round alone would leave it out as unverified. Ends when a round catches
+/// no new verifier (each round ignores at least one more, so there are at most as many
+/// rounds as verifiers, plus one) or `recompute` returns nothing for miners still open.
+/// `results` gains every recomputation; `ignored` is extended by the verifiers caught.
+pub fn settle<E>(
+    ledger: Ledger<'_>,
+    ignored: &mut HashSet<String>,
+    results: &mut Vec<MinerResult>,
+    mut recompute: impl FnMut(&[String]) -> Result<Vec<MinerResult>, E>,
+) -> Result<Settled, E> {
+    let count = |ignored: &HashSet<String>| {
+        tally(ledger.fetched, ledger.assignment, ledger.sheets, ignored, ledger.me, ledger.tolerance)
+    };
+    let mut book = count(ignored);
+    let mut tried: HashSet<String> = HashSet::new();
+    let mut caught = Vec::new();
+    loop {
+        let open: Vec<String> = to_settle(&book, results).into_iter().filter(|m| !tried.contains(m)).collect();
+        if !open.is_empty() {
+            tried.extend(open.iter().cloned());
+            results.extend(recompute(&open)?);
+        }
+        let fresh: Vec<(String, String)> = contradictions(&book, results, ledger.tolerance)
+            .into_iter()
+            .filter(|(v, _)| v != ledger.me && !ignored.contains(v))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(Settled { book, caught });
+        }
+        for (v, m) in fresh {
+            if ignored.insert(v.clone()) {
+                caught.push((v, m));
+            }
+        }
+        book = count(ignored);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +254,64 @@ mod tests {
         // One honest verdict with the other verifier silent: not enough.
         let book = tally(&ws, &a, &sheets[..1], &HashSet::new(), "reader", 1e-3);
         assert!(!book[m0].vouched() && book[m0].missing == vec![y.clone()]);
+    }
+
+    #[test]
+    fn settling_goes_on_until_a_caught_liars_other_vouchers_are_recomputed() {
+        let miners: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+        let verifiers: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
+        let a = Assignment::draw(&[9; 32], &miners, &verifiers, 2);
+        let fetched: BTreeMap<String, String> = miners.iter().map(|m| (m.clone(), format!("{m}-sha"))).collect();
+        // The liar verifies at least two miners (8 miners x 2 / 3 verifiers): the first of
+        // them cheats, the others are honest.
+        let liar = verifiers[0].clone();
+        let theirs: Vec<String> = miners.iter().filter(|m| a.assigned(m, &liar)).cloned().collect();
+        assert!(theirs.len() >= 2, "{theirs:?}");
+        let cheater = theirs[0].clone();
+        let truth = |m: &str| if m == cheater { 0.9 } else { 0.0 };
+        // Every verifier tells the truth but the liar, which signs the cheater honest.
+        let sheets: Vec<VerdictSheet> = verifiers
+            .iter()
+            .map(|v| {
+                let said = miners
+                    .iter()
+                    .filter(|m| a.assigned(m, v))
+                    .map(|m| self::v(m, &format!("{m}-sha"), if *v == liar { 0.0 } else { truth(m) }))
+                    .collect();
+                sheet(v, &a.randomness, said)
+            })
+            .collect();
+        let ledger = Ledger { fetched: &fetched, assignment: &a, sheets: &sheets, me: "reader", tolerance: 1e-3 };
+        // Before settling: the cheater is disputed, every other miner vouched for.
+        let first = tally(&fetched, &a, &sheets, &HashSet::new(), "reader", 1e-3);
+        assert_eq!(to_settle(&first, &[]), vec![cheater.clone()]);
+        let mut rounds: Vec<Vec<String>> = Vec::new();
+        let (mut ignored, mut results) = (HashSet::new(), Vec::new());
+        let out = settle(ledger, &mut ignored, &mut results, |open| {
+            rounds.push(open.to_vec());
+            Ok::<_, ()>(open.iter().map(|m| result(m, truth(m))).collect())
+        })
+        .unwrap();
+        // Round 1 settles the dispute and catches the liar; its vouching no longer counts,
+        // so round 2 recomputes the honest miners it co-verified (one round would have
+        // left them unverified: excluded on probation in a first window).
+        assert_eq!(out.caught, vec![(liar.clone(), cheater.clone())]);
+        assert!(ignored.contains(&liar));
+        assert_eq!(rounds.len(), 2, "{rounds:?}");
+        assert_eq!(rounds[0], vec![cheater.clone()]);
+        assert_eq!(rounds[1], theirs[1..].to_vec());
+        for m in &miners {
+            let own = results.iter().any(|r| &r.hotkey == m);
+            assert!(own || out.book[m].vouched(), "{m}: neither recomputed nor vouched for");
+            assert!(!out.book[m].honest_by.iter().any(|(w, _)| *w == liar));
+        }
+        // A budget that ends before round 2: nothing is recomputed twice, and it ends.
+        let (mut ignored, mut results, mut calls) = (HashSet::new(), Vec::new(), 0);
+        let out = settle(ledger, &mut ignored, &mut results, |open| {
+            calls += 1;
+            Ok::<_, ()>(if calls == 1 { open.iter().map(|m| result(m, truth(m))).collect() } else { Vec::new() })
+        })
+        .unwrap();
+        assert_eq!((calls, results.len(), out.caught.len()), (2, 1, 1));
     }
 }

@@ -448,8 +448,6 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
         let assigned: Vec<usize> = prepared.iter().map(|p| p.share()).collect();
         let valid_slices = prepared.first().map(|p| p.valid_slices()).unwrap_or(0);
         let deciding = prepared.iter().position(|p| p.own_aggregate().is_some_and(|(_, _, lead)| lead));
-        let newly_contradicted: Vec<String> =
-            contradicted.lock().map(|c| c[caught_before..].to_vec()).unwrap_or_default();
         for (v, p) in validators.iter_mut().zip(prepared.iter_mut()) {
             v.attest_window(p, &stop).await?;
         }
@@ -458,6 +456,11 @@ pub async fn run_in_process(opts: &DevnetOptions) -> anyhow::Result<Report> {
                 r.validator.attest_window(p, &stop).await?;
             }
         }
+        // Verifiers caught this window: while deciding, and while settling a fallback (a
+        // hostile lead's window; counted only at deciding, a liar every honest validator
+        // caught that way looked never caught).
+        let newly_contradicted: Vec<String> =
+            contradicted.lock().map(|c| c[caught_before..].to_vec()).unwrap_or_default();
         for (r, p) in rogues.iter_mut().zip(rogue_prepared) {
             r.validator.finish_window(p, &stop).await?;
         }

@@ -7,6 +7,8 @@
 //!     --latency-ms 20 --mbps 200
 //! # shared verification: 16 validators, every miner recomputed by 2 of them
 //! cargo run --release --example scale -- --miners 64,128,240 --validators 16 --verifiers-per-miner 2
+//! # an eighth of the miners cheat (they upload the honest gradient negated)
+//! cargo run --release --example scale -- --miners 64,240 --validators 16 --cheaters 0.125
 //! ```
 
 #[path = "scale/harness.rs"]
@@ -47,6 +49,10 @@ struct Args {
     /// Verifiers per miner under shared verification (with `--validators` above 1).
     #[arg(long = "verifiers-per-miner", default_value_t = 2)]
     verifiers_per_miner: u32,
+    /// Cheating miners per run, as a fraction of N (rounded down; each uploads the honest
+    /// gradient negated): the table counts them caught, left out unchecked, or included.
+    #[arg(long, default_value_t = 0.0)]
+    cheaters: f64,
     /// Append the table to this Markdown file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -83,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             },
             validators: args.validators,
+            cheaters: ((*n as f64 * args.cheaters.clamp(0.0, 1.0)) as usize).min(n.saturating_sub(1)),
         };
         let r = harness::run(&opts, s3, link).await?;
         println!("{}", r.row());

@@ -5,7 +5,10 @@
 //! N - 1 miners are *replay* miners: every page holds the same document, so every miner's
 //! gradient is the same, computed once by one real [`Miner`] and encoded under each replay
 //! hotkey's own dithers, so each slice is genuinely honest (a validator that recomputes one
-//! finds `e = 0`) and slices differ by hotkey. The lead is the library's [`Validator`];
+//! finds `e = 0`) and slices differ by hotkey. The last `cheaters` of them are real
+//! adversaries: they upload the same gradient negated (gradient ascent: `e = 2` against an
+//! honest recomputation), so the run counts how many cheaters each window catches as
+//! dishonest, leaves out unverified, or includes. The lead is the library's [`Validator`];
 //! the real miner follows its aggregate like any node. Included by `examples/scale.rs` and
 //! its smoke test (`examples/tests/scale.rs`), both of which may use the S3 test server.
 #![allow(dead_code)]
@@ -47,7 +50,12 @@ pub(crate) struct ScaleOptions {
     /// are timed alone, as if each had this machine to itself, since one machine cannot
     /// run V validators' recomputations at once at live pace.
     pub(crate) validators: usize,
+    /// Of the miners, how many cheat (upload the honest gradient negated).
+    pub(crate) cheaters: usize,
 }
+
+/// The hotkey prefix of the harness's cheating miners.
+pub(crate) const CHEATER_PREFIX: &str = "cheat-";
 
 /// One window as the harness measured it.
 #[derive(Clone, Debug, Default)]
@@ -67,8 +75,14 @@ pub(crate) struct WindowMeasure {
     pub(crate) recomputed: usize,
     /// Miners excluded for a timeout or a missing slice.
     pub(crate) timeouts: usize,
-    /// Miners excluded for any other reason.
+    /// Honest miners excluded for any other reason.
     pub(crate) other_excluded: usize,
+    /// Cheaters included in the aggregate.
+    pub(crate) cheaters_included: usize,
+    /// Cheaters excluded as `dishonest`: recomputed (here or by complete verdicts) and caught.
+    pub(crate) cheaters_caught: usize,
+    /// Cheaters excluded without being checked (on probation, unverified, disputed).
+    pub(crate) cheaters_unchecked: usize,
     /// Whether the follower applied the lead's aggregate.
     pub(crate) applied: bool,
     /// Shared verification: miners each validator recomputed (the lead last).
@@ -95,6 +109,8 @@ pub(crate) struct ScaleReport {
     pub(crate) publish_budget_ms: u64,
     /// Validators (1: the lead alone at live pace).
     pub(crate) validators: usize,
+    /// Cheating miners among them.
+    pub(crate) cheaters: usize,
 }
 
 impl ScaleReport {
@@ -119,7 +135,7 @@ impl ScaleReport {
             return self.shared_row();
         }
         format!(
-            "| {} | {:.0} of {} | {} | {} ({:.2}) | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
+            "| {} | {:.0} of {} | {} | {} ({:.2}) | {} | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
             self.miners,
             self.max(|w| w.lead_publish_ms),
             self.publish_budget_ms,
@@ -127,6 +143,7 @@ impl ScaleReport {
             recomputed,
             recomputed as f64 / self.miners as f64,
             included.join(" → "),
+            self.cheaters_cell(),
             self.max(|w| w.follow_ms),
             self.lead_bytes_down() as f64 / 1e6,
             self.aggregate_bytes as f64 / 1e6,
@@ -151,9 +168,9 @@ impl ScaleReport {
             .max()
             .unwrap_or(0);
         let lead = self.windows.iter().filter_map(|w| w.recomputed_by.last()).copied().max().unwrap_or(0);
-        let checked = self.windows.iter().map(|w| w.vouched + w.recomputed).min().unwrap_or(0);
+        let checked = self.windows.iter().map(|w| w.vouched + w.recomputed + w.cheaters_caught).min().unwrap_or(0);
         format!(
-            "| {} | {} | {:.0} of {} | {} | {} / {} | {} ({:.2}) | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
+            "| {} | {} | {:.0} of {} | {} | {} / {} | {} ({:.2}) | {} | {} | {:.0} | {:.1} MB | {:.1} MB | {:.0} MiB |",
             self.miners,
             self.validators,
             self.max(|w| w.lead_publish_ms),
@@ -164,6 +181,7 @@ impl ScaleReport {
             checked,
             checked as f64 / self.miners as f64,
             included.join(" → "),
+            self.cheaters_cell(),
             self.max(|w| w.follow_ms),
             self.lead_bytes_down() as f64 / 1e6,
             self.aggregate_bytes as f64 / 1e6,
@@ -172,11 +190,26 @@ impl ScaleReport {
     }
 }
 
+impl ScaleReport {
+    /// The cheaters' cell: how many, then caught / unchecked / included, window by window.
+    fn cheaters_cell(&self) -> String {
+        if self.cheaters == 0 {
+            return "none".into();
+        }
+        let per: Vec<String> = self
+            .windows
+            .iter()
+            .map(|w| format!("{}/{}/{}", w.cheaters_caught, w.cheaters_unchecked, w.cheaters_included))
+            .collect();
+        format!("{}: {}", self.cheaters, per.join(" → "))
+    }
+}
+
 /// The table header matching [`ScaleReport::row`] under shared verification.
-pub(crate) const SHARED_TABLE_HEADER: &str = "| N | V | critical path: slowest validator's collect + recompute, then the lead's decide + publish, ms (max) of budget | timeouts | recomputed per validator (max of the others / the lead) | checked per window: on verdicts or recomputed (share, min) | included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|---|---|";
+pub(crate) const SHARED_TABLE_HEADER: &str = "| N | V | critical path: slowest validator's collect + recompute, then the lead's decide + publish, ms (max) of budget | timeouts | recomputed per validator (max of the others / the lead) | checked per window: on verdicts or recomputed (share, min) | included, window by window | cheaters: caught / unchecked / included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// The table header matching [`ScaleReport::row`].
-pub(crate) const TABLE_HEADER: &str = "| N | lead deadline → publish, ms (max) of budget | timeouts | recomputed / window (share) | included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|";
+pub(crate) const TABLE_HEADER: &str = "| N | lead deadline → publish, ms (max) of budget | timeouts | recomputed / window (share) | included, window by window | cheaters: caught / unchecked / included, window by window | follower apply, ms (max) | lead download / window | follower download / window | peak RSS (whole process) |\n|---|---|---|---|---|---|---|---|---|---|";
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB; 0 where unknown.
 pub(crate) fn peak_rss_mib() -> f64 {
@@ -227,7 +260,11 @@ pub(crate) async fn run(
     .context("starting the real miner")?;
     // Replay miners: registered, each committing its own bucket on the S3 server, read by
     // peers through the link.
-    let replay: Vec<String> = (1..opts.miners).map(|i| format!("replay-{i:04}")).collect();
+    anyhow::ensure!(opts.cheaters < opts.miners, "at least the real miner is honest");
+    let first_cheater = opts.miners - opts.cheaters;
+    let replay: Vec<String> = (1..opts.miners)
+        .map(|i| if i >= first_cheater { format!("{CHEATER_PREFIX}{i:04}") } else { format!("replay-{i:04}") })
+        .collect();
     let owner = BucketOptions {
         access_key_id: Some(crate::support::ACCESS_KEY.into()),
         secret_access_key: Some(Secret::new(crate::support::SECRET_KEY)),
@@ -288,8 +325,11 @@ pub(crate) async fn run(
         let codec = h.codec();
         let names: Vec<String> = node.params.specs().iter().map(|s| s.name.clone()).collect();
         let mut uploads = Vec::new();
+        // A cheater ascends: the same gradient negated.
+        let negated: Vec<Vec<f32>> = g_at_i.iter().map(|t| t.iter().map(|x| -x).collect()).collect();
         for (hk, b) in replay.iter().zip(&own_buckets) {
-            let codes = slices::encode_gradient(&codec, &g_at_i, &slices::dithers(&seed, hk, &idx));
+            let g = if hk.starts_with(CHEATER_PREFIX) { &negated } else { &g_at_i };
+            let codes = slices::encode_gradient(&codec, g, &slices::dithers(&seed, hk, &idx));
             let bytes = slices::encode(&node.ctx.meta(w, hk, &node.state_hash), &names, &codec, &codes)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let (b, key) = (b.clone(), bistro_train::protocol::slice_key(w, hk));
@@ -333,6 +373,7 @@ pub(crate) async fn run(
         peak_rss_mib: peak_rss_mib(),
         publish_budget_ms: h.aggregate_wait_ms,
         validators: opts.validators,
+        cheaters: opts.cheaters,
     })
 }
 
@@ -404,11 +445,19 @@ impl WindowMeasure {
     /// and whether the follower applied it.
     fn count(&mut self, lead: &Followed, follower: &Followed) {
         if let Followed::Applied { set, .. } = lead {
+            let cheat = |hk: &str| hk.starts_with(CHEATER_PREFIX);
             self.included = set.included.len();
+            self.cheaters_included = set.included.iter().filter(|i| cheat(&i.hotkey)).count();
             self.recomputed = set.included.iter().filter(|i| i.verified_by.is_empty() && i.e.is_some()).count();
             self.vouched = set.included.iter().filter(|i| !i.verified_by.is_empty()).count();
             for x in &set.excluded {
-                if x.reason.contains("timeout") || x.reason.contains("missing") {
+                if cheat(&x.hotkey) {
+                    if x.reason == "dishonest" {
+                        self.cheaters_caught += 1;
+                    } else {
+                        self.cheaters_unchecked += 1;
+                    }
+                } else if x.reason.contains("timeout") || x.reason.contains("missing") {
                     self.timeouts += 1;
                 } else {
                     self.other_excluded += 1;

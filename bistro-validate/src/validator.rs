@@ -489,7 +489,6 @@ impl Validator {
             None => Vec::new(),
         };
         let mut work = Work::new(sc, sheets, is_lead);
-        self.count_verdicts(&mut work, w);
         if is_lead {
             let (lead_cutoff, _) = self.node.cutoffs_ms(w).await?;
             let until = lead_cutoff.saturating_sub(self.node.cfg.hparams.aggregate_wait_ms / 10);
@@ -529,13 +528,15 @@ impl Validator {
         Ok(())
     }
 
-    /// Count the verdict sheets in `work` against its collection (shared verification).
-    fn count_verdicts(&self, work: &mut Work, w: u64) {
-        let Some(a) = &work.assignment else { return };
-        let fetched = verification::fetched_digests(&work.ws);
-        let (ignored, me) = (self.ignored_verifiers(w), &self.node.cfg.hotkey);
-        work.book =
-            verification::tally(&fetched, a, &work.sheets, &ignored, me, self.node.cfg.hparams.honest_tolerance);
+    /// What this validator counts `work`'s verdicts from (shared verification only).
+    fn ledger(&self, work: &Work) -> Option<verification::Ledger> {
+        Some(verification::Ledger {
+            fetched: verification::fetched_digests(&work.ws),
+            assignment: work.assignment.clone()?,
+            sheets: work.sheets.clone(),
+            me: self.node.cfg.hotkey.clone(),
+            tolerance: self.node.cfg.hparams.honest_tolerance,
+        })
     }
 
     /// Recompute every miner the verdicts leave open (when live, until `until`, Unix ms: for
@@ -551,24 +552,15 @@ impl Validator {
         until: u64,
         stop: &Arc<AtomicBool>,
     ) -> Result<(), ValidatorError> {
-        let Some(assignment) = work.assignment.clone() else { return Ok(()) };
-        let h = self.node.cfg.hparams.clone();
+        let Some(ledger) = self.ledger(work) else { return Ok(()) };
         let budget = (pace == Pace::Live).then(|| Budget::from_now(until.saturating_sub(now_ms()), HashSet::new()));
         let started = Instant::now();
         let (scorer, flag, ws, theta_w) =
             (self.scorer.clone(), stop.clone(), work.ws.clone(), self.node.params.clone());
-        let (sheets, miners, me) = (work.sheets.clone(), work.miners.clone(), self.node.cfg.hotkey.clone());
+        let miners = work.miners.clone();
         let (mut ignored, mut results) = (self.ignored_verifiers(w), std::mem::take(&mut work.results));
         let task = tokio::task::spawn_blocking(move || {
-            let fetched = verification::fetched_digests(&ws);
-            let ledger = verification::Ledger {
-                fetched: &fetched,
-                assignment: &assignment,
-                sheets: &sheets,
-                me: &me,
-                tolerance: h.honest_tolerance,
-            };
-            let out = verification::settle(ledger, &mut ignored, &mut results, |open| {
+            let out = verification::settle(&ledger, &mut ignored, &mut results, |open| {
                 tracing::info!(
                     window = w,
                     miners = open.len(),
@@ -583,12 +575,17 @@ impl Validator {
         work.results = results;
         work.results.sort_by_key(|r| r.uid);
         work.seconds += started.elapsed().as_secs_f64();
-        let settled = out?;
+        self.take_settled(work, w, out?);
+        Ok(())
+    }
+
+    /// Keep what settling `work` found: the verifiers it caught lose their voice here, and
+    /// the verdicts counted without them.
+    fn take_settled(&mut self, work: &mut Work, w: u64, settled: verification::Settled) {
         for (verifier, miner) in &settled.caught {
             self.caught(verifier, miner, w);
         }
         work.book = settled.book;
-        Ok(())
     }
 
     /// Note that `verifier`'s verdict on `miner` contradicts this validator's recomputation:
@@ -604,20 +601,15 @@ impl Validator {
         });
     }
 
-    /// Note the verifiers this validator's recomputations contradict (they lose their voice
-    /// here) and count the verdicts again without them.
+    /// Count `work`'s verdicts, note the verifiers this validator's recomputations contradict
+    /// (they lose their voice here) and count the verdicts again without them: settling
+    /// without recomputing anything more.
     fn note_contradictions(&mut self, work: &mut Work, w: u64) {
-        let h = self.node.cfg.hparams.clone();
-        let me = self.node.cfg.hotkey.clone();
-        let caught = verification::contradictions(&work.book, &work.results, h.honest_tolerance);
-        for (verifier, miner) in &caught {
-            if *verifier != me {
-                self.caught(verifier, miner, w);
-            }
-        }
-        if !caught.is_empty() {
-            self.count_verdicts(work, w);
-        }
+        let Some(ledger) = self.ledger(work) else { return };
+        let mut ignored = self.ignored_verifiers(w);
+        let none = |_: &[String]| Ok::<_, std::convert::Infallible>(Vec::new());
+        let Ok(settled) = verification::settle(&ledger, &mut ignored, &mut work.results, none);
+        self.take_settled(work, w, settled);
     }
 
     /// Decide `work`'s accepted set and build its aggregate.

@@ -139,19 +139,27 @@ pub struct Settled {
     pub caught: Vec<(String, String)>,
 }
 
-/// What a deciding validator holds when it settles a window (the inputs of [`tally`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Ledger<'a> {
+/// What a validator counts a window's verdicts from (the inputs of [`tally`] but the
+/// ignored verifiers).
+#[derive(Clone, Debug)]
+pub struct Ledger {
     /// The sha256 of every slice this validator fetched ([`fetched_digests`]).
-    pub fetched: &'a BTreeMap<String, String>,
+    pub fetched: BTreeMap<String, String>,
     /// The window's assignment.
-    pub assignment: &'a Assignment,
+    pub assignment: Assignment,
     /// The verdict sheets read.
-    pub sheets: &'a [VerdictSheet],
+    pub sheets: Vec<VerdictSheet>,
     /// This validator's hotkey.
-    pub me: &'a str,
+    pub me: String,
     /// `honest_tolerance`.
     pub tolerance: f64,
+}
+
+impl Ledger {
+    /// The verdicts counted without the verifiers in `ignored` ([`tally`]).
+    pub fn tally(&self, ignored: &HashSet<String>) -> VerdictBook {
+        tally(&self.fetched, &self.assignment, &self.sheets, ignored, &self.me, self.tolerance)
+    }
 }
 
 /// Settle a window by recomputation until nothing the verdicts leave open is left untried:
@@ -164,16 +172,15 @@ pub struct Ledger<'a> {
 /// no new verifier (each round ignores at least one more, so there are at most as many
 /// rounds as verifiers, plus one) or `recompute` returns nothing for miners still open.
 /// `results` gains every recomputation; `ignored` is extended by the verifiers caught.
+/// With a `recompute` that returns nothing, this only notes the contradictions the results
+/// already hold and counts the verdicts without those verifiers.
 pub fn settle<E>(
-    ledger: Ledger<'_>,
+    ledger: &Ledger,
     ignored: &mut HashSet<String>,
     results: &mut Vec<MinerResult>,
     mut recompute: impl FnMut(&[String]) -> Result<Vec<MinerResult>, E>,
 ) -> Result<Settled, E> {
-    let count = |ignored: &HashSet<String>| {
-        tally(ledger.fetched, ledger.assignment, ledger.sheets, ignored, ledger.me, ledger.tolerance)
-    };
-    let mut book = count(ignored);
+    let mut book = ledger.tally(ignored);
     let mut tried: HashSet<String> = HashSet::new();
     let mut caught = Vec::new();
     loop {
@@ -184,7 +191,7 @@ pub fn settle<E>(
         }
         let fresh: Vec<(String, String)> = contradictions(&book, results, ledger.tolerance)
             .into_iter()
-            .filter(|(v, _)| v != ledger.me && !ignored.contains(v))
+            .filter(|(v, _)| *v != ledger.me && !ignored.contains(v))
             .collect();
         if fresh.is_empty() {
             return Ok(Settled { book, caught });
@@ -194,7 +201,7 @@ pub fn settle<E>(
                 caught.push((v, m));
             }
         }
-        book = count(ignored);
+        book = ledger.tally(ignored);
     }
 }
 
@@ -214,12 +221,19 @@ mod tests {
         MinerResult { uid: 0, hotkey: hotkey.into(), status: "ok".into(), r: 0.0, e, recomputed: true }
     }
 
+    /// `n` miners `m0..`, 3 verifiers `v0..v2` drawn two per miner from `seed`, and every
+    /// miner's slice fetched with digest `"{m}-sha"`.
+    fn window(n: usize, seed: u8) -> (Vec<String>, Vec<String>, Assignment, BTreeMap<String, String>) {
+        let miners: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let verifiers: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
+        let a = Assignment::draw(&[seed; 32], &miners, &verifiers, 2);
+        let fetched = miners.iter().map(|m| (m.clone(), format!("{m}-sha"))).collect();
+        (miners, verifiers, a, fetched)
+    }
+
     #[test]
     fn only_assigned_verdicts_on_the_same_bytes_count_and_liars_are_contradicted() {
-        let miners: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
-        let verifiers: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
-        let a = Assignment::draw(&[5; 32], &miners, &verifiers, 2);
-        let ws: BTreeMap<String, String> = miners.iter().map(|m| (m.clone(), format!("{m}-sha"))).collect();
+        let (miners, verifiers, a, ws) = window(6, 5);
         let (m0, m1) = ("m0", "m1");
         let (x, y) = (&a.verifiers_of(m0)[0], &a.verifiers_of(m0)[1]);
         let outsider = verifiers.iter().find(|w| !a.assigned(m0, w)).unwrap();
@@ -258,10 +272,7 @@ mod tests {
 
     #[test]
     fn settling_goes_on_until_a_caught_liars_other_vouchers_are_recomputed() {
-        let miners: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
-        let verifiers: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
-        let a = Assignment::draw(&[9; 32], &miners, &verifiers, 2);
-        let fetched: BTreeMap<String, String> = miners.iter().map(|m| (m.clone(), format!("{m}-sha"))).collect();
+        let (miners, verifiers, a, fetched) = window(8, 9);
         // The liar verifies at least two miners (8 miners x 2 / 3 verifiers): the first of
         // them cheats, the others are honest.
         let liar = verifiers[0].clone();
@@ -281,13 +292,19 @@ mod tests {
                 sheet(v, &a.randomness, said)
             })
             .collect();
-        let ledger = Ledger { fetched: &fetched, assignment: &a, sheets: &sheets, me: "reader", tolerance: 1e-3 };
+        let ledger = Ledger {
+            fetched: fetched.clone(),
+            assignment: a.clone(),
+            sheets: sheets.clone(),
+            me: "reader".into(),
+            tolerance: 1e-3,
+        };
         // Before settling: the cheater is disputed, every other miner vouched for.
         let first = tally(&fetched, &a, &sheets, &HashSet::new(), "reader", 1e-3);
         assert_eq!(to_settle(&first, &[]), vec![cheater.clone()]);
         let mut rounds: Vec<Vec<String>> = Vec::new();
         let (mut ignored, mut results) = (HashSet::new(), Vec::new());
-        let out = settle(ledger, &mut ignored, &mut results, |open| {
+        let out = settle(&ledger, &mut ignored, &mut results, |open| {
             rounds.push(open.to_vec());
             Ok::<_, ()>(open.iter().map(|m| result(m, truth(m))).collect())
         })
@@ -307,7 +324,7 @@ mod tests {
         }
         // A budget that ends before round 2: nothing is recomputed twice, and it ends.
         let (mut ignored, mut results, mut calls) = (HashSet::new(), Vec::new(), 0);
-        let out = settle(ledger, &mut ignored, &mut results, |open| {
+        let out = settle(&ledger, &mut ignored, &mut results, |open| {
             calls += 1;
             Ok::<_, ()>(if calls == 1 { open.iter().map(|m| result(m, truth(m))).collect() } else { Vec::new() })
         })

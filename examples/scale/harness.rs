@@ -188,9 +188,7 @@ impl ScaleReport {
             self.peak_rss_mib,
         )
     }
-}
 
-impl ScaleReport {
     /// The cheaters' cell: how many, then caught / unchecked / included, window by window.
     fn cheaters_cell(&self) -> String {
         if self.cheaters == 0 {

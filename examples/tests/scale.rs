@@ -10,24 +10,35 @@ mod support;
 
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_harness_measures_a_small_network() {
+/// Run the harness for two windows on the shared one-layer test network (S3 test server
+/// behind a 5 ms, 400 Mbit/s link, 1 s blocks); also returns the model's config.
+async fn run_small(
+    miners: usize,
+    validators: usize,
+    verifiers_per_miner: u32,
+    cheaters: usize,
+) -> (harness::ScaleReport, bistro_model::ModelConfig) {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join("s3")).unwrap();
     let s3 = support::start_s3s_fs(&tmp.path().join("s3")).await;
     let (link, _, _) = support::slow_link(s3, Duration::from_millis(5), 50_000_000, None).await;
     let (_, model) = bistro_train::hparams::write_test_network(tmp.path(), |_| {}).unwrap();
     let opts = harness::ScaleOptions {
-        miners: 6,
+        miners,
         windows: 2,
         model: tmp.path().join("model.toml").display().to_string(),
         block: Duration::from_millis(1000),
         dir: tmp.path().join("run"),
-        hparams: bistro_train::hparams::HParams { seq_len: 64, ..Default::default() },
-        validators: 1,
-        cheaters: 2,
+        hparams: bistro_train::hparams::HParams { seq_len: 64, verifiers_per_miner, ..Default::default() },
+        validators,
+        cheaters,
     };
-    let r = harness::run(&opts, s3, link).await.unwrap();
+    (harness::run(&opts, s3, link).await.unwrap(), model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_measures_a_small_network() {
+    let (r, model) = run_small(6, 1, 0, 2).await;
     eprintln!("{}\n{}", harness::TABLE_HEADER, r.row());
     assert_eq!(r.windows.len(), 2);
     assert!(r.slice_bytes > 0 && r.aggregate_bytes > 0, "{r:?}");
@@ -48,22 +59,7 @@ async fn the_harness_measures_a_small_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_verification_checks_every_miner_and_catches_every_cheater() {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(tmp.path().join("s3")).unwrap();
-    let s3 = support::start_s3s_fs(&tmp.path().join("s3")).await;
-    let (link, _, _) = support::slow_link(s3, Duration::from_millis(5), 50_000_000, None).await;
-    bistro_train::hparams::write_test_network(tmp.path(), |_| {}).unwrap();
-    let opts = harness::ScaleOptions {
-        miners: 8,
-        windows: 2,
-        model: tmp.path().join("model.toml").display().to_string(),
-        block: Duration::from_millis(1000),
-        dir: tmp.path().join("run"),
-        hparams: bistro_train::hparams::HParams { seq_len: 64, verifiers_per_miner: 2, ..Default::default() },
-        validators: 4,
-        cheaters: 2,
-    };
-    let r = harness::run(&opts, s3, link).await.unwrap();
+    let (r, _) = run_small(8, 4, 2, 2).await;
     eprintln!("{}\n{}", harness::SHARED_TABLE_HEADER, r.row());
     assert_eq!(r.windows.len(), 2);
     for w in &r.windows {
